@@ -1,0 +1,206 @@
+"""Hooks that run calibration windows through a model and record what TAP needs.
+
+Pass 1 (:func:`collect_channel_stats`) records each linear layer's input mean square. Pass 2
+(:func:`collect_token_signals`) records, per token and decoder layer, the importance signals
+and the error the layer makes when its linears run on the base tier alone: right after each
+layer runs in full precision, a hook runs it again on the same inputs with base-tier weights
+and compares. Both passes run the model once over their windows, batch by batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tap_runtime.architectures import ArchitectureSpec
+from tap_runtime.modeling import LinearSite, decoder_layers
+from tap_runtime.router import hidden_norm_feature, position_feature
+
+from .stats import ChannelMeanSquare
+
+__all__ = ["TokenSignals", "collect_channel_stats", "collect_token_signals", "base_model"]
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack without the output head (logits are computed separately, in chunks)."""
+    return getattr(model, model.base_model_prefix)
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def collect_channel_stats(
+    model: nn.Module, sites: list[LinearSite], windows: torch.Tensor, batch_size: int, progress: bool = True
+) -> dict[str, ChannelMeanSquare]:
+    """Mean square of every input channel of every site, over all ``windows`` (num, seq_len)."""
+    stats = {site.name: ChannelMeanSquare(site.in_features) for site in sites}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            stats[name].add_batch(args[0])
+
+        return hook
+
+    handles = [site.module.register_forward_pre_hook(record(site.name)) for site in sites]
+    decoder = base_model(model)
+    with _hooks(handles):
+        for batch in tqdm(windows.split(batch_size), desc="calibration pass 1/2: activation statistics", disable=not progress):
+            decoder(input_ids=batch, use_cache=False)
+    return stats
+
+
+@dataclass
+class TokenSignals:
+    """Per-token signals of the router-calibration windows.
+
+    Per window position, shape (num_windows, seq_len): ``token_ids``, ``position`` (log1p),
+    ``predictive_entropy`` (nats, of the distribution the token was drawn from; NaN at t=0).
+    Per layer, shape (num_layers, num_windows, seq_len): ``hidden_norm`` (log RMS at the layer
+    input), ``attention_received`` (mean attention from the queries that can see the token),
+    ``base_error`` (relative error of the layer's output with base-tier linears).
+    """
+
+    token_ids: torch.Tensor
+    position: torch.Tensor
+    predictive_entropy: torch.Tensor
+    hidden_norm: torch.Tensor
+    attention_received: torch.Tensor
+    base_error: torch.Tensor
+
+
+def _attention_received(weights: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, q, k) attention probabilities -> (batch, k) mean received per query."""
+    seq_len = weights.shape[-1]
+    received = weights.to(torch.float32).mean(dim=1).sum(dim=1)  # (batch, k)
+    # Key j is visible to the seq_len - j queries at or after it.
+    visible = torch.arange(seq_len, 0, -1, dtype=torch.float32, device=weights.device)
+    return received / visible
+
+
+def _entropy_from_hidden(model: nn.Module, hidden: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at each position: (batch, seq) -> (batch, seq)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = []
+    for chunk in flat.split(chunk_tokens):
+        logits = head(chunk).to(torch.float32)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        log_probs = torch.log_softmax(logits, dim=-1)
+        out.append(-(log_probs.exp() * log_probs).sum(dim=-1))
+    return torch.cat(out).reshape(hidden.shape[:-1])
+
+
+@torch.inference_mode()
+def collect_token_signals(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    sites: list[LinearSite],
+    base_weight: Callable[[LinearSite], torch.Tensor],
+    windows: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+) -> TokenSignals:
+    """Run ``windows`` once in full precision, recording signals and base-tier layer errors.
+
+    Args:
+        base_weight: returns a site's base-tier weight, (out_features, in_features), dequantized.
+    """
+    layers = decoder_layers(model, spec)
+    num_layers = len(layers)
+    num_windows, seq_len = windows.shape
+    shape = (num_layers, num_windows, seq_len)
+    hidden_norm = torch.zeros(shape)
+    attention_received = torch.zeros(shape)
+    base_error = torch.zeros(shape)
+    sites_by_layer: dict[int, list[LinearSite]] = {}
+    for site in sites:
+        sites_by_layer.setdefault(site.layer_index, []).append(site)
+    state = {"offset": 0, "rerun": False}
+
+    def window_slice(batch: torch.Tensor) -> slice:
+        return slice(state["offset"], state["offset"] + batch.shape[0])
+
+    def before_layer(layer_index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not state["rerun"]:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden_norm[layer_index, state["rows"]] = hidden_norm_feature(hidden)
+
+        return hook
+
+    def after_attention(layer_index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if not state["rerun"] and weights is not None:
+                attention_received[layer_index, state["rows"]] = _attention_received(weights)
+
+        return hook
+
+    def after_layer(layer_index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if state["rerun"]:
+                return
+            reference = output[0] if isinstance(output, tuple) else output
+            saved = []
+            for site in sites_by_layer.get(layer_index, []):
+                weight = base_weight(site)
+                saved.append((site.module, site.module.weight.data))
+                site.module.weight.data = weight if site.layout == "linear" else weight.t().contiguous()
+            state["rerun"] = True
+            try:
+                rerun = module(*args, **kwargs)
+            finally:
+                state["rerun"] = False
+                for layer_module, data in saved:
+                    layer_module.weight.data = data
+            rerun = rerun[0] if isinstance(rerun, tuple) else rerun
+            diff = (rerun - reference).to(torch.float32).norm(dim=-1)
+            base_error[layer_index, state["rows"]] = diff / reference.to(torch.float32).norm(dim=-1).clamp_min(1e-12)
+
+        return hook
+
+    handles = []
+    for layer_index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(before_layer(layer_index), with_kwargs=True))
+        handles.append(layer.register_forward_hook(after_layer(layer_index), with_kwargs=True))
+        attention = getattr(layer, spec.attention, None)
+        if attention is not None:
+            handles.append(attention.register_forward_hook(after_attention(layer_index)))
+
+    previous_attention = model.config._attn_implementation
+    entropy = torch.full((num_windows, seq_len), float("nan"))
+    decoder = base_model(model)
+    model.set_attn_implementation("eager")  # attention weights exist only in eager attention
+    try:
+        with _hooks(handles):
+            for batch in tqdm(windows.split(batch_size), desc="calibration pass 2/2: token signals", disable=not progress):
+                state["rows"] = window_slice(batch)
+                hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+                # The entropy a token "was drawn from" is the prediction made one position earlier.
+                entropy[state["rows"], 1:] = _entropy_from_hidden(model, hidden)[:, :-1]
+                state["offset"] += batch.shape[0]
+    finally:
+        model.set_attn_implementation(previous_attention)
+    positions = position_feature(torch.arange(seq_len)).expand(num_windows, seq_len).clone()
+    return TokenSignals(
+        token_ids=windows.clone(),
+        position=positions,
+        predictive_entropy=entropy,
+        hidden_norm=hidden_norm,
+        attention_received=attention_received,
+        base_error=base_error,
+    )

@@ -1,0 +1,36 @@
+"""Running statistics gathered batch by batch (``add_batch``, as GPTQ accumulates its Hessian)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ChannelMeanSquare", "token_log_frequency"]
+
+
+class ChannelMeanSquare:
+    """Mean square of each input channel of a linear layer over all calibration tokens.
+
+    This is the diagonal of the layer-input second moment: the weight that tells the quantizer
+    how much an error in each input column costs (llama.cpp's importance matrix).
+    """
+
+    def __init__(self, in_features: int):
+        self.sum_squares = torch.zeros(in_features, dtype=torch.float64)
+        self.num_tokens = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """inputs: (..., in_features) activations entering the layer."""
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+        self.sum_squares += flat.pow(2).sum(dim=0).to(torch.float64)
+        self.num_tokens += flat.shape[0]
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """(in_features,) float32."""
+        return (self.sum_squares / max(self.num_tokens, 1)).to(torch.float32)
+
+
+def token_log_frequency(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log of each id's add-one smoothed unigram probability: (vocab_size,) float32."""
+    counts = torch.bincount(token_ids.reshape(-1).clamp(0, vocab_size - 1), minlength=vocab_size).to(torch.float64)
+    return torch.log((counts + 1.0) / (counts.sum() + vocab_size)).to(torch.float32)

@@ -1,0 +1,78 @@
+"""Command line: ``tap-convert MODEL --calib wikitext --out DIR``. Parsing only; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tap_runtime.errors import TapError
+
+from .convert import ConvertOptions, convert
+from .writer import DEFAULT_MAX_SHARD_BYTES
+
+__all__ = ["build_parser", "main"]
+
+
+def _tiers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tiers expects comma-separated integers such as 4,8; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ConvertOptions()
+    parser = argparse.ArgumentParser(
+        prog="tap-convert",
+        description="Convert a causal LM into a Token-Adaptive Precision checkpoint.",
+    )
+    parser.add_argument("model", help="local model directory or Hub repo id")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (created atomically)")
+    parser.add_argument("--calib", default=defaults.calib, help="wikitext, c4, or a .txt/.jsonl/.parquet/dataset path")
+    parser.add_argument("--tiers", type=_tiers, default=defaults.tiers, help="4,8 (default) or 4,8,16")
+    parser.add_argument("--group-size", type=int, default=defaults.group_size)
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--high-precision-share", type=float, default=defaults.high_precision_share)
+    parser.add_argument("--router-samples", type=int, default=defaults.router_samples)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = ConvertOptions(
+        calib=args.calib,
+        tiers=args.tiers,
+        group_size=args.group_size,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        high_precision_share=args.high_precision_share,
+        router_samples=args.router_samples,
+        batch_size=args.batch_size,
+        max_shard_bytes=args.max_shard_bytes,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    try:
+        table = convert(args.model, args.out, options)
+    except (TapError, OSError) as exc:
+        print(f"tap-convert: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tap-convert: interrupted; no checkpoint was written", file=sys.stderr)
+        return 130
+    total = sum(s.num_bytes for s in table.shards)
+    print(f"wrote {args.out}: {total:,} bytes, tiers {list(table.tiers)}, {len(table.linear)} quantized linears")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Run the conversion steps in order: load, calibrate, quantize, fit the router, write.
+
+Each step lives in its own module; this one only sequences them and records provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from calibration.capture import collect_channel_stats, collect_token_signals
+from calibration.data import load_calibration_text, make_windows, tokenize_text
+from calibration.stats import token_log_frequency
+from calibration.thresholds import fit_router
+from tap_runtime.architectures import get_architecture
+from tap_runtime.errors import InvalidConfigError
+from tap_runtime.format import (
+    EMBEDDING_BITS,
+    FORMAT_VERSION,
+    PLANE_BITS,
+    PLANE_FIELDS,
+    ROUTER_TOKEN_LOG_FREQUENCY,
+    TIER_CHOICES,
+    CalibrationInfo,
+    EmbeddingPolicy,
+    KeptTensor,
+    LinearPolicy,
+    PlaneSpec,
+    RoutingTable,
+    embedding_tensor_name,
+    plane_tensor_name,
+    quantization_config_dict,
+)
+from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites, linear_weight, output_head
+from tap_runtime.planes import dequantize_plane
+
+from .hub import render_model_card
+from .quantize import quantize_rows, quantize_tiers
+from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+
+__all__ = ["ConvertOptions", "convert", "choose_group_size"]
+
+_log = logging.getLogger(__name__)
+_MIN_GROUP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything ``tap-convert`` can be told. Defaults are the documented CLI defaults."""
+
+    calib: str = "wikitext"
+    tiers: tuple[int, ...] = (4, 8)
+    group_size: int = 64
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    high_precision_share: float = 0.1
+    router_samples: int = 32
+    batch_size: int = 4
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if tuple(self.tiers) not in TIER_CHOICES:
+            raise InvalidConfigError(
+                f"--tiers {','.join(map(str, self.tiers))} is not supported; expected one of "
+                f"{[','.join(map(str, t)) for t in TIER_CHOICES]}."
+            )
+        if not 0.0 < self.high_precision_share < 1.0:
+            raise InvalidConfigError(f"--high-precision-share must be in (0, 1); got {self.high_precision_share}.")
+        if self.group_size < _MIN_GROUP_SIZE or self.group_size & (self.group_size - 1):
+            raise InvalidConfigError(f"--group-size must be a power of two >= {_MIN_GROUP_SIZE}; got {self.group_size}.")
+        if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
+            raise InvalidConfigError("--num-samples, --router-samples and --batch-size must be positive.")
+
+
+def choose_group_size(in_features: int, preferred: int) -> int | None:
+    """The largest power-of-two group size <= ``preferred`` dividing ``in_features`` (>= 32), or None.
+
+    SmolLM2's 576 = 9 x 64 takes 64 where 128 does not divide it.
+    """
+    size = preferred
+    while size >= _MIN_GROUP_SIZE:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    return None
+
+
+def _plane_specs(tiers: tuple[int, ...], group_size: int) -> tuple[PlaneSpec, ...]:
+    # Base plane asymmetric (weights are rarely centred per group); residuals are centred.
+    return tuple(PlaneSpec(bits=PLANE_BITS, group_size=group_size, symmetric=i > 0) for i in range(len(tiers)))
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOptions = ConvertOptions()) -> RoutingTable:
+    """Convert a transformers causal LM into a TAP checkpoint at ``out_dir``.
+
+    Args:
+        model_name_or_path: a local model directory or a Hub repo id.
+        out_dir: where the checkpoint directory is created (atomically).
+        options: see :class:`ConvertOptions`.
+    Returns:
+        the routing table written.
+    Example:
+        >>> convert("./SmolLM2-dir", "./smollm2-tap")      # doctest: +SKIP
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    options.validate()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    writer = CheckpointWriter(Path(out_dir), overwrite=options.overwrite, max_shard_bytes=options.max_shard_bytes)
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    spec = get_architecture(text_config.model_type, source=f"{model_name_or_path}/config.json")
+
+    tick = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    timings["load_seconds"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    text = load_calibration_text(options.calib)
+    token_ids = tokenize_text(tokenizer, text)
+    bos = tokenizer.bos_token_id if (spec.needs_bos or _tokenizer_adds_bos(tokenizer)) else None
+    windows = make_windows(token_ids, options.num_samples, options.seq_len, options.seed, bos, source=text.source)
+    router_windows = windows[: min(options.router_samples, options.num_samples)]
+    timings["tokenize_seconds"] = time.perf_counter() - tick
+
+    sites = list(iter_linear_sites(model, spec))
+    kept: dict[str, KeptTensor] = {}
+    quantized_sites: list[LinearSite] = []
+    group_sizes: dict[str, int] = {}
+    for site in sites:
+        group_size = choose_group_size(site.in_features, options.group_size)
+        if group_size is None:
+            reason = f"in_features={site.in_features} has no group size >= {_MIN_GROUP_SIZE} dividing it"
+            _log.warning("%s stays in float32: %s", site.name, reason)
+            kept[f"{site.name}.weight"] = KeptTensor(f"{site.name}.weight", 32, reason)
+            continue
+        group_sizes[site.name] = group_size
+        quantized_sites.append(site)
+
+    tick = time.perf_counter()
+    stats = collect_channel_stats(model, quantized_sites, windows, options.batch_size, progress=options.progress)
+    timings["pass1_seconds"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    planes = {}
+    policies: dict[str, LinearPolicy] = {}
+    for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
+        specs = _plane_specs(options.tiers, group_sizes[site.name])
+        planes[site.name] = quantize_tiers(linear_weight(site), specs, importance=stats[site.name].mean_square)
+        policies[site.name] = LinearPolicy(
+            name=site.name,
+            in_features=site.in_features,
+            out_features=site.out_features,
+            bias=getattr(site.module, "bias", None) is not None,
+            layer_index=site.layer_index,
+            tiers=tuple(options.tiers),
+            planes=specs,
+            weight_layout=site.layout,
+        )
+    timings["quantize_seconds"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    signals = collect_token_signals(
+        model,
+        spec,
+        quantized_sites,
+        lambda site: dequantize_plane(planes[site.name][0]),
+        router_windows,
+        options.batch_size,
+        progress=options.progress,
+    )
+    log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings)
+    router = fit_router(signals, log_frequency, tuple(options.tiers), options.high_precision_share)
+    timings["pass2_and_fit_seconds"] = time.perf_counter() - tick
+
+    for site in quantized_sites:
+        for plane_index, plane in enumerate(planes[site.name]):
+            for field_name in PLANE_FIELDS:
+                writer.add_tensor(plane_tensor_name(site.name, plane_index, field_name), getattr(plane, field_name))
+        if policies[site.name].bias:
+            writer.add_tensor(f"{site.name}.bias", site.module.bias.detach().to(torch.float32))
+
+    embeddings, handled = _add_embeddings(model, writer)
+    handled |= {f"{site.name}.{suffix}" for site in quantized_sites for suffix in ("weight", "bias")}
+    for name, tensor in model.state_dict().items():
+        if name in handled:
+            continue
+        reason = kept[name].reason if name in kept else "norm, bias or other small tensor, kept in float32"
+        kept.setdefault(name, KeptTensor(name, 32, reason))
+        writer.add_tensor(name, tensor.to(torch.float32))
+
+    num_parameters = sum(t.numel() for n, t in model.state_dict().items() if not _is_tied_duplicate(model, n))
+    calibration = CalibrationInfo(
+        dataset=text.dataset,
+        source=text.source,
+        num_samples=int(windows.shape[0]),
+        seq_len=int(windows.shape[1]),
+        seed=options.seed,
+        num_tokens=int(token_ids.numel()),
+        router_samples=int(router_windows.shape[0]),
+        seconds=round(time.perf_counter() - started, 2),
+        extra={
+            "source_model": str(model_name_or_path),
+            "num_parameters": int(num_parameters),
+            "fp16_bytes": int(num_parameters * 2),
+            "bos_prepended": bos is not None,
+            "batch_size": options.batch_size,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
+    table = RoutingTable(
+        format_version=FORMAT_VERSION,
+        model_type=text_config.model_type,
+        architecture=type(model).__name__,
+        num_layers=len(router.thresholds),
+        tiers=tuple(options.tiers),
+        high_precision_share=options.high_precision_share,
+        linear=policies,
+        embeddings=embeddings,
+        kept=kept,
+        router=router,
+        calibration=calibration,
+        shards=(),
+        producer="tap-engine 0.1.0 (tap-convert)",
+    )
+    config_dict = _checkpoint_config(config, tuple(options.tiers))
+
+    def save_extra_files(directory: Path) -> None:
+        tokenizer.save_pretrained(str(directory))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(directory))
+
+    return writer.finish(
+        config_dict,
+        table,
+        {ROUTER_TOKEN_LOG_FREQUENCY: log_frequency},
+        save_extra_files,
+        lambda written, total: render_model_card(written, total),
+    )
+
+
+def _is_tied_duplicate(model, name: str) -> bool:
+    head = output_head(model)
+    return head is not None and head[2] is not None and name == f"{head[0]}.weight"
+
+
+def _add_embeddings(model, writer: CheckpointWriter) -> tuple[dict[str, EmbeddingPolicy], set[str]]:
+    """Quantize every embedding and the output head to 8-bit rows; returns policies and handled keys."""
+    policies: dict[str, EmbeddingPolicy] = {}
+    handled: set[str] = set()
+    head = output_head(model)
+    for name, embedding in iter_embeddings(model):
+        _add_rows(writer, name, embedding.weight)
+        policies[name] = EmbeddingPolicy(name, embedding.num_embeddings, embedding.embedding_dim, EMBEDDING_BITS)
+        handled.add(f"{name}.weight")
+    if head is not None:
+        name, module, tied_to = head
+        rows, dim = module.weight.shape
+        if tied_to is None:
+            _add_rows(writer, name, module.weight)
+        policies[name] = EmbeddingPolicy(name, rows, dim, EMBEDDING_BITS, role="head", tied_to=tied_to)
+        handled.add(f"{name}.weight")
+        if getattr(module, "bias", None) is not None:
+            raise InvalidConfigError(f"{name}: output heads with a bias are not supported yet.")
+    return policies, handled
+
+
+def _add_rows(writer: CheckpointWriter, name: str, weight: torch.Tensor) -> None:
+    rows = quantize_rows(weight)
+    writer.add_tensor(embedding_tensor_name(name, "qweight"), rows.qweight)
+    writer.add_tensor(embedding_tensor_name(name, "scales"), rows.scales)
+
+
+def _checkpoint_config(config, tiers: tuple[int, ...]) -> dict[str, Any]:
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    data["dtype"] = "float32"
+    data["quantization_config"] = quantization_config_dict(tiers)
+    return data

@@ -1,0 +1,89 @@
+"""The model card written into every checkpoint (and, later, what goes to the Hub with it).
+
+Everything the card states comes from the routing table and the files written; quality figures
+are left to ``scripts/bench_quality.py``, whose command the card gives.
+"""
+
+from __future__ import annotations
+
+from tap_runtime.format import RoutingTable
+
+__all__ = ["render_model_card"]
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
+def render_model_card(table: RoutingTable, checkpoint_bytes: int) -> str:
+    """Markdown with Hub YAML front matter, describing tiers, sizes, router and provenance."""
+    calibration = table.calibration
+    source = str(calibration.extra.get("source_model", ""))
+    fp16_bytes = int(calibration.extra.get("fp16_bytes", 0))
+    ratio = checkpoint_bytes / fp16_bytes if fp16_bytes else float("nan")
+    tier_tags = "".join(f"  - tier-{t}\n" for t in table.tiers)
+    front = "---\n"
+    if _looks_like_repo_id(source):
+        front += f"base_model: {source}\nbase_model_relation: quantized\n"
+    front += f"library_name: transformers\npipeline_tag: text-generation\ntags:\n  - tap\n  - quantized\n{tier_tags}---\n"
+    bits = table.weight_bits_summary()
+    bits_rows = "\n".join(f"| {key.replace('_', ' ')} | {value:.2f} |" for key, value in bits.items())
+    router = table.router
+    weights = ", ".join(f"{name} {router.weights[name]:+.3f}" for name in router.signals)
+    holdout = router.fit.get("holdout", {})
+    single = router.fit.get("single_signal_auc", {})
+    single_rows = "\n".join(
+        f"| {name} | {'n/a' if auc is None else f'{auc:.3f}'} | "
+        f"{'yes' if name in router.signals else 'no: ' + router.excluded_signals.get(name, '')} |"
+        for name, auc in single.items()
+    )
+    return f"""{front}
+# {table.architecture} — TAP {'/'.join(map(str, table.tiers))}-bit
+
+Token-Adaptive Precision checkpoint of `{source or 'unknown source'}`: nested 4-bit planes per
+linear layer (tier {table.tiers[0]} reads the base plane; each higher tier adds a residual plane)
+and a router that sends about {table.high_precision_share:.0%} of tokens per layer above the base tier.
+
+## Size
+
+| | bytes |
+|---|---|
+| this checkpoint (all shards) | {checkpoint_bytes:,} |
+| source model in fp16 | {fp16_bytes:,} |
+| ratio | {ratio:.3f} |
+
+| stored bits per weight | value |
+|---|---|
+{bits_rows}
+
+Linear layers quantized: {len(table.linear)}; embeddings/heads at 8 bits: {len(table.embeddings)};
+tensors kept in float32: {len(table.kept)}.
+
+## Router
+
+Score = {router.bias:+.3f} + {weights} (z-scored signals), thresholds per layer fitted on
+calibration so that {', '.join(f'{share:.1%} reach tier {tier}' for tier, share in router.tier_shares.items())}.
+Held-out calibration windows: AUC {holdout.get('auc')}, precision at share {holdout.get('precision_at_share')},
+base-tier error mass routed {holdout.get('error_mass_routed')} (random routing: {table.high_precision_share}).
+
+| signal | AUC on held-out calibration tokens | used at run time |
+|---|---|---|
+{single_rows}
+
+## Calibration
+
+{calibration.num_samples} windows of {calibration.seq_len} tokens (seed {calibration.seed}) from
+`{calibration.source}`; {calibration.router_samples} of them for the router; {calibration.seconds:.0f} s.
+
+## Use
+
+```python
+import tap_runtime
+model = tap_runtime.load("path/or/repo")
+out = model.generate("Hello", max_new_tokens=32)
+print(out.text, out.metrics.tier_share)
+```
+
+Quality against the source model: `python scripts/bench_quality.py --model SOURCE --tap CHECKPOINT`
+in the tap-engine repository measures perplexity and KL divergence on held-out text.
+"""

@@ -1,0 +1,31 @@
+"""What an architecture entry says: where the decoder layers are and what the model needs.
+
+Which modules get quantized is the same rule for every family (linears inside decoder layers
+become routed 4-bit planes; embeddings and the output head become 8-bit rows; the rest stays
+float32), so an entry only records what differs between families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ArchitectureSpec"]
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """One model family.
+
+    family: a short name, e.g. ``llama``.
+    model_types: the ``config.model_type`` values it covers.
+    decoder_layers: dotted path from the CausalLM to its ``nn.ModuleList`` of decoder layers.
+    attention: name of the self-attention child of a decoder layer (calibration reads its
+        attention weights to measure how much attention each token receives).
+    needs_bos: every sequence must start with BOS (Gemma degrades badly without it).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    decoder_layers: str
+    attention: str = "self_attn"
+    needs_bos: bool = False

@@ -1,0 +1,10 @@
+"""GPT-2: fused c_attn and Conv1D layers whose weights are stored transposed (in, out)."""
+
+from .base import ArchitectureSpec
+
+SPEC = ArchitectureSpec(
+    family="gpt2",
+    model_types=("gpt2",),
+    decoder_layers="transformer.h",
+    attention="attn",
+)

@@ -1,0 +1,502 @@
+"""The TAP checkpoint format: file names, tensor names, JSON keys and their dataclasses.
+
+This is the one definition shared by the converter (which writes it) and the runtime (which
+reads it). A checkpoint is a directory holding:
+
+- ``config.json``: the model's own config plus ``quantization_config`` (``quant_method: "tap"``)
+- ``tap_routing.json``: the routing table, i.e. a :class:`RoutingTable`
+- ``model-XXXXX-of-YYYYY.safetensors`` shards and ``model.safetensors.index.json``
+- ``tap_router.safetensors``: the router's tensors (token log-frequency table)
+- tokenizer files and a ``README.md`` model card
+
+Tiers are nested, never copies: tier 4 reads plane 0 (a 4-bit base), tier 8 reads planes 0-1
+(base plus a 4-bit residual of ``W - dequant(base)``), tier 16 reads planes 0-2. Tier 32 marks
+tensors kept in full precision (norms, biases). Only JSON and safetensors are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptCheckpointError, FormatVersionError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "QUANT_METHOD",
+    "CONFIG_FILE",
+    "ROUTING_FILE",
+    "ROUTER_TENSORS_FILE",
+    "INDEX_FILE",
+    "MODEL_CARD_FILE",
+    "TOKENIZER_FILES",
+    "SAFETENSORS_METADATA",
+    "BASE_TIER",
+    "FULL_PRECISION_TIER",
+    "TIER_CHOICES",
+    "PLANE_BITS",
+    "PLANE_FIELDS",
+    "EMBEDDING_FIELDS",
+    "EMBEDDING_BITS",
+    "ROUTER_TOKEN_LOG_FREQUENCY",
+    "ALL_SIGNALS",
+    "RUNTIME_SIGNALS",
+    "shard_file_name",
+    "plane_tensor_suffix",
+    "plane_tensor_name",
+    "embedding_tensor_suffix",
+    "embedding_tensor_name",
+    "quantization_config_dict",
+    "check_format_version",
+    "PlaneSpec",
+    "LinearPolicy",
+    "EmbeddingPolicy",
+    "KeptTensor",
+    "RouterSpec",
+    "CalibrationInfo",
+    "ShardInfo",
+    "RoutingTable",
+]
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+QUANT_METHOD = "tap"
+
+CONFIG_FILE = "config.json"
+ROUTING_FILE = "tap_routing.json"
+ROUTER_TENSORS_FILE = "tap_router.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MODEL_CARD_FILE = "README.md"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+# "format": "pt" keeps safetensors' own loaders happy; the version lets a reader refuse early.
+SAFETENSORS_METADATA = {"format": "pt", "tap_format_version": str(FORMAT_VERSION)}
+
+BASE_TIER = 4
+FULL_PRECISION_TIER = 32
+TIER_CHOICES = ((4, 8), (4, 8, 16))
+PLANE_BITS = 4  # every plane, base or residual, is 4-bit; a tier adds planes
+EMBEDDING_BITS = 8
+
+# Tensor fields of one plane. qweight: uint8 (out_features, in_features // 2), two 4-bit codes
+# per byte, low nibble first. scales, zeros: float16 (out_features, in_features // group_size);
+# the plane dequantizes as (q - zero) * scale.
+PLANE_FIELDS = ("qweight", "scales", "zeros")
+# Tensor fields of an 8-bit embedding or output head. qweight: int8 (num_embeddings,
+# embedding_dim); scales: float16 (num_embeddings,); the row dequantizes as q * scale.
+EMBEDDING_FIELDS = ("qweight", "scales")
+# float32 (vocab_size,): log of the smoothed unigram frequency of each token id in calibration.
+ROUTER_TOKEN_LOG_FREQUENCY = "token_log_frequency"
+
+# Per-token importance signals measured during calibration.
+ALL_SIGNALS = (
+    "hidden_norm",
+    "attention_received",
+    "position",
+    "token_frequency",
+    "predictive_entropy",
+)
+# The subset a causal runtime can compute before a layer runs: attention received needs tokens
+# that come later, and predictive entropy needs the logits the forward pass has not produced yet.
+RUNTIME_SIGNALS = ("hidden_norm", "position", "token_frequency")
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """Name of shard ``index`` (1-based) out of ``count``, as transformers names them."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def plane_tensor_suffix(plane_index: int, field_name: str) -> str:
+    """Suffix of a plane tensor: plane 0 is ``weight*``, residual plane i is ``residual{i}*``.
+
+    Plane 0's codes are stored under ``weight`` on purpose: a loader without TAP then meets a
+    uint8 ``weight`` of half the expected width and refuses, instead of loading random weights.
+    """
+    if field_name not in PLANE_FIELDS:
+        raise ValueError(f"unknown plane field {field_name!r}; expected one of {PLANE_FIELDS}")
+    stem = "weight" if plane_index == 0 else f"residual{plane_index}"
+    return stem if field_name == "qweight" else f"{stem}_{field_name}"
+
+
+def plane_tensor_name(module_name: str, plane_index: int, field_name: str) -> str:
+    return f"{module_name}.{plane_tensor_suffix(plane_index, field_name)}"
+
+
+def embedding_tensor_suffix(field_name: str) -> str:
+    if field_name not in EMBEDDING_FIELDS:
+        raise ValueError(f"unknown embedding field {field_name!r}; expected one of {EMBEDDING_FIELDS}")
+    return "weight" if field_name == "qweight" else f"weight_{field_name}"
+
+
+def embedding_tensor_name(module_name: str, field_name: str) -> str:
+    return f"{module_name}.{embedding_tensor_suffix(field_name)}"
+
+
+def quantization_config_dict(tiers: tuple[int, ...]) -> dict[str, Any]:
+    """The ``quantization_config`` entry written into ``config.json``."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "tiers": list(tiers),
+        "routing_table": ROUTING_FILE,
+    }
+
+
+def check_format_version(version: Any, path: str | Path) -> int:
+    """Refuse any version this runtime does not read, saying which ones it does."""
+    if not isinstance(version, int) or version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))
+        raise FormatVersionError(
+            f"{path}: TAP format version {version!r} is not supported; expected one of "
+            f"[{supported}], got {version!r}. Convert the model again with this version of "
+            f"tap-convert, or install the tap-engine release that wrote it."
+        )
+    return version
+
+
+def _get(data: dict, key: str, kind: type | tuple[type, ...], path: str | Path, where: str) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise CorruptCheckpointError(
+            f"{path}: missing key '{where}{key}'; expected it in a TAP routing table. "
+            f"The file is incomplete or from another tool; convert the model again."
+        )
+    value = data[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise CorruptCheckpointError(
+            f"{path}: key '{where}{key}' has the wrong type; expected {names}, got "
+            f"{type(value).__name__}. The file is corrupt; convert the model again."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class PlaneSpec:
+    """How one 4-bit plane is quantized: group-wise scales, with or without zero points."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def stored_bits_per_weight(self) -> float:
+        """Bits per weight including the float16 scale and zero of each group."""
+        return self.bits + 32.0 / self.group_size
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path, where: str) -> "PlaneSpec":
+        return cls(
+            bits=_get(data, "bits", int, path, where),
+            group_size=_get(data, "group_size", int, path, where),
+            symmetric=_get(data, "symmetric", bool, path, where),
+        )
+
+
+@dataclass(frozen=True)
+class LinearPolicy:
+    """One quantized linear module: its shape, the tiers it offers and the plane behind each.
+
+    ``planes[i]`` is added when a token runs at ``tiers[i]`` or above. ``layer_index`` is the
+    decoder layer whose router decides the tier (None: always the base tier).
+    ``weight_layout`` is ``"linear"`` (out, in) or ``"conv1d"`` (GPT-2's transposed (in, out)).
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    layer_index: int | None
+    tiers: tuple[int, ...]
+    planes: tuple[PlaneSpec, ...]
+    weight_layout: str = "linear"
+    reason: str = ""
+
+    def bits_at_tier(self, tier: int) -> float:
+        """Stored bits per weight read when a token runs at ``tier``."""
+        count = sum(1 for t in self.tiers if t <= tier) or 1
+        return sum(p.stored_bits_per_weight() for p in self.planes[:count])
+
+    @property
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict, path: str | Path) -> "LinearPolicy":
+        where = f"linear.{name}."
+        planes = tuple(
+            PlaneSpec.from_dict(p, path, f"{where}planes[{i}].")
+            for i, p in enumerate(_get(data, "planes", list, path, where))
+        )
+        tiers = tuple(_get(data, "tiers", list, path, where))
+        if len(tiers) != len(planes):
+            raise CorruptCheckpointError(
+                f"{path}: '{where}tiers' and '{where}planes' differ in length; expected one plane "
+                f"per tier, got {len(tiers)} tiers and {len(planes)} planes. Convert again."
+            )
+        layer_index = data.get("layer_index")
+        return cls(
+            name=name,
+            in_features=_get(data, "in_features", int, path, where),
+            out_features=_get(data, "out_features", int, path, where),
+            bias=_get(data, "bias", bool, path, where),
+            layer_index=layer_index if isinstance(layer_index, int) else None,
+            tiers=tiers,
+            planes=planes,
+            weight_layout=data.get("weight_layout", "linear"),
+            reason=data.get("reason", ""),
+        )
+
+
+@dataclass(frozen=True)
+class EmbeddingPolicy:
+    """An 8-bit row-wise matrix: an input embedding (``role="embedding"``) or the output head
+    (``role="head"``). A head with ``tied_to`` set reads that embedding's rows, storing none.
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    bits: int = EMBEDDING_BITS
+    role: str = "embedding"
+    tied_to: str | None = None
+
+    @property
+    def num_weights(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def stored_bits_per_weight(self) -> float:
+        return self.bits + 16.0 / self.embedding_dim
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict, path: str | Path) -> "EmbeddingPolicy":
+        where = f"embeddings.{name}."
+        tied = data.get("tied_to")
+        role = _get(data, "role", str, path, where)
+        if role not in ("embedding", "head"):
+            raise CorruptCheckpointError(
+                f"{path}: '{where}role' is {role!r}; expected 'embedding' or 'head'. Convert again."
+            )
+        return cls(
+            name=name,
+            num_embeddings=_get(data, "num_embeddings", int, path, where),
+            embedding_dim=_get(data, "embedding_dim", int, path, where),
+            bits=_get(data, "bits", int, path, where),
+            role=role,
+            tied_to=tied if isinstance(tied, str) else None,
+        )
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    """A tensor stored unquantized, at ``tier`` bits, and why."""
+
+    name: str
+    tier: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The token-importance router: a linear score over normalised signals, thresholds per layer.
+
+    score = bias + sum(weights[s] * (transform(s) - mean[s]) / std[s]) over ``signals``.
+    ``hidden_norm`` is normalised per decoder layer (``layer_mean``/``layer_std``); the others
+    once. A token runs at ``tiers[k+1]`` or above in layer l when score >= thresholds[l][k].
+    """
+
+    signals: tuple[str, ...]
+    normalisation: dict[str, dict[str, Any]]
+    weights: dict[str, float]
+    bias: float
+    thresholds: tuple[tuple[float, ...], ...]
+    tier_shares: dict[str, float]
+    fit: dict[str, Any] = field(default_factory=dict)
+    excluded_signals: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path) -> "RouterSpec":
+        where = "router."
+        signals = tuple(_get(data, "signals", list, path, where))
+        unknown = [s for s in signals if s not in RUNTIME_SIGNALS]
+        if unknown:
+            raise CorruptCheckpointError(
+                f"{path}: router uses signals {unknown} that the runtime cannot compute; expected "
+                f"a subset of {list(RUNTIME_SIGNALS)}. Convert the model again."
+            )
+        weights = _get(data, "weights", dict, path, where)
+        thresholds = tuple(tuple(float(t) for t in row) for row in _get(data, "thresholds", list, path, where))
+        return cls(
+            signals=signals,
+            normalisation=_get(data, "normalisation", dict, path, where),
+            weights={k: float(v) for k, v in weights.items()},
+            bias=_get(data, "bias", float, path, where),
+            thresholds=thresholds,
+            tier_shares={str(k): float(v) for k, v in _get(data, "tier_shares", dict, path, where).items()},
+            fit=data.get("fit", {}),
+            excluded_signals=data.get("excluded_signals", {}),
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """Where the calibration statistics came from, so a checkpoint can be reproduced."""
+
+    dataset: str
+    source: str
+    num_samples: int
+    seq_len: int
+    seed: int
+    num_tokens: int
+    router_samples: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path) -> "CalibrationInfo":
+        where = "calibration."
+        return cls(
+            dataset=_get(data, "dataset", str, path, where),
+            source=_get(data, "source", str, path, where),
+            num_samples=_get(data, "num_samples", int, path, where),
+            seq_len=_get(data, "seq_len", int, path, where),
+            seed=_get(data, "seed", int, path, where),
+            num_tokens=_get(data, "num_tokens", int, path, where),
+            router_samples=_get(data, "router_samples", int, path, where),
+            seconds=_get(data, "seconds", float, path, where),
+            extra=data.get("extra", {}),
+        )
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A file of the checkpoint with the sha256 the runtime verifies before loading it."""
+
+    file_name: str
+    sha256: str
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Everything the runtime needs besides the tensors: policy, router, provenance, checksums."""
+
+    format_version: int
+    model_type: str
+    architecture: str
+    num_layers: int
+    tiers: tuple[int, ...]
+    high_precision_share: float
+    linear: dict[str, LinearPolicy]
+    embeddings: dict[str, EmbeddingPolicy]
+    kept: dict[str, KeptTensor]
+    router: RouterSpec
+    calibration: CalibrationInfo
+    shards: tuple[ShardInfo, ...]
+    producer: str = ""
+
+    @property
+    def base_tier(self) -> int:
+        return self.tiers[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        # The module name is the dict key; repeating it inside each entry would be typed twice.
+        for section in ("linear", "embeddings", "kept"):
+            for entry in data[section].values():
+                entry.pop("name")
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RoutingTable":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(
+                f"{path}: not valid JSON ({exc}); expected a TAP routing table. The file is "
+                f"truncated or corrupt; convert the model again."
+            ) from exc
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path) -> "RoutingTable":
+        if not isinstance(data, dict):
+            raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+        check_format_version(data.get("format_version"), path)
+        tiers = tuple(_get(data, "tiers", list, path, ""))
+        if tiers not in TIER_CHOICES:
+            raise CorruptCheckpointError(
+                f"{path}: tiers {list(tiers)} are not a supported set; expected one of "
+                f"{[list(t) for t in TIER_CHOICES]}. Convert the model again."
+            )
+        linear = {n: LinearPolicy.from_dict(n, d, path) for n, d in _get(data, "linear", dict, path, "").items()}
+        embeddings = {
+            n: EmbeddingPolicy.from_dict(n, d, path) for n, d in _get(data, "embeddings", dict, path, "").items()
+        }
+        kept = {
+            n: KeptTensor(name=n, tier=_get(d, "tier", int, path, f"kept.{n}."), reason=d.get("reason", ""))
+            for n, d in _get(data, "kept", dict, path, "").items()
+        }
+        shards = tuple(
+            ShardInfo(
+                file_name=_get(s, "file_name", str, path, f"shards[{i}]."),
+                sha256=_get(s, "sha256", str, path, f"shards[{i}]."),
+                num_bytes=_get(s, "num_bytes", int, path, f"shards[{i}]."),
+            )
+            for i, s in enumerate(_get(data, "shards", list, path, ""))
+        )
+        table = cls(
+            format_version=data["format_version"],
+            model_type=_get(data, "model_type", str, path, ""),
+            architecture=_get(data, "architecture", str, path, ""),
+            num_layers=_get(data, "num_layers", int, path, ""),
+            tiers=tiers,
+            high_precision_share=_get(data, "high_precision_share", float, path, ""),
+            linear=linear,
+            embeddings=embeddings,
+            kept=kept,
+            router=RouterSpec.from_dict(_get(data, "router", dict, path, ""), path),
+            calibration=CalibrationInfo.from_dict(_get(data, "calibration", dict, path, ""), path),
+            shards=shards,
+            producer=data.get("producer", ""),
+        )
+        if len(table.router.thresholds) != table.num_layers:
+            raise CorruptCheckpointError(
+                f"{path}: router has thresholds for {len(table.router.thresholds)} layers; expected "
+                f"{table.num_layers} (num_layers). Convert the model again."
+            )
+        for row in table.router.thresholds:
+            if len(row) != len(tiers) - 1 or any(math.isnan(t) for t in row):
+                raise CorruptCheckpointError(
+                    f"{path}: a router threshold row has {len(row)} entries; expected "
+                    f"{len(tiers) - 1} (one per tier above the base), all numbers."
+                )
+        return table
+
+    def weight_bits_summary(self) -> dict[str, float]:
+        """Stored bits per weight of the quantized linears at each tier, and of everything."""
+        total_linear = sum(p.num_weights for p in self.linear.values()) or 1
+        summary = {
+            f"linear_bits_at_tier_{t}": sum(p.bits_at_tier(t) * p.num_weights for p in self.linear.values())
+            / total_linear
+            for t in self.tiers
+        }
+        return summary

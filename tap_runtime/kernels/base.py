@@ -1,0 +1,33 @@
+"""The interface every kernel implements: prepare quantized tensors once, then multiply.
+
+A kernel turns the portable planes read from disk into whatever layout it multiplies fastest,
+so checkpoints stay independent of the machine that runs them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ..planes import Plane, RowQuantized
+
+__all__ = ["Kernel"]
+
+
+class Kernel(Protocol):
+    """Weight-only quantized matmul. Outputs are float32 so residual planes add without loss."""
+
+    name: str
+
+    def prepare_plane(self, plane: Plane) -> Any:
+        """Convert one 4-bit plane (out_features, in_features) to the kernel's own layout."""
+
+    def matmul_plane(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """x (tokens, in_features) @ plane.T -> float32 (tokens, out_features)."""
+
+    def prepare_rows(self, rows: RowQuantized) -> Any:
+        """Convert an 8-bit row-wise matrix (out_features, in_features) to the kernel's layout."""
+
+    def matmul_rows(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """x (tokens, in_features) @ rows.T -> float32 (tokens, out_features)."""

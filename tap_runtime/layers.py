@@ -1,0 +1,196 @@
+"""Modules that replace a model's linears, embeddings and output head with quantized ones.
+
+Their parameters carry the checkpoint's tensor names (``weight``, ``weight_scales``, ...), so
+transformers' own loader fills them straight from the safetensors shards. After loading,
+:meth:`prepare` hands the portable planes to a kernel, which keeps its own packed layout, and
+drops the portable copies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .format import (
+    EMBEDDING_FIELDS,
+    PLANE_FIELDS,
+    EmbeddingPolicy,
+    LinearPolicy,
+    embedding_tensor_suffix,
+    plane_tensor_suffix,
+)
+from .kernels import Kernel, ReferenceKernel
+from .kernels.cpu import aligned
+from .planes import Plane, RowQuantized
+from .router import ALL_TOKENS, LayerRouting
+
+__all__ = ["TapLinear", "TapEmbedding", "TapHead"]
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    groups = policy.in_features // policy.planes[plane_index].group_size
+    return {
+        "qweight": ((policy.out_features, policy.in_features // 2), torch.uint8),
+        "scales": ((policy.out_features, groups), torch.float16),
+        "zeros": ((policy.out_features, groups), torch.float16),
+    }
+
+
+class TapLinear(nn.Module):
+    """A linear layer stored as nested 4-bit planes; each token reads the planes of its tier.
+
+    Every token goes through the base plane; the tokens the router sent higher also go through
+    the residual plane(s): gather their rows, multiply, scatter-add into the output.
+    """
+
+    def __init__(self, policy: LinearPolicy):
+        super().__init__()
+        self.policy = policy
+        self.in_features = policy.in_features
+        self.out_features = policy.out_features
+        for plane_index in range(len(policy.planes)):
+            for field_name, (shape, dtype) in _plane_shapes(policy, plane_index).items():
+                self.register_parameter(
+                    plane_tensor_suffix(plane_index, field_name), _frozen(torch.empty(shape, dtype=dtype))
+                )
+        if policy.bias:
+            self.bias = _frozen(torch.empty(policy.out_features, dtype=torch.float32))
+        else:
+            self.register_parameter("bias", None)
+        self.routing: LayerRouting | None = None
+        self.kernel: Kernel | None = None
+        self._prepared: list = []
+
+    def planes(self) -> list[Plane]:
+        """The portable planes as loaded (available until :meth:`prepare` releases them)."""
+        return [
+            Plane(spec, *(getattr(self, plane_tensor_suffix(i, f)) for f in PLANE_FIELDS))
+            for i, spec in enumerate(self.policy.planes)
+        ]
+
+    def prepare(self, kernel: Kernel, keep_portable: bool = False) -> None:
+        """Convert the planes to ``kernel``'s layout; free the portable copies unless asked not to."""
+        planes = [
+            Plane(p.spec, p.qweight.data, p.scales.data.to(torch.float16), p.zeros.data.to(torch.float16))
+            for p in self.planes()
+        ]
+        self.kernel = kernel
+        self._prepared = [kernel.prepare_plane(p) for p in planes]
+        if not keep_portable:
+            for plane_index in range(len(planes)):
+                for field_name in PLANE_FIELDS:
+                    delattr(self, plane_tensor_suffix(plane_index, field_name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
+        leading = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        out = self.kernel.matmul_plane(flat, self._prepared[0])
+        routing = self.routing
+        if routing is not None:
+            for plane_index in range(1, len(self._prepared)):
+                indices = routing.indices_for_plane(plane_index)
+                if indices is None:
+                    break  # planes nest: nobody above this one either
+                if indices is ALL_TOKENS:
+                    out += self.kernel.matmul_plane(flat, self._prepared[plane_index])
+                else:
+                    extra = self.kernel.matmul_plane(flat.index_select(0, indices), self._prepared[plane_index])
+                    out.index_add_(0, indices, extra)
+        if self.bias is not None:
+            out += self.bias.to(torch.float32)
+        return out.to(x.dtype).reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tiers={list(self.policy.tiers)}"
+
+
+class TapEmbedding(nn.Module):
+    """An 8-bit row-wise embedding. ``output_scale`` carries e.g. Gemma's sqrt(hidden) factor."""
+
+    def __init__(self, policy: EmbeddingPolicy, output_scale: float | None = None, padding_idx: int | None = None):
+        super().__init__()
+        self.policy = policy
+        self.num_embeddings = policy.num_embeddings
+        self.embedding_dim = policy.embedding_dim
+        self.padding_idx = padding_idx
+        self.output_scale = output_scale
+        self.register_parameter(
+            embedding_tensor_suffix("qweight"),
+            _frozen(torch.empty(policy.num_embeddings, policy.embedding_dim, dtype=torch.int8)),
+        )
+        self.register_parameter(
+            embedding_tensor_suffix("scales"), _frozen(torch.empty(policy.num_embeddings, dtype=torch.float16))
+        )
+        self.compute_dtype = torch.float32
+
+    def rows(self) -> RowQuantized:
+        return RowQuantized(*(getattr(self, embedding_tensor_suffix(f)).data for f in EMBEDDING_FIELDS))
+
+    def prepare(self, compute_dtype: torch.dtype) -> None:
+        """Give the rows aligned storage once, so a tied head can share them with its kernel."""
+        self.compute_dtype = compute_dtype
+        for field_name in EMBEDDING_FIELDS:
+            parameter = getattr(self, embedding_tensor_suffix(field_name))
+            parameter.data = aligned(parameter.data)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows()
+        # Gather first, then dequantize: only the looked-up rows are ever widened.
+        out = rows.qweight[input_ids].to(torch.float32) * rows.scales[input_ids].to(torch.float32).unsqueeze(-1)
+        if self.output_scale is not None:
+            out = out * self.output_scale
+        return out.to(self.compute_dtype)
+
+
+class TapHead(nn.Module):
+    """An 8-bit output head; when tied it reads the embedding's rows instead of its own."""
+
+    def __init__(self, policy: EmbeddingPolicy, tied_embedding: TapEmbedding | None = None):
+        super().__init__()
+        self.policy = policy
+        self.in_features = policy.embedding_dim
+        self.out_features = policy.num_embeddings
+        # A plain list keeps the tied embedding out of this module's parameters and state_dict.
+        self._tied = [tied_embedding] if tied_embedding is not None else []
+        if tied_embedding is not None:
+            # transformers' weight tying looks for `weight` on the head; share the embedding's.
+            # Forward reads codes and scales from the embedding itself, so both stay in step.
+            self.weight = tied_embedding.weight
+        else:
+            self.register_parameter(
+                embedding_tensor_suffix("qweight"),
+                _frozen(torch.empty(policy.num_embeddings, policy.embedding_dim, dtype=torch.int8)),
+            )
+            self.register_parameter(
+                embedding_tensor_suffix("scales"), _frozen(torch.empty(policy.num_embeddings, dtype=torch.float16))
+            )
+        self.kernel: Kernel | None = None
+        self._prepared = None
+
+    def rows(self) -> RowQuantized:
+        if self._tied:
+            return self._tied[0].rows()
+        return RowQuantized(*(getattr(self, embedding_tensor_suffix(f)).data for f in EMBEDDING_FIELDS))
+
+    def prepare(self, kernel: Kernel) -> None:
+        rows = self.rows()
+        try:
+            self._prepared = kernel.prepare_rows(rows)
+            self.kernel = kernel
+        except ValueError:
+            # Shapes the packed kernel cannot take (in_features % 16 != 0) use the reference.
+            self.kernel = ReferenceKernel()
+            self._prepared = self.kernel.prepare_rows(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            raise RuntimeError("TapHead used before prepare(); load the model with tap_runtime.load()")
+        leading = x.shape[:-1]
+        out = self.kernel.matmul_rows(x.reshape(-1, self.in_features), self._prepared)
+        return out.to(x.dtype).reshape(*leading, self.out_features)

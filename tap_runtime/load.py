@@ -1,0 +1,62 @@
+"""``load()``: from a directory or Hub repo id to a ready TapModel, verifying every file first."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .checkpoint import read_checkpoint, resolve_checkpoint
+from .hf_integration import LoadOptions, load_options
+from .kernels import KERNEL_NAMES
+from .errors import InvalidConfigError
+from .model import TapModel
+
+__all__ = ["load"]
+
+
+def load(
+    path_or_repo_id: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    kernel: str = "auto",
+    revision: str | None = None,
+    verify: bool = True,
+    keep_portable: bool = False,
+) -> TapModel:
+    """Load a TAP checkpoint.
+
+    Args:
+        path_or_repo_id: a directory written by ``tap-convert`` or a Hub repo id ``org/name``.
+        device: where to run (``cpu``; other devices use the reference kernel until they get one).
+        dtype: dtype of the unquantized parts (norms, attention, residual stream).
+        kernel: ``auto`` (fastest packed kernel), ``cpu-packed`` or ``reference`` (plain torch).
+        revision: Hub revision (branch, tag or commit) when loading from the Hub.
+        verify: check every file's sha256 against the routing table before loading.
+        keep_portable: keep the on-disk planes in memory beside the kernel's packed copies.
+    Returns:
+        a :class:`TapModel`; its ``.model`` is a regular transformers model.
+    Example:
+        >>> m = load("./smollm2-tap")                      # doctest: +SKIP
+        >>> m.generate("Hello", max_new_tokens=5).text     # doctest: +SKIP
+    """
+    if kernel not in KERNEL_NAMES:
+        raise InvalidConfigError(f"kernel {kernel!r} is unknown; expected one of {list(KERNEL_NAMES)}.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve_checkpoint(path_or_repo_id, revision=revision)
+    # Read and verify up front so a bad file fails before transformers allocates anything.
+    checkpoint = read_checkpoint(directory, verify=verify)
+    # The quantizer hook verified nothing twice: it re-reads the manifest but skips hashing.
+    with load_options(LoadOptions(kernel=kernel, verify=False, keep_portable=keep_portable)):
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=None)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)  # an inference runtime: no autograd graph behind any output
+    tokenizer: Any = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        tokenizer = None
+    return TapModel(model, tokenizer, checkpoint)

@@ -1,0 +1,160 @@
+"""TapModel: a loaded TAP checkpoint with its tokenizer, routing controls and measured generate.
+
+The transformers model stays reachable as ``.model`` (it works with ``generate``, pipelines,
+KV caches); TapModel adds the parts a user of TAP asks for: which precision each token ran at,
+and what that cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .checkpoint import Checkpoint
+from .metrics import GenerationMetrics, PeakMemory, weight_bits_read
+from .router import TokenRouter
+
+__all__ = ["TapModel", "Generation"]
+
+
+@dataclass
+class Generation:
+    """The result of :meth:`TapModel.generate`: decoded text, token ids and metrics."""
+
+    text: str
+    token_ids: list[int]
+    metrics: GenerationMetrics
+
+
+class _FirstTokenClock(BaseStreamer):
+    """transformers calls put() once with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_time: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first_token_time = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class TapModel:
+    """A TAP checkpoint ready to run.
+
+    Example:
+        >>> m = tap_runtime.load("./smollm2-tap")          # doctest: +SKIP
+        >>> out = m.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+        >>> out.text, out.metrics.tier_share                # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, checkpoint: Checkpoint):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+
+    @property
+    def router(self) -> TokenRouter:
+        return self.model.tap_router
+
+    @property
+    def table(self):
+        return self.checkpoint.table
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def set_routing(self, mode: str = "learned", tier: int | None = None, shares: tuple[float, ...] | None = None, seed: int = 0) -> None:
+        """``learned`` (default), ``fixed`` with ``tier``, or ``random`` with the fitted shares."""
+        self.router.set_mode(mode, tier=tier, shares=shares, seed=seed)
+
+    def encode(self, prompt: str, chat: bool = False) -> torch.Tensor:
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            return encoded["input_ids"]
+        return self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        chat: bool = False,
+        **generate_kwargs: Any,
+    ) -> Generation:
+        """Generate from a prompt (or ids) and measure the call.
+
+        Args:
+            prompt: text; with ``chat=True`` it is wrapped in the tokenizer's chat template.
+            input_ids: (1, seq) ids instead of a prompt.
+            max_new_tokens: upper bound on new tokens.
+            generate_kwargs: passed to transformers' ``generate`` (``do_sample``, ``temperature``...).
+        Returns:
+            :class:`Generation` with the new text, new token ids and :class:`GenerationMetrics`.
+        """
+        if input_ids is None:
+            if prompt is None:
+                raise ValueError("generate needs a prompt or input_ids")
+            input_ids = self.encode(prompt, chat=chat)
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        generate_kwargs.setdefault("do_sample", False)
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
+            generate_kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id)
+        clock = _FirstTokenClock()
+        self.router.reset_counts()
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                streamer=clock,
+                **generate_kwargs,
+            )
+            end = time.perf_counter()
+        new_ids = output[0, input_ids.shape[1] :].tolist()
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        metrics = self._metrics(input_ids.shape[1], len(new_ids), start, clock.first_token_time or end, end, memory)
+        return Generation(text=text, token_ids=new_ids, metrics=metrics)
+
+    def _metrics(self, prompt_tokens: int, new_tokens: int, start: float, first: float, end: float, memory: PeakMemory) -> GenerationMetrics:
+        counts = self.router.counts.clone()
+        per_tier = self.router.tier_counts()
+        decisions = sum(per_tier.values()) or 1
+        num_layers = max(self.router.num_layers, 1)
+        bits = weight_bits_read(self.table, counts)
+        prefill_s = first - start
+        decode_s = end - first
+        # The first new token comes out of prefill; decode produced the remaining ones.
+        decoded = max(new_tokens - 1, 0)
+        return GenerationMetrics(
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            wall_seconds=end - start,
+            prefill_seconds=prefill_s,
+            decode_seconds=decode_s,
+            decode_tokens_per_second=decoded / decode_s if decode_s > 0 else 0.0,
+            prefill_tokens_per_second=prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+            tier_token_layer_counts=per_tier,
+            tokens_per_tier={t: c / num_layers for t, c in per_tier.items()},
+            tier_share={t: c / decisions for t, c in per_tier.items()},
+            avg_weight_bits_per_token=bits["avg_weight_bits_per_token"],
+            weight_bytes_read_per_token=bits["weight_bytes_read_per_token"],
+            peak_rss_bytes=memory.peak_rss_bytes,
+            peak_rss_method=memory.method,
+            cuda_peak_bytes=memory.cuda_peak_bytes,
+            checkpoint_bytes=self.checkpoint.total_bytes,
+            routing_mode=self.router.mode,
+        )

@@ -1,0 +1,238 @@
+"""Find a model's quantizable modules, swap them for TAP modules, and wire up the router.
+
+The converter uses the ``iter_*`` functions to decide what to quantize; the loader uses
+:func:`replace_modules` (on the meta device, before weights load) and :func:`prepare_model`
+(after), so both sides agree on which module is which by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import ArchitectureSpec, get_architecture
+from .errors import RoutingTableMismatchError
+from .format import ROUTING_FILE, RoutingTable
+from .kernels import select_kernel
+from .layers import TapEmbedding, TapHead, TapLinear
+from .router import TokenRouter
+
+__all__ = [
+    "LinearSite",
+    "get_submodule_path",
+    "decoder_layers",
+    "iter_linear_sites",
+    "iter_embeddings",
+    "output_head",
+    "linear_weight",
+    "replace_modules",
+    "prepare_model",
+]
+
+_log = logging.getLogger(__name__)
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - depends on the transformers build
+        return None
+    return Conv1D
+
+
+@dataclass
+class LinearSite:
+    """A linear module found in a decoder layer. ``layout`` is ``linear`` or ``conv1d``."""
+
+    name: str
+    module: nn.Module
+    layer_index: int
+    layout: str
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[1 if self.layout == "linear" else 0]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[0 if self.layout == "linear" else 1]
+
+
+def get_submodule_path(model: nn.Module, dotted: str) -> nn.Module:
+    module = model
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
+    return get_submodule_path(model, spec.decoder_layers)
+
+
+def iter_linear_sites(model: nn.Module, spec: ArchitectureSpec) -> Iterator[LinearSite]:
+    """Every nn.Linear / Conv1D inside the decoder layers, in model order."""
+    conv1d = _conv1d_class()
+    for layer_index, layer in enumerate(decoder_layers(model, spec)):
+        for sub_name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                layout = "linear"
+            elif conv1d is not None and isinstance(module, conv1d):
+                layout = "conv1d"
+            else:
+                continue
+            yield LinearSite(f"{spec.decoder_layers}.{layer_index}.{sub_name}", module, layer_index, layout)
+
+
+def iter_embeddings(model: nn.Module) -> Iterator[tuple[str, nn.Embedding]]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            yield name, module
+
+
+def output_head(model: nn.Module) -> tuple[str, nn.Module, str | None] | None:
+    """(name, module, name of the embedding it is tied to or None), or None if headless."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name = names[id(head)]
+    tied_to = None
+    for name, embedding in iter_embeddings(model):
+        if embedding.weight is head.weight:
+            tied_to = name
+    return head_name, head, tied_to
+
+
+def linear_weight(site: LinearSite) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the module's own layout."""
+    weight = site.module.weight.detach()
+    return weight if site.layout == "linear" else weight.t()
+
+
+def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = get_submodule_path(model, parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_modules(model: nn.Module, table: RoutingTable, source: str = ROUTING_FILE) -> None:
+    """Swap every module the routing table names for its TAP module (weights not touched).
+
+    Raises RoutingTableMismatchError when the table describes another model.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    spec = get_architecture(config.model_type)
+    if table.model_type != config.model_type or table.num_layers != len(decoder_layers(model, spec)):
+        raise RoutingTableMismatchError(
+            f"{source}: routing table is for a {table.model_type} model with {table.num_layers} layers; "
+            f"expected {config.model_type} with {len(decoder_layers(model, spec))} layers (from config.json). "
+            f"The checkpoint mixes files of different models; convert it again."
+        )
+    sites = {site.name: site for site in iter_linear_sites(model, spec)}
+    for name, policy in table.linear.items():
+        site = sites.get(name)
+        if site is None or (site.in_features, site.out_features) != (policy.in_features, policy.out_features):
+            found = None if site is None else (site.in_features, site.out_features)
+            raise RoutingTableMismatchError(
+                f"{source}: module {name} expected (in, out) = {(policy.in_features, policy.out_features)} in "
+                f"the model, got {found}. The routing table is from another model; convert again."
+            )
+        _set_submodule(model, name, TapLinear(policy))
+    kept_linears = set(sites) - set(table.linear)
+    for name in sorted(kept_linears):
+        _log.info("%s stays unquantized (%s)", name, table.kept.get(name + ".weight", None))
+    modules = dict(model.named_modules())
+    new_embeddings: dict[str, TapEmbedding] = {}
+    for name, policy in table.embeddings.items():
+        original = modules.get(name)
+        if original is None:
+            raise RoutingTableMismatchError(f"{source}: {policy.role} {name} is not in the model; convert again.")
+        if policy.role == "embedding":
+            new_embeddings[name] = TapEmbedding(
+                policy,
+                output_scale=getattr(original, "scalar_embed_scale", None),
+                padding_idx=getattr(original, "padding_idx", None),
+            )
+            _set_submodule(model, name, new_embeddings[name])
+    for name, policy in table.embeddings.items():
+        if policy.role != "head":
+            continue
+        tied = None
+        if policy.tied_to is not None:
+            tied = new_embeddings.get(policy.tied_to)
+            if tied is None:
+                raise RoutingTableMismatchError(
+                    f"{source}: head {name} is tied to {policy.tied_to}, which the table does not quantize; "
+                    f"convert again."
+                )
+        _set_submodule(model, name, TapHead(policy, tied_embedding=tied))
+
+
+def prepare_model(
+    model: nn.Module,
+    table: RoutingTable,
+    token_log_frequency: torch.Tensor | None,
+    kernel_name: str = "auto",
+    keep_portable: bool = False,
+) -> TokenRouter:
+    """After weights are loaded: pack for the kernel, attach the router, install its hooks."""
+    device = next(model.parameters()).device
+    kernel = select_kernel(kernel_name, device)
+    dtype = model.dtype
+    router = TokenRouter(table.router, table.tiers, table.num_layers, token_log_frequency)
+    for module in model.modules():
+        if isinstance(module, TapLinear):
+            module.prepare(kernel, keep_portable=keep_portable)
+            if module.policy.layer_index is not None:
+                module.routing = router.layers[module.policy.layer_index]
+        elif isinstance(module, TapEmbedding):
+            module.prepare(dtype)
+    for module in model.modules():
+        if isinstance(module, TapHead):
+            module.prepare(kernel)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    spec = get_architecture(config.model_type)
+    _install_router_hooks(model, spec, router)
+    model.tap_router = router
+    return router
+
+
+def _positions(kwargs: dict, input_ids: torch.Tensor | None, seq_len: int, batch: int) -> torch.Tensor:
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids.expand(batch, -1) if position_ids.shape[0] == 1 else position_ids
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # Left padding: a token's position is the number of real tokens before it.
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    return (torch.arange(seq_len) + past).unsqueeze(0).expand(batch, -1)
+
+
+def _install_router_hooks(model: nn.Module, spec: ArchitectureSpec, router: TokenRouter) -> None:
+    def before_model(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            return None
+        batch, seq_len = reference.shape[0], reference.shape[1]
+        router.begin_forward(input_ids, _positions(kwargs, input_ids, seq_len, batch).cpu())
+        return None
+
+    def before_layer(layer_index):
+        def hook(module, args, kwargs):
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            router.route_layer(layer_index, hidden_states)
+            return None
+
+        return hook
+
+    model.register_forward_pre_hook(before_model, with_kwargs=True)
+    for layer_index, layer in enumerate(decoder_layers(model, spec)):
+        layer.register_forward_pre_hook(before_layer(layer_index), with_kwargs=True)

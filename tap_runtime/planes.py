@@ -1,0 +1,66 @@
+"""Quantized planes as tensors, and their dequantization (the inverse of tap_convert.quantize).
+
+The runtime needs dequantization for the reference kernel and for tests; the converter imports
+it from here so that quantize and dequantize stay one definition each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .format import PlaneSpec
+from .packing import unpack_int4
+
+__all__ = ["Plane", "RowQuantized", "dequantize_plane", "dequantize_planes", "dequantize_rows"]
+
+
+@dataclass
+class Plane:
+    """One 4-bit plane of a weight (out_features, in_features).
+
+    qweight: uint8 (out_features, in_features // 2), packed codes.
+    scales:  float16 (out_features, in_features // group_size).
+    zeros:   float16 (out_features, in_features // group_size), in code units.
+    """
+
+    spec: PlaneSpec
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+@dataclass
+class RowQuantized:
+    """An 8-bit row-wise matrix (embedding or output head).
+
+    qweight: int8 (rows, cols); scales: float16 (rows,).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+
+def dequantize_plane(plane: Plane, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return (q - zero) * scale as a dense (out_features, in_features) tensor."""
+    codes = unpack_int4(plane.qweight).to(dtype)
+    out_features, in_features = codes.shape
+    groups = in_features // plane.spec.group_size
+    # (out, groups, group_size) so each group meets its own scale and zero.
+    codes = codes.view(out_features, groups, plane.spec.group_size)
+    scales = plane.scales.to(dtype).unsqueeze(-1)
+    zeros = plane.zeros.to(dtype).unsqueeze(-1)
+    return ((codes - zeros) * scales).view(out_features, in_features)
+
+
+def dequantize_planes(planes: list[Plane] | tuple[Plane, ...], count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sum of the first ``count`` planes: the weight a token sees at the matching tier."""
+    weight = dequantize_plane(planes[0], dtype)
+    for plane in planes[1:count]:
+        weight = weight + dequantize_plane(plane, dtype)
+    return weight
+
+
+def dequantize_rows(matrix: RowQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return matrix.qweight.to(dtype) * matrix.scales.to(dtype).unsqueeze(-1)

@@ -1,0 +1,185 @@
+"""Per-token, per-layer precision routing from the routing table's fitted score.
+
+Before each decoder layer runs, the router scores every token from signals it can compute at
+that moment (hidden-state norm at the layer input, position, token-id frequency) and picks a
+tier index per token; the layer's :class:`~tap_runtime.layers.TapLinear` modules read that
+choice. The signal transforms live here and the calibration imports them, so what the router
+was fitted on and what it computes at run time are one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidConfigError
+from .format import RouterSpec
+
+__all__ = [
+    "ROUTING_MODES",
+    "ALL_TOKENS",
+    "hidden_norm_feature",
+    "position_feature",
+    "LayerRouting",
+    "TokenRouter",
+]
+
+ROUTING_MODES = ("learned", "fixed", "random")
+ALL_TOKENS = "all"  # marker: every token of the batch runs this plane, no gather needed
+
+
+def hidden_norm_feature(hidden_states: torch.Tensor) -> torch.Tensor:
+    """log of the root-mean-square of each token's hidden state: (..., hidden) -> (...)."""
+    rms = hidden_states.detach().to(torch.float32).pow(2).mean(dim=-1).sqrt()
+    return torch.log(rms.clamp_min(1e-12))
+
+
+def position_feature(positions: torch.Tensor) -> torch.Tensor:
+    """log(1 + position): early positions differ most from one another."""
+    return torch.log1p(positions.to(torch.float32).clamp_min(0))
+
+
+@dataclass
+class LayerRouting:
+    """The tier choice for the tokens of the current forward pass in one decoder layer.
+
+    ``plane_indices[k]`` is what plane k+1 (a residual plane) must process: None (no token),
+    :data:`ALL_TOKENS`, or a LongTensor of flat token indices.
+    """
+
+    layer_index: int
+    plane_indices: list[Any] = field(default_factory=list)
+
+    def indices_for_plane(self, plane_index: int) -> Any:
+        if plane_index - 1 < len(self.plane_indices):
+            return self.plane_indices[plane_index - 1]
+        return None
+
+
+class TokenRouter:
+    """Scores tokens and assigns each a tier per layer; also counts tokens per tier per layer."""
+
+    def __init__(
+        self,
+        spec: RouterSpec,
+        tiers: tuple[int, ...],
+        num_layers: int,
+        token_log_frequency: torch.Tensor | None,
+    ):
+        self.spec = spec
+        self.tiers = tuple(tiers)
+        self.num_layers = num_layers
+        self.layers = [LayerRouting(i) for i in range(num_layers)]
+        self.token_log_frequency = token_log_frequency
+        # (num_layers, len(tiers) - 1): a token reaches tier k+1 when its score >= thresholds[l, k].
+        self.thresholds = torch.tensor(spec.thresholds, dtype=torch.float32).reshape(num_layers, len(tiers) - 1)
+        norm = spec.normalisation
+        self._weights = {s: float(spec.weights.get(s, 0.0)) for s in spec.signals}
+        if "hidden_norm" in spec.signals:
+            self._hidden_mean = torch.tensor(norm["hidden_norm"]["layer_mean"], dtype=torch.float32)
+            self._hidden_std = torch.tensor(norm["hidden_norm"]["layer_std"], dtype=torch.float32)
+        self.mode = "learned"
+        self.fixed_tier_index = 0
+        self.random_shares: tuple[float, ...] = tuple(
+            float(spec.tier_shares.get(str(t), 0.0)) for t in self.tiers[1:]
+        )
+        self._generator = torch.Generator().manual_seed(0)
+        self._static_score: torch.Tensor | None = None
+        self.counts = torch.zeros(num_layers, len(self.tiers), dtype=torch.int64)
+
+    # ----- configuration -------------------------------------------------------------------
+    def set_mode(self, mode: str, tier: int | None = None, shares: tuple[float, ...] | None = None, seed: int = 0) -> None:
+        """Choose how tokens are routed.
+
+        ``learned``: the fitted score and thresholds. ``fixed``: every token at ``tier``.
+        ``random``: each token independently above the base with the fitted shares (or
+        ``shares``, one per tier above the base), seeded; the baseline routing must beat.
+        """
+        if mode not in ROUTING_MODES:
+            raise InvalidConfigError(f"routing mode {mode!r} is unknown; expected one of {list(ROUTING_MODES)}.")
+        if mode == "fixed":
+            if tier not in self.tiers:
+                raise InvalidConfigError(f"fixed tier {tier!r} is not in this checkpoint; expected one of {list(self.tiers)}.")
+            self.fixed_tier_index = self.tiers.index(tier)
+        if mode == "random":
+            if shares is not None:
+                if len(shares) != len(self.tiers) - 1 or any(not 0 <= s <= 1 for s in shares):
+                    raise InvalidConfigError(
+                        f"random shares {shares} are invalid; expected {len(self.tiers) - 1} values in [0, 1]."
+                    )
+                self.random_shares = tuple(float(s) for s in shares)
+            self._generator = torch.Generator().manual_seed(seed)
+        self.mode = mode
+
+    def reset_counts(self) -> None:
+        self.counts.zero_()
+
+    # ----- per forward pass ----------------------------------------------------------------
+    def begin_forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        """Precompute the part of the score that is the same in every layer. Shapes (batch, seq)."""
+        if self.mode != "learned":
+            self._static_score = None
+            return
+        shape = input_ids.shape if input_ids is not None else positions.shape if positions is not None else None
+        if shape is None:
+            self._static_score = None
+            return
+        score = torch.full(shape, self.spec.bias, dtype=torch.float32)
+        norm = self.spec.normalisation
+        if "position" in self._weights and positions is not None:
+            stats = norm["position"]
+            score += self._weights["position"] * (position_feature(positions) - stats["mean"]) / stats["std"]
+        if "token_frequency" in self._weights and input_ids is not None and self.token_log_frequency is not None:
+            stats = norm["token_frequency"]
+            ids = input_ids.clamp(0, self.token_log_frequency.numel() - 1)
+            feature = self.token_log_frequency[ids.cpu()].to(score.device)
+            score += self._weights["token_frequency"] * (feature - stats["mean"]) / stats["std"]
+        # Without ids (inputs_embeds) the frequency term stays at its calibration mean, i.e. 0.
+        self._static_score = score.reshape(-1)
+
+    def route_layer(self, layer_index: int, hidden_states: torch.Tensor) -> None:
+        """Assign every token of ``hidden_states`` (batch, seq, hidden) a tier for this layer."""
+        num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        routing = self.layers[layer_index]
+        if self.mode == "fixed":
+            tier_index = torch.full((num_tokens,), self.fixed_tier_index, dtype=torch.int64)
+        elif self.mode == "random":
+            draws = torch.rand(num_tokens, generator=self._generator)
+            tier_index = torch.zeros(num_tokens, dtype=torch.int64)
+            # Shares are "at or above tier k+1" and shrink with k, so one draw nests the tiers.
+            for share in self.random_shares:
+                tier_index += (draws < share).to(torch.int64)
+        else:
+            score = self._layer_score(layer_index, hidden_states, num_tokens)
+            # Count thresholds passed: 0 -> base tier, 1 -> next tier, ...
+            tier_index = (score.unsqueeze(-1) >= self.thresholds[layer_index]).sum(dim=-1)
+        self.counts[layer_index] += torch.bincount(tier_index, minlength=len(self.tiers))
+        routing.plane_indices = []
+        for level in range(1, len(self.tiers)):
+            mask = tier_index >= level
+            count = int(mask.sum())
+            if count == 0:
+                routing.plane_indices.append(None)
+            elif count == num_tokens:
+                routing.plane_indices.append(ALL_TOKENS)
+            else:
+                routing.plane_indices.append(mask.nonzero().squeeze(-1).to(hidden_states.device))
+
+    def _layer_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        static = self._static_score
+        if static is None or static.numel() != num_tokens:
+            static = torch.full((num_tokens,), self.spec.bias, dtype=torch.float32)
+        score = static
+        if "hidden_norm" in self._weights:
+            feature = hidden_norm_feature(hidden_states).reshape(-1).cpu()
+            z = (feature - self._hidden_mean[layer_index]) / self._hidden_std[layer_index]
+            score = score + self._weights["hidden_norm"] * z
+        return score
+
+    # ----- reporting -----------------------------------------------------------------------
+    def tier_counts(self) -> dict[int, int]:
+        """Token-layer decisions per tier since the last reset."""
+        totals = self.counts.sum(dim=0)
+        return {tier: int(totals[i]) for i, tier in enumerate(self.tiers)}
