@@ -69,7 +69,7 @@ class TokenSignals:
     ``predictive_entropy`` (nats, of the distribution the token was drawn from; NaN at t=0).
     Per layer, shape (num_layers, num_windows, seq_len): ``hidden_norm`` (log RMS at the layer
     input), ``attention_received`` (mean attention from the queries that can see the token),
-    ``base_error`` (relative error of the layer's output with base-tier linears).
+    ``base_error`` (L2 norm of the change in the layer's output with base-tier linears).
     """
 
     token_ids: torch.Tensor
@@ -168,8 +168,9 @@ def collect_token_signals(
                 for layer_module, data in saved:
                     layer_module.weight.data = data
             rerun = rerun[0] if isinstance(rerun, tuple) else rerun
-            diff = (rerun - reference).to(torch.float32).norm(dim=-1)
-            base_error[layer_index, state["rows"]] = diff / reference.to(torch.float32).norm(dim=-1).clamp_min(1e-12)
+            # Absolute, not relative, error: routing by it gave the lowest end-to-end KL of the
+            # oracle targets tried (relative error was no better than random routing).
+            base_error[layer_index, state["rows"]] = (rerun - reference).to(torch.float32).norm(dim=-1)
 
         return hook
 

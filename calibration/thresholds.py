@@ -173,7 +173,7 @@ def fit_router(
         for layer in range(flat_scores.shape[0])
     ]
     fit = {
-        "target": f"top {share:.0%} of tokens by relative layer-output error on the base tier, per layer",
+        "target": f"top {share:.0%} of tokens by layer-output error (L2) on the base tier, per layer",
         "method": "logistic regression on z-scored runtime signals, L2 1e-3",
         "train_windows": train.stop - train.start,
         "holdout_windows": num_holdout,

@@ -24,7 +24,6 @@ from tap_runtime.format import (
     EMBEDDING_BITS,
     FORMAT_VERSION,
     PLANE_BITS,
-    PLANE_FIELDS,
     ROUTER_TOKEN_LOG_FREQUENCY,
     TIER_CHOICES,
     CalibrationInfo,
@@ -194,7 +193,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
 
     for site in quantized_sites:
         for plane_index, plane in enumerate(planes[site.name]):
-            for field_name in PLANE_FIELDS:
+            for field_name in plane.spec.fields:
                 writer.add_tensor(plane_tensor_name(site.name, plane_index, field_name), getattr(plane, field_name))
         if policies[site.name].bias:
             writer.add_tensor(f"{site.name}.bias", site.module.bias.detach().to(torch.float32))

@@ -96,7 +96,7 @@ def quantize_plane(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tens
         spec=spec,
         qweight=pack_int4(codes.reshape(out_features, in_features)),
         scales=best_scales.squeeze(-1).to(torch.float16).contiguous(),
-        zeros=best_zeros.squeeze(-1).to(torch.float16).contiguous(),
+        zeros=None if spec.symmetric else best_zeros.squeeze(-1).to(torch.float16).contiguous(),
     )
 
 

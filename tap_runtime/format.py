@@ -92,7 +92,8 @@ EMBEDDING_BITS = 8
 
 # Tensor fields of one plane. qweight: uint8 (out_features, in_features // 2), two 4-bit codes
 # per byte, low nibble first. scales, zeros: float16 (out_features, in_features // group_size);
-# the plane dequantizes as (q - zero) * scale.
+# the plane dequantizes as (q - zero) * scale. Symmetric planes store no zeros: zero is
+# 2**(bits-1) for every group (see PlaneSpec.fields).
 PLANE_FIELDS = ("qweight", "scales", "zeros")
 # Tensor fields of an 8-bit embedding or output head. qweight: int8 (num_embeddings,
 # embedding_dim); scales: float16 (num_embeddings,); the row dequantizes as q * scale.
@@ -192,9 +193,18 @@ class PlaneSpec:
     group_size: int
     symmetric: bool
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The tensors stored for this plane: symmetric planes have an implied zero point."""
+        return PLANE_FIELDS[:2] if self.symmetric else PLANE_FIELDS
+
+    @property
+    def implied_zero(self) -> float:
+        return float(2 ** (self.bits - 1))
+
     def stored_bits_per_weight(self) -> float:
-        """Bits per weight including the float16 scale and zero of each group."""
-        return self.bits + 32.0 / self.group_size
+        """Bits per weight including the float16 scale (and zero, if stored) of each group."""
+        return self.bits + 16.0 * len(self.fields[1:]) / self.group_size
 
     @classmethod
     def from_dict(cls, data: dict, path: str | Path, where: str) -> "PlaneSpec":

@@ -13,7 +13,6 @@ from torch import nn
 
 from .format import (
     EMBEDDING_FIELDS,
-    PLANE_FIELDS,
     EmbeddingPolicy,
     LinearPolicy,
     embedding_tensor_suffix,
@@ -32,12 +31,14 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 
 def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    groups = policy.in_features // policy.planes[plane_index].group_size
-    return {
+    spec = policy.planes[plane_index]
+    groups = policy.in_features // spec.group_size
+    shapes = {
         "qweight": ((policy.out_features, policy.in_features // 2), torch.uint8),
         "scales": ((policy.out_features, groups), torch.float16),
         "zeros": ((policy.out_features, groups), torch.float16),
     }
+    return {name: shapes[name] for name in spec.fields}
 
 
 class TapLinear(nn.Module):
@@ -68,21 +69,27 @@ class TapLinear(nn.Module):
     def planes(self) -> list[Plane]:
         """The portable planes as loaded (available until :meth:`prepare` releases them)."""
         return [
-            Plane(spec, *(getattr(self, plane_tensor_suffix(i, f)) for f in PLANE_FIELDS))
+            Plane(spec, **{f: getattr(self, plane_tensor_suffix(i, f)).data for f in spec.fields})
             for i, spec in enumerate(self.policy.planes)
         ]
 
     def prepare(self, kernel: Kernel, keep_portable: bool = False) -> None:
         """Convert the planes to ``kernel``'s layout; free the portable copies unless asked not to."""
+        # transformers may have cast the float16 scales to the model dtype; back to what was stored.
         planes = [
-            Plane(p.spec, p.qweight.data, p.scales.data.to(torch.float16), p.zeros.data.to(torch.float16))
+            Plane(
+                p.spec,
+                p.qweight,
+                p.scales.to(torch.float16),
+                None if p.zeros is None else p.zeros.to(torch.float16),
+            )
             for p in self.planes()
         ]
         self.kernel = kernel
         self._prepared = [kernel.prepare_plane(p) for p in planes]
         if not keep_portable:
-            for plane_index in range(len(planes)):
-                for field_name in PLANE_FIELDS:
+            for plane_index, plane in enumerate(planes):
+                for field_name in plane.spec.fields:
                     delattr(self, plane_tensor_suffix(plane_index, field_name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

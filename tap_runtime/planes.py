@@ -22,13 +22,20 @@ class Plane:
 
     qweight: uint8 (out_features, in_features // 2), packed codes.
     scales:  float16 (out_features, in_features // group_size).
-    zeros:   float16 (out_features, in_features // group_size), in code units.
+    zeros:   float16 (out_features, in_features // group_size), in code units; None for a
+             symmetric plane, whose zero is ``spec.implied_zero``.
     """
 
     spec: PlaneSpec
     qweight: torch.Tensor
     scales: torch.Tensor
-    zeros: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    def zeros_or_implied(self) -> torch.Tensor:
+        """(out_features, groups) zero points, materialising the implied ones."""
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full(self.scales.shape, self.spec.implied_zero, dtype=torch.float16)
 
 
 @dataclass
@@ -50,7 +57,7 @@ def dequantize_plane(plane: Plane, dtype: torch.dtype = torch.float32) -> torch.
     # (out, groups, group_size) so each group meets its own scale and zero.
     codes = codes.view(out_features, groups, plane.spec.group_size)
     scales = plane.scales.to(dtype).unsqueeze(-1)
-    zeros = plane.zeros.to(dtype).unsqueeze(-1)
+    zeros = plane.zeros_or_implied().to(dtype).unsqueeze(-1)
     return ((codes - zeros) * scales).view(out_features, in_features)
 
 

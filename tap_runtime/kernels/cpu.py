@@ -64,7 +64,7 @@ class CpuPackedKernel:
         out_features = codes.shape[0]
         pad = (-out_features) % INT4_ROW_MULTIPLE
         scales = plane.scales.to(torch.float32)
-        zeros = plane.zeros.to(torch.float32)
+        zeros = plane.zeros_or_implied().to(torch.float32)
         if pad:
             codes = F.pad(codes, (0, 0, 0, pad), value=8)
             scales = F.pad(scales, (0, 0, 0, pad))

@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: held-out evaluation text, windows, environment line.
+
+Evaluation text is always the part of the shared data that the bundled calibration samples
+left out (recorded in calibration/data/samples.json), so no benchmark scores text the
+converter calibrated on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+SAMPLES = json.loads((REPO / "calibration" / "data" / "samples.json").read_text())
+
+__all__ = ["REPO", "SHARED_DATA", "heldout_text", "eval_windows", "environment", "set_threads"]
+
+
+def heldout_text(name: str) -> str:
+    """``wikitext``: WikiText-2 valid lines after the bundled half; ``c4``: C4 docs 1000-1999; else a path."""
+    if name == "wikitext":
+        start, end = SAMPLES["wikitext2_calibration.txt.gz"]["evaluation_lines"]
+        lines = (SHARED_DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+        return "\n".join(lines[start:end])
+    if name == "c4":
+        import pyarrow.parquet as pq
+
+        start, end = SAMPLES["c4_calibration.txt.gz"]["evaluation_documents"]
+        docs = pq.read_table(SHARED_DATA / "c4" / "c4_validation_2k.parquet").column("text").to_pylist()
+        return "\n\n".join(docs[start:end])
+    return Path(name).read_text(encoding="utf-8")
+
+
+def eval_windows(tokenizer, text: str, ctx: int, num_windows: int, bos_token_id: int | None) -> torch.Tensor:
+    """``num_windows`` non-overlapping windows of ``ctx`` tokens, evenly spread over the text."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    body = ctx - 1 if bos_token_id is not None else ctx
+    available = ids.numel() // body
+    if available < num_windows:
+        raise SystemExit(f"evaluation text has {ids.numel()} tokens: {available} windows of {ctx}, {num_windows} asked")
+    picks = torch.linspace(0, available - 1, num_windows).round().long()
+    windows = ids[: available * body].view(available, body)[picks]
+    if bos_token_id is not None:
+        windows = torch.cat([torch.full((num_windows, 1), bos_token_id), windows], dim=1)
+    return windows
+
+
+def environment() -> str:
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f"; command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}"
+    )
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)

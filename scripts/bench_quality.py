@@ -1,0 +1,111 @@
+"""Perplexity and KL divergence of a TAP checkpoint against its fp32 source, on held-out text.
+
+Rows, all measured in one run on the same windows: fp32; TAP with learned routing (default);
+TAP with every token on the top tier; TAP with every token on the base tier; TAP with tokens
+routed at random at the share the learned router actually used on this text. KL is the mean
+per-token KL(fp32 || TAP) of the next-token distributions.
+
+    python scripts/bench_quality.py --model models/smollm2 --tap models/smollm2-tap \
+        --text wikitext --windows 16 --ctx 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tap_runtime
+from bench_common import environment, eval_windows, heldout_text, set_threads
+from tap_runtime.metrics import weight_bits_read
+
+
+def _stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int]:
+    """(sum NLL, sum KL vs reference, count) over the predicted positions of one window."""
+    log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum().item()
+    kl = 0.0
+    if reference is not None:
+        ref_log = torch.log_softmax(reference.to(torch.float32), dim=-1)
+        kl = (ref_log.exp() * (ref_log - log_probs)).sum().item()
+    return nll, kl, targets.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the fp32 source model directory")
+    parser.add_argument("--tap", required=True, help="the TAP checkpoint converted from it")
+    parser.add_argument("--text", default="wikitext", help="wikitext / c4 (held-out parts) or a .txt path")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-routing row")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    set_threads(args.threads)
+
+    tap = tap_runtime.load(args.tap)
+    reference_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
+    windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+    start_target = 1 if bos is None else 1  # never score the first token (and never BOS)
+
+    rows = {}
+    reference_logits: list[torch.Tensor] = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        totals = [0.0, 0.0, 0]
+        for window in windows:
+            logits = reference_model(window.unsqueeze(0)).logits[0, :-1]
+            reference_logits.append(logits.to(torch.bfloat16))  # kept compact; KL uses it as the reference
+            nll, _, count = _stats(logits, None, window[start_target:])
+            totals[0] += nll
+            totals[2] += count
+        rows["fp32"] = {"ppl": math.exp(totals[0] / totals[2]), "kl": 0.0, "share_above_base": None, "avg_bits": 32.0}
+        del reference_model
+
+        def run(label: str) -> dict:
+            tap.router.reset_counts()
+            nll_sum = kl_sum = 0.0
+            count_sum = 0
+            for window, reference in zip(windows, reference_logits):
+                logits = tap(window.unsqueeze(0)).logits[0, :-1]
+                nll, kl, count = _stats(logits, reference, window[start_target:])
+                nll_sum, kl_sum, count_sum = nll_sum + nll, kl_sum + kl, count_sum + count
+            counts = tap.router.counts.clone()
+            share = 1.0 - float(counts[:, 0].sum()) / float(counts.sum())
+            bits = weight_bits_read(tap.table, counts)["avg_weight_bits_per_token"]
+            rows[label] = {"ppl": math.exp(nll_sum / count_sum), "kl": kl_sum / count_sum, "share_above_base": share, "avg_bits": bits}
+            return rows[label]
+
+        tap.set_routing("learned")
+        learned = run("tap learned routing")
+        top = tap.table.tiers[-1]
+        tap.set_routing("fixed", tier=top)
+        run(f"tap all tokens tier {top}")
+        tap.set_routing("fixed", tier=tap.table.tiers[0])
+        run(f"tap all tokens tier {tap.table.tiers[0]}")
+        shares = tuple(learned["share_above_base"] / 4**k for k in range(len(tap.table.tiers) - 1))
+        tap.set_routing("random", shares=shares, seed=args.seed)
+        run("tap random routing, same share")
+        tap.set_routing("learned")
+
+    fp32_ppl = rows["fp32"]["ppl"]
+    print(f"# bench_quality: {args.tap} vs {args.model}; text={args.text} held-out, {args.windows} windows x {args.ctx} tokens")
+    print(f"# {environment()}; {time.perf_counter() - started:.0f}s")
+    print(f"{'config':34s} {'ppl':>9s} {'ppl ratio':>10s} {'mean KL':>9s} {'share>base':>11s} {'avg bits':>9s}")
+    for label, row in rows.items():
+        share = "-" if row["share_above_base"] is None else f"{row['share_above_base']:.3f}"
+        print(f"{label:34s} {row['ppl']:9.3f} {row['ppl'] / fp32_ppl:10.4f} {row['kl']:9.5f} {share:>11s} {row['avg_bits']:9.2f}")
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump({"args": vars(args), "environment": environment(), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
