@@ -81,8 +81,9 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-# "format": "pt" keeps safetensors' own loaders happy; the version lets a reader refuse early.
-SAFETENSORS_METADATA = {"format": "pt", "tap_format_version": str(FORMAT_VERSION)}
+# One key only: safetensors writes its metadata map in hash order, so a second key would make
+# identical conversions produce files with different sha256s. The version lives in the JSON.
+SAFETENSORS_METADATA = {"format": "pt"}
 
 BASE_TIER = 4
 FULL_PRECISION_TIER = 32

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -69,6 +70,7 @@ class TapHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: TapQuantizationConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
         self._checkpoint = None
+        self._compute_dtype = torch.float32
 
     def _checkpoint_directory(self, model, checkpoint_files) -> Path:
         if checkpoint_files:
@@ -78,8 +80,9 @@ class TapHfQuantizer(HfQuantizer):
         # From the Hub, transformers fetched only the shards: fetch the whole snapshot (cached).
         return resolve_checkpoint(model.config.name_or_path)
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs: Any):
         options = _OPTIONS.get()
+        self._compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
         directory = self._checkpoint_directory(model, checkpoint_files)
         self._checkpoint = read_checkpoint(directory, verify=options.verify)
         replace_modules(model, self._checkpoint.table, source=str(directory / ROUTING_FILE))
@@ -93,6 +96,7 @@ class TapHfQuantizer(HfQuantizer):
             model,
             checkpoint.table,
             tensors[ROUTER_TOKEN_LOG_FREQUENCY],
+            compute_dtype=self._compute_dtype,
             kernel_name=options.kernel,
             keep_portable=options.keep_portable,
         )

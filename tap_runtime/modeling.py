@@ -176,13 +176,17 @@ def prepare_model(
     model: nn.Module,
     table: RoutingTable,
     token_log_frequency: torch.Tensor | None,
+    compute_dtype: torch.dtype,
     kernel_name: str = "auto",
     keep_portable: bool = False,
 ) -> TokenRouter:
-    """After weights are loaded: pack for the kernel, attach the router, install its hooks."""
+    """After weights are loaded: pack for the kernel, attach the router, install its hooks.
+
+    ``compute_dtype`` is the dtype of the residual stream; it must be passed, not read from
+    ``model.dtype``, which reports the first floating parameter (a float16 scale tensor here).
+    """
     device = next(model.parameters()).device
     kernel = select_kernel(kernel_name, device)
-    dtype = model.dtype
     router = TokenRouter(table.router, table.tiers, table.num_layers, token_log_frequency)
     for module in model.modules():
         if isinstance(module, TapLinear):
@@ -190,7 +194,7 @@ def prepare_model(
             if module.policy.layer_index is not None:
                 module.routing = router.layers[module.policy.layer_index]
         elif isinstance(module, TapEmbedding):
-            module.prepare(dtype)
+            module.prepare(compute_dtype)
     for module in model.modules():
         if isinstance(module, TapHead):
             module.prepare(kernel)

@@ -1,0 +1,102 @@
+import json
+import logging
+
+import pytest
+import torch
+
+from calibration.data import load_calibration_text, make_windows, tokenize_text
+from tap_runtime.errors import CalibrationDataError
+
+TEXT = "The quick brown fox jumps over the lazy dog.\n\nA second paragraph follows here."
+
+
+def test_txt_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    text = load_calibration_text(str(path))
+    assert text.documents == ["The quick brown fox jumps over the lazy dog.", "A second paragraph follows here."]
+    assert text.source.startswith("file:")
+
+
+def test_jsonl_file(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["alpha", "beta"])))
+    assert load_calibration_text(str(path)).documents == ["alpha", "beta"]
+
+
+def test_parquet_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "calib.parquet"
+    pq.write_table(pa.table({"text": ["one", "two", ""], "url": ["a", "b", "c"]}), path)
+    assert load_calibration_text(str(path)).documents == ["one", "two"]
+
+
+def test_saved_datasets_directory(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["x y z", "u v"]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_calibration_text(str(tmp_path / "ds")).documents == ["x y z", "u v"]
+
+
+def test_missing_text_column_is_named(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text(json.dumps({"body": "no text column"}))
+    with pytest.raises(CalibrationDataError, match=r"calib.jsonl: no 'text' column"):
+        load_calibration_text(str(path))
+
+
+def test_missing_path_is_an_error():
+    with pytest.raises(CalibrationDataError, match=r"does-not-exist.txt: calibration data not found"):
+        load_calibration_text("does-not-exist.txt")
+
+
+def test_unsupported_file_type(tmp_path):
+    path = tmp_path / "calib.csv"
+    path.write_text("text\nhello")
+    with pytest.raises(CalibrationDataError, match=r"unsupported calibration file type '.csv'"):
+        load_calibration_text(str(path))
+
+
+def test_wikitext_falls_back_to_the_bundled_sample_with_one_log_line(caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING, logger="calibration.data"):
+        text = load_calibration_text("wikitext")
+    assert text.source.startswith("bundled:wikitext2_calibration.txt.gz")
+    assert [r.message for r in caplog.records] == [
+        "wikitext: Hub not reachable; using the bundled sample calibration/data/wikitext2_calibration.txt.gz"
+    ]
+    assert text.num_characters > 400_000
+
+
+def test_c4_is_the_bundled_sample():
+    text = load_calibration_text("c4")
+    assert text.dataset == "c4" and len(text.documents) == 1000
+
+
+def test_windows_are_seeded_non_overlapping_and_start_with_bos():
+    ids = torch.arange(1000)
+    first = make_windows(ids, 5, 65, seed=1, bos_token_id=999_999)
+    again = make_windows(ids, 5, 65, seed=1, bos_token_id=999_999)
+    assert torch.equal(first, again)
+    assert first.shape == (5, 65) and (first[:, 0] == 999_999).all()
+    starts = sorted(int(w[1]) for w in first)
+    assert all(b - a >= 64 for a, b in zip(starts, starts[1:]))
+    assert not torch.equal(first, make_windows(ids, 5, 65, seed=2, bos_token_id=999_999))
+
+
+def test_too_little_text_says_how_much_there_is():
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"sample: too little text; expected at least 1024 tokens for 8 windows of 128, got 1000 tokens \(7 windows\)",
+    ):
+        make_windows(torch.arange(1000), 8, 128, seed=0, source="sample")
+
+
+def test_tokenize_joins_documents(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    ids = tokenize_text(tokenizer, load_calibration_text("c4"))
+    assert ids.dtype == torch.long and ids.numel() > 100_000

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tap_convert import ConvertOptions, convert
+from tap_convert.convert import choose_group_size
+from tap_runtime.checkpoint import file_sha256
+from tap_runtime.errors import CalibrationDataError, UnsupportedArchitectureError
+from tap_runtime.format import ROUTING_FILE, RoutingTable
+
+from ..conftest import FAST_CONVERT
+
+
+def test_routing_table_records_policy_router_provenance_and_checksums(converted_factory):
+    directory = converted_factory("llama")
+    table = RoutingTable.from_json(directory / ROUTING_FILE)
+    assert table.tiers == (4, 8) and table.high_precision_share == 0.1
+    assert len(table.linear) == 2 * 7  # q, k, v, o, gate, up, down in each of two layers
+    policy = table.linear["model.layers.1.mlp.down_proj"]
+    assert policy.layer_index == 1 and [p.symmetric for p in policy.planes] == [False, True]
+    assert table.embeddings["lm_head"].tied_to == "model.embed_tokens"
+    assert "model.norm.weight" in table.kept and table.kept["model.norm.weight"].tier == 32
+    assert table.router.signals == ("hidden_norm", "position", "token_frequency")
+    assert set(table.router.fit["single_signal_auc"]) == {
+        "hidden_norm", "attention_received", "position", "token_frequency", "predictive_entropy"
+    }
+    assert len(table.router.thresholds) == 2
+    assert table.calibration.seed == 0 and table.calibration.seconds > 0
+    for shard in table.shards:
+        assert file_sha256(directory / shard.file_name) == shard.sha256
+    config = json.loads((directory / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "tap"
+
+
+def test_gpt2_conv1d_layers_are_quantized_with_their_layout(converted_factory):
+    table = RoutingTable.from_json(converted_factory("gpt2") / ROUTING_FILE)
+    c_attn = table.linear["transformer.h.0.attn.c_attn"]
+    assert c_attn.weight_layout == "conv1d" and (c_attn.in_features, c_attn.out_features) == (64, 192)
+    assert c_attn.bias
+
+
+def test_group_size_falls_back_to_a_divisor():
+    assert choose_group_size(576, 128) == 64
+    assert choose_group_size(640, 128) == 128
+    assert choose_group_size(96, 64) == 32
+    assert choose_group_size(100, 64) is None
+
+
+def test_unsupported_architecture_fails_before_loading_weights(tmp_path, calibration_text_file):
+    config = AutoConfig.for_model("opt", vocab_size=320, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                  num_attention_heads=2, word_embed_proj_dim=32)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "opt"))
+    with pytest.raises(UnsupportedArchitectureError, match=r"opt/config.json: model_type 'opt' is not supported; expected one of"):
+        convert(str(tmp_path / "opt"), tmp_path / "out", ConvertOptions(calib=str(calibration_text_file), **FAST_CONVERT))
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_little_calibration_text(tiny_model_factory, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words of text here")
+    with pytest.raises(CalibrationDataError, match=r"short.txt.*too little text; expected at least 512 tokens for 8 windows of 64"):
+        convert(str(tiny_model_factory("llama")), tmp_path / "out", ConvertOptions(calib=str(short), **FAST_CONVERT))
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_is_deterministic(tiny_model_factory, calibration_text_file, tmp_path):
+    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, **FAST_CONVERT)
+    first = convert(str(tiny_model_factory("qwen2")), tmp_path / "a", options)
+    second = convert(str(tiny_model_factory("qwen2")), tmp_path / "b", options)
+    assert [s.sha256 for s in first.shards] == [s.sha256 for s in second.shards]
+    assert first.router.thresholds == second.router.thresholds

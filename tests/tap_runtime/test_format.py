@@ -1,0 +1,131 @@
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tap_runtime.errors import CorruptCheckpointError, FormatVersionError
+from tap_runtime.format import (
+    FORMAT_VERSION,
+    CalibrationInfo,
+    EmbeddingPolicy,
+    KeptTensor,
+    LinearPolicy,
+    PlaneSpec,
+    RouterSpec,
+    RoutingTable,
+    ShardInfo,
+    embedding_tensor_name,
+    plane_tensor_name,
+    quantization_config_dict,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "routing_table.json"
+
+
+def sample_table() -> RoutingTable:
+    base, residual = PlaneSpec(4, 64, False), PlaneSpec(4, 64, True)
+    return RoutingTable(
+        format_version=FORMAT_VERSION,
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        num_layers=1,
+        tiers=(4, 8),
+        high_precision_share=0.1,
+        linear={
+            "model.layers.0.mlp.up_proj": LinearPolicy(
+                "model.layers.0.mlp.up_proj", 64, 128, False, 0, (4, 8), (base, residual)
+            )
+        },
+        embeddings={
+            "model.embed_tokens": EmbeddingPolicy("model.embed_tokens", 320, 64),
+            "lm_head": EmbeddingPolicy("lm_head", 320, 64, role="head", tied_to="model.embed_tokens"),
+        },
+        kept={"model.norm.weight": KeptTensor("model.norm.weight", 32, "norm")},
+        router=RouterSpec(
+            signals=("hidden_norm", "position", "token_frequency"),
+            normalisation={
+                "hidden_norm": {"transform": "log_rms", "layer_mean": [0.0], "layer_std": [1.0]},
+                "position": {"transform": "log1p", "mean": 3.0, "std": 1.0},
+                "token_frequency": {"transform": "log_unigram_probability", "mean": -7.0, "std": 2.0},
+            },
+            weights={"hidden_norm": 0.5, "position": -0.25, "token_frequency": -0.125},
+            bias=-2.0,
+            thresholds=((1.5,),),
+            tier_shares={"8": 0.1},
+            fit={"holdout": {"auc": 0.6}},
+            excluded_signals={"attention_received": "needs later tokens"},
+        ),
+        calibration=CalibrationInfo("wikitext", "bundled", 8, 64, 0, 5000, 4, 1.5, {"fp16_bytes": 100}),
+        shards=(ShardInfo("model-00001-of-00001.safetensors", "ab" * 32, 1234),),
+        producer="test",
+    )
+
+
+def test_manifest_matches_golden_json():
+    # The golden file pins the on-disk format: any change to it must be a deliberate format change.
+    assert json.loads(sample_table().to_json()) == json.loads(GOLDEN.read_text())
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "tap_routing.json"
+    path.write_text(sample_table().to_json())
+    assert RoutingTable.from_json(path) == sample_table()
+
+
+def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
+    data = json.loads(sample_table().to_json())
+    data["format_version"] = 99
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1\]"):
+        RoutingTable.from_json(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    data = json.loads(sample_table().to_json())
+    del data["router"]["thresholds"]
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match="missing key 'router.thresholds'"):
+        RoutingTable.from_json(path)
+
+
+def test_truncated_json_is_corrupt(tmp_path):
+    path = tmp_path / "tap_routing.json"
+    path.write_text(sample_table().to_json()[:100])
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+        RoutingTable.from_json(path)
+
+
+def test_threshold_rows_must_match_layers(tmp_path):
+    table = replace(sample_table(), num_layers=2)
+    path = tmp_path / "tap_routing.json"
+    path.write_text(table.to_json())
+    with pytest.raises(CorruptCheckpointError, match="thresholds for 1 layers; expected 2"):
+        RoutingTable.from_json(path)
+
+
+def test_tensor_names():
+    assert plane_tensor_name("m.q", 0, "qweight") == "m.q.weight"
+    assert plane_tensor_name("m.q", 0, "scales") == "m.q.weight_scales"
+    assert plane_tensor_name("m.q", 1, "qweight") == "m.q.residual1"
+    assert plane_tensor_name("m.q", 2, "zeros") == "m.q.residual2_zeros"
+    assert embedding_tensor_name("e", "scales") == "e.weight_scales"
+    with pytest.raises(ValueError, match="unknown plane field"):
+        plane_tensor_name("m", 0, "bias")
+
+
+def test_bits_account_for_scales_and_zeros():
+    policy = sample_table().linear["model.layers.0.mlp.up_proj"]
+    assert policy.bits_at_tier(4) == pytest.approx(4.5)  # 4 + (scale + zero) * 16 / 64
+    assert policy.bits_at_tier(8) == pytest.approx(8.75)  # + 4 + scale * 16 / 64
+
+
+def test_quantization_config_entry():
+    assert quantization_config_dict((4, 8)) == {
+        "quant_method": "tap",
+        "format_version": FORMAT_VERSION,
+        "tiers": [4, 8],
+        "routing_table": "tap_routing.json",
+    }

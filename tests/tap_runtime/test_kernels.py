@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from tap_convert.quantize import quantize_rows, quantize_tiers
+from tap_runtime.errors import InvalidConfigError
+from tap_runtime.format import PlaneSpec
+from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel, select_kernel
+from tap_runtime.kernels.cpu import aligned, cpu_kernels_available
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="torch lacks packed CPU kernels")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64], ids=lambda t: f"m{t}")
+@pytest.mark.parametrize("shape", [(64, 128), (40, 96), (576, 576)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_packed_int4_matches_reference(shape, symmetric, tokens):
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
+    (plane,) = quantize_tiers(weight, (PlaneSpec(4, 32, symmetric),))
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    kernel = CpuPackedKernel()
+    got = kernel.matmul_plane(x, kernel.prepare_plane(plane))
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    # bfloat16 activations and scales: about 3 significant digits.
+    assert _relative_error(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(320, 64), (1000, 576)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_packed_int8_rows_match_reference(shape):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    rows = quantize_rows(weight)
+    x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(3))
+    expected = ReferenceKernel().matmul_rows(x, ReferenceKernel().prepare_rows(rows))
+    kernel = CpuPackedKernel()
+    assert _relative_error(kernel.matmul_rows(x, kernel.prepare_rows(rows)), expected) < 1e-2
+
+
+def test_int8_kernel_refuses_widths_it_cannot_compute():
+    rows = quantize_rows(torch.randn(16, 40))
+    with pytest.raises(ValueError, match="in_features % 16"):
+        CpuPackedKernel().prepare_rows(rows)
+
+
+def test_aligned_copies_only_misaligned_tensors():
+    base = torch.zeros(1024, dtype=torch.int8)
+    assert aligned(base) is base
+    shifted = base[8:72]
+    assert shifted.data_ptr() % 64 != 0
+    copy = aligned(shifted)
+    assert copy.data_ptr() % 64 == 0 and torch.equal(copy, shifted)
+
+
+def test_select_kernel(device):
+    assert select_kernel("reference", device).name == "reference"
+    if device.type == "cpu":
+        assert select_kernel("auto", device).name == "cpu-packed"
+    with pytest.raises(InvalidConfigError, match="kernel 'fast' is unknown"):
+        select_kernel("fast", device)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from tap_convert.quantize import quantize_tiers
+from tap_runtime.format import LinearPolicy, PlaneSpec, plane_tensor_suffix
+from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel
+from tap_runtime.layers import TapLinear
+from tap_runtime.planes import dequantize_planes
+from tap_runtime.router import ALL_TOKENS, LayerRouting
+
+
+def _linear(kernel, tiers=(4, 8), bias=True):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=generator) * 0.05
+    specs = tuple(PlaneSpec(4, 32, i > 0) for i in range(len(tiers)))
+    planes = quantize_tiers(weight, specs)
+    policy = LinearPolicy("layer", 64, 48, bias, 0, tiers, specs)
+    module = TapLinear(policy)
+    for index, plane in enumerate(planes):
+        for field_name in plane.spec.fields:
+            getattr(module, plane_tensor_suffix(index, field_name)).data = getattr(plane, field_name)
+    bias_tensor = torch.randn(48, generator=generator) if bias else None
+    if bias:
+        module.bias.data = bias_tensor
+    module.prepare(kernel)
+    module.routing = LayerRouting(0)
+    return module, planes, bias_tensor
+
+
+@pytest.mark.parametrize("kernel", [ReferenceKernel(), CpuPackedKernel()], ids=lambda k: k.name)
+def test_routed_tokens_get_the_residual_plane_and_others_do_not(kernel):
+    module, planes, bias = _linear(kernel)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    module.routing.plane_indices = [torch.tensor([1, 7])]  # flat token indices
+    out = module(x).reshape(10, 48)
+    flat = x.reshape(10, 64)
+    base = flat @ dequantize_planes(planes, 1).t() + bias
+    top = flat @ dequantize_planes(planes, 2).t() + bias
+    tolerance = 2e-2 if kernel.name == "cpu-packed" else 1e-5
+    routed = torch.zeros(10, dtype=torch.bool)
+    routed[[1, 7]] = True
+    assert torch.allclose(out[routed], top[routed], atol=tolerance, rtol=tolerance)
+    assert torch.allclose(out[~routed], base[~routed], atol=tolerance, rtol=tolerance)
+
+
+def test_all_and_none_markers():
+    module, planes, _ = _linear(ReferenceKernel(), bias=False)
+    x = torch.randn(1, 3, 64)
+    module.routing.plane_indices = [ALL_TOKENS]
+    assert torch.allclose(module(x)[0], x[0] @ dequantize_planes(planes, 2).t(), atol=1e-5)
+    module.routing.plane_indices = [None]
+    assert torch.allclose(module(x)[0], x[0] @ dequantize_planes(planes, 1).t(), atol=1e-5)
+
+
+def test_prepare_releases_the_portable_planes():
+    module, _, _ = _linear(CpuPackedKernel())
+    names = {name for name, _ in module.named_parameters()}
+    assert names == {"bias"}
+
+
+def test_unprepared_module_says_how_to_load():
+    policy = LinearPolicy("layer", 64, 48, False, 0, (4, 8), (PlaneSpec(4, 32, False), PlaneSpec(4, 32, True)))
+    with pytest.raises(RuntimeError, match="tap_runtime.load"):
+        TapLinear(policy)(torch.randn(1, 64))

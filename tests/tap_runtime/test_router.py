@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from tap_runtime.errors import InvalidConfigError
+from tap_runtime.format import RouterSpec
+from tap_runtime.router import ALL_TOKENS, TokenRouter, hidden_norm_feature
+
+
+def _router(num_layers=2, tiers=(4, 8), thresholds=None, weight=1.0) -> TokenRouter:
+    spec = RouterSpec(
+        signals=("hidden_norm",),
+        normalisation={"hidden_norm": {"transform": "log_rms", "layer_mean": [0.0] * num_layers, "layer_std": [1.0] * num_layers}},
+        weights={"hidden_norm": weight},
+        bias=0.0,
+        thresholds=thresholds or tuple((0.0,) * (len(tiers) - 1) for _ in range(num_layers)),
+        tier_shares={str(t): 0.1 / 4**k for k, t in enumerate(tiers[1:])},
+    )
+    return TokenRouter(spec, tiers, num_layers, token_log_frequency=None)
+
+
+def _hidden(tokens=4000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.exp(torch.randn(1, tokens, 1, generator=generator))
+    return torch.randn(1, tokens, 32, generator=generator) * scales
+
+
+def test_thresholds_at_the_calibration_quantile_send_the_requested_share():
+    hidden = _hidden()
+    scores = hidden_norm_feature(hidden).reshape(-1)
+    threshold = float(torch.quantile(scores, 0.9))
+    router = _router(num_layers=1, thresholds=((threshold,),))
+    router.begin_forward(None, None)
+    router.route_layer(0, _hidden(seed=1))  # fresh tokens from the same distribution
+    share = router.counts[0, 1].item() / router.counts[0].sum().item()
+    assert share == pytest.approx(0.1, abs=0.02)
+
+
+def test_higher_score_means_higher_tier_and_indices_are_the_routed_tokens():
+    router = _router(num_layers=1, thresholds=((0.0,),))
+    hidden = torch.stack([torch.full((8,), 0.1), torch.full((8,), 10.0), torch.full((8,), 0.2)]).unsqueeze(0)
+    router.route_layer(0, hidden)
+    assert router.layers[0].indices_for_plane(1).tolist() == [1]
+    assert router.tier_counts() == {4: 2, 8: 1}
+
+
+def test_nested_tiers_use_one_score():
+    router = _router(num_layers=1, tiers=(4, 8, 16), thresholds=((0.0, 1.0),))
+    hidden = torch.stack([torch.full((8,), v) for v in (0.5, 1.5, 5.0)]).unsqueeze(0)
+    router.route_layer(0, hidden)
+    assert router.layers[0].indices_for_plane(1).tolist() == [1, 2]
+    assert router.layers[0].indices_for_plane(2).tolist() == [2]
+
+
+def test_fixed_mode_routes_everyone():
+    router = _router()
+    router.set_mode("fixed", tier=8)
+    router.route_layer(0, _hidden(tokens=10))
+    assert router.layers[0].indices_for_plane(1) is ALL_TOKENS
+    router.set_mode("fixed", tier=4)
+    router.route_layer(1, _hidden(tokens=10))
+    assert router.layers[1].indices_for_plane(1) is None
+
+
+def test_random_mode_uses_the_share_and_is_seeded():
+    router = _router(num_layers=1)
+    router.set_mode("random", shares=(0.25,), seed=3)
+    router.route_layer(0, _hidden(tokens=8000))
+    first = router.layers[0].indices_for_plane(1).clone()
+    assert first.numel() / 8000 == pytest.approx(0.25, abs=0.02)
+    router.set_mode("random", shares=(0.25,), seed=3)
+    router.route_layer(0, _hidden(tokens=8000))
+    assert torch.equal(first, router.layers[0].indices_for_plane(1))
+
+
+def test_invalid_modes_are_refused():
+    router = _router()
+    with pytest.raises(InvalidConfigError, match="routing mode 'smart' is unknown"):
+        router.set_mode("smart")
+    with pytest.raises(InvalidConfigError, match="fixed tier 16 is not in this checkpoint"):
+        router.set_mode("fixed", tier=16)
+    with pytest.raises(InvalidConfigError, match="random shares"):
+        router.set_mode("random", shares=(1.5,))
