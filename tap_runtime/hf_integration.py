@@ -80,9 +80,14 @@ class TapHfQuantizer(HfQuantizer):
         # From the Hub, transformers fetched only the shards: fetch the whole snapshot (cached).
         return resolve_checkpoint(model.config.name_or_path)
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs: Any):
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """transformers tells the quantizer the dtype it resolved; the residual stream runs in it."""
+        if isinstance(dtype, torch.dtype):
+            self._compute_dtype = dtype
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         options = _OPTIONS.get()
-        self._compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
         directory = self._checkpoint_directory(model, checkpoint_files)
         self._checkpoint = read_checkpoint(directory, verify=options.verify)
         replace_modules(model, self._checkpoint.table, source=str(directory / ROUTING_FILE))
