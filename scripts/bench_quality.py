@@ -24,15 +24,16 @@ from bench_common import environment, eval_windows, heldout_text, set_threads
 from tap_runtime.metrics import weight_bits_read
 
 
-def _stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int]:
-    """(sum NLL, sum KL vs reference, count) over the predicted positions of one window."""
+def _stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int, int]:
+    """(sum NLL, sum KL vs reference, top-1 agreements with reference, count) over one window."""
     log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
     nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum().item()
-    kl = 0.0
+    kl, agree = 0.0, targets.numel()
     if reference is not None:
         ref_log = torch.log_softmax(reference.to(torch.float32), dim=-1)
         kl = (ref_log.exp() * (ref_log - log_probs)).sum().item()
-    return nll, kl, targets.numel()
+        agree = int((ref_log.argmax(-1) == log_probs.argmax(-1)).sum())
+    return nll, kl, agree, targets.numel()
 
 
 def main() -> None:
@@ -63,24 +64,31 @@ def main() -> None:
         for window in windows:
             logits = reference_model(window.unsqueeze(0)).logits[0, :-1]
             reference_logits.append(logits.to(torch.bfloat16))  # kept compact; KL uses it as the reference
-            nll, _, count = _stats(logits, None, window[start_target:])
+            nll, _, _, count = _stats(logits, None, window[start_target:])
             totals[0] += nll
             totals[2] += count
-        rows["fp32"] = {"ppl": math.exp(totals[0] / totals[2]), "kl": 0.0, "share_above_base": None, "avg_bits": 32.0}
+        rows["fp32"] = {"ppl": math.exp(totals[0] / totals[2]), "kl": 0.0, "top1": 1.0, "share_above_base": None, "avg_bits": 32.0}
         del reference_model
 
         def run(label: str) -> dict:
             tap.router.reset_counts()
             nll_sum = kl_sum = 0.0
-            count_sum = 0
+            agree_sum = count_sum = 0
             for window, reference in zip(windows, reference_logits):
                 logits = tap(window.unsqueeze(0)).logits[0, :-1]
-                nll, kl, count = _stats(logits, reference, window[start_target:])
+                nll, kl, agree, count = _stats(logits, reference, window[start_target:])
                 nll_sum, kl_sum, count_sum = nll_sum + nll, kl_sum + kl, count_sum + count
+                agree_sum += agree
             counts = tap.router.counts.clone()
             share = 1.0 - float(counts[:, 0].sum()) / float(counts.sum())
             bits = weight_bits_read(tap.table, counts)["avg_weight_bits_per_token"]
-            rows[label] = {"ppl": math.exp(nll_sum / count_sum), "kl": kl_sum / count_sum, "share_above_base": share, "avg_bits": bits}
+            rows[label] = {
+                "ppl": math.exp(nll_sum / count_sum),
+                "kl": kl_sum / count_sum,
+                "top1": agree_sum / count_sum,
+                "share_above_base": share,
+                "avg_bits": bits,
+            }
             return rows[label]
 
         tap.set_routing("learned")
@@ -98,10 +106,13 @@ def main() -> None:
     fp32_ppl = rows["fp32"]["ppl"]
     print(f"# bench_quality: {args.tap} vs {args.model}; text={args.text} held-out, {args.windows} windows x {args.ctx} tokens")
     print(f"# {environment()}; {time.perf_counter() - started:.0f}s")
-    print(f"{'config':34s} {'ppl':>9s} {'ppl ratio':>10s} {'mean KL':>9s} {'share>base':>11s} {'avg bits':>9s}")
+    print(f"{'config':34s} {'ppl':>9s} {'ppl ratio':>10s} {'mean KL':>9s} {'top-1 agree':>11s} {'share>base':>11s} {'avg bits':>9s}")
     for label, row in rows.items():
         share = "-" if row["share_above_base"] is None else f"{row['share_above_base']:.3f}"
-        print(f"{label:34s} {row['ppl']:9.3f} {row['ppl'] / fp32_ppl:10.4f} {row['kl']:9.5f} {share:>11s} {row['avg_bits']:9.2f}")
+        print(
+            f"{label:34s} {row['ppl']:9.3f} {row['ppl'] / fp32_ppl:10.4f} {row['kl']:9.5f} {row['top1']:11.3f} "
+            f"{share:>11s} {row['avg_bits']:9.2f}"
+        )
     if args.json_out:
         with open(args.json_out, "w") as handle:
             json.dump({"args": vars(args), "environment": environment(), "rows": rows}, handle, indent=2)

@@ -85,8 +85,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
         ) from exc
     except LocalEntryNotFoundError as exc:
         raise CheckpointNotFoundError(
-            f"{text}: not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE or no "
-            f"network); expected a cached snapshot or a reachable Hub. Download it once online."
+            f"{text}: no such local directory, and as a Hub repo id it is not in the local cache while the Hub "
+            f"cannot be reached (HF_HUB_OFFLINE or no network); expected a checkpoint directory or a cached "
+            f"or reachable repo. Check the path, or download the repo once online."
         ) from exc
     except HfHubHTTPError as exc:
         raise CheckpointNotFoundError(f"{text}: Hub download failed ({exc}). Retry, or check HF_ENDPOINT/HF_TOKEN.") from exc

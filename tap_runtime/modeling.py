@@ -142,9 +142,9 @@ def replace_modules(model: nn.Module, table: RoutingTable, source: str = ROUTING
                 f"the model, got {found}. The routing table is from another model; convert again."
             )
         _set_submodule(model, name, TapLinear(policy))
-    kept_linears = set(sites) - set(table.linear)
-    for name in sorted(kept_linears):
-        _log.info("%s stays unquantized (%s)", name, table.kept.get(name + ".weight", None))
+    for name in sorted(set(sites) - set(table.linear)):
+        kept = table.kept.get(f"{name}.weight")
+        _log.info("%s stays unquantized: %s", name, kept.reason if kept else "not in the routing table")
     modules = dict(model.named_modules())
     new_embeddings: dict[str, TapEmbedding] = {}
     for name, policy in table.embeddings.items():

@@ -98,3 +98,13 @@ def test_routing_table_with_other_shapes(checkpoint_copy, converted_factory, tmp
 def test_unknown_kernel(checkpoint_copy):
     with pytest.raises(tap_runtime.InvalidConfigError, match="kernel 'gpu' is unknown"):
         tap_runtime.load(checkpoint_copy, kernel="gpu")
+
+
+def test_uncached_repo_id_offline_says_what_was_tried(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointNotFoundError, match=r"some-org/some-model: no such local directory, and as a Hub repo id"):
+        tap_runtime.load("some-org/some-model")

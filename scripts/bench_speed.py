@@ -1,0 +1,162 @@
+"""Decode and prefill speed, peak memory and size: HF fp32, HF bf16 and TAP, measured in one run.
+
+Each row runs in its own fresh process (so its peak RSS is its own), on the same prompt and
+thread count. Decode: batch 1, greedy, a 32-token prompt, exactly --new-tokens new tokens.
+Prefill: one forward over --prefill-tokens tokens. Medians of --repeats after a warm-up.
+
+    python scripts/bench_speed.py --model models/smollm2 --tap models/smollm2-tap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench_common import environment, heldout_text
+
+ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-top")
+
+
+class _FirstTokenClock:
+    """A generate() streamer: put() is called with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _directory_bytes(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
+def run_row(row: str, args) -> dict:
+    """Measure one row in this process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if row.startswith("hf-"):
+        dtype = torch.float32 if row == "hf-fp32" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        weight_bytes = _directory_bytes(args.model) * (1 if dtype == torch.float32 else 0.5)
+        extra = {}
+    else:
+        import tap_runtime
+
+        tap = tap_runtime.load(args.tap)
+        mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]), "tap-learned": ("learned", None)}[row]
+        tap.set_routing(mode[0], tier=mode[1])
+        model = tap.model
+        weight_bytes = tap.checkpoint.total_bytes
+        extra = {"tap": tap}
+    load_rss = _vm_hwm_bytes()
+    ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
+    prompt = ids[: args.prompt_tokens].unsqueeze(0)
+    long_input = ids.unsqueeze(0)
+
+    decode_rates, prefill_rates, bits = [], [], []
+    with torch.inference_mode():
+        for repeat in range(args.repeats + 1):
+            clock = _FirstTokenClock()
+            if "tap" in extra:
+                extra["tap"].router.reset_counts()
+            start = time.perf_counter()
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            end = time.perf_counter()
+            tick = time.perf_counter()
+            model(long_input, use_cache=False)
+            prefill_s = time.perf_counter() - tick
+            if repeat == 0:
+                continue  # warm-up
+            decode_rates.append((args.new_tokens - 1) / (end - clock.first))
+            prefill_rates.append(long_input.shape[1] / prefill_s)
+            if "tap" in extra:
+                from tap_runtime.metrics import weight_bits_read
+
+                bits.append(weight_bits_read(extra["tap"].table, extra["tap"].router.counts)["avg_weight_bits_per_token"])
+    return {
+        "row": row,
+        "decode_tokens_per_second": statistics.median(decode_rates),
+        "prefill_tokens_per_second": statistics.median(prefill_rates),
+        "peak_rss_bytes": _vm_hwm_bytes(),
+        "rss_after_load_bytes": load_rss,
+        "weight_bytes": int(weight_bytes),
+        "avg_weight_bits": statistics.median(bits) if bits else (32.0 if row == "hf-fp32" else 16.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tap", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    if args.row:
+        print(json.dumps(run_row(args.row, args)))
+        return
+    results = []
+    for row in args.rows.split(","):
+        command = [sys.executable, __file__, "--row", row] + [
+            a for pair in (("--model", args.model), ("--tap", args.tap), ("--threads", str(args.threads)),
+                           ("--prompt-tokens", str(args.prompt_tokens)), ("--new-tokens", str(args.new_tokens)),
+                           ("--prefill-tokens", str(args.prefill_tokens)), ("--repeats", str(args.repeats))) for a in pair
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{row}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((r for r in results if r["row"] == "hf-fp32"), results[0])
+    print(f"# bench_speed: {args.tap} vs {args.model}; decode batch 1, {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats}")
+    print(f"# {environment()}")
+    print(f"{'row':12s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} {'x fp32':>7s} "
+          f"{'peak RSS MiB':>12s} {'weights MB':>10s} {'x fp16':>7s} {'avg bits':>8s}")
+    for r in results:
+        print(f"{r['row']:12s} {r['decode_tokens_per_second']:12.1f} {r['decode_tokens_per_second'] / base['decode_tokens_per_second']:7.2f} "
+              f"{r['prefill_tokens_per_second']:13.1f} {r['prefill_tokens_per_second'] / base['prefill_tokens_per_second']:7.2f} "
+              f"{r['peak_rss_bytes'] / 2**20:12.0f} {r['weight_bytes'] / 1e6:10.1f} {2 * r['weight_bytes'] / base['weight_bytes']:7.3f} "
+              f"{r['avg_weight_bits']:8.2f}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"environment": environment(), "rows": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
