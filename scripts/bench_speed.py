@@ -20,24 +20,9 @@ from pathlib import Path
 import torch
 
 from bench_common import environment, heldout_text
+from tap_runtime.metrics import FirstTokenClock, weight_bits_read
 
 ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-top")
-
-
-class _FirstTokenClock:
-    """A generate() streamer: put() is called with the prompt, then once per new token."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first = None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 def _vm_hwm_bytes() -> int:
@@ -79,7 +64,7 @@ def run_row(row: str, args) -> dict:
     decode_rates, prefill_rates, bits = [], [], []
     with torch.inference_mode():
         for repeat in range(args.repeats + 1):
-            clock = _FirstTokenClock()
+            clock = FirstTokenClock()
             if "tap" in extra:
                 extra["tap"].router.reset_counts()
             start = time.perf_counter()
@@ -98,11 +83,9 @@ def run_row(row: str, args) -> dict:
             prefill_s = time.perf_counter() - tick
             if repeat == 0:
                 continue  # warm-up
-            decode_rates.append((args.new_tokens - 1) / (end - clock.first))
+            decode_rates.append((args.new_tokens - 1) / (end - clock.first_token_time))
             prefill_rates.append(long_input.shape[1] / prefill_s)
             if "tap" in extra:
-                from tap_runtime.metrics import weight_bits_read
-
                 bits.append(weight_bits_read(extra["tap"].table, extra["tap"].router.counts)["avg_weight_bits_per_token"])
     return {
         "row": row,

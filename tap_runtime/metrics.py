@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from .format import RoutingTable
 
-__all__ = ["PeakMemory", "GenerationMetrics", "weight_bits_read"]
+__all__ = ["PeakMemory", "FirstTokenClock", "GenerationMetrics", "weight_bits_read"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -73,6 +75,25 @@ class PeakMemory:
             self.peak_rss_bytes = max(self.peak_rss_bytes, psutil.Process().memory_info().rss)
         if torch.cuda.is_available():
             self.cuda_peak_bytes = int(torch.cuda.max_memory_allocated())
+
+
+class FirstTokenClock(BaseStreamer):
+    """A ``generate`` streamer that timestamps the first new token, splitting prefill from decode.
+
+    transformers calls ``put`` once with the prompt, then once per new token.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_time: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first_token_time = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def weight_bits_read(table: RoutingTable, counts: torch.Tensor) -> dict[str, float]:

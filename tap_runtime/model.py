@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.generation.streamers import BaseStreamer
-
 from .checkpoint import Checkpoint
-from .metrics import GenerationMetrics, PeakMemory, weight_bits_read
+from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, weight_bits_read
 from .router import TokenRouter
 
 __all__ = ["TapModel", "Generation"]
@@ -28,22 +26,6 @@ class Generation:
     text: str
     token_ids: list[int]
     metrics: GenerationMetrics
-
-
-class _FirstTokenClock(BaseStreamer):
-    """transformers calls put() once with the prompt, then once per new token."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first_token_time: float | None = None
-
-    def put(self, value: Any) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first_token_time = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 class TapModel:
@@ -112,7 +94,7 @@ class TapModel:
         generate_kwargs.setdefault("do_sample", False)
         if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id)
-        clock = _FirstTokenClock()
+        clock = FirstTokenClock()
         self.router.reset_counts()
         with PeakMemory() as memory:
             start = time.perf_counter()

@@ -100,3 +100,22 @@ def test_tokenize_joins_documents(tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     ids = tokenize_text(tokenizer, load_calibration_text("c4"))
     assert ids.dtype == torch.long and ids.numel() > 100_000
+
+
+def test_wikitext_uses_the_hub_dataset_when_reachable(monkeypatch):
+    import datasets
+
+    import calibration.data as data
+
+    calls = []
+
+    def fake_load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return {"text": ["", " = Heading = \n", "Some raw text.\n"]}
+
+    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    text = load_calibration_text("wikitext")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train")]
+    assert text.source == "hub:wikitext/wikitext-2-raw-v1:train"
+    assert text.documents == [" = Heading = \n", "Some raw text.\n"]
