@@ -19,7 +19,6 @@ from .format import (
     plane_tensor_suffix,
 )
 from .kernels import Kernel, ReferenceKernel
-from .kernels.cpu import aligned
 from .planes import Plane, RowQuantized
 from .router import ALL_TOKENS, LayerRouting
 
@@ -140,11 +139,7 @@ class TapEmbedding(nn.Module):
         return RowQuantized(*(getattr(self, embedding_tensor_suffix(f)).data for f in EMBEDDING_FIELDS))
 
     def prepare(self, compute_dtype: torch.dtype) -> None:
-        """Give the rows aligned storage once, so a tied head can share them with its kernel."""
         self.compute_dtype = compute_dtype
-        for field_name in EMBEDDING_FIELDS:
-            parameter = getattr(self, embedding_tensor_suffix(field_name))
-            parameter.data = aligned(parameter.data)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.rows()

@@ -195,6 +195,7 @@ def prepare_model(
                 module.routing = router.layers[module.policy.layer_index]
         elif isinstance(module, TapEmbedding):
             module.prepare(compute_dtype)
+    _detach_from_files(model)
     for module in model.modules():
         if isinstance(module, TapHead):
             module.prepare(kernel)
@@ -203,6 +204,17 @@ def prepare_model(
     _install_router_hooks(model, spec, router)
     model.tap_router = router
     return router
+
+
+def _detach_from_files(model: nn.Module) -> None:
+    """Copy every remaining tensor into memory of its own (64-byte aligned).
+
+    transformers hands out tensors that view the memory-mapped shard; while any of them lives,
+    the whole file mapping stays resident next to the kernels' packed copies. What is left after
+    packing (norms, biases, scales, 8-bit rows) is copied once, and the mapping can go.
+    """
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
 
 def _positions(kwargs: dict, input_ids: torch.Tensor | None, seq_len: int, batch: int) -> torch.Tensor:
