@@ -219,6 +219,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         seconds=round(time.perf_counter() - started, 2),
         extra={
             "source_model": str(model_name_or_path),
+            "source_is_hub_repo": not Path(model_name_or_path).expanduser().exists(),
             "num_parameters": int(num_parameters),
             "fp16_bytes": int(num_parameters * 2),
             "bos_prepended": bos is not None,

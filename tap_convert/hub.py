@@ -11,8 +11,8 @@ from tap_runtime.format import RoutingTable
 __all__ = ["render_model_card"]
 
 
-def _looks_like_repo_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+def _figure(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def render_model_card(table: RoutingTable, checkpoint_bytes: int) -> str:
@@ -23,7 +23,7 @@ def render_model_card(table: RoutingTable, checkpoint_bytes: int) -> str:
     ratio = checkpoint_bytes / fp16_bytes if fp16_bytes else float("nan")
     tier_tags = "".join(f"  - tier-{t}\n" for t in table.tiers)
     front = "---\n"
-    if _looks_like_repo_id(source):
+    if calibration.extra.get("source_is_hub_repo"):
         front += f"base_model: {source}\nbase_model_relation: quantized\n"
     front += f"library_name: transformers\npipeline_tag: text-generation\ntags:\n  - tap\n  - quantized\n{tier_tags}---\n"
     bits = table.weight_bits_summary()
@@ -33,7 +33,7 @@ def render_model_card(table: RoutingTable, checkpoint_bytes: int) -> str:
     holdout = router.fit.get("holdout", {})
     single = router.fit.get("single_signal_auc", {})
     single_rows = "\n".join(
-        f"| {name} | {'n/a' if auc is None else f'{auc:.3f}'} | "
+        f"| {name} | {_figure(auc)} | "
         f"{'yes' if name in router.signals else 'no: ' + router.excluded_signals.get(name, '')} |"
         for name, auc in single.items()
     )
@@ -63,8 +63,9 @@ tensors kept in float32: {len(table.kept)}.
 
 Score = {router.bias:+.3f} + {weights} (z-scored signals), thresholds per layer fitted on
 calibration so that {', '.join(f'{share:.1%} reach tier {tier}' for tier, share in router.tier_shares.items())}.
-Held-out calibration windows: AUC {holdout.get('auc')}, precision at share {holdout.get('precision_at_share')},
-base-tier error mass routed {holdout.get('error_mass_routed')} (random routing: {table.high_precision_share}).
+Held-out calibration windows: AUC {_figure(holdout.get('auc'))}, precision at share
+{_figure(holdout.get('precision_at_share'))}, base-tier error mass routed {_figure(holdout.get('error_mass_routed'))}
+(random routing: {table.high_precision_share}).
 
 | signal | AUC on held-out calibration tokens | used at run time |
 |---|---|---|

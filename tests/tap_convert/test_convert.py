@@ -71,3 +71,10 @@ def test_conversion_is_deterministic(tiny_model_factory, calibration_text_file, 
     second = convert(str(tiny_model_factory("qwen2")), tmp_path / "b", options)
     assert [s.sha256 for s in first.shards] == [s.sha256 for s in second.shards]
     assert first.router.thresholds == second.router.thresholds
+
+
+def test_model_card_front_matter_and_figures(converted_factory):
+    card = (converted_factory("llama") / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "  - tap\n" in card
+    assert "base_model:" not in card  # converted from a local directory, not a Hub repo
+    assert "| hidden_norm | " in card and "tier-8" in card
