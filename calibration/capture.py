@@ -1,6 +1,6 @@
 """Hooks that run calibration windows through a model and record what TAP needs.
 
-Pass 1 (:func:`collect_channel_stats`) records each linear layer's input mean square. Pass 2
+Pass 1 (:func:`collect_input_stats`) records each linear layer's input second moment. Pass 2
 (:func:`collect_token_signals`) records, per token and decoder layer, the importance signals
 and the error the layer makes when its linears run on the base tier alone: right after each
 layer runs in full precision, a hook runs it again on the same inputs with base-tier weights
@@ -21,9 +21,12 @@ from tap_runtime.architectures import ArchitectureSpec
 from tap_runtime.modeling import LinearSite, decoder_layers
 from tap_runtime.router import hidden_norm_feature, position_feature
 
-from .stats import ChannelMeanSquare
+from .stats import ChannelMeanSquare, InputSecondMoment
 
-__all__ = ["TokenSignals", "collect_channel_stats", "collect_token_signals", "base_model"]
+__all__ = ["TokenSignals", "collect_input_stats", "collect_token_signals", "base_model", "MAX_HESSIAN_FEATURES"]
+
+# Above this width a full (in, in) Hessian costs too much memory; such layers keep the diagonal.
+MAX_HESSIAN_FEATURES = 4096
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -41,23 +44,47 @@ def _hooks(handles: list) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def collect_channel_stats(
-    model: nn.Module, sites: list[LinearSite], windows: torch.Tensor, batch_size: int, progress: bool = True
+def collect_input_stats(
+    model: nn.Module,
+    sites: list[LinearSite],
+    windows: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+    hessians: bool = True,
 ) -> dict[str, ChannelMeanSquare]:
-    """Mean square of every input channel of every site, over all ``windows`` (num, seq_len)."""
-    stats = {site.name: ChannelMeanSquare(site.in_features) for site in sites}
+    """Input statistics of every site over all ``windows`` (num, seq_len).
 
-    def record(name: str) -> Callable:
+    With ``hessians``, sites up to MAX_HESSIAN_FEATURES wide get an :class:`InputSecondMoment`.
+    Sites called one after another with the very same tensor object (q/k/v, gate/up) share one
+    accumulator, which is fed once per call of the group.
+    """
+    stats: dict[str, ChannelMeanSquare] = {}
+    # The previous call's input is held, so an identity match cannot be a reused address.
+    previous: dict[str, object] = {"input": None, "accumulator": None, "site": None}
+
+    def record(site: LinearSite) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            stats[name].add_batch(args[0])
+            inputs = args[0]
+            shared = inputs is previous["input"] and previous["site"].layer_index == site.layer_index
+            if site.name not in stats:
+                if shared:
+                    stats[site.name] = previous["accumulator"]
+                else:
+                    full = hessians and site.in_features <= MAX_HESSIAN_FEATURES
+                    stats[site.name] = (InputSecondMoment if full else ChannelMeanSquare)(site.in_features)
+            accumulator = stats[site.name]
+            if not (shared and accumulator is previous["accumulator"]):
+                accumulator.add_batch(inputs)
+            previous.update(input=inputs, accumulator=accumulator, site=site)
 
         return hook
 
-    handles = [site.module.register_forward_pre_hook(record(site.name)) for site in sites]
+    handles = [site.module.register_forward_pre_hook(record(site)) for site in sites]
     decoder = base_model(model)
     with _hooks(handles):
         for batch in tqdm(windows.split(batch_size), desc="calibration pass 1/2: activation statistics", disable=not progress):
             decoder(input_ids=batch, use_cache=False)
+    previous.clear()
     return stats
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ChannelMeanSquare", "token_log_frequency"]
+__all__ = ["ChannelMeanSquare", "InputSecondMoment", "token_log_frequency"]
 
 
 class ChannelMeanSquare:
@@ -28,6 +28,27 @@ class ChannelMeanSquare:
     def mean_square(self) -> torch.Tensor:
         """(in_features,) float32."""
         return (self.sum_squares / max(self.num_tokens, 1)).to(torch.float32)
+
+
+class InputSecondMoment(ChannelMeanSquare):
+    """Mean of x x^T over calibration inputs: the layer-input Hessian GPTQ compensates with.
+
+    Its diagonal is the channel mean square, so it serves wherever that does.
+    """
+
+    def __init__(self, in_features: int):
+        super().__init__(in_features)
+        self.sum_outer = torch.zeros(in_features, in_features, dtype=torch.float64)
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+        super().add_batch(flat)
+        self.sum_outer += (flat.t() @ flat).to(torch.float64)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """(in_features, in_features) float32."""
+        return (self.sum_outer / max(self.num_tokens, 1)).to(torch.float32)
 
 
 def token_log_frequency(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib", default=defaults.calib, help="wikitext, c4, or a .txt/.jsonl/.parquet/dataset path")
     parser.add_argument("--tiers", type=_tiers, default=defaults.tiers, help="4,8 (default) or 4,8,16")
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
+    parser.add_argument("--method", choices=["gptq", "rtn"], default=defaults.method,
+                        help="gptq: Hessian error compensation (default); rtn: round to nearest with clip search")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         calib=args.calib,
         tiers=args.tiers,
         group_size=args.group_size,
+        method=args.method,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         seed=args.seed,

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import collect_channel_stats, collect_token_signals
+from calibration.capture import collect_input_stats, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
-from calibration.stats import token_log_frequency
+from calibration.stats import InputSecondMoment, token_log_frequency
 from calibration.thresholds import fit_router
 from tap_runtime.architectures import get_architecture
 from tap_runtime.errors import InvalidConfigError
@@ -39,6 +39,7 @@ from tap_runtime.format import (
 from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites, linear_weight, output_head
 from tap_runtime.planes import dequantize_plane
 
+from .gptq import gptq_tiers
 from .hub import render_model_card
 from .quantize import quantize_rows, quantize_tiers
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
@@ -47,6 +48,7 @@ __all__ = ["ConvertOptions", "convert", "choose_group_size"]
 
 _log = logging.getLogger(__name__)
 _MIN_GROUP_SIZE = 32
+METHODS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ConvertOptions:
     calib: str = "wikitext"
     tiers: tuple[int, ...] = (4, 8)
     group_size: int = 64
+    method: str = "gptq"
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -76,6 +79,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--high-precision-share must be in (0, 1); got {self.high_precision_share}.")
         if self.group_size < _MIN_GROUP_SIZE or self.group_size & (self.group_size - 1):
             raise InvalidConfigError(f"--group-size must be a power of two >= {_MIN_GROUP_SIZE}; got {self.group_size}.")
+        if self.method not in METHODS:
+            raise InvalidConfigError(f"--method {self.method!r} is unknown; expected one of {list(METHODS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
             raise InvalidConfigError("--num-samples, --router-samples and --batch-size must be positive.")
 
@@ -156,7 +161,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         quantized_sites.append(site)
 
     tick = time.perf_counter()
-    stats = collect_channel_stats(model, quantized_sites, windows, options.batch_size, progress=options.progress)
+    stats = collect_input_stats(
+        model, quantized_sites, windows, options.batch_size, progress=options.progress, hessians=options.method == "gptq"
+    )
     timings["pass1_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -164,7 +171,13 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     policies: dict[str, LinearPolicy] = {}
     for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
         specs = _plane_specs(options.tiers, group_sizes[site.name])
-        planes[site.name] = quantize_tiers(linear_weight(site), specs, importance=stats[site.name].mean_square)
+        site_stats = stats[site.name]
+        if options.method == "gptq" and isinstance(site_stats, InputSecondMoment):
+            method = "gptq"
+            planes[site.name] = gptq_tiers(linear_weight(site), specs, site_stats.hessian)
+        else:
+            method = "rtn"
+            planes[site.name] = quantize_tiers(linear_weight(site), specs, importance=site_stats.mean_square)
         policies[site.name] = LinearPolicy(
             name=site.name,
             in_features=site.in_features,
@@ -174,6 +187,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             tiers=tuple(options.tiers),
             planes=specs,
             weight_layout=site.layout,
+            method=method,
         )
     timings["quantize_seconds"] = time.perf_counter() - tick
 

@@ -223,6 +223,8 @@ class LinearPolicy:
     ``planes[i]`` is added when a token runs at ``tiers[i]`` or above. ``layer_index`` is the
     decoder layer whose router decides the tier (None: always the base tier).
     ``weight_layout`` is ``"linear"`` (out, in) or ``"conv1d"`` (GPT-2's transposed (in, out)).
+    ``method`` records how the planes were fitted: ``gptq`` (Hessian error compensation) or
+    ``rtn`` (round to nearest with an importance-weighted clip search).
     """
 
     name: str
@@ -233,6 +235,7 @@ class LinearPolicy:
     tiers: tuple[int, ...]
     planes: tuple[PlaneSpec, ...]
     weight_layout: str = "linear"
+    method: str = "rtn"
     reason: str = ""
 
     def bits_at_tier(self, tier: int) -> float:
@@ -267,6 +270,7 @@ class LinearPolicy:
             tiers=tiers,
             planes=planes,
             weight_layout=data.get("weight_layout", "linear"),
+            method=data.get("method", "rtn"),
             reason=data.get("reason", ""),
         )
 

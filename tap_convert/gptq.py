@@ -1,0 +1,119 @@
+"""Error-compensated plane quantization (GPTQ, Frantar et al. 2022) on the layer-input Hessian.
+
+Columns are quantized left to right; each column's rounding error is spread over the columns
+not yet quantized, in proportion to the inverse Hessian of the layer inputs, so the layer
+*output* error on calibration activations shrinks rather than each weight's own error. Group
+scales and zeros are chosen when a group starts, from the weights as updated so far, with the
+same per-group clip search as :func:`tap_convert.quantize.quantize_plane`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tap_runtime.format import PlaneSpec
+from tap_runtime.packing import pack_int4
+from tap_runtime.planes import Plane, dequantize_plane
+
+from .quantize import CLIP_RATIOS, _candidate
+
+__all__ = ["gptq_plane", "gptq_tiers", "DAMPING"]
+
+DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it, as in the GPTQ reference code
+_BLOCK = 128
+
+
+def _group_parameters(groups: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best clip ratio per row for one group. groups: (out, group_size); importance: (group_size,)."""
+    groups3 = groups.unsqueeze(1)  # (out, 1, group_size)
+    max_code = 2**spec.bits - 1
+    best = None
+    for ratio in CLIP_RATIOS:
+        scales, zeros = _candidate(groups3, ratio, spec)
+        codes = torch.clamp(torch.round(groups3 / scales + zeros), 0, max_code)
+        err = (((codes - zeros) * scales - groups3) ** 2 * importance).sum(dim=-1, keepdim=True)
+        if best is None:
+            best = (err, scales, zeros)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, scales, best[1]), torch.where(better, zeros, best[2]))
+    return best[1].reshape(-1), best[2].reshape(-1)  # (out,), (out,)
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after damping; retries with more damping if H is not PD."""
+    hessian = hessian.clone()
+    hessian[dead, dead] = 1.0
+    damping = DAMPING * torch.mean(torch.diag(hessian))
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(hessian + damping * (10**attempt) * eye)
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("layer-input Hessian is not positive definite even after damping x 1e5")
+
+
+def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor) -> Plane:
+    """Quantize (out_features, in_features) ``weight`` into one plane, compensating with ``hessian``.
+
+    Args:
+        weight: float (out_features, in_features); in_features % group_size == 0.
+        spec: the plane's bits, group size and symmetry.
+        hessian: (in_features, in_features) mean of x x^T over calibration inputs.
+    Returns:
+        a :class:`Plane` (same layout as ``quantize_plane``).
+    """
+    weight = weight.detach().to(torch.float32).clone()
+    out_features, in_features = weight.shape
+    hessian = hessian.to(torch.float32)
+    dead = torch.diag(hessian) == 0
+    weight[:, dead] = 0.0
+    factor = _inverse_hessian_factor(hessian, dead)
+    importance = torch.diag(hessian).clamp_min(0)
+    importance = importance + importance.mean() * 1e-3 + 1e-12
+    group_size = spec.group_size
+    num_groups = in_features // group_size
+    scales = torch.zeros(out_features, num_groups)
+    zeros = torch.zeros(out_features, num_groups)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    max_code = 2**spec.bits - 1
+    block = max(_BLOCK // group_size, 1) * group_size  # blocks hold whole groups
+    for start in range(0, in_features, block):
+        end = min(start + block, in_features)
+        block_weight = weight[:, start:end].clone()
+        block_errors = torch.zeros_like(block_weight)
+        block_factor = factor[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % group_size == 0:
+                group = column // group_size
+                s, z = _group_parameters(block_weight[:, i : i + group_size], spec, importance[column : column + group_size])
+                scales[:, group], zeros[:, group] = s, z
+            group = column // group_size
+            s, z = scales[:, group], zeros[:, group]
+            q = torch.clamp(torch.round(block_weight[:, i] / s + z), 0, max_code)
+            codes[:, column] = q.to(torch.uint8)
+            error = (block_weight[:, i] - (q - z) * s) / block_factor[i, i]
+            block_weight[:, i:] -= error.unsqueeze(1) * block_factor[i, i:].unsqueeze(0)
+            block_errors[:, i] = error
+        weight[:, end:] -= block_errors @ factor[start:end, end:]
+    return Plane(
+        spec=spec,
+        qweight=pack_int4(codes),
+        scales=scales.to(torch.float16).contiguous(),
+        zeros=None if spec.symmetric else zeros.to(torch.float16).contiguous(),
+    )
+
+
+def gptq_tiers(weight: torch.Tensor, specs: tuple[PlaneSpec, ...] | list[PlaneSpec], hessian: torch.Tensor) -> list[Plane]:
+    """Nested planes, each error-compensated: plane k quantizes what planes 0..k-1 left."""
+    remainder = weight.detach().to(torch.float32)
+    planes: list[Plane] = []
+    for spec in specs:
+        plane = gptq_plane(remainder, spec, hessian)
+        planes.append(plane)
+        remainder = remainder - dequantize_plane(plane)
+    return planes
