@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--high-precision-share", type=float, default=defaults.high_precision_share)
+    parser.add_argument("--target-bits", type=float, default=None,
+                        help="promote the most sensitive layers to a higher tier for every token until the expected "
+                             "average weight bits read per token reach this (default: no promotion)")
     parser.add_argument("--router-samples", type=int, default=defaults.router_samples)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
         high_precision_share=args.high_precision_share,
+        target_bits=args.target_bits,
         router_samples=args.router_samples,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,

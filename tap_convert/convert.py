@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from calibration.capture import collect_input_stats, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.stats import InputSecondMoment, token_log_frequency
-from calibration.thresholds import fit_router
+from calibration.thresholds import fit_router, tier_shares
 from tap_runtime.architectures import get_architecture
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.format import (
@@ -37,10 +37,11 @@ from tap_runtime.format import (
     quantization_config_dict,
 )
 from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites, linear_weight, output_head
-from tap_runtime.planes import dequantize_plane
+from tap_runtime.planes import dequantize_planes
 
 from .gptq import gptq_tiers
 from .hub import render_model_card
+from .policy import allocate_min_tiers, average_bits, relative_output_error
 from .quantize import quantize_rows, quantize_tiers
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 
@@ -63,6 +64,7 @@ class ConvertOptions:
     seq_len: int = 512
     seed: int = 0
     high_precision_share: float = 0.1
+    target_bits: float | None = None
     router_samples: int = 32
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -81,6 +83,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--group-size must be a power of two >= {_MIN_GROUP_SIZE}; got {self.group_size}.")
         if self.method not in METHODS:
             raise InvalidConfigError(f"--method {self.method!r} is unknown; expected one of {list(METHODS)}.")
+        if self.target_bits is not None and not 4.0 <= self.target_bits <= 16.0:
+            raise InvalidConfigError(f"--target-bits must be between 4 and 16; got {self.target_bits}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
             raise InvalidConfigError("--num-samples, --router-samples and --batch-size must be positive.")
 
@@ -172,12 +176,19 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
         specs = _plane_specs(options.tiers, group_sizes[site.name])
         site_stats = stats[site.name]
-        if options.method == "gptq" and isinstance(site_stats, InputSecondMoment):
+        weight = linear_weight(site)
+        full = isinstance(site_stats, InputSecondMoment)
+        second_moment = site_stats.hessian if full else site_stats.mean_square
+        if options.method == "gptq" and full:
             method = "gptq"
-            planes[site.name] = gptq_tiers(linear_weight(site), specs, site_stats.hessian)
+            planes[site.name] = gptq_tiers(weight, specs, second_moment)
         else:
             method = "rtn"
-            planes[site.name] = quantize_tiers(linear_weight(site), specs, importance=site_stats.mean_square)
+            planes[site.name] = quantize_tiers(weight, specs, importance=site_stats.mean_square)
+        sensitivity = {
+            str(tier): relative_output_error(weight, dequantize_planes(planes[site.name], count), second_moment)
+            for count, tier in enumerate(options.tiers, start=1)
+        }
         policies[site.name] = LinearPolicy(
             name=site.name,
             in_features=site.in_features,
@@ -188,7 +199,11 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             planes=specs,
             weight_layout=site.layout,
             method=method,
+            sensitivity=sensitivity,
         )
+    shares = tier_shares(tuple(options.tiers), options.high_precision_share)
+    if options.target_bits is not None:
+        policies = allocate_min_tiers(policies, shares, options.target_bits)
     timings["quantize_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -196,7 +211,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         model,
         spec,
         quantized_sites,
-        lambda site: dequantize_plane(planes[site.name][0]),
+        # The weight a token not routed upward reads: the module's min-tier planes.
+        lambda site: dequantize_planes(planes[site.name], policies[site.name].always_planes),
         router_windows,
         options.batch_size,
         progress=options.progress,
@@ -237,6 +253,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "num_parameters": int(num_parameters),
             "fp16_bytes": int(num_parameters * 2),
             "bos_prepended": bos is not None,
+            "target_bits": options.target_bits,
+            "expected_avg_weight_bits": round(average_bits(policies, shares), 4),
+            "promoted_linears": sorted(n for n, p in policies.items() if p.min_tier != options.tiers[0]),
             "batch_size": options.batch_size,
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "torch_threads": torch.get_num_threads(),

@@ -225,6 +225,9 @@ class LinearPolicy:
     ``weight_layout`` is ``"linear"`` (out, in) or ``"conv1d"`` (GPT-2's transposed (in, out)).
     ``method`` records how the planes were fitted: ``gptq`` (Hessian error compensation) or
     ``rtn`` (round to nearest with an importance-weighted clip search).
+    ``min_tier`` is the lowest tier any token runs at in this module (a layer whose base tier
+    hurts too much is promoted for every token); ``sensitivity`` maps each tier to the relative
+    layer-output error measured on calibration inputs, tr(E H E^T) / tr(W H W^T).
     """
 
     name: str
@@ -236,12 +239,20 @@ class LinearPolicy:
     planes: tuple[PlaneSpec, ...]
     weight_layout: str = "linear"
     method: str = "rtn"
+    min_tier: int = 4
+    sensitivity: dict[str, float] = field(default_factory=dict)
     reason: str = ""
 
     def bits_at_tier(self, tier: int) -> float:
-        """Stored bits per weight read when a token runs at ``tier``."""
+        """Stored bits per weight read when a token routed to ``tier`` passes (min_tier applies)."""
+        tier = max(tier, self.min_tier)
         count = sum(1 for t in self.tiers if t <= tier) or 1
         return sum(p.stored_bits_per_weight() for p in self.planes[:count])
+
+    @property
+    def always_planes(self) -> int:
+        """How many planes every token reads, whatever the router says."""
+        return sum(1 for t in self.tiers if t <= self.min_tier)
 
     @property
     def num_weights(self) -> int:
@@ -261,6 +272,11 @@ class LinearPolicy:
                 f"per tier, got {len(tiers)} tiers and {len(planes)} planes. Convert again."
             )
         layer_index = data.get("layer_index")
+        min_tier = data.get("min_tier", tiers[0])
+        if min_tier not in tiers:
+            raise CorruptCheckpointError(
+                f"{path}: '{where}min_tier' is {min_tier!r}; expected one of the module's tiers {list(tiers)}."
+            )
         return cls(
             name=name,
             in_features=_get(data, "in_features", int, path, where),
@@ -271,6 +287,8 @@ class LinearPolicy:
             planes=planes,
             weight_layout=data.get("weight_layout", "linear"),
             method=data.get("method", "rtn"),
+            min_tier=min_tier,
+            sensitivity={str(k): float(v) for k, v in data.get("sensitivity", {}).items()},
             reason=data.get("reason", ""),
         )
 

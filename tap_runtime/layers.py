@@ -97,9 +97,12 @@ class TapLinear(nn.Module):
         leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         out = self.kernel.matmul_plane(flat, self._prepared[0])
+        # Planes below min_tier serve every token; the router decides only above it.
+        for plane_index in range(1, self.policy.always_planes):
+            out += self.kernel.matmul_plane(flat, self._prepared[plane_index])
         routing = self.routing
         if routing is not None:
-            for plane_index in range(1, len(self._prepared)):
+            for plane_index in range(self.policy.always_planes, len(self._prepared)):
                 indices = routing.indices_for_plane(plane_index)
                 if indices is None:
                     break  # planes nest: nobody above this one either

@@ -78,3 +78,25 @@ def test_model_card_front_matter_and_figures(converted_factory):
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "  - tap\n" in card
     assert "base_model:" not in card  # converted from a local directory, not a Hub repo
     assert "| hidden_norm | " in card and "tier-8" in card
+
+
+def test_target_bits_promotes_layers_and_the_runtime_honours_it(tiny_model_factory, calibration_text_file, tmp_path):
+    import tap_runtime
+    from tap_runtime.layers import TapLinear
+
+    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, target_bits=6.0, **FAST_CONVERT)
+    table = convert(str(tiny_model_factory("llama")), tmp_path / "ckpt", options)
+    promoted = [p for p in table.linear.values() if p.min_tier == 8]
+    assert promoted and all("promoted to tier 8" in p.reason for p in promoted)
+    assert table.calibration.extra["expected_avg_weight_bits"] <= 6.0
+    assert all(set(p.sensitivity) == {"4", "8"} and p.sensitivity["8"] < p.sensitivity["4"] for p in table.linear.values())
+    tap = tap_runtime.load(tmp_path / "ckpt")
+    tap.set_routing("fixed", tier=4)
+    module = dict(tap.model.named_modules())[promoted[0].name]
+    assert isinstance(module, TapLinear) and module.policy.always_planes == 2
+    x = torch.randn(3, module.in_features)
+    tap.set_routing("fixed", tier=8)
+    dense = module(x)
+    tap.set_routing("fixed", tier=4)
+    tap.router.route_layer(module.policy.layer_index, x.unsqueeze(0))
+    assert torch.allclose(module(x), dense)  # promoted: tier 8 even when routed to the base
