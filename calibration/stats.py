@@ -51,7 +51,15 @@ class InputSecondMoment(ChannelMeanSquare):
         return (self.sum_outer / max(self.num_tokens, 1)).to(torch.float32)
 
 
-def token_log_frequency(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log of each id's add-one smoothed unigram probability: (vocab_size,) float32."""
-    counts = torch.bincount(token_ids.reshape(-1).clamp(0, vocab_size - 1), minlength=vocab_size).to(torch.float64)
+def token_log_frequency(token_ids: torch.Tensor, vocab_size: int, held_out: torch.Tensor | None = None) -> torch.Tensor:
+    """log of each id's add-one smoothed unigram probability: (vocab_size,) float32.
+
+    ``held_out`` tokens (the router's fitting windows) are left out of the counts: counted in,
+    every token the router is fitted on would be "seen", while at run time many are not, and
+    the fitted thresholds would route more tokens than asked.
+    """
+    counts = torch.bincount(token_ids.reshape(-1).clamp(0, vocab_size - 1), minlength=vocab_size)
+    if held_out is not None:
+        counts = counts - torch.bincount(held_out.reshape(-1).clamp(0, vocab_size - 1), minlength=vocab_size)
+    counts = counts.clamp_min(0).to(torch.float64)
     return torch.log((counts + 1.0) / (counts.sum() + vocab_size)).to(torch.float32)

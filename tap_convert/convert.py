@@ -217,7 +217,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         options.batch_size,
         progress=options.progress,
     )
-    log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings)
+    body = router_windows[:, 1:] if bos is not None else router_windows  # the BOS was not in the text
+    log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings, held_out=body)
     router = fit_router(signals, log_frequency, tuple(options.tiers), options.high_precision_share)
     timings["pass2_and_fit_seconds"] = time.perf_counter() - tick
 

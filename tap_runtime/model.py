@@ -8,11 +8,12 @@ and what that cost.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from .checkpoint import Checkpoint
+from .layers import TapLinear
 from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, weight_bits_read
 from .router import TokenRouter
 
@@ -53,9 +54,30 @@ class TapModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def set_routing(self, mode: str = "learned", tier: int | None = None, shares: tuple[float, ...] | None = None, seed: int = 0) -> None:
-        """``learned`` (default), ``fixed`` with ``tier``, or ``random`` with the fitted shares."""
-        self.router.set_mode(mode, tier=tier, shares=shares, seed=seed)
+    def set_routing(
+        self,
+        mode: str = "learned",
+        tier: int | None = None,
+        shares: tuple[float, ...] | None = None,
+        seed: int = 0,
+        score: str = "learned",
+        sign: float = 1.0,
+    ) -> None:
+        """``learned`` (default), ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode)."""
+        self.router.set_mode(mode, tier=tier, shares=shares, seed=seed, score=score, sign=sign)
+
+    def set_min_tiers(self, min_tiers: dict[str, int]) -> None:
+        """Override modules' ``min_tier`` (e.g. a static per-layer mix for an ablation).
+
+        Modules not named go back to their base tier; metrics follow the new policy.
+        """
+        linear = {}
+        for name, policy in self.table.linear.items():
+            linear[name] = replace(policy, min_tier=min_tiers.get(name, policy.tiers[0]))
+        for name, module in self.model.named_modules():
+            if isinstance(module, TapLinear) and name in linear:
+                module.policy = linear[name]
+        self.checkpoint = replace(self.checkpoint, table=replace(self.table, linear=linear))
 
     def encode(self, prompt: str, chat: bool = False) -> torch.Tensor:
         if chat and getattr(self.tokenizer, "chat_template", None):

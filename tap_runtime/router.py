@@ -26,7 +26,7 @@ __all__ = [
     "TokenRouter",
 ]
 
-ROUTING_MODES = ("learned", "fixed", "random")
+ROUTING_MODES = ("learned", "fixed", "random", "topk")
 ALL_TOKENS = "all"  # marker: every token of the batch runs this plane, no gather needed
 
 
@@ -82,6 +82,8 @@ class TokenRouter:
             self._hidden_std = torch.tensor(norm["hidden_norm"]["layer_std"], dtype=torch.float32)
         self.mode = "learned"
         self.fixed_tier_index = 0
+        self.topk_score = "learned"
+        self.topk_sign = 1.0
         self.random_shares: tuple[float, ...] = tuple(
             float(spec.tier_shares.get(str(t), 0.0)) for t in self.tiers[1:]
         )
@@ -90,12 +92,23 @@ class TokenRouter:
         self.counts = torch.zeros(num_layers, len(self.tiers), dtype=torch.int64)
 
     # ----- configuration -------------------------------------------------------------------
-    def set_mode(self, mode: str, tier: int | None = None, shares: tuple[float, ...] | None = None, seed: int = 0) -> None:
+    def set_mode(
+        self,
+        mode: str,
+        tier: int | None = None,
+        shares: tuple[float, ...] | None = None,
+        seed: int = 0,
+        score: str = "learned",
+        sign: float = 1.0,
+    ) -> None:
         """Choose how tokens are routed.
 
         ``learned``: the fitted score and thresholds. ``fixed``: every token at ``tier``.
         ``random``: each token independently above the base with the fitted shares (or
         ``shares``, one per tier above the base), seeded; the baseline routing must beat.
+        ``topk``: in each layer of each forward pass, exactly the top ``shares`` of tokens by
+        ``score`` (``learned`` or one runtime signal, times ``sign``): for ablations at equal
+        share; it needs many tokens per pass, so it is for prefill, not decode.
         """
         if mode not in ROUTING_MODES:
             raise InvalidConfigError(f"routing mode {mode!r} is unknown; expected one of {list(ROUTING_MODES)}.")
@@ -103,7 +116,11 @@ class TokenRouter:
             if tier not in self.tiers:
                 raise InvalidConfigError(f"fixed tier {tier!r} is not in this checkpoint; expected one of {list(self.tiers)}.")
             self.fixed_tier_index = self.tiers.index(tier)
-        if mode == "random":
+        if mode == "topk" and score != "learned" and score not in self.spec.normalisation:
+            raise InvalidConfigError(
+                f"topk score {score!r} is unknown; expected 'learned' or one of {sorted(self.spec.normalisation)}."
+            )
+        if mode in ("random", "topk"):
             if shares is not None:
                 if len(shares) != len(self.tiers) - 1 or any(not 0 <= s <= 1 for s in shares):
                     raise InvalidConfigError(
@@ -111,6 +128,7 @@ class TokenRouter:
                     )
                 self.random_shares = tuple(float(s) for s in shares)
             self._generator = torch.Generator().manual_seed(seed)
+        self.topk_score, self.topk_sign = score, float(sign)
         self.mode = mode
 
     def reset_counts(self) -> None:
@@ -119,9 +137,10 @@ class TokenRouter:
     # ----- per forward pass ----------------------------------------------------------------
     def begin_forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None) -> None:
         """Precompute the part of the score that is the same in every layer. Shapes (batch, seq)."""
-        if self.mode != "learned":
+        if self.mode not in ("learned", "topk"):
             self._static_score = None
             return
+        self._token_features = (input_ids, positions)
         shape = input_ids.shape if input_ids is not None else positions.shape if positions is not None else None
         if shape is None:
             self._static_score = None
@@ -151,6 +170,12 @@ class TokenRouter:
             # Shares are "at or above tier k+1" and shrink with k, so one draw nests the tiers.
             for share in self.random_shares:
                 tier_index += (draws < share).to(torch.int64)
+        elif self.mode == "topk":
+            score = self._topk_score(layer_index, hidden_states, num_tokens)
+            tier_index = torch.zeros(num_tokens, dtype=torch.int64)
+            order = torch.argsort(score, descending=True)
+            for share in self.random_shares:
+                tier_index[order[: int(round(share * num_tokens))]] += 1
         else:
             score = self._layer_score(layer_index, hidden_states, num_tokens)
             # Count thresholds passed: 0 -> base tier, 1 -> next tier, ...
@@ -166,6 +191,21 @@ class TokenRouter:
                 routing.plane_indices.append(ALL_TOKENS)
             else:
                 routing.plane_indices.append(mask.nonzero().squeeze(-1).to(hidden_states.device))
+
+    def _topk_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        if self.topk_score == "learned":
+            return self._layer_score(layer_index, hidden_states, num_tokens)
+        norm = self.spec.normalisation[self.topk_score]
+        input_ids, positions = getattr(self, "_token_features", (None, None))
+        if self.topk_score == "hidden_norm":
+            feature = hidden_norm_feature(hidden_states).reshape(-1).cpu()
+            z = (feature - norm["layer_mean"][layer_index]) / norm["layer_std"][layer_index]
+        elif self.topk_score == "position":
+            z = (position_feature(positions).reshape(-1) - norm["mean"]) / norm["std"]
+        else:
+            ids = input_ids.reshape(-1).clamp(0, self.token_log_frequency.numel() - 1).cpu()
+            z = (self.token_log_frequency[ids] - norm["mean"]) / norm["std"]
+        return self.topk_sign * z
 
     def _layer_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
         static = self._static_score

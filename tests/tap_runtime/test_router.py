@@ -80,3 +80,17 @@ def test_invalid_modes_are_refused():
         router.set_mode("fixed", tier=16)
     with pytest.raises(InvalidConfigError, match="random shares"):
         router.set_mode("random", shares=(1.5,))
+
+
+def test_topk_mode_routes_exactly_the_share_by_the_chosen_score():
+    router = _router(num_layers=1)
+    router.set_mode("topk", shares=(0.2,), score="hidden_norm", sign=1.0)
+    hidden = torch.stack([torch.full((8,), float(v)) for v in range(1, 11)]).unsqueeze(0)
+    router.begin_forward(None, torch.arange(10).unsqueeze(0))
+    router.route_layer(0, hidden)
+    assert router.layers[0].indices_for_plane(1).tolist() == [8, 9]  # the two largest norms
+    router.set_mode("topk", shares=(0.2,), score="hidden_norm", sign=-1.0)
+    router.route_layer(0, hidden)
+    assert router.layers[0].indices_for_plane(1).tolist() == [0, 1]
+    with pytest.raises(InvalidConfigError, match="topk score 'entropy' is unknown"):
+        router.set_mode("topk", shares=(0.2,), score="entropy")
