@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tap_runtime.architectures import ArchitectureSpec
 from tap_runtime.modeling import LinearSite, decoder_layers
-from tap_runtime.router import hidden_norm_feature, position_feature
+from tap_runtime.router import error_estimate_feature, hidden_norm_feature, position_feature
 
 from .stats import ChannelMeanSquare, InputSecondMoment
 
@@ -96,7 +96,8 @@ class TokenSignals:
     ``predictive_entropy`` (nats, of the distribution the token was drawn from; NaN at t=0).
     Per layer, shape (num_layers, num_windows, seq_len): ``hidden_norm`` (log RMS at the layer
     input), ``attention_received`` (mean attention from the queries that can see the token),
-    ``base_error`` (L2 norm of the change in the layer's output with base-tier linears).
+    ``base_error`` (L2 norm of the change in the layer's output with base-tier linears),
+    ``error_estimate`` (log ||norm(h) P||^2 from the layer's error sketch; None without sketches).
     """
 
     token_ids: torch.Tensor
@@ -105,6 +106,7 @@ class TokenSignals:
     hidden_norm: torch.Tensor
     attention_received: torch.Tensor
     base_error: torch.Tensor
+    error_estimate: torch.Tensor | None = None
 
 
 def _attention_received(weights: torch.Tensor) -> torch.Tensor:
@@ -140,11 +142,13 @@ def collect_token_signals(
     windows: torch.Tensor,
     batch_size: int,
     progress: bool = True,
+    error_sketches: list[torch.Tensor] | None = None,
 ) -> TokenSignals:
     """Run ``windows`` once in full precision, recording signals and base-tier layer errors.
 
     Args:
         base_weight: returns a site's base-tier weight, (out_features, in_features), dequantized.
+        error_sketches: per layer (hidden, rank) sketches for the error-estimate signal.
     """
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
@@ -153,6 +157,7 @@ def collect_token_signals(
     hidden_norm = torch.zeros(shape)
     attention_received = torch.zeros(shape)
     base_error = torch.zeros(shape)
+    error_estimate = torch.zeros(shape) if error_sketches is not None else None
     sites_by_layer: dict[int, list[LinearSite]] = {}
     for site in sites:
         sites_by_layer.setdefault(site.layer_index, []).append(site)
@@ -166,6 +171,9 @@ def collect_token_signals(
             if not state["rerun"]:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 hidden_norm[layer_index, state["rows"]] = hidden_norm_feature(hidden)
+                if error_estimate is not None:
+                    normed = getattr(module, spec.input_norm)(hidden)
+                    error_estimate[layer_index, state["rows"]] = error_estimate_feature(normed, error_sketches[layer_index])
 
         return hook
 
@@ -231,4 +239,5 @@ def collect_token_signals(
         hidden_norm=hidden_norm,
         attention_received=attention_received,
         base_error=base_error,
+        error_estimate=error_estimate,
     )

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
-from tap_runtime.format import ALL_SIGNALS, RUNTIME_SIGNALS, RouterSpec
+from tap_runtime.format import ALL_SIGNALS, PER_LAYER_SIGNALS, RUNTIME_SIGNALS, RouterSpec
 
 from .capture import TokenSignals
 
@@ -55,20 +55,26 @@ def signal_matrix(signals: TokenSignals, token_log_frequency: torch.Tensor) -> _
     num_layers = signals.hidden_norm.shape[0]
     features: dict[str, np.ndarray] = {}
     normalisation: dict[str, dict] = {}
-    hidden = signals.hidden_norm.numpy().astype(np.float64)
-    means = hidden.reshape(num_layers, -1).mean(axis=1)
-    stds = hidden.reshape(num_layers, -1).std(axis=1)
-    stds = np.where(stds > 1e-8, stds, 1.0)
-    features["hidden_norm"] = (hidden - means[:, None, None]) / stds[:, None, None]
-    normalisation["hidden_norm"] = {
-        "transform": "log_rms",
-        "layer_mean": [float(m) for m in means],
-        "layer_std": [float(s) for s in stds],
+    per_layer = {
+        "hidden_norm": (signals.hidden_norm, "log_rms"),
+        "attention_received": (signals.attention_received, "mean_attention_from_later_queries"),
+        "error_estimate": (signals.error_estimate, "log_sketched_base_error"),
     }
-    attention = signals.attention_received.numpy().astype(np.float64)
-    a_means = attention.reshape(num_layers, -1).mean(axis=1)
-    a_stds = attention.reshape(num_layers, -1).std(axis=1)
-    features["attention_received"] = (attention - a_means[:, None, None]) / np.where(a_stds > 1e-8, a_stds, 1.0)[:, None, None]
+    for name in PER_LAYER_SIGNALS:
+        values, transform = per_layer[name]
+        if values is None:
+            continue
+        values = values.numpy().astype(np.float64)
+        means = values.reshape(num_layers, -1).mean(axis=1)
+        stds = values.reshape(num_layers, -1).std(axis=1)
+        stds = np.where(stds > 1e-8, stds, 1.0)
+        features[name] = (values - means[:, None, None]) / stds[:, None, None]
+        normalisation[name] = {
+            "transform": transform,
+            "layer_mean": [float(m) for m in means],
+            "layer_std": [float(s) for s in stds],
+        }
+    hidden = features["hidden_norm"]
     per_token = {
         "position": (signals.position.numpy().astype(np.float64), "log1p"),
         "token_frequency": (
@@ -153,7 +159,7 @@ def fit_router(
     def stack(names: tuple[str, ...], rows: slice) -> np.ndarray:
         return np.stack([normalised.features[n][:, rows].reshape(-1) for n in names], axis=1)
 
-    runtime = RUNTIME_SIGNALS
+    runtime = tuple(name for name in RUNTIME_SIGNALS if name in normalised.features)
     weights, bias = _fit_logistic(stack(runtime, train), labels[:, train].reshape(-1))
 
     def score(rows: slice) -> np.ndarray:
@@ -164,6 +170,7 @@ def fit_router(
     single = {
         name: roc_auc(normalised.features[name][:, held].reshape(-1), labels[:, held].reshape(-1))
         for name in ALL_SIGNALS
+        if name in normalised.features
     }
     all_scores = score(slice(0, num_windows))
     flat_scores = all_scores.reshape(all_scores.shape[0], -1)

@@ -33,6 +33,7 @@ from tap_runtime.format import (
     PlaneSpec,
     RoutingTable,
     embedding_tensor_name,
+    error_sketch_name,
     plane_tensor_name,
     quantization_config_dict,
 )
@@ -42,6 +43,7 @@ from tap_runtime.planes import dequantize_planes
 from .gptq import gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
+from .sketch import error_sketches
 from .quantize import quantize_rows, quantize_tiers
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 
@@ -206,6 +208,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         policies = allocate_min_tiers(policies, shares, options.target_bits)
     timings["quantize_seconds"] = time.perf_counter() - tick
 
+    sketches = error_sketches(
+        model, spec, quantized_sites, stats, lambda site: linear_weight(site) - dequantize_planes(planes[site.name], policies[site.name].always_planes)
+    )
     tick = time.perf_counter()
     signals = collect_token_signals(
         model,
@@ -216,6 +221,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         router_windows,
         options.batch_size,
         progress=options.progress,
+        error_sketches=sketches,
     )
     body = router_windows[:, 1:] if bos is not None else router_windows  # the BOS was not in the text
     log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings, held_out=body)
@@ -287,7 +293,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     return writer.finish(
         config_dict,
         table,
-        {ROUTER_TOKEN_LOG_FREQUENCY: log_frequency},
+        {ROUTER_TOKEN_LOG_FREQUENCY: log_frequency, **{error_sketch_name(i): s for i, s in enumerate(sketches)}},
         save_extra_files,
         lambda written, total: render_model_card(written, total),
     )

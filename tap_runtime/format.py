@@ -43,8 +43,10 @@ __all__ = [
     "EMBEDDING_FIELDS",
     "EMBEDDING_BITS",
     "ROUTER_TOKEN_LOG_FREQUENCY",
+    "error_sketch_name",
     "ALL_SIGNALS",
     "RUNTIME_SIGNALS",
+    "PER_LAYER_SIGNALS",
     "shard_file_name",
     "plane_tensor_suffix",
     "plane_tensor_name",
@@ -102,6 +104,13 @@ EMBEDDING_FIELDS = ("qweight", "scales")
 # float32 (vocab_size,): log of the smoothed unigram frequency of each token id in calibration.
 ROUTER_TOKEN_LOG_FREQUENCY = "token_log_frequency"
 
+
+def error_sketch_name(layer_index: int) -> str:
+    """float32 (hidden_size, rank) per decoder layer: P with ||x P||^2 ~ sum_m ||x E_m^T||^2 over
+    the base-tier errors E_m of the linears that read the layer's input norm (q/k/v, GPT-2's c_attn).
+    """
+    return f"error_sketch.{layer_index}"
+
 # Per-token importance signals measured during calibration.
 ALL_SIGNALS = (
     "hidden_norm",
@@ -109,10 +118,13 @@ ALL_SIGNALS = (
     "position",
     "token_frequency",
     "predictive_entropy",
+    "error_estimate",
 )
 # The subset a causal runtime can compute before a layer runs: attention received needs tokens
 # that come later, and predictive entropy needs the logits the forward pass has not produced yet.
-RUNTIME_SIGNALS = ("hidden_norm", "position", "token_frequency")
+RUNTIME_SIGNALS = ("hidden_norm", "position", "token_frequency", "error_estimate")
+# Signals measured per decoder layer (normalised per layer); the others are per token.
+PER_LAYER_SIGNALS = ("hidden_norm", "attention_received", "error_estimate")
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -346,8 +358,10 @@ class RouterSpec:
     """The token-importance router: a linear score over normalised signals, thresholds per layer.
 
     score = bias + sum(weights[s] * (transform(s) - mean[s]) / std[s]) over ``signals``.
-    ``hidden_norm`` is normalised per decoder layer (``layer_mean``/``layer_std``); the others
-    once. A token runs at ``tiers[k+1]`` or above in layer l when score >= thresholds[l][k].
+    Per-layer signals (``hidden_norm``, ``error_estimate``) are normalised per decoder layer
+    (``layer_mean``/``layer_std``); the others once. ``error_estimate`` is log ||norm(h) P_l||^2
+    with P_l the layer's error sketch (see :func:`error_sketch_name`), a low-rank estimate of
+    the base tier's output error for this very token, as DP-LLM's error estimator does. A token runs at ``tiers[k+1]`` or above in layer l when score >= thresholds[l][k].
     """
 
     signals: tuple[str, ...]

@@ -19,7 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import read_checkpoint, read_router_tensors, resolve_checkpoint
-from .format import FORMAT_VERSION, QUANT_METHOD, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE
+from .format import FORMAT_VERSION, QUANT_METHOD, ROUTING_FILE
 from .modeling import prepare_model, replace_modules
 
 __all__ = ["TapQuantizationConfig", "TapHfQuantizer", "LoadOptions", "load_options", "register"]
@@ -100,7 +100,7 @@ class TapHfQuantizer(HfQuantizer):
         prepare_model(
             model,
             checkpoint.table,
-            tensors[ROUTER_TOKEN_LOG_FREQUENCY],
+            tensors,
             compute_dtype=self._compute_dtype,
             kernel_name=options.kernel,
             keep_portable=options.keep_portable,

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
-from .errors import RoutingTableMismatchError
-from .format import ROUTING_FILE, RoutingTable
+from .errors import CorruptCheckpointError, RoutingTableMismatchError
+from .format import ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
 from .router import TokenRouter
@@ -175,7 +175,7 @@ def replace_modules(model: nn.Module, table: RoutingTable, source: str = ROUTING
 def prepare_model(
     model: nn.Module,
     table: RoutingTable,
-    token_log_frequency: torch.Tensor | None,
+    router_tensors: dict[str, torch.Tensor],
     compute_dtype: torch.dtype,
     kernel_name: str = "auto",
     keep_portable: bool = False,
@@ -187,7 +187,18 @@ def prepare_model(
     """
     device = next(model.parameters()).device
     kernel = select_kernel(kernel_name, device)
-    router = TokenRouter(table.router, table.tiers, table.num_layers, token_log_frequency)
+    sketches = None
+    if "error_estimate" in table.router.signals:
+        missing = [error_sketch_name(i) for i in range(table.num_layers) if error_sketch_name(i) not in router_tensors]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{ROUTER_TENSORS_FILE}: missing tensors {missing[:3]}; expected one error sketch per layer for the "
+                f"router's error_estimate signal. Convert again."
+            )
+        sketches = [router_tensors[error_sketch_name(i)] for i in range(table.num_layers)]
+    router = TokenRouter(
+        table.router, table.tiers, table.num_layers, router_tensors.get(ROUTER_TOKEN_LOG_FREQUENCY), sketches
+    )
     for module in model.modules():
         if isinstance(module, TapLinear):
             module.prepare(kernel, keep_portable=keep_portable)
@@ -250,5 +261,6 @@ def _install_router_hooks(model: nn.Module, spec: ArchitectureSpec, router: Toke
         return hook
 
     model.register_forward_pre_hook(before_model, with_kwargs=True)
+    router.input_norms = [getattr(layer, spec.input_norm) for layer in decoder_layers(model, spec)]
     for layer_index, layer in enumerate(decoder_layers(model, spec)):
         layer.register_forward_pre_hook(before_layer(layer_index), with_kwargs=True)

@@ -22,6 +22,7 @@ __all__ = [
     "ALL_TOKENS",
     "hidden_norm_feature",
     "position_feature",
+    "error_estimate_feature",
     "LayerRouting",
     "TokenRouter",
 ]
@@ -34,6 +35,12 @@ def hidden_norm_feature(hidden_states: torch.Tensor) -> torch.Tensor:
     """log of the root-mean-square of each token's hidden state: (..., hidden) -> (...)."""
     rms = hidden_states.detach().to(torch.float32).pow(2).mean(dim=-1).sqrt()
     return torch.log(rms.clamp_min(1e-12))
+
+
+def error_estimate_feature(normed: torch.Tensor, sketch: torch.Tensor) -> torch.Tensor:
+    """log ||x P||^2 for each token x of the layer's normed input: (..., hidden) -> (...)."""
+    projected = normed.detach().to(torch.float32) @ sketch.to(normed.device)
+    return torch.log(projected.pow(2).sum(dim=-1).clamp_min(1e-20))
 
 
 def position_feature(positions: torch.Tensor) -> torch.Tensor:
@@ -67,19 +74,28 @@ class TokenRouter:
         tiers: tuple[int, ...],
         num_layers: int,
         token_log_frequency: torch.Tensor | None,
+        error_sketches: list[torch.Tensor] | None = None,
     ):
         self.spec = spec
         self.tiers = tuple(tiers)
         self.num_layers = num_layers
         self.layers = [LayerRouting(i) for i in range(num_layers)]
         self.token_log_frequency = token_log_frequency
+        self.error_sketches = error_sketches
+        # Set by the model wiring: each layer's input norm, which the error estimate reads through.
+        self.input_norms: list | None = None
         # (num_layers, len(tiers) - 1): a token reaches tier k+1 when its score >= thresholds[l, k].
         self.thresholds = torch.tensor(spec.thresholds, dtype=torch.float32).reshape(num_layers, len(tiers) - 1)
         norm = spec.normalisation
         self._weights = {s: float(spec.weights.get(s, 0.0)) for s in spec.signals}
-        if "hidden_norm" in spec.signals:
-            self._hidden_mean = torch.tensor(norm["hidden_norm"]["layer_mean"], dtype=torch.float32)
-            self._hidden_std = torch.tensor(norm["hidden_norm"]["layer_std"], dtype=torch.float32)
+        self._layer_stats = {
+            name: (
+                torch.tensor(norm[name]["layer_mean"], dtype=torch.float32),
+                torch.tensor(norm[name]["layer_std"], dtype=torch.float32),
+            )
+            for name in spec.normalisation
+            if "layer_mean" in norm[name]
+        }
         self.mode = "learned"
         self.fixed_tier_index = 0
         self.topk_score = "learned"
@@ -192,14 +208,23 @@ class TokenRouter:
             else:
                 routing.plane_indices.append(mask.nonzero().squeeze(-1).to(hidden_states.device))
 
+    def _layer_feature(self, name: str, layer_index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """z-scored per-layer signal of every token: (tokens,)."""
+        if name == "hidden_norm":
+            feature = hidden_norm_feature(hidden_states)
+        else:
+            normed = self.input_norms[layer_index](hidden_states)
+            feature = error_estimate_feature(normed, self.error_sketches[layer_index])
+        mean, std = self._layer_stats[name]
+        return (feature.reshape(-1).cpu() - mean[layer_index]) / std[layer_index]
+
     def _topk_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if self.topk_score == "learned":
             return self._layer_score(layer_index, hidden_states, num_tokens)
         norm = self.spec.normalisation[self.topk_score]
         input_ids, positions = getattr(self, "_token_features", (None, None))
-        if self.topk_score == "hidden_norm":
-            feature = hidden_norm_feature(hidden_states).reshape(-1).cpu()
-            z = (feature - norm["layer_mean"][layer_index]) / norm["layer_std"][layer_index]
+        if self.topk_score in self._layer_stats:
+            z = self._layer_feature(self.topk_score, layer_index, hidden_states)
         elif self.topk_score == "position":
             z = (position_feature(positions).reshape(-1) - norm["mean"]) / norm["std"]
         else:
@@ -212,10 +237,9 @@ class TokenRouter:
         if static is None or static.numel() != num_tokens:
             static = torch.full((num_tokens,), self.spec.bias, dtype=torch.float32)
         score = static
-        if "hidden_norm" in self._weights:
-            feature = hidden_norm_feature(hidden_states).reshape(-1).cpu()
-            z = (feature - self._hidden_mean[layer_index]) / self._hidden_std[layer_index]
-            score = score + self._weights["hidden_norm"] * z
+        for name in self._layer_stats:
+            if name in self._weights:
+                score = score + self._weights[name] * self._layer_feature(name, layer_index, hidden_states)
         return score
 
     # ----- reporting -----------------------------------------------------------------------

@@ -21,6 +21,8 @@ class ArchitectureSpec:
     decoder_layers: dotted path from the CausalLM to its ``nn.ModuleList`` of decoder layers.
     attention: name of the self-attention child of a decoder layer (calibration reads its
         attention weights to measure how much attention each token receives).
+    input_norm: name of the norm a decoder layer applies to its input before attention; the
+        router's error estimate reads the token through it.
     needs_bos: every sequence must start with BOS (Gemma degrades badly without it).
     """
 
@@ -28,4 +30,5 @@ class ArchitectureSpec:
     model_types: tuple[str, ...]
     decoder_layers: str
     attention: str = "self_attn"
+    input_norm: str = "input_layernorm"
     needs_bos: bool = False

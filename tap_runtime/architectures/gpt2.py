@@ -7,4 +7,5 @@ SPEC = ArchitectureSpec(
     model_types=("gpt2",),
     decoder_layers="transformer.h",
     attention="attn",
+    input_norm="ln_1",
 )
