@@ -15,6 +15,13 @@ def _figure(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _methods(table: RoutingTable) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for policy in table.linear.values():
+        counts[policy.method] = counts.get(policy.method, 0) + 1
+    return counts
+
+
 def render_model_card(table: RoutingTable, checkpoint_bytes: int) -> str:
     """Markdown with Hub YAML front matter, describing tiers, sizes, router and provenance."""
     calibration = table.calibration
@@ -56,8 +63,9 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 |---|---|
 {bits_rows}
 
-Linear layers quantized: {len(table.linear)}; embeddings/heads at 8 bits: {len(table.embeddings)};
-tensors kept in float32: {len(table.kept)}.
+Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())});
+promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
+embeddings/heads at 8 bits: {len(table.embeddings)}; tensors kept in float32: {len(table.kept)}.
 
 ## Router
 

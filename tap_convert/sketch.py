@@ -42,7 +42,7 @@ def error_sketches(
     base_error: Callable[[LinearSite], torch.Tensor],
     rank: int = SKETCH_RANK,
 ) -> list[torch.Tensor]:
-    """One (hidden_size, rank) float32 sketch per decoder layer; ``base_error(site)`` is W - W_base."""
+    """One (hidden_size, rank) float16 sketch per decoder layer; ``base_error(site)`` is W - W_base."""
     layers = decoder_layers(model, spec)
     grouped = input_norm_sites(sites, stats)
     sketches = []
@@ -50,12 +50,13 @@ def error_sketches(
         group = grouped.get(layer_index, [])
         if not group:
             hidden = model.config.get_text_config().hidden_size
-            sketches.append(torch.zeros(hidden, 1))
+            sketches.append(torch.zeros(hidden, 1, dtype=torch.float16))
             continue
         errors = [base_error(site).to(torch.float64) for site in group]
         gram = sum(error.t() @ error for error in errors)
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
         keep = min(rank, eigenvalues.numel())
         top_values = eigenvalues[-keep:].clamp_min(0)
-        sketches.append((eigenvectors[:, -keep:] * top_values.sqrt()).to(torch.float32).contiguous())
+        # float16 halves the bytes; the estimate only ranks tokens, three digits are plenty.
+        sketches.append((eigenvectors[:, -keep:] * top_values.sqrt()).to(torch.float16).contiguous())
     return sketches

@@ -106,7 +106,7 @@ ROUTER_TOKEN_LOG_FREQUENCY = "token_log_frequency"
 
 
 def error_sketch_name(layer_index: int) -> str:
-    """float32 (hidden_size, rank) per decoder layer: P with ||x P||^2 ~ sum_m ||x E_m^T||^2 over
+    """float16 (hidden_size, rank) per decoder layer: P with ||x P||^2 ~ sum_m ||x E_m^T||^2 over
     the base-tier errors E_m of the linears that read the layer's input norm (q/k/v, GPT-2's c_attn).
     """
     return f"error_sketch.{layer_index}"

@@ -39,7 +39,7 @@ def hidden_norm_feature(hidden_states: torch.Tensor) -> torch.Tensor:
 
 def error_estimate_feature(normed: torch.Tensor, sketch: torch.Tensor) -> torch.Tensor:
     """log ||x P||^2 for each token x of the layer's normed input: (..., hidden) -> (...)."""
-    projected = normed.detach().to(torch.float32) @ sketch.to(normed.device)
+    projected = normed.detach().to(torch.float32) @ sketch.to(device=normed.device, dtype=torch.float32)
     return torch.log(projected.pow(2).sum(dim=-1).clamp_min(1e-20))
 
 
