@@ -1,0 +1,175 @@
+"""TAP side by side with the quantizers a practitioner would otherwise use, in one run.
+
+Same model, same held-out text, same windows. Every peer quantizes the linear layers of the
+decoder (embeddings and head stay float32 for peers; TAP also stores those at 8 bits). Rows:
+TAP at its tiers and default routing, HQQ 4-bit g64, optimum-quanto int4/int8, torchao int8/int4
+weight-only. A peer that fails to install or run is printed with its error, not dropped.
+Bits per weight are those of each method's storage layout (codes plus its scales/zeros).
+
+    pip install -e '.[bench]'
+    python scripts/bench_peers.py --model models/smollm2 --tap models/smollm2-tap --windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tap_runtime
+from bench_common import environment, eval_windows, heldout_text, set_threads
+from tap_runtime.metrics import weight_bits_read
+
+
+def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    head = model.get_output_embeddings()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def hqq_4bit_g64(model: nn.Module) -> float:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=4, group_size=64)
+    for name, linear in _decoder_linears(model):
+        _set_module(model, name, HQQLinear(linear, quant_config=config, compute_dtype=torch.float32, device="cpu"))
+    return 4 + 2 * 16 / 64  # 4-bit codes, fp16 scale and zero per 64
+
+
+def _quanto(weights_name: str) -> Callable[[nn.Module], float]:
+    def run(model: nn.Module) -> float:
+        from optimum import quanto
+
+        head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+        quanto.quantize(model, weights=getattr(quanto, weights_name), exclude=head)
+        quanto.freeze(model)
+        # quanto: int8 per output channel; int4 in groups of 128 with a scale and a shift each.
+        return 8 + 32 / 4096 if weights_name == "qint8" else 4 + 2 * 16 / 128
+
+    return run
+
+
+def _torchao(kind: str) -> Callable[[nn.Module], float]:
+    def run(model: nn.Module) -> float:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        head = model.get_output_embeddings()
+        if kind == "int8":
+            config, bits = Int8WeightOnlyConfig(), 8 + 16 / 4096
+        else:
+            config, bits = Int4WeightOnlyConfig(group_size=128, int4_packing_format="plain"), 4 + 2 * 16 / 128
+            model.to(torch.bfloat16)
+        quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m is not head)
+        return bits
+
+    return run
+
+
+PEERS: dict[str, Callable[[nn.Module], float]] = {
+    "hqq 4-bit g64": hqq_4bit_g64,
+    "optimum-quanto int4": _quanto("qint4"),
+    "optimum-quanto int8": _quanto("qint8"),
+    "torchao int8 weight-only": _torchao("int8"),
+    "torchao int4 weight-only g128": _torchao("int4"),
+}
+
+
+def evaluate(forward: Callable, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict:
+    nll = kl = 0.0
+    count = 0
+    # no_grad, not inference_mode: optimum-quanto's int4 tensors refuse inference tensors.
+    with torch.no_grad():
+        for window, ref in zip(windows, reference):
+            logprobs = torch.log_softmax(forward(window.unsqueeze(0)).logits[0, :-1].float(), -1)
+            nll -= logprobs.gather(-1, window[1:, None]).sum().item()
+            ref = ref.float()
+            kl += (ref.exp() * (ref - logprobs)).sum().item()
+            count += window.numel() - 1
+    return {"ppl": math.exp(nll / count), "kl": kl / count}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tap", required=True)
+    parser.add_argument("--text", default="wikitext")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    started = time.perf_counter()
+
+    tap = tap_runtime.load(args.tap)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
+    windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+    fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    reference: list[torch.Tensor] = []
+    fp32_nll, fp32_count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            logprobs = torch.log_softmax(fp32(window.unsqueeze(0)).logits[0, :-1].float(), -1)
+            fp32_nll -= logprobs.gather(-1, window[1:, None]).sum().item()
+            fp32_count += window.numel() - 1
+            reference.append(logprobs.to(torch.bfloat16))
+    del fp32
+    rows: dict[str, dict] = {"fp32": {"ppl": math.exp(fp32_nll / fp32_count), "kl": 0.0, "bits": 32.0}}
+
+    def tap_row(label: str) -> None:
+        tap.router.reset_counts()
+        result = evaluate(tap, windows, reference)
+        result["bits"] = weight_bits_read(tap.table, tap.router.counts)["avg_weight_bits_per_token"]
+        rows[label] = result
+        print(f"  {label}: {result}", flush=True)
+
+    tap.set_routing("fixed", tier=tap.table.tiers[0])
+    tap_row(f"TAP tier {tap.table.tiers[0]} (no routing)")
+    tap.set_routing("learned")
+    tap_row("TAP learned routing")
+    tap.set_routing("fixed", tier=tap.table.tiers[-1])
+    tap_row(f"TAP tier {tap.table.tiers[-1]}")
+    del tap
+
+    for label in args.peers.split(","):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+            bits = PEERS[label](model)
+            result = evaluate(lambda ids: model(ids), windows, reference)
+            rows[label] = {**result, "bits": bits}
+            print(f"  {label}: {rows[label]}", flush=True)
+        except Exception as exc:  # a peer that breaks is reported, not dropped
+            rows[label] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+            print(f"  {label}: FAILED\n{traceback.format_exc(limit=3)}", flush=True)
+        finally:
+            model = None
+
+    fp32_ppl = rows["fp32"]["ppl"]
+    print(f"# bench_peers: {args.model}; text={args.text} held-out, {args.windows} windows x {args.ctx} tokens")
+    print(f"# {environment()}; {time.perf_counter() - started:.0f}s")
+    print(f"{'method':34s} {'bits/weight':>11s} {'ppl ratio':>10s} {'mean KL':>9s}")
+    for label, row in rows.items():
+        if "error" in row:
+            print(f"{label:34s} {'failed: ' + row['error']}")
+        else:
+            print(f"{label:34s} {row['bits']:11.3f} {row['ppl'] / fp32_ppl:10.4f} {row['kl']:9.5f}")
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump({"args": vars(args), "environment": environment(), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
