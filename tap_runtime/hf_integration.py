@@ -32,6 +32,7 @@ class LoadOptions:
     kernel: str = "auto"
     verify: bool = True
     keep_portable: bool = False
+    device: str = "cpu"
 
 
 _OPTIONS: contextvars.ContextVar[LoadOptions] = contextvars.ContextVar("tap_load_options", default=LoadOptions())
@@ -104,6 +105,7 @@ class TapHfQuantizer(HfQuantizer):
             compute_dtype=self._compute_dtype,
             kernel_name=options.kernel,
             keep_portable=options.keep_portable,
+            device=options.device,
         )
         model.tap_checkpoint = checkpoint
         return model

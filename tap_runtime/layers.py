@@ -190,7 +190,7 @@ class TapHead(nn.Module):
             self.kernel = kernel
         except ValueError:
             # Shapes the packed kernel cannot take (in_features % 16 != 0) use the reference.
-            self.kernel = ReferenceKernel()
+            self.kernel = ReferenceKernel(getattr(kernel, "device", None))
             self._prepared = self.kernel.prepare_rows(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

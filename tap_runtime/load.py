@@ -29,9 +29,9 @@ def load(
 
     Args:
         path_or_repo_id: a directory written by ``tap-convert`` or a Hub repo id ``org/name``.
-        device: where to run (``cpu``; other devices use the reference kernel until they get one).
+        device: where to run: ``cpu`` or ``cuda`` (packed kernels on both; sm80+ for CUDA).
         dtype: dtype of the unquantized parts (norms, attention, residual stream).
-        kernel: ``auto`` (fastest packed kernel), ``cpu-packed`` or ``reference`` (plain torch).
+        kernel: ``auto`` (fastest packed kernel), ``cpu-packed``, ``cuda-packed`` or ``reference``.
         revision: Hub revision (branch, tag or commit) when loading from the Hub.
         verify: check every file's sha256 against the routing table before loading.
         keep_portable: keep the on-disk planes in memory beside the kernel's packed copies.
@@ -49,7 +49,8 @@ def load(
     # Read and verify up front so a bad file fails before transformers allocates anything.
     checkpoint = read_checkpoint(directory, verify=verify)
     # The quantizer hook verified nothing twice: it re-reads the manifest but skips hashing.
-    with load_options(LoadOptions(kernel=kernel, verify=False, keep_portable=keep_portable)):
+    device = torch.device(device)
+    with load_options(LoadOptions(kernel=kernel, verify=False, keep_portable=keep_portable, device=str(device))):
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=None)
     model.to(device)
     model.eval()

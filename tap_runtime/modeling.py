@@ -179,13 +179,16 @@ def prepare_model(
     compute_dtype: torch.dtype,
     kernel_name: str = "auto",
     keep_portable: bool = False,
+    device: torch.device | str | None = None,
 ) -> TokenRouter:
     """After weights are loaded: pack for the kernel, attach the router, install its hooks.
 
     ``compute_dtype`` is the dtype of the residual stream; it must be passed, not read from
     ``model.dtype``, which reports the first floating parameter (a float16 scale tensor here).
+    ``device`` is where the model will run: the kernel packs straight onto it, so quantized
+    weights never pass through the device as dense copies. The caller moves the rest after.
     """
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     kernel = select_kernel(kernel_name, device)
     sketches = None
     if "error_estimate" in table.router.signals:

@@ -35,7 +35,7 @@ class Plane:
         """(out_features, groups) zero points, materialising the implied ones."""
         if self.zeros is not None:
             return self.zeros
-        return torch.full(self.scales.shape, self.spec.implied_zero, dtype=torch.float16)
+        return torch.full(self.scales.shape, self.spec.implied_zero, dtype=torch.float16, device=self.scales.device)
 
 
 @dataclass

@@ -214,7 +214,11 @@ class TokenRouter:
             feature = hidden_norm_feature(hidden_states)
         else:
             normed = self.input_norms[layer_index](hidden_states)
-            feature = error_estimate_feature(normed, self.error_sketches[layer_index])
+            sketch = self.error_sketches[layer_index]
+            if sketch.device != normed.device:
+                # Once per layer and device: the sketch then stays beside the activations.
+                sketch = self.error_sketches[layer_index] = sketch.to(normed.device)
+            feature = error_estimate_feature(normed, sketch)
         mean, std = self._layer_stats[name]
         return (feature.reshape(-1).cpu() - mean[layer_index]) / std[layer_index]
 
