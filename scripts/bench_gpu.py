@@ -163,7 +163,7 @@ def main() -> None:
     from tap_runtime.energy import EnergyMonitor, available_counters
     from tap_runtime.kernels.cuda import CudaPackedKernel
 
-    from bench_common import environment, heldout_text
+    from bench_common import environment
 
     report = {
         "environment": environment(),
@@ -203,7 +203,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
+        ids = torch.tensor(tokenizer("\n\n".join(load_calibration_text("c4").documents[:50]), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
         entry = {"convert_seconds": convert_s, "kernels": kernel_agreement(work / shape / "tap", ids[:128].unsqueeze(0))}
         print(shape, json.dumps(entry), flush=True)
         entry["rows"] = []
