@@ -23,7 +23,15 @@ from tap_runtime.router import error_estimate_feature, hidden_norm_feature, posi
 
 from .stats import ChannelMeanSquare, InputSecondMoment
 
-__all__ = ["TokenSignals", "collect_input_stats", "collect_token_signals", "base_model", "MAX_HESSIAN_FEATURES"]
+__all__ = [
+    "TokenSignals",
+    "LossGradients",
+    "collect_input_stats",
+    "collect_token_signals",
+    "collect_loss_gradients",
+    "base_model",
+    "MAX_HESSIAN_FEATURES",
+]
 
 # Above this width a full (in, in) Hessian costs too much memory; such layers keep the diagonal.
 MAX_HESSIAN_FEATURES = 4096
@@ -97,7 +105,8 @@ class TokenSignals:
     Per layer, shape (num_layers, num_windows, seq_len): ``hidden_norm`` (log RMS at the layer
     input), ``attention_received`` (mean attention from the queries that can see the token),
     ``base_error`` (L2 norm of the change in the layer's output with base-tier linears),
-    ``error_estimate`` (log ||norm(h) P||^2 from the layer's error sketch; None without sketches).
+    ``error_estimate`` (log ||norm(h) P||^2 from the layer's error sketch; None without sketches),
+    ``loss_gradient`` and ``loss_impact`` (see :class:`LossGradients`; None unless collected).
     """
 
     token_ids: torch.Tensor
@@ -107,6 +116,8 @@ class TokenSignals:
     attention_received: torch.Tensor
     base_error: torch.Tensor
     error_estimate: torch.Tensor | None = None
+    loss_gradient: torch.Tensor | None = None
+    loss_impact: torch.Tensor | None = None
 
 
 def _attention_received(weights: torch.Tensor) -> torch.Tensor:
@@ -241,3 +252,100 @@ def collect_token_signals(
         base_error=base_error,
         error_estimate=error_estimate,
     )
+
+
+@dataclass
+class LossGradients:
+    """Per layer, shape (num_layers, num_windows, seq_len), from one backward pass per window.
+
+    ``gradient_norm``: log ||dL/dh|| at the layer's output, L the next-token loss of the window.
+    ``loss_impact``: log |dL/dh . e|, with e the change in the layer's output when its linears
+    run on the base tier: a first-order estimate of how much that token's loss moves when this
+    layer runs cheap for it (the Fisher / Taylor view of importance, as in DP-LLM and EXL2).
+    """
+
+    gradient_norm: torch.Tensor
+    loss_impact: torch.Tensor
+
+
+def collect_loss_gradients(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    sites: list[LinearSite],
+    base_weight: Callable[[LinearSite], torch.Tensor],
+    windows: torch.Tensor,
+    progress: bool = True,
+) -> LossGradients:
+    """Backpropagate each window's loss to every decoder layer's output (one window at a time,
+    so a 262k-vocabulary head fits in memory); weights are never updated or given gradients."""
+    layers = decoder_layers(model, spec)
+    num_layers = len(layers)
+    num_windows, seq_len = windows.shape
+    gradient_norm = torch.zeros(num_layers, num_windows, seq_len)
+    loss_impact = torch.zeros(num_layers, num_windows, seq_len)
+    sites_by_layer: dict[int, list[LinearSite]] = {}
+    for site in sites:
+        sites_by_layer.setdefault(site.layer_index, []).append(site)
+    base_weights = {site.name: base_weight(site) for site in sites}
+    state = {"rerun": False}
+    outputs: dict[int, torch.Tensor] = {}
+    errors: dict[int, torch.Tensor] = {}
+
+    def after_layer(layer_index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if state["rerun"]:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden.retain_grad()
+            outputs[layer_index] = hidden
+            saved = []
+            with torch.no_grad():
+                for site in sites_by_layer.get(layer_index, []):
+                    weight = base_weights[site.name]
+                    saved.append((site.module, site.module.weight.data))
+                    site.module.weight.data = weight if site.layout == "linear" else weight.t().contiguous()
+                state["rerun"] = True
+                try:
+                    rerun = module(*args, **kwargs)
+                finally:
+                    state["rerun"] = False
+                    for layer_module, data in saved:
+                        layer_module.weight.data = data
+                rerun = rerun[0] if isinstance(rerun, tuple) else rerun
+                errors[layer_index] = (rerun - hidden).to(torch.float32)
+
+        return hook
+
+    handles = [layer.register_forward_hook(after_layer(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    embed = model.get_input_embeddings()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        _backward_windows(model, embed, windows, num_layers, outputs, errors, gradient_norm, loss_impact, handles, progress)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    # The last position predicts nothing inside the window: no gradient, no signal.
+    gradient_norm[:, :, -1] = float("nan")
+    loss_impact[:, :, -1] = float("nan")
+    return LossGradients(gradient_norm=gradient_norm, loss_impact=loss_impact)
+
+
+def _backward_windows(model, embed, windows, num_layers, outputs, errors, gradient_norm, loss_impact, handles, progress) -> None:
+    with _hooks(handles):
+        for row in tqdm(range(windows.shape[0]), desc="calibration: loss gradients", disable=not progress):
+            ids = windows[row : row + 1]
+            with torch.no_grad():
+                embeds = embed(ids)
+            embeds.requires_grad_(True)  # the graph starts here; the weights stay frozen
+            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+            loss.backward()
+            with torch.no_grad():
+                for layer_index in range(num_layers):
+                    grad = outputs[layer_index].grad.to(torch.float32)[0]
+                    gradient_norm[layer_index, row] = torch.log(grad.norm(dim=-1).clamp_min(1e-30))
+                    dot = (grad * errors[layer_index][0]).sum(dim=-1).abs()
+                    loss_impact[layer_index, row] = torch.log(dot.clamp_min(1e-30))
+            outputs.clear()
+            errors.clear()

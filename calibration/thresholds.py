@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
-from tap_runtime.format import ALL_SIGNALS, PER_LAYER_SIGNALS, RUNTIME_SIGNALS, RouterSpec
+from tap_runtime.format import ALL_SIGNALS, PER_LAYER_SIGNALS, ROUTER_TARGETS, RUNTIME_SIGNALS, RouterSpec
 
 from .capture import TokenSignals
 
@@ -27,6 +27,7 @@ _L2 = 1e-3
 _EXCLUDED_REASONS = {
     "attention_received": "needs attention from later tokens, which do not exist when a token is routed",
     "predictive_entropy": "needs the previous position's logits, which prefill has not computed yet",
+    "loss_gradient": "needs the next token and a backward pass; inference has neither",
 }
 
 
@@ -59,16 +60,19 @@ def signal_matrix(signals: TokenSignals, token_log_frequency: torch.Tensor) -> _
         "hidden_norm": (signals.hidden_norm, "log_rms"),
         "attention_received": (signals.attention_received, "mean_attention_from_later_queries"),
         "error_estimate": (signals.error_estimate, "log_sketched_base_error"),
+        "loss_gradient": (signals.loss_gradient, "log_norm_of_loss_gradient_at_layer_output"),
     }
     for name in PER_LAYER_SIGNALS:
         values, transform = per_layer[name]
         if values is None:
             continue
         values = values.numpy().astype(np.float64)
-        means = values.reshape(num_layers, -1).mean(axis=1)
-        stds = values.reshape(num_layers, -1).std(axis=1)
+        # nan-aware: positions without a value (the loss gradient's last position) score 0.
+        means = np.nanmean(values.reshape(num_layers, -1), axis=1)
+        stds = np.nanstd(values.reshape(num_layers, -1), axis=1)
         stds = np.where(stds > 1e-8, stds, 1.0)
-        features[name] = (values - means[:, None, None]) / stds[:, None, None]
+        z = (values - means[:, None, None]) / stds[:, None, None]
+        features[name] = np.where(np.isfinite(z), z, 0.0)
         normalisation[name] = {
             "transform": transform,
             "layer_mean": [float(m) for m in means],
@@ -145,10 +149,23 @@ def fit_router(
     tiers: tuple[int, ...],
     share: float,
     holdout_fraction: float = 0.25,
+    target: str = "layer_error",
 ) -> RouterSpec:
-    """Fit weights on part of the router windows, measure on the rest, set thresholds on all."""
+    """Fit weights on part of the router windows, measure on the rest, set thresholds on all.
+
+    ``target`` is what the top ``share`` is taken of: ``layer_error`` (L2 of the base-tier
+    change in the layer output) or ``loss_impact`` (|dL/dh . e|, needs ``signals.loss_impact``).
+    """
+    if target not in ROUTER_TARGETS:
+        raise ValueError(f"router target {target!r} is unknown; expected one of {list(ROUTER_TARGETS)}")
     normalised = signal_matrix(signals, token_log_frequency)
-    errors = signals.base_error.numpy().astype(np.float64)
+    if target == "loss_impact":
+        if signals.loss_impact is None:
+            raise ValueError("router target 'loss_impact' needs the loss-gradient pass (signals.loss_impact)")
+        impact = signals.loss_impact.numpy().astype(np.float64)
+        errors = np.exp(np.where(np.isfinite(impact), impact, -np.inf))  # last position: 0, never a target
+    else:
+        errors = signals.base_error.numpy().astype(np.float64)
     labels = _top_share_labels(errors, share)
     num_windows = errors.shape[1]
     num_holdout = int(math.floor(num_windows * holdout_fraction)) if num_windows >= 2 else 0
@@ -180,7 +197,12 @@ def fit_router(
         for layer in range(flat_scores.shape[0])
     ]
     fit = {
-        "target": f"top {share:.0%} of tokens by layer-output error (L2) on the base tier, per layer",
+        "target": (
+            f"top {share:.0%} of tokens by layer-output error (L2) on the base tier, per layer"
+            if target == "layer_error"
+            else f"top {share:.0%} of tokens by first-order loss change |dL/dh . e| on the base tier, per layer"
+        ),
+        "target_name": target,
         "method": "logistic regression on z-scored runtime signals, L2 1e-3",
         "train_windows": train.stop - train.start,
         "holdout_windows": num_holdout,

@@ -3,10 +3,14 @@
 Same model, same held-out text, same windows. Every peer quantizes the linear layers of the
 decoder (embeddings and head stay float32 for peers; TAP also stores those at 8 bits). Rows:
 TAP at its tiers and default routing, HQQ 4-bit g64, optimum-quanto int4/int8, torchao int8/int4
-weight-only. A peer that fails to install or run is printed with its error, not dropped.
-Bits per weight are those of each method's storage layout (codes plus its scales/zeros).
+weight-only, and llama.cpp Q8_0 / Q4_K_M / Q4_0 with and without an importance matrix computed
+by llama-imatrix on the same calibration text TAP was fitted on (llama.cpp also quantizes the
+embedding and head as it does for its users; one Q4_K_M row keeps them at Q8_0, as TAP does).
+A peer that fails to install or run is printed with its error, not dropped. Bits per weight are
+those of each method's storage layout (codes plus scales/zeros); llama.cpp's are read from the
+GGUF file's tensor sizes; TAP's are the average bits read per token (tier mix included).
 
-    pip install -e '.[bench]'
+    pip install -e '.[bench]' && bash scripts/setup_llama_cpp.sh
     python scripts/bench_peers.py --model models/smollm2 --tap models/smollm2-tap --windows 16
 """
 
@@ -76,6 +80,16 @@ def _torchao(kind: str) -> Callable[[nn.Module], float]:
     return run
 
 
+LLAMA_CPP_PEERS = {
+    # label: (quant type, use the importance matrix, extra llama-quantize flags)
+    "llama.cpp Q8_0": ("Q8_0", False, ()),
+    "llama.cpp Q4_K_M": ("Q4_K_M", False, ()),
+    "llama.cpp Q4_K_M + imatrix": ("Q4_K_M", True, ()),
+    "llama.cpp Q4_K_M + imatrix, emb q8_0": ("Q4_K_M", True, ("--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0")),
+    "llama.cpp Q4_0": ("Q4_0", False, ()),
+    "llama.cpp Q4_0 + imatrix": ("Q4_0", True, ()),
+}
+
 PEERS: dict[str, Callable[[nn.Module], float]] = {
     "hqq 4-bit g64": hqq_4bit_g64,
     "optimum-quanto int4": _quanto("qint4"),
@@ -99,6 +113,33 @@ def evaluate(forward: Callable, windows: torch.Tensor, reference: list[torch.Ten
     return {"ppl": math.exp(nll / count), "kl": kl / count}
 
 
+def llama_cpp_row(label: str, args, calib: str, imatrix_settings: tuple[int, int], windows, reference) -> dict:
+    """Quantize with llama.cpp's own tools and evaluate through its Python binding."""
+    qtype, use_imatrix, extra = LLAMA_CPP_PEERS[label]
+    runner = None
+    try:
+        import llama_cpp_peer as lcp
+        from calibration.data import load_calibration_text
+
+        lcp.ensure_available()
+        f32 = lcp.f32_gguf(args.model)
+        imatrix = None
+        if use_imatrix:
+            text = "\n\n".join(load_calibration_text(calib).documents)
+            imatrix = lcp.importance_matrix(f32, text, calib, *imatrix_settings, threads=args.threads)
+        gguf = lcp.quantize(f32, qtype, args.threads, imatrix, extra)
+        runner = lcp.LlamaCppLogits(gguf, args.ctx, args.threads)
+        result = {**evaluate(runner, windows, reference), "bits": lcp.linear_bits_per_weight(gguf), "file": gguf.name}
+        print(f"  {label}: {result}", flush=True)
+        return result
+    except Exception as exc:  # a peer that breaks is reported, not dropped
+        print(f"  {label}: FAILED\n{traceback.format_exc(limit=3)}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+    finally:
+        if runner is not None:
+            runner.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -107,7 +148,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--peers", default=",".join([*PEERS, *LLAMA_CPP_PEERS]))
+    parser.add_argument("--calib", default=None, help="text for llama.cpp's importance matrix (default: what TAP was calibrated on)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -142,9 +184,14 @@ def main() -> None:
     tap_row("TAP learned routing")
     tap.set_routing("fixed", tier=tap.table.tiers[-1])
     tap_row(f"TAP tier {tap.table.tiers[-1]}")
+    calib = args.calib or tap.table.calibration.dataset
+    imatrix_settings = (tap.table.calibration.seq_len, tap.table.calibration.num_samples)
     del tap
 
     for label in args.peers.split(","):
+        if label in LLAMA_CPP_PEERS:
+            rows[label] = llama_cpp_row(label, args, calib, imatrix_settings, windows, reference)
+            continue
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
             bits = PEERS[label](model)

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from tap_runtime.errors import TapError
+from tap_runtime.format import ROUTER_TARGETS
 
 from .convert import ConvertOptions, convert
 from .writer import DEFAULT_MAX_SHARD_BYTES
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="promote the most sensitive layers to a higher tier for every token until the expected "
                              "average weight bits read per token reach this (default: no promotion)")
     parser.add_argument("--router-samples", type=int, default=defaults.router_samples)
+    parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
+                        help="what the router learns to predict: layer_error (default) or loss_impact")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         high_precision_share=args.high_precision_share,
         target_bits=args.target_bits,
         router_samples=args.router_samples,
+        router_target=args.router_target,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,
         overwrite=args.overwrite,

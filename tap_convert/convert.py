@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import collect_input_stats, collect_token_signals
+from calibration.capture import collect_input_stats, collect_loss_gradients, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.stats import InputSecondMoment, token_log_frequency
 from calibration.thresholds import fit_router, tier_shares
@@ -24,6 +24,7 @@ from tap_runtime.format import (
     EMBEDDING_BITS,
     FORMAT_VERSION,
     PLANE_BITS,
+    ROUTER_TARGETS,
     ROUTER_TOKEN_LOG_FREQUENCY,
     TIER_CHOICES,
     CalibrationInfo,
@@ -68,6 +69,7 @@ class ConvertOptions:
     high_precision_share: float = 0.1
     target_bits: float | None = None
     router_samples: int = 32
+    router_target: str = "layer_error"
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     overwrite: bool = False
@@ -87,6 +89,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--method {self.method!r} is unknown; expected one of {list(METHODS)}.")
         if self.target_bits is not None and not 4.0 <= self.target_bits <= 16.0:
             raise InvalidConfigError(f"--target-bits must be between 4 and 16; got {self.target_bits}.")
+        if self.router_target not in ROUTER_TARGETS:
+            raise InvalidConfigError(f"--router-target {self.router_target!r} is unknown; expected one of {list(ROUTER_TARGETS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
             raise InvalidConfigError("--num-samples, --router-samples and --batch-size must be positive.")
 
@@ -223,10 +227,25 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         progress=options.progress,
         error_sketches=sketches,
     )
+    timings["pass2_seconds"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    gradients = collect_loss_gradients(
+        model,
+        spec,
+        quantized_sites,
+        lambda site: dequantize_planes(planes[site.name], policies[site.name].always_planes),
+        router_windows,
+        progress=options.progress,
+    )
+    signals.loss_gradient, signals.loss_impact = gradients.gradient_norm, gradients.loss_impact
+    timings["gradient_pass_seconds"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     body = router_windows[:, 1:] if bos is not None else router_windows  # the BOS was not in the text
     log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings, held_out=body)
-    router = fit_router(signals, log_frequency, tuple(options.tiers), options.high_precision_share)
-    timings["pass2_and_fit_seconds"] = time.perf_counter() - tick
+    router = fit_router(
+        signals, log_frequency, tuple(options.tiers), options.high_precision_share, target=options.router_target
+    )
+    timings["fit_seconds"] = time.perf_counter() - tick
 
     for site in quantized_sites:
         for plane_index, plane in enumerate(planes[site.name]):

@@ -47,6 +47,7 @@ __all__ = [
     "ALL_SIGNALS",
     "RUNTIME_SIGNALS",
     "PER_LAYER_SIGNALS",
+    "ROUTER_TARGETS",
     "shard_file_name",
     "plane_tensor_suffix",
     "plane_tensor_name",
@@ -119,12 +120,17 @@ ALL_SIGNALS = (
     "token_frequency",
     "predictive_entropy",
     "error_estimate",
+    "loss_gradient",
 )
 # The subset a causal runtime can compute before a layer runs: attention received needs tokens
-# that come later, and predictive entropy needs the logits the forward pass has not produced yet.
+# that come later, predictive entropy needs the logits the forward pass has not produced yet, and
+# the loss gradient needs the next token and a backward pass.
 RUNTIME_SIGNALS = ("hidden_norm", "position", "token_frequency", "error_estimate")
 # Signals measured per decoder layer (normalised per layer); the others are per token.
-PER_LAYER_SIGNALS = ("hidden_norm", "attention_received", "error_estimate")
+PER_LAYER_SIGNALS = ("hidden_norm", "attention_received", "error_estimate", "loss_gradient")
+# What the router is fitted to predict, per layer: the tokens whose base-tier layer-output error
+# is largest (L2), or whose first-order loss change |dL/dh . e| is largest (needs a backward pass).
+ROUTER_TARGETS = ("layer_error", "loss_impact")
 
 
 def shard_file_name(index: int, count: int) -> str:

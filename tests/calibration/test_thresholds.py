@@ -27,7 +27,7 @@ def test_router_learns_the_predictive_signal_and_hits_the_share():
     assert spec.fit["holdout"]["auc"] > 0.9
     assert spec.fit["holdout"]["precision_at_share"] > 0.5
     assert spec.fit["single_signal_auc"]["hidden_norm"] > 0.9
-    assert set(spec.excluded_signals) == {"attention_received", "predictive_entropy"}
+    assert set(spec.excluded_signals) == {"attention_received", "predictive_entropy", "loss_gradient"}
     # Thresholds are the per-layer 90% quantile of the score over the calibration tokens.
     scores = spec.bias + spec.weights["hidden_norm"] * (
         (signals.hidden_norm.numpy() - np.array(spec.normalisation["hidden_norm"]["layer_mean"])[:, None, None])
@@ -47,3 +47,25 @@ def test_auc():
     assert roc_auc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([0, 0, 1, 1])) == 1.0
     assert roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([0, 0, 1, 1])) == 0.0
     assert np.isnan(roc_auc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_loss_impact_target_follows_the_impact_not_the_layer_error():
+    signals = _signals()
+    generator = torch.Generator().manual_seed(5)
+    # The loss impact tracks position here (late tokens matter), the layer error tracks hidden norm.
+    impact = signals.position.expand(3, -1, -1) + 0.1 * torch.randn(signals.hidden_norm.shape, generator=generator)
+    impact[:, :, -1] = float("nan")  # no loss gradient at the window's last position
+    signals.loss_impact = impact
+    signals.loss_gradient = impact.clone()
+    spec = fit_router(signals, torch.zeros(50), (4, 8), share=0.1, target="loss_impact")
+    assert spec.fit["target_name"] == "loss_impact"
+    assert abs(spec.weights["position"]) > abs(spec.weights["hidden_norm"])
+    assert spec.fit["single_signal_auc"]["loss_gradient"] > 0.9  # measured, reported, not used
+    assert "loss_gradient" not in spec.signals
+
+
+def test_unknown_or_uncollected_target_is_refused():
+    with pytest.raises(ValueError, match="router target 'oracle' is unknown"):
+        fit_router(_signals(), torch.zeros(50), (4, 8), share=0.1, target="oracle")
+    with pytest.raises(ValueError, match="needs the loss-gradient pass"):
+        fit_router(_signals(), torch.zeros(50), (4, 8), share=0.1, target="loss_impact")

@@ -24,7 +24,8 @@ def test_routing_table_records_policy_router_provenance_and_checksums(converted_
     assert "model.norm.weight" in table.kept and table.kept["model.norm.weight"].tier == 32
     assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate")
     assert set(table.router.fit["single_signal_auc"]) == {
-        "hidden_norm", "attention_received", "position", "token_frequency", "predictive_entropy", "error_estimate"
+        "hidden_norm", "attention_received", "position", "token_frequency", "predictive_entropy", "error_estimate",
+        "loss_gradient",
     }
     assert len(table.router.thresholds) == 2
     assert table.calibration.seed == 0 and table.calibration.seconds > 0
