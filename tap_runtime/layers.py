@@ -96,23 +96,28 @@ class TapLinear(nn.Module):
             raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
         leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        out = self.kernel.matmul_plane(flat, self._prepared[0])
+        kernel, prepared = self.kernel, self._prepared
+        out = kernel.matmul_plane(flat, prepared[0])
         # Planes below min_tier serve every token; the router decides only above it.
-        for plane_index in range(1, self.policy.always_planes):
-            out += self.kernel.matmul_plane(flat, self._prepared[plane_index])
+        work = [(plane_index, ALL_TOKENS) for plane_index in range(1, self.policy.always_planes)]
         routing = self.routing
         if routing is not None:
-            for plane_index in range(self.policy.always_planes, len(self._prepared)):
+            for plane_index in range(self.policy.always_planes, len(prepared)):
                 indices = routing.indices_for_plane(plane_index)
                 if indices is None:
                     break  # planes nest: nobody above this one either
+                work.append((plane_index, indices))
+        if work:
+            # Residual planes are small corrections: add them in float32.
+            out = out.to(torch.float32)
+            for plane_index, indices in work:
                 if indices is ALL_TOKENS:
-                    out += self.kernel.matmul_plane(flat, self._prepared[plane_index])
+                    out += kernel.matmul_plane(flat, prepared[plane_index])
                 else:
-                    extra = self.kernel.matmul_plane(flat.index_select(0, indices), self._prepared[plane_index])
-                    out.index_add_(0, indices, extra)
+                    extra = kernel.matmul_plane(flat.index_select(0, indices), prepared[plane_index])
+                    out.index_add_(0, indices, extra.to(torch.float32))
         if self.bias is not None:
-            out += self.bias.to(torch.float32)
+            out = out + self.bias
         return out.to(x.dtype).reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:

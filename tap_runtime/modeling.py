@@ -255,15 +255,18 @@ def _install_router_hooks(model: nn.Module, spec: ArchitectureSpec, router: Toke
         router.begin_forward(input_ids, _positions(kwargs, input_ids, seq_len, batch).cpu())
         return None
 
-    def before_layer(layer_index):
-        def hook(module, args, kwargs):
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            router.route_layer(layer_index, hidden_states)
+    def after_input_norm(layer_index):
+        # Route from the layer's input norm: it runs once per layer, before any linear reads the
+        # tokens, and hands over both the hidden states and their normed form (which the error
+        # estimate reads), so the norm is not computed twice.
+        def hook(module, args, output):
+            normed = output[0] if isinstance(output, tuple) else output
+            router.route_layer(layer_index, args[0], normed)
             return None
 
         return hook
 
     model.register_forward_pre_hook(before_model, with_kwargs=True)
     router.input_norms = [getattr(layer, spec.input_norm) for layer in decoder_layers(model, spec)]
-    for layer_index, layer in enumerate(decoder_layers(model, spec)):
-        layer.register_forward_pre_hook(before_layer(layer_index), with_kwargs=True)
+    for layer_index, norm in enumerate(router.input_norms):
+        norm.register_forward_hook(after_input_norm(layer_index))

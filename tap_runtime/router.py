@@ -9,6 +9,7 @@ was fitted on and what it computes at run time are one definition.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,18 @@ class TokenRouter:
             for name in spec.normalisation
             if "layer_mean" in norm[name]
         }
+        # Per layer, the z-scoring folded into one slope and offset per signal (Python floats, so
+        # a decode step scores a token with a handful of tensor ops).
+        self._slopes = {
+            name: [self._weights[name] / float(std) for std in stats[1]]
+            for name, stats in self._layer_stats.items()
+            if name in self._weights
+        }
+        self._offsets = [
+            -sum(self._weights[name] * float(stats[0][l]) / float(stats[1][l]) for name, stats in self._layer_stats.items() if name in self._weights)
+            for l in range(num_layers)
+        ]
+        self._threshold_rows = [[float(t) for t in row] for row in self.thresholds]
         self.mode = "learned"
         self.fixed_tier_index = 0
         self.topk_score = "learned"
@@ -105,7 +118,11 @@ class TokenRouter:
         )
         self._generator = torch.Generator().manual_seed(0)
         self._static_score: torch.Tensor | None = None
-        self.counts = torch.zeros(num_layers, len(self.tiers), dtype=torch.int64)
+        self._counts = torch.zeros(num_layers, len(self.tiers), dtype=torch.int64)
+        # Decode steps count in plain Python (a tensor update per layer per token costs more
+        # than the decision itself); folded into the tensor whenever counts are read.
+        self._pending = [[0] * len(self.tiers) for _ in range(num_layers)]
+        self._has_pending = False
 
     # ----- configuration -------------------------------------------------------------------
     def set_mode(
@@ -148,7 +165,18 @@ class TokenRouter:
         self.mode = mode
 
     def reset_counts(self) -> None:
-        self.counts.zero_()
+        self._counts.zero_()
+        self._pending = [[0] * len(self.tiers) for _ in range(self.num_layers)]
+        self._has_pending = False
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(num_layers, len(tiers)) token decisions per tier since the last reset."""
+        if self._has_pending:
+            self._counts += torch.tensor(self._pending, dtype=torch.int64)
+            self._pending = [[0] * len(self.tiers) for _ in range(self.num_layers)]
+            self._has_pending = False
+        return self._counts
 
     # ----- per forward pass ----------------------------------------------------------------
     def begin_forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None) -> None:
@@ -174,10 +202,22 @@ class TokenRouter:
         # Without ids (inputs_embeds) the frequency term stays at its calibration mean, i.e. 0.
         self._static_score = score.reshape(-1)
 
-    def route_layer(self, layer_index: int, hidden_states: torch.Tensor) -> None:
-        """Assign every token of ``hidden_states`` (batch, seq, hidden) a tier for this layer."""
+    def route_layer(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None = None) -> None:
+        """Assign every token of ``hidden_states`` (batch, seq, hidden) a tier for this layer.
+
+        ``normed`` is the layer's input norm applied to ``hidden_states`` when the caller has it
+        (the runtime routes from the norm's forward hook); otherwise it is computed here.
+        """
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
         routing = self.layers[layer_index]
+        if self.mode == "learned" and num_tokens == 1:
+            # Decode: one token, one score, plain Python from here on.
+            score = self._decode_score(layer_index, hidden_states, normed)
+            tier_index = sum(score >= t for t in self._threshold_rows[layer_index])
+            self._pending[layer_index][tier_index] += 1
+            self._has_pending = True
+            routing.plane_indices = [ALL_TOKENS if tier_index >= level else None for level in range(1, len(self.tiers))]
+            return
         if self.mode == "fixed":
             tier_index = torch.full((num_tokens,), self.fixed_tier_index, dtype=torch.int64)
         elif self.mode == "random":
@@ -187,16 +227,16 @@ class TokenRouter:
             for share in self.random_shares:
                 tier_index += (draws < share).to(torch.int64)
         elif self.mode == "topk":
-            score = self._topk_score(layer_index, hidden_states, num_tokens)
+            score = self._topk_score(layer_index, hidden_states, num_tokens, normed)
             tier_index = torch.zeros(num_tokens, dtype=torch.int64)
             order = torch.argsort(score, descending=True)
             for share in self.random_shares:
                 tier_index[order[: int(round(share * num_tokens))]] += 1
         else:
-            score = self._layer_score(layer_index, hidden_states, num_tokens)
+            score = self._layer_score(layer_index, hidden_states, num_tokens, normed)
             # Count thresholds passed: 0 -> base tier, 1 -> next tier, ...
             tier_index = (score.unsqueeze(-1) >= self.thresholds[layer_index]).sum(dim=-1)
-        self.counts[layer_index] += torch.bincount(tier_index, minlength=len(self.tiers))
+        self._counts[layer_index] += torch.bincount(tier_index, minlength=len(self.tiers))
         routing.plane_indices = []
         for level in range(1, len(self.tiers)):
             mask = tier_index >= level
@@ -208,27 +248,30 @@ class TokenRouter:
             else:
                 routing.plane_indices.append(mask.nonzero().squeeze(-1).to(hidden_states.device))
 
-    def _layer_feature(self, name: str, layer_index: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """z-scored per-layer signal of every token: (tokens,)."""
+    def _raw_feature(self, name: str, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> torch.Tensor:
+        """The untransformed per-layer signal of every token, on the activations' device: (tokens,)."""
         if name == "hidden_norm":
-            feature = hidden_norm_feature(hidden_states)
-        else:
+            return hidden_norm_feature(hidden_states).reshape(-1)
+        if normed is None:
             normed = self.input_norms[layer_index](hidden_states)
-            sketch = self.error_sketches[layer_index]
-            if sketch.device != normed.device:
-                # Once per layer and device: the sketch then stays beside the activations.
-                sketch = self.error_sketches[layer_index] = sketch.to(normed.device)
-            feature = error_estimate_feature(normed, sketch)
-        mean, std = self._layer_stats[name]
-        return (feature.reshape(-1).cpu() - mean[layer_index]) / std[layer_index]
+        sketch = self.error_sketches[layer_index]
+        if sketch.device != normed.device:
+            # Once per layer and device: the sketch then stays beside the activations.
+            sketch = self.error_sketches[layer_index] = sketch.to(normed.device)
+        return error_estimate_feature(normed, sketch).reshape(-1)
 
-    def _topk_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _layer_feature(self, name: str, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """z-scored per-layer signal of every token: (tokens,)."""
+        mean, std = self._layer_stats[name]
+        return (self._raw_feature(name, layer_index, hidden_states, normed).cpu() - mean[layer_index]) / std[layer_index]
+
+    def _topk_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int, normed: torch.Tensor | None = None) -> torch.Tensor:
         if self.topk_score == "learned":
-            return self._layer_score(layer_index, hidden_states, num_tokens)
+            return self._layer_score(layer_index, hidden_states, num_tokens, normed)
         norm = self.spec.normalisation[self.topk_score]
         input_ids, positions = getattr(self, "_token_features", (None, None))
         if self.topk_score in self._layer_stats:
-            z = self._layer_feature(self.topk_score, layer_index, hidden_states)
+            z = self._layer_feature(self.topk_score, layer_index, hidden_states, normed)
         elif self.topk_score == "position":
             z = (position_feature(positions).reshape(-1) - norm["mean"]) / norm["std"]
         else:
@@ -236,15 +279,44 @@ class TokenRouter:
             z = (self.token_log_frequency[ids] - norm["mean"]) / norm["std"]
         return self.topk_sign * z
 
-    def _layer_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _decode_score(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> float:
+        """:meth:`_layer_score` for a single token with the fewest tensor operations (decode)."""
+        static = self._static_score
+        score = float(static[0]) if static is not None and static.numel() == 1 else self.spec.bias
+        for name, slopes in self._slopes.items():
+            if name == "hidden_norm":
+                # log rms = log(||h|| / sqrt(hidden)), as hidden_norm_feature computes it.
+                norm = float(torch.linalg.vector_norm(hidden_states.reshape(-1), dtype=torch.float32))
+                feature = math.log(max(norm / math.sqrt(hidden_states.shape[-1]), 1e-12))
+            else:
+                if normed is None:
+                    normed = self.input_norms[layer_index](hidden_states)
+                sketch = self._float_sketch(layer_index, normed.device)
+                projected = normed.reshape(1, -1).to(torch.float32) @ sketch
+                # log ||x P||^2, as error_estimate_feature computes it.
+                feature = math.log(max(float(torch.linalg.vector_norm(projected)) ** 2, 1e-20))
+            score += slopes[layer_index] * feature
+        return score + self._offsets[layer_index]
+
+    def _float_sketch(self, layer_index: int, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_float_sketches", {})
+        key = (layer_index, device)
+        if key not in cache:
+            cache[key] = self.error_sketches[layer_index].to(device=device, dtype=torch.float32)
+        return cache[key]
+
+    def _layer_score(self, layer_index: int, hidden_states: torch.Tensor, num_tokens: int, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """Fitted score of every token in this layer: (tokens,), on the CPU."""
         static = self._static_score
         if static is None or static.numel() != num_tokens:
             static = torch.full((num_tokens,), self.spec.bias, dtype=torch.float32)
-        score = static
-        for name in self._layer_stats:
-            if name in self._weights:
-                score = score + self._weights[name] * self._layer_feature(name, layer_index, hidden_states)
-        return score
+        layer_part = None
+        for name, slopes in self._slopes.items():
+            term = self._raw_feature(name, layer_index, hidden_states, normed) * slopes[layer_index]
+            layer_part = term if layer_part is None else layer_part + term
+        if layer_part is None:
+            return static
+        return static + (layer_part.cpu() + self._offsets[layer_index])
 
     # ----- reporting -----------------------------------------------------------------------
     def tier_counts(self) -> dict[int, int]:

@@ -16,7 +16,12 @@ __all__ = ["Kernel"]
 
 
 class Kernel(Protocol):
-    """Weight-only quantized matmul. Outputs are float32 so residual planes add without loss."""
+    """Weight-only quantized matmul.
+
+    Outputs come in the kernel's own dtype (bfloat16 for the packed kernels, float32 for the
+    reference): a token on the base tier needs no widening; callers widen to float32 before
+    adding residual planes, so those add without loss.
+    """
 
     name: str
 
@@ -24,10 +29,10 @@ class Kernel(Protocol):
         """Convert one 4-bit plane (out_features, in_features) to the kernel's own layout."""
 
     def matmul_plane(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        """x (tokens, in_features) @ plane.T -> float32 (tokens, out_features)."""
+        """x (tokens, in_features) @ plane.T -> (tokens, out_features) in the kernel's dtype."""
 
     def prepare_rows(self, rows: RowQuantized) -> Any:
         """Convert an 8-bit row-wise matrix (out_features, in_features) to the kernel's layout."""
 
     def matmul_rows(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        """x (tokens, in_features) @ rows.T -> float32 (tokens, out_features)."""
+        """x (tokens, in_features) @ rows.T -> (tokens, out_features) in the kernel's dtype."""

@@ -2,7 +2,12 @@
 
 Both take bfloat16 activations: on x86 their float32 paths are generic fallbacks that run
 about 25x slower than the bfloat16 ones (measured with torch 2.13, AVX2), so activations are
-cast to bfloat16 at the kernel boundary and results come back as float32.
+cast to bfloat16 at the kernel boundary and results come back in bfloat16.
+
+Many tokens at once (prefill) are compute-bound, where torch's int4 kernel loses to a dense
+bfloat16 GEMM (5.6 ms against 3.5 ms with the unpacking, for 512 x 576 -> 1536 on 2 cores). From
+``dense_min_tokens`` tokens on, the plane is unpacked from the kernel's own packed layout into
+a transient bfloat16 matrix and multiplied densely; nothing dense stays resident.
 """
 
 from __future__ import annotations
@@ -15,10 +20,20 @@ import torch.nn.functional as F
 from ..planes import Plane, RowQuantized
 from ..packing import unpack_int4
 
-__all__ = ["CpuPackedKernel", "cpu_kernels_available", "aligned", "INT4_ROW_MULTIPLE", "INT8_COL_MULTIPLE"]
+__all__ = [
+    "CpuPackedKernel",
+    "cpu_kernels_available",
+    "cpu_int4_layout_known",
+    "unpack_cpu_int4pack",
+    "aligned",
+    "INT4_ROW_MULTIPLE",
+    "INT8_COL_MULTIPLE",
+]
 
-# torch's CPU int4 packer needs out_features % 16 == 0; shorter matrices are padded with zeros.
-INT4_ROW_MULTIPLE = 16
+# torch's CPU int4 packer needs out_features % 16 == 0 and lays rows out in blocks of 64 (see
+# unpack_cpu_int4pack); padding to 64 keeps every block regular, so the layout can be unpacked.
+INT4_ROW_MULTIPLE = 64
+_PACK_BLOCK_ROWS = 64
 # torch's int8 weight-only matmul gives wrong results (or crashes) unless in_features % 16 == 0.
 INT8_COL_MULTIPLE = 16
 _INNER_K_TILES = 2
@@ -42,6 +57,38 @@ def cpu_kernels_available() -> bool:
     )
 
 
+def unpack_cpu_int4pack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Codes (rows, in_features) from ``_convert_weight_to_int4pack_for_cpu``'s output.
+
+    For each block of 64 rows the packer writes, for every column k, 32 bytes whose low nibble is
+    row d and high nibble row d + 32 of the block (torch 2.x, checked at start-up by
+    :func:`cpu_int4_layout_known`).
+    """
+    blocks = packed.shape[0] // _PACK_BLOCK_ROWS
+    half = _PACK_BLOCK_ROWS // 2
+    low = (packed & 0x0F).view(blocks, in_features, half)
+    high = (packed >> 4).view(blocks, in_features, half)
+    return torch.cat((low, high), dim=-1).permute(0, 2, 1).reshape(blocks * _PACK_BLOCK_ROWS, in_features)
+
+
+_LAYOUT_KNOWN: bool | None = None
+
+
+def cpu_int4_layout_known() -> bool:
+    """Whether this torch's packed layout is the one :func:`unpack_cpu_int4pack` reads (once)."""
+    global _LAYOUT_KNOWN
+    if _LAYOUT_KNOWN is None:
+        codes = torch.randint(0, 16, (2 * _PACK_BLOCK_ROWS, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
+            _LAYOUT_KNOWN = packed.shape == (codes.shape[0], codes.shape[1] // 2) and torch.equal(
+                unpack_cpu_int4pack(packed, codes.shape[1]).to(torch.int32), codes
+            )
+        except RuntimeError:
+            _LAYOUT_KNOWN = False
+    return _LAYOUT_KNOWN
+
+
 @dataclass
 class _PackedPlane:
     packed: torch.Tensor  # uint8, kernel layout, (padded_out, in_features // 2)
@@ -57,7 +104,17 @@ class _PackedRows:
 
 
 class CpuPackedKernel:
+    """int4 planes and int8 rows through torch's packed CPU ops; dense bf16 GEMM for prefill.
+
+    ``dense_min_tokens``: from this many tokens in one call on, planes are unpacked to a
+    transient bfloat16 matrix (measured crossover on 2 AVX-512 cores: 128 to 256 tokens depending
+    on the shape; scripts/bench_kernels.py); ``None`` keeps the int4 kernel for every call.
+    """
+
     name = "cpu-packed"
+
+    def __init__(self, dense_min_tokens: int | None = 256):
+        self.dense_min_tokens = dense_min_tokens if cpu_int4_layout_known() else None
 
     def prepare_plane(self, plane: Plane) -> _PackedPlane:
         codes = unpack_int4(plane.qweight).to(torch.int32)  # (out, in)
@@ -75,13 +132,31 @@ class CpuPackedKernel:
         scale_and_zero = torch.stack((scales, offsets), dim=-1).transpose(0, 1).contiguous()
         return _PackedPlane(packed, scale_and_zero.to(torch.bfloat16), plane.spec.group_size, out_features)
 
+    def dequantize_plane(self, prepared: _PackedPlane) -> torch.Tensor:
+        """The plane as a bfloat16 (padded_out, in_features) matrix, from the packed layout."""
+        in_features = prepared.packed.shape[1] * 2
+        groups = in_features // prepared.group_size
+        # float32 arithmetic: torch's elementwise bfloat16 ops on CPU are ~3x slower.
+        codes = unpack_cpu_int4pack(prepared.packed, in_features).to(torch.float32)
+        codes = codes.view(codes.shape[0], groups, prepared.group_size)
+        scale_and_zero = prepared.scale_and_zero.to(torch.float32)
+        scale = scale_and_zero[..., 0].t().unsqueeze(-1)  # (out, groups, 1)
+        # (q - 8) * scale + offset = q * scale + (offset - 8 * scale)
+        shift = (scale_and_zero[..., 1] - 8 * scale_and_zero[..., 0]).t().unsqueeze(-1)
+        return codes.mul_(scale).add_(shift).view(codes.shape[0], in_features).to(torch.bfloat16)
+
     def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane) -> torch.Tensor:
+        if self.dense_min_tokens is not None and x.shape[0] >= self.dense_min_tokens:
+            out = torch.mm(x.to(torch.bfloat16), self.dequantize_plane(prepared).t())
+            if out.shape[-1] != prepared.out_features:
+                out = out[:, : prepared.out_features]
+            return out
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             aligned(x.to(torch.bfloat16)), prepared.packed, prepared.group_size, prepared.scale_and_zero
         )
         if out.shape[-1] != prepared.out_features:
             out = out[:, : prepared.out_features]
-        return out.to(torch.float32)
+        return out
 
     def prepare_rows(self, rows: RowQuantized) -> _PackedRows:
         if rows.qweight.shape[1] % INT8_COL_MULTIPLE:
@@ -89,5 +164,4 @@ class CpuPackedKernel:
         return _PackedRows(aligned(rows.qweight), aligned(rows.scales.to(torch.bfloat16)))
 
     def matmul_rows(self, x: torch.Tensor, prepared: _PackedRows) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(aligned(x.to(torch.bfloat16)), prepared.qweight, prepared.scales)
-        return out.to(torch.float32)
+        return torch.ops.aten._weight_int8pack_mm(aligned(x.to(torch.bfloat16)), prepared.qweight, prepared.scales)

@@ -112,7 +112,7 @@ class CudaPackedKernel:
         )
         if out.shape[-1] != prepared.out_features:
             out = out[:, : prepared.out_features]
-        return out.to(torch.float32)
+        return out
 
     def prepare_rows(self, rows: RowQuantized) -> _PackedRows:
         if self.int8_path == "int8pack":
@@ -128,4 +128,4 @@ class CudaPackedKernel:
             out = torch.ops.aten._weight_int8pack_mm(x, prepared.weight, prepared.scales)
         else:
             out = x @ prepared.weight.t()
-        return out.to(torch.float32)
+        return out

@@ -5,7 +5,7 @@ from tap_convert.quantize import quantize_rows, quantize_tiers
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.format import PlaneSpec
 from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel, select_kernel
-from tap_runtime.kernels.cpu import aligned, cpu_kernels_available
+from tap_runtime.kernels.cpu import aligned, cpu_int4_layout_known, cpu_kernels_available, unpack_cpu_int4pack
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="torch lacks packed CPU kernels")
 
@@ -25,7 +25,7 @@ def test_packed_int4_matches_reference(shape, symmetric, tokens):
     expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
     kernel = CpuPackedKernel()
     got = kernel.matmul_plane(x, kernel.prepare_plane(plane))
-    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16  # widened by the caller when planes add
     # bfloat16 activations and scales: about 3 significant digits.
     assert _relative_error(got, expected) < 1e-2
 
@@ -61,3 +61,25 @@ def test_select_kernel(device):
         assert select_kernel("auto", device).name == "cpu-packed"
     with pytest.raises(InvalidConfigError, match="kernel 'fast' is unknown"):
         select_kernel("fast", device)
+
+
+def test_cpu_int4_layout_is_the_one_we_unpack():
+    assert cpu_int4_layout_known()
+    codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(unpack_cpu_int4pack(packed, 96).to(torch.int32), codes)
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (576, 576)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dense_prefill_path_matches_reference(shape):
+    """From dense_min_tokens on, the plane is unpacked from the packed layout and multiplied densely."""
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
+    (plane,) = quantize_tiers(weight, (PlaneSpec(4, 32, False),))
+    x = torch.randn(300, in_features, generator=torch.Generator().manual_seed(1))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    kernel = CpuPackedKernel(dense_min_tokens=256)
+    prepared = kernel.prepare_plane(plane)
+    assert _relative_error(kernel.matmul_plane(x, prepared), expected) < 1e-2  # dense path
+    assert _relative_error(kernel.matmul_plane(x[:5], prepared), expected[:5]) < 1e-2  # int4 path
+    assert kernel.dequantize_plane(prepared).dtype == torch.bfloat16

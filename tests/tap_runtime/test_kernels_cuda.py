@@ -51,7 +51,7 @@ def test_cuda_int4_matches_reference(shape, symmetric, tokens, group_size):
     expected = reference.matmul_plane(x, reference.prepare_plane(plane))
     kernel = CudaPackedKernel("cuda")
     got = kernel.matmul_plane(x, kernel.prepare_plane(plane))
-    assert got.device.type == "cuda" and got.shape == expected.shape and got.dtype == torch.float32
+    assert got.device.type == "cuda" and got.shape == expected.shape and got.dtype == torch.bfloat16
     assert _relative_error(got, expected) < 1e-2
 
 

@@ -94,3 +94,43 @@ def test_topk_mode_routes_exactly_the_share_by_the_chosen_score():
     assert router.layers[0].indices_for_plane(1).tolist() == [0, 1]
     with pytest.raises(InvalidConfigError, match="topk score 'entropy' is unknown"):
         router.set_mode("topk", shares=(0.2,), score="entropy")
+
+
+def test_single_token_fast_path_decides_as_the_batch_path():
+    """Decode (one token per pass) takes a scalar path; its tiers must equal the batched ones."""
+    spec = RouterSpec(
+        signals=("hidden_norm", "error_estimate"),
+        normalisation={
+            "hidden_norm": {"transform": "log_rms", "layer_mean": [0.3, -0.2], "layer_std": [1.5, 0.7]},
+            "error_estimate": {"transform": "log_sketched_base_error", "layer_mean": [1.0, 2.0], "layer_std": [2.0, 3.0]},
+        },
+        weights={"hidden_norm": 1.3, "error_estimate": 0.8},
+        bias=-0.4,
+        thresholds=((0.1, 0.9), (-0.2, 0.5)),
+        tier_shares={"8": 0.1, "16": 0.025},
+    )
+    hidden = _hidden(tokens=300, seed=3)
+    sketches = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)).half() for i in range(2)]
+    norms = [torch.nn.LayerNorm(32) for _ in range(2)]
+
+    def make() -> TokenRouter:
+        router = TokenRouter(spec, (4, 8, 16), 2, token_log_frequency=None, error_sketches=list(sketches))
+        router.input_norms = norms
+        return router
+
+    for layer in range(2):
+        batched = make()
+        batched.route_layer(layer, hidden)
+        single = make()
+        tiers = []
+        for t in range(hidden.shape[1]):
+            single.route_layer(layer, hidden[:, t : t + 1])
+            plane1, plane2 = single.layers[layer].indices_for_plane(1), single.layers[layer].indices_for_plane(2)
+            tiers.append((plane1 is ALL_TOKENS) + (plane2 is ALL_TOKENS))
+        expected = [0] * hidden.shape[1]
+        for level in (1, 2):
+            indices = batched.layers[layer].indices_for_plane(level)
+            for i in ([] if indices is None else range(hidden.shape[1]) if indices is ALL_TOKENS else indices.tolist()):
+                expected[i] += 1
+        assert tiers == expected and torch.equal(single.counts, batched.counts)
+        assert 0 < sum(tiers) < 2 * hidden.shape[1]
