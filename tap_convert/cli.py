@@ -10,6 +10,7 @@ from tap_runtime.errors import TapError
 from tap_runtime.format import ROUTER_TARGETS
 
 from .convert import ConvertOptions, convert
+from .push import push_to_hub
 from .writer import DEFAULT_MAX_SHARD_BYTES
 
 __all__ = ["build_parser", "main"]
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                        help="after writing --out, upload it to this Hub repo (created if needed; token from HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="create the --push-to-hub repo private")
     return parser
 
 
@@ -82,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     total = sum(s.num_bytes for s in table.shards)
     print(f"wrote {args.out}: {total:,} bytes, tiers {list(table.tiers)}, {len(table.linear)} quantized linears")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(args.out, args.push_to_hub, private=args.private)
+        except TapError as exc:
+            print(f"tap-convert: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"pushed {args.out} to {args.push_to_hub}: {url}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "TapError",
+    "HubError",
     "CheckpointNotFoundError",
     "CheckpointExistsError",
     "CorruptCheckpointError",
@@ -59,3 +60,7 @@ class CalibrationDataError(TapError, ValueError):
 
 class InvalidConfigError(TapError, ValueError):
     """An option given by the user is out of range or inconsistent with another."""
+
+
+class HubError(TapError, RuntimeError):
+    """A Hub upload or download failed (authentication, missing repo, connection)."""
