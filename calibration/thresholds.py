@@ -220,6 +220,10 @@ def fit_router(
         tier_shares=shares,
         fit=_finite_json(fit),
         excluded_signals=dict(_EXCLUDED_REASONS),
+        score_percentiles=tuple(
+            tuple(round(float(v), 6) for v in np.quantile(flat_scores[layer], np.linspace(0.0, 1.0, 101)))
+            for layer in range(flat_scores.shape[0])
+        ),
     )
 
 

@@ -21,6 +21,8 @@ from .hf_integration import register as _register_with_transformers
 from .load import load
 from .metrics import GenerationMetrics
 from .model import Generation, TapModel
+from .engine import PrecisionMode, TAPConfig, TAPEngine
+from .energy import EnergyMonitor, WorkCounts
 
 _register_with_transformers()
 
@@ -28,6 +30,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "TAPEngine",
+    "TAPConfig",
+    "PrecisionMode",
+    "EnergyMonitor",
+    "WorkCounts",
     "TapModel",
     "Generation",
     "GenerationMetrics",

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError, FormatVersionError
+from .errors import CorruptCheckpointError, FormatVersionError, InvalidConfigError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -378,6 +378,20 @@ class RouterSpec:
     tier_shares: dict[str, float]
     fit: dict[str, Any] = field(default_factory=dict)
     excluded_signals: dict[str, str] = field(default_factory=dict)
+    # Per layer, the score at every percentile 0..100 over the calibration tokens: lets the
+    # runtime turn any share (or TAPConfig's importance quantiles) into per-layer thresholds.
+    # Empty in checkpoints written before it existed.
+    score_percentiles: tuple[tuple[float, ...], ...] = ()
+
+    def thresholds_for_quantiles(self, quantiles: list[float] | tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+        """Per-layer thresholds sending tokens whose score quantile is >= quantiles[k] to tier k+1."""
+        if not self.score_percentiles:
+            raise InvalidConfigError(
+                "this checkpoint's router has no score percentiles (converted before they were recorded); "
+                "convert it again to set precision thresholds by quantile."
+            )
+        grid = [i / 100 for i in range(101)]
+        return tuple(tuple(_interpolate(q, grid, row) for q in quantiles) for row in self.score_percentiles)
 
     @classmethod
     def from_dict(cls, data: dict, path: str | Path) -> "RouterSpec":
@@ -400,7 +414,21 @@ class RouterSpec:
             tier_shares={str(k): float(v) for k, v in _get(data, "tier_shares", dict, path, where).items()},
             fit=data.get("fit", {}),
             excluded_signals=data.get("excluded_signals", {}),
+            score_percentiles=tuple(tuple(float(v) for v in row) for row in data.get("score_percentiles", [])),
         )
+
+
+def _interpolate(x: float, xs: list[float], ys: tuple[float, ...]) -> float:
+    """Piecewise-linear y(x) on increasing ``xs``, clamped at the ends."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
 
 
 @dataclass(frozen=True)

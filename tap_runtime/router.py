@@ -164,6 +164,14 @@ class TokenRouter:
         self.topk_score, self.topk_sign = score, float(sign)
         self.mode = mode
 
+    def set_thresholds(self, thresholds: tuple[tuple[float, ...], ...]) -> None:
+        """Replace the per-layer thresholds (one row per layer, one value per tier above the base)."""
+        table = torch.tensor(thresholds, dtype=torch.float32)
+        if table.shape != self.thresholds.shape:
+            raise InvalidConfigError(f"thresholds of shape {tuple(table.shape)} given; expected {tuple(self.thresholds.shape)}.")
+        self.thresholds = table
+        self._threshold_rows = [[float(t) for t in row] for row in table]
+
     def reset_counts(self) -> None:
         self._counts.zero_()
         self._pending = [[0] * len(self.tiers) for _ in range(self.num_layers)]

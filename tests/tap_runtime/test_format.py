@@ -129,3 +129,12 @@ def test_quantization_config_entry():
         "tiers": [4, 8],
         "routing_table": "tap_routing.json",
     }
+
+
+def test_quantile_thresholds_interpolate_the_recorded_percentiles():
+    import dataclasses
+
+    router = dataclasses.replace(sample_table().router, score_percentiles=tuple(tuple(float(i) for i in range(101)) for _ in range(2)))
+    assert router.thresholds_for_quantiles([0.25, 0.905]) == ((25.0, 90.5), (25.0, 90.5))
+    with pytest.raises(Exception, match="convert it again"):
+        sample_table().router.thresholds_for_quantiles([0.5])
