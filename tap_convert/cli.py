@@ -56,7 +56,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tap-convert inspect", description="Describe and verify a TAP checkpoint.")
+    parser.add_argument("directory", help="a checkpoint directory written by tap-convert")
+    parser.add_argument("--plot", default=None, metavar="OUT.png", help="draw the precision map (needs matplotlib)")
+    parser.add_argument("--text", default=None, help="sample text file for the token shares (default: bundled C4 sample)")
+    return parser
+
+
+def inspect_main(argv: list[str]) -> int:
+    from .inspect import inspect_checkpoint, plot_precision_map
+
+    args = build_inspect_parser().parse_args(argv)
+    try:
+        report, ok = inspect_checkpoint(args.directory)
+        print(report)
+        if args.plot:
+            if args.text:
+                text = open(args.text, encoding="utf-8").read()
+            else:
+                from calibration.data import load_calibration_text
+
+                text = "\n\n".join(load_calibration_text("c4").documents[:20])
+            plot_precision_map(args.directory, args.plot, text)
+            print(f"precision map written to {args.plot}")
+    except (TapError, OSError) as exc:
+        print(f"tap-convert inspect: error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(f"tap-convert inspect: --plot needs matplotlib ({exc}); pip install matplotlib", file=sys.stderr)
+        return 1
+    return 0 if ok else 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "inspect":
+        return inspect_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = ConvertOptions(

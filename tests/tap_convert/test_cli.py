@@ -42,3 +42,39 @@ def test_parser_defaults_are_the_documented_ones():
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "--out", "o", "--tiers", "four"])
+
+
+def test_inspect_reports_and_verifies(converted_factory, capsys):
+    from tap_convert.cli import main
+
+    directory = converted_factory("llama")
+    assert main(["inspect", str(directory)]) == 0
+    report = capsys.readouterr().out
+    assert "all files verified" in report and "tiers [4, 8]" in report
+    assert "model.layers.1.mlp.down_proj" in report and "signal loss_gradient" in report
+    assert "calibration:" in report
+
+
+def test_inspect_flags_a_corrupt_shard(converted_factory, tmp_path, capsys):
+    import shutil
+
+    from tap_convert.cli import main
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(converted_factory("llama"), copy)
+    shard = next(copy.glob("model-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["inspect", str(copy)]) == 2
+    out = capsys.readouterr().out
+    assert "sha256 mismatch" in out and "SOME FILES FAILED VERIFICATION" in out
+
+
+def test_inspect_plot_draws_the_precision_map(converted_factory, tmp_path):
+    pytest.importorskip("matplotlib")
+    from tap_convert.cli import main
+
+    out = tmp_path / "map.png"
+    assert main(["inspect", str(converted_factory("qwen2")), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
