@@ -23,6 +23,7 @@ from .metrics import GenerationMetrics
 from .model import Generation, TapModel
 from .engine import PrecisionMode, TAPConfig, TAPEngine
 from .energy import EnergyMonitor, WorkCounts
+from .memory import MemoryTracker
 
 _register_with_transformers()
 
@@ -35,6 +36,7 @@ __all__ = [
     "PrecisionMode",
     "EnergyMonitor",
     "WorkCounts",
+    "MemoryTracker",
     "TapModel",
     "Generation",
     "GenerationMetrics",
