@@ -1,7 +1,11 @@
 """Packed weight-only kernels on NVIDIA GPUs: torch's tinygemm int4 and int8 matmuls.
 
 The int4 kernel (``_weight_int4pack_mm``, sm80+) reads the same scale/offset pairs as the CPU
-one, so planes convert the same way; only the packed layout differs. The int8 head uses
+one, so planes convert the same way; only the packed layout differs. tinygemm is built for few
+tokens; from ``dense_min_tokens`` tokens on (prefill) the plane is dequantized to a transient
+bfloat16 matrix from a copy of its portable codes kept on the GPU (the same 4 bits per weight
+again: weights then cost 1 byte each on the GPU instead of 0.5, still half of bfloat16) and
+multiplied with cuBLAS. ``dense_min_tokens=None`` keeps only the packed copy. The int8 head uses
 ``_weight_int8pack_mm`` when this torch build has it for CUDA, else a bfloat16 copy of the
 head's rows (twice the bytes; the fallback is named in :attr:`CudaPackedKernel.int8_path`).
 """
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import unpack_int4
-from ..planes import Plane, RowQuantized
+from ..planes import Plane, RowQuantized, dequantize_plane
 
 __all__ = ["CudaPackedKernel", "cuda_kernels_available", "inner_k_tiles"]
 
@@ -57,6 +61,7 @@ class _PackedPlane:
     scale_and_zero: torch.Tensor  # bfloat16 (in // group_size, padded_out, 2)
     group_size: int
     out_features: int
+    portable: Plane | None = None  # on the GPU, for the dense prefill path
 
 
 @dataclass
@@ -70,8 +75,9 @@ class CudaPackedKernel:
 
     name = "cuda-packed"
 
-    def __init__(self, device: torch.device | str = "cuda"):
+    def __init__(self, device: torch.device | str = "cuda", dense_min_tokens: int | None = 64):
         self.device = torch.device(device)
+        self.dense_min_tokens = dense_min_tokens
         self.int8_path = "int8pack" if self._int8_kernel_works() else "bf16-rows"
 
     def _int8_kernel_works(self) -> bool:
@@ -104,9 +110,19 @@ class CudaPackedKernel:
         # Same convention as the CPU kernel: (q - 8) * scale + offset with offset = (8 - zero) * scale.
         offsets = (8.0 - zeros) * scales
         scale_and_zero = torch.stack((scales, offsets), dim=-1).transpose(0, 1).contiguous()
-        return _PackedPlane(packed, scale_and_zero.to(device=self.device, dtype=torch.bfloat16), group_size, out_features)
+        portable = None
+        if self.dense_min_tokens is not None:
+            portable = Plane(
+                plane.spec,
+                plane.qweight.to(self.device),
+                plane.scales.to(self.device),
+                None if plane.zeros is None else plane.zeros.to(self.device),
+            )
+        return _PackedPlane(packed, scale_and_zero.to(device=self.device, dtype=torch.bfloat16), group_size, out_features, portable)
 
     def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane) -> torch.Tensor:
+        if prepared.portable is not None and x.shape[0] >= self.dense_min_tokens:
+            return x.to(torch.bfloat16) @ dequantize_plane(prepared.portable, torch.bfloat16).t()
         out = torch.ops.aten._weight_int4pack_mm(
             x.to(torch.bfloat16).contiguous(), prepared.packed, prepared.group_size, prepared.scale_and_zero
         )

@@ -63,3 +63,16 @@ def test_cuda_int8_rows_match_reference():
     reference = ReferenceKernel("cuda")
     kernel = CudaPackedKernel("cuda")
     assert _relative_error(kernel.matmul_rows(x, kernel.prepare_rows(rows)), reference.matmul_rows(x, reference.prepare_rows(rows))) < 1e-2
+
+
+@needs_cuda
+def test_cuda_dense_prefill_path_matches_reference():
+    weight = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0)) * 0.05
+    (plane,) = quantize_tiers(weight, (PlaneSpec(4, 64, False),))
+    x = torch.randn(256, 576, generator=torch.Generator().manual_seed(1)).cuda()
+    reference = ReferenceKernel("cuda")
+    expected = reference.matmul_plane(x, reference.prepare_plane(plane))
+    kernel = CudaPackedKernel("cuda", dense_min_tokens=64)
+    prepared = kernel.prepare_plane(plane)
+    assert _relative_error(kernel.matmul_plane(x, prepared), expected) < 1e-2
+    assert _relative_error(kernel.matmul_plane(x[:3], prepared), expected[:3]) < 1e-2
