@@ -85,7 +85,7 @@ LLAMA_CPP_PEERS = {
     "llama.cpp Q8_0": ("Q8_0", False, ()),
     "llama.cpp Q4_K_M": ("Q4_K_M", False, ()),
     "llama.cpp Q4_K_M + imatrix": ("Q4_K_M", True, ()),
-    "llama.cpp Q4_K_M + imatrix, emb q8_0": ("Q4_K_M", True, ("--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0")),
+    "llama.cpp Q4_K_M + imatrix + q8_0 embeddings": ("Q4_K_M", True, ("--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0")),
     "llama.cpp Q4_0": ("Q4_0", False, ()),
     "llama.cpp Q4_0 + imatrix": ("Q4_0", True, ()),
 }
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", default=",".join([*PEERS, *LLAMA_CPP_PEERS]))
+    parser.add_argument("--skip-tap", action="store_true", help="only the peers (TAP rows are the slow part on big vocabularies)")
     parser.add_argument("--calib", default=None, help="text for llama.cpp's importance matrix (default: what TAP was calibrated on)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -178,12 +179,13 @@ def main() -> None:
         rows[label] = result
         print(f"  {label}: {result}", flush=True)
 
-    tap.set_routing("fixed", tier=tap.table.tiers[0])
-    tap_row(f"TAP tier {tap.table.tiers[0]} (no routing)")
-    tap.set_routing("learned")
-    tap_row("TAP learned routing")
-    tap.set_routing("fixed", tier=tap.table.tiers[-1])
-    tap_row(f"TAP tier {tap.table.tiers[-1]}")
+    if not args.skip_tap:
+        tap.set_routing("fixed", tier=tap.table.tiers[0])
+        tap_row(f"TAP tier {tap.table.tiers[0]} (no routing)")
+        tap.set_routing("learned")
+        tap_row("TAP learned routing")
+        tap.set_routing("fixed", tier=tap.table.tiers[-1])
+        tap_row(f"TAP tier {tap.table.tiers[-1]}")
     calib = args.calib or tap.table.calibration.dataset
     imatrix_settings = (tap.table.calibration.seq_len, tap.table.calibration.num_samples)
     del tap

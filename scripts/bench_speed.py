@@ -22,7 +22,7 @@ import torch
 from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock, weight_bits_read
 
-ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-top")
+ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-top", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
 
 
 def _vm_hwm_bytes() -> int:
@@ -36,12 +36,58 @@ def _directory_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
+def run_llama_cpp_row(row: str, args, ids: torch.Tensor) -> dict:
+    """llama.cpp through its Python binding: same token ids, greedy, same thread count."""
+    import numpy as np
+
+    import llama_cpp_peer as lcp
+
+    lcp.ensure_available()
+    qtype = row.split("-", 1)[1]
+    gguf = lcp.quantize(lcp.f32_gguf(args.model), qtype, args.threads)
+    runner = lcp.LlamaCppLogits(gguf, max(args.prefill_tokens, args.prompt_tokens + args.new_tokens) + 8, args.threads)
+    llm = runner.llm
+    load_rss = _vm_hwm_bytes()
+    prompt = ids[: args.prompt_tokens].tolist()
+    decode_rates, prefill_rates = [], []
+    for repeat in range(args.repeats + 1):
+        llm.reset()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tick = time.perf_counter()
+        for _ in range(args.new_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode_s = time.perf_counter() - tick
+        llm.reset()
+        tick = time.perf_counter()
+        llm.eval(ids.tolist())
+        prefill_s = time.perf_counter() - tick
+        if repeat == 0:
+            continue
+        decode_rates.append((args.new_tokens - 1) / decode_s)
+        prefill_rates.append(ids.numel() / prefill_s)
+    return {
+        "row": row,
+        "decode_tokens_per_second": statistics.median(decode_rates),
+        "prefill_tokens_per_second": statistics.median(prefill_rates),
+        "peak_rss_bytes": _vm_hwm_bytes(),
+        "rss_after_load_bytes": load_rss,
+        "weight_bytes": gguf.stat().st_size,
+        "avg_weight_bits": lcp.linear_bits_per_weight(gguf),
+        "note": "logits_all=True (the binding keeps every position's logits), as for the quality rows",
+    }
+
+
 def run_row(row: str, args) -> dict:
     """Measure one row in this process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if row.startswith("llama.cpp-"):
+        ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
+        return run_llama_cpp_row(row, args, ids)
     if row.startswith("hf-"):
         dtype = torch.float32 if row == "hf-fp32" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
