@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="promote the most sensitive layers to a higher tier for every token until the expected "
                              "average weight bits read per token reach this (default: no promotion)")
     parser.add_argument("--router-samples", type=int, default=defaults.router_samples)
+    parser.add_argument("--scheme", choices=["auto", "asymmetric", "symmetric"], default=defaults.scheme,
+                        help="base-plane scheme: auto (lowest measured error per layer, default) or one for all")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
                         help="what the router learns to predict: layer_error (default) or loss_impact")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         target_bits=args.target_bits,
         router_samples=args.router_samples,
         router_target=args.router_target,
+        scheme=args.scheme,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,
         overwrite=args.overwrite,

@@ -44,6 +44,7 @@ from tap_runtime.planes import dequantize_planes
 from .gptq import gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
+from .schemes import SCHEME_CHOICES, choose_scheme, scheme_errors
 from .sketch import error_sketches
 from .quantize import quantize_rows, quantize_tiers
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
@@ -70,6 +71,7 @@ class ConvertOptions:
     target_bits: float | None = None
     router_samples: int = 32
     router_target: str = "layer_error"
+    scheme: str = "auto"
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     overwrite: bool = False
@@ -89,6 +91,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--method {self.method!r} is unknown; expected one of {list(METHODS)}.")
         if self.target_bits is not None and not 4.0 <= self.target_bits <= 16.0:
             raise InvalidConfigError(f"--target-bits must be between 4 and 16; got {self.target_bits}.")
+        if self.scheme not in SCHEME_CHOICES:
+            raise InvalidConfigError(f"--scheme {self.scheme!r} is unknown; expected one of {list(SCHEME_CHOICES)}.")
         if self.router_target not in ROUTER_TARGETS:
             raise InvalidConfigError(f"--router-target {self.router_target!r} is unknown; expected one of {list(ROUTER_TARGETS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
@@ -108,9 +112,12 @@ def choose_group_size(in_features: int, preferred: int) -> int | None:
     return None
 
 
-def _plane_specs(tiers: tuple[int, ...], group_size: int) -> tuple[PlaneSpec, ...]:
-    # Base plane asymmetric (weights are rarely centred per group); residuals are centred.
-    return tuple(PlaneSpec(bits=PLANE_BITS, group_size=group_size, symmetric=i > 0) for i in range(len(tiers)))
+def _plane_specs(tiers: tuple[int, ...], group_size: int, base_symmetric: bool = False) -> tuple[PlaneSpec, ...]:
+    # The base plane's scheme is chosen per layer; residuals are centred, hence symmetric.
+    return tuple(
+        PlaneSpec(bits=PLANE_BITS, group_size=group_size, symmetric=base_symmetric if i == 0 else True)
+        for i in range(len(tiers))
+    )
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:
@@ -180,11 +187,13 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     planes = {}
     policies: dict[str, LinearPolicy] = {}
     for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
-        specs = _plane_specs(options.tiers, group_sizes[site.name])
         site_stats = stats[site.name]
         weight = linear_weight(site)
         full = isinstance(site_stats, InputSecondMoment)
         second_moment = site_stats.hessian if full else site_stats.mean_square
+        errors = scheme_errors(weight, group_sizes[site.name], second_moment, site_stats.mean_square)
+        scheme, scheme_reason = choose_scheme(errors, options.scheme)
+        specs = _plane_specs(options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric")
         if options.method == "gptq" and full:
             method = "gptq"
             planes[site.name] = gptq_tiers(weight, specs, second_moment)
@@ -206,6 +215,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             weight_layout=site.layout,
             method=method,
             sensitivity=sensitivity,
+            reason=f"base plane {scheme}: {scheme_reason}",
+            scheme=scheme,
+            scheme_errors={k: round(v, 8) for k, v in errors.items()},
         )
     shares = tier_shares(tuple(options.tiers), options.high_precision_share)
     if options.target_bits is not None:

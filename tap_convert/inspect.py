@@ -15,7 +15,7 @@ from tap_runtime.checkpoint import read_checkpoint, verify_files
 from tap_runtime.errors import TapError
 from tap_runtime.format import RoutingTable
 
-__all__ = ["inspect_checkpoint", "token_tier_shares", "plot_precision_map"]
+__all__ = ["inspect_checkpoint", "scheme_wins", "token_tier_shares", "plot_precision_map"]
 
 
 def _file_status(directory: Path, table: RoutingTable) -> list[tuple[str, int, str]]:
@@ -28,6 +28,18 @@ def _file_status(directory: Path, table: RoutingTable) -> list[tuple[str, int, s
             status = f"FAILED: {exc}"
         rows.append((shard.file_name, shard.num_bytes, status))
     return rows
+
+
+def scheme_wins(table: RoutingTable) -> dict[str, dict[str, int]]:
+    """Per module kind (q_proj, down_proj, ...): how many layers each scheme measured best on."""
+    wins: dict[str, dict[str, int]] = {}
+    for name, policy in table.linear.items():
+        if not policy.scheme_errors:
+            continue
+        best = min(policy.scheme_errors, key=policy.scheme_errors.get)
+        kind = wins.setdefault(name.rsplit(".", 1)[-1], {})
+        kind[best] = kind.get(best, 0) + 1
+    return dict(sorted(wins.items()))
 
 
 def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
@@ -59,6 +71,9 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         tied = f" (tied to {embedding.tied_to})" if embedding.tied_to else ""
         lines.append(f"  {name:48s} {embedding.role} {embedding.num_embeddings}x{embedding.embedding_dim} 8-bit rows{tied}")
     lines.append(f"  kept in float32: {len(table.kept)} tensors (norms, biases, ...)")
+    lines += ["", "base-plane scheme with the lowest measured error, per module kind (log is measured, not runnable):"]
+    for kind, wins in scheme_wins(table).items():
+        lines.append(f"  {kind:12s} " + ", ".join(f"{scheme} {count}" for scheme, count in wins.items()))
     router = table.router
     lines += ["", "router:"]
     lines.append(f"  score = {router.bias:+.3f} " + " ".join(f"{router.weights[s]:+.3f}*{s}" for s in router.signals))

@@ -84,6 +84,7 @@ def allocate_min_tiers(
                 f"promoted to tier {promoted.min_tier} for every token: relative output error "
                 f"{old.sensitivity[str(old.min_tier)]:.2e} at tier {old.min_tier} vs "
                 f"{old.sensitivity[str(promoted.min_tier)]:.2e}, the best gain per extra bit under --target-bits {target_bits}"
+                + (f"; {old.reason}" if old.reason else "")
             ),
         )
         spent += cost

@@ -260,6 +260,10 @@ class LinearPolicy:
     min_tier: int = 4
     sensitivity: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    # The base plane's scheme and the base-tier output error measured for every scheme (see
+    # tap_convert.schemes); empty in checkpoints written before schemes were measured.
+    scheme: str = "asymmetric"
+    scheme_errors: dict[str, float] = field(default_factory=dict)
 
     def bits_at_tier(self, tier: int) -> float:
         """Stored bits per weight read when a token routed to ``tier`` passes (min_tier applies)."""
@@ -308,6 +312,8 @@ class LinearPolicy:
             min_tier=min_tier,
             sensitivity={str(k): float(v) for k, v in data.get("sensitivity", {}).items()},
             reason=data.get("reason", ""),
+            scheme=data.get("scheme", "symmetric" if planes[0].symmetric else "asymmetric"),
+            scheme_errors={str(k): float(v) for k, v in data.get("scheme_errors", {}).items()},
         )
 
 
