@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import time
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-routing row")
+    parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -116,6 +118,17 @@ def main() -> None:
     if args.json_out:
         with open(args.json_out, "w") as handle:
             json.dump({"args": vars(args), "environment": environment(), "rows": rows}, handle, indent=2)
+    if args.update_card:
+        from tap_convert.hub import write_measured_quality
+
+        table = "\n".join(
+            f"| {label} | {row['ppl'] / fp32_ppl:.4f} | {row['kl']:.4f} | {row['top1']:.3f} | "
+            f"{'-' if row['share_above_base'] is None else format(row['share_above_base'], '.3f')} | {row['avg_bits']:.2f} |"
+            for label, row in rows.items()
+        )
+        command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+        write_measured_quality(args.tap, table, command, environment(), f"{args.text} held-out, {args.windows} windows x {args.ctx} tokens")
+        print(f"measured quality written into {args.tap}/README.md")
 
 
 if __name__ == "__main__":

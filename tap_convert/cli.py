@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                         help="after writing --out, upload it to this Hub repo (created if needed; token from HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the --push-to-hub repo private")
+    parser.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                        help="Hub id of the source model for the card's base_model (when MODEL is a local copy)")
     return parser
 
 
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         router_samples=args.router_samples,
         router_target=args.router_target,
         scheme=args.scheme,
+        base_model=args.base_model,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,
         overwrite=args.overwrite,

@@ -72,6 +72,7 @@ class ConvertOptions:
     router_samples: int = 32
     router_target: str = "layer_error"
     scheme: str = "auto"
+    base_model: str | None = None  # Hub id of the source, for the model card when converting a local copy
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     overwrite: bool = False
@@ -288,6 +289,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         extra={
             "source_model": str(model_name_or_path),
             "source_is_hub_repo": not Path(model_name_or_path).expanduser().exists(),
+            "base_model": options.base_model,
             "num_parameters": int(num_parameters),
             "fp16_bytes": int(num_parameters * 2),
             "bos_prepended": bos is not None,

@@ -8,7 +8,34 @@ from __future__ import annotations
 
 from tap_runtime.format import RoutingTable
 
-__all__ = ["render_model_card"]
+__all__ = ["render_model_card", "write_measured_quality", "MEASURED_BEGIN", "MEASURED_END"]
+
+MEASURED_BEGIN = "<!-- tap:measured-quality -->"
+MEASURED_END = "<!-- /tap:measured-quality -->"
+
+
+def write_measured_quality(directory, table_rows: str, command: str, machine: str, text: str) -> None:
+    """Put a measured-quality section into the checkpoint's README.md (replacing an older one).
+
+    The card is not among the checksummed files, so this does not invalidate the checkpoint;
+    the write is atomic (temp file, then rename).
+    """
+    import os
+    from pathlib import Path
+
+    path = Path(directory) / "README.md"
+    card = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if MEASURED_BEGIN in card:
+        card = card[: card.index(MEASURED_BEGIN)] + card[card.index(MEASURED_END) + len(MEASURED_END) :].lstrip("\n")
+    section = (
+        f"{MEASURED_BEGIN}\n## Measured quality\n\nAgainst the fp32 source model on {text} (never seen in "
+        f"calibration), measured with `{command}` ({machine}):\n\n"
+        f"| config | ppl ratio | mean KL | top-1 agree | share > base | avg bits |\n|---|---|---|---|---|---|\n"
+        f"{table_rows}\n{MEASURED_END}\n"
+    )
+    temporary = path.with_suffix(".md.tmp")
+    temporary.write_text(card.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _figure(value) -> str:
@@ -30,8 +57,9 @@ def render_model_card(table: RoutingTable, checkpoint_bytes: int) -> str:
     ratio = checkpoint_bytes / fp16_bytes if fp16_bytes else float("nan")
     tier_tags = "".join(f"  - tier-{t}\n" for t in table.tiers)
     front = "---\n"
-    if calibration.extra.get("source_is_hub_repo"):
-        front += f"base_model: {source}\nbase_model_relation: quantized\n"
+    base_model = calibration.extra.get("base_model") or (source if calibration.extra.get("source_is_hub_repo") else None)
+    if base_model:
+        front += f"base_model: {base_model}\nbase_model_relation: quantized\n"
     front += f"library_name: transformers\npipeline_tag: text-generation\ntags:\n  - tap\n  - quantized\n{tier_tags}---\n"
     bits = table.weight_bits_summary()
     bits_rows = "\n".join(f"| {key.replace('_', ' ')} | {value:.2f} |" for key, value in bits.items())

@@ -109,3 +109,24 @@ def test_a_dropped_upload_is_retried_and_a_persistent_one_fails_cleanly(tmp_path
     assert "error" not in recovered and recovered["max_abs_diff"] == 0.0
     assert "HubError" in failed["error"] and "local checkpoint is unchanged" in failed["error"]
     assert _digests(checkpoint) == before
+
+
+def test_model_card_yaml_and_measured_quality_section(tmp_path, tiny_model_factory, calibration_text_file):
+    from tap_convert import ConvertOptions, convert
+    from tap_convert.hub import write_measured_quality
+    from tap_runtime.checkpoint import read_checkpoint
+
+    out = tmp_path / "ckpt"
+    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, num_samples=4, seq_len=64,
+                             router_samples=2, progress=False, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    convert(str(tiny_model_factory("llama")), out, options)
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    for line in ("base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_relation: quantized",
+                 "library_name: transformers", "pipeline_tag: text-generation", "- tap", "- tier-4", "- tier-8"):
+        assert line in front
+    for _ in range(2):  # a second write replaces the first
+        write_measured_quality(out, "| fp32 | 1.0000 | 0.0000 | 1.000 | - | 32.00 |", "python scripts/bench_quality.py ...", "test machine", "held-out text")
+    card = (out / "README.md").read_text()
+    assert card.count("## Measured quality") == 1 and "python scripts/bench_quality.py" in card
+    read_checkpoint(out, verify=True)  # the card is not checksummed: the checkpoint still verifies
