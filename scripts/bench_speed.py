@@ -32,6 +32,13 @@ def _vm_hwm_bytes() -> int:
     return 0
 
 
+def _current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _directory_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
@@ -73,6 +80,7 @@ def run_llama_cpp_row(row: str, args, ids: torch.Tensor) -> dict:
         "prefill_tokens_per_second": statistics.median(prefill_rates),
         "peak_rss_bytes": _vm_hwm_bytes(),
         "rss_after_load_bytes": load_rss,
+        "rss_after_imports_bytes": args.import_rss,
         "weight_bytes": gguf.stat().st_size,
         "avg_weight_bits": lcp.linear_bits_per_weight(gguf),
         "note": "logits_all=True (the binding keeps every position's logits), as for the quality rows",
@@ -84,6 +92,9 @@ def run_row(row: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    import tap_runtime  # noqa: F401  (imported in every row, so the import baseline is the same)
+
+    args.import_rss = _current_rss_bytes()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if row.startswith("llama.cpp-"):
         ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
@@ -139,6 +150,7 @@ def run_row(row: str, args) -> dict:
         "prefill_tokens_per_second": statistics.median(prefill_rates),
         "peak_rss_bytes": _vm_hwm_bytes(),
         "rss_after_load_bytes": load_rss,
+        "rss_after_imports_bytes": args.import_rss,
         "weight_bytes": int(weight_bytes),
         "avg_weight_bits": statistics.median(bits) if bits else (32.0 if row == "hf-fp32" else 16.0),
     }
@@ -176,12 +188,13 @@ def main() -> None:
     print(f"# bench_speed: {args.tap} vs {args.model}; decode batch 1, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats}")
     print(f"# {environment()}")
-    print(f"{'row':12s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} {'x fp32':>7s} "
-          f"{'peak RSS MiB':>12s} {'weights MB':>10s} {'x fp16':>7s} {'avg bits':>8s}")
+    print("# load MiB: high-water RSS after loading minus RSS after importing torch, transformers and tap_runtime")
+    print(f"{'row':17s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} {'x fp32':>7s} "
+          f"{'peak RSS MiB':>12s} {'load MiB':>8s} {'weights MB':>10s} {'x fp16':>7s} {'avg bits':>8s}")
     for r in results:
-        print(f"{r['row']:12s} {r['decode_tokens_per_second']:12.1f} {r['decode_tokens_per_second'] / base['decode_tokens_per_second']:7.2f} "
+        print(f"{r['row']:17s} {r['decode_tokens_per_second']:12.1f} {r['decode_tokens_per_second'] / base['decode_tokens_per_second']:7.2f} "
               f"{r['prefill_tokens_per_second']:13.1f} {r['prefill_tokens_per_second'] / base['prefill_tokens_per_second']:7.2f} "
-              f"{r['peak_rss_bytes'] / 2**20:12.0f} {r['weight_bytes'] / 1e6:10.1f} {2 * r['weight_bytes'] / base['weight_bytes']:7.3f} "
+              f"{r['peak_rss_bytes'] / 2**20:12.0f} {(r['rss_after_load_bytes'] - r['rss_after_imports_bytes']) / 2**20:8.0f} {r['weight_bytes'] / 1e6:10.1f} {2 * r['weight_bytes'] / base['weight_bytes']:7.3f} "
               f"{r['avg_weight_bits']:8.2f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"environment": environment(), "rows": results}, indent=2))
