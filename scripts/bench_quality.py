@@ -103,6 +103,8 @@ def main() -> None:
         shares = tuple(learned["share_above_base"] / 4**k for k in range(len(tap.table.tiers) - 1))
         tap.set_routing("random", shares=shares, seed=args.seed)
         run("tap random routing, same share")
+        tap.set_routing("budget")  # the fitted shares, held on this text
+        run("tap budget routing (share held)")
         tap.set_routing("learned")
 
     fp32_ppl = rows["fp32"]["ppl"]

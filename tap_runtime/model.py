@@ -63,7 +63,8 @@ class TapModel:
         score: str = "learned",
         sign: float = 1.0,
     ) -> None:
-        """``learned`` (default), ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode)."""
+        """``learned`` (default), ``budget`` (learned score, share held at the target on any text),
+        ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode)."""
         self.router.set_mode(mode, tier=tier, shares=shares, seed=seed, score=score, sign=sign)
 
     def set_min_tiers(self, min_tiers: dict[str, int]) -> None:

@@ -28,7 +28,12 @@ __all__ = [
     "TokenRouter",
 ]
 
-ROUTING_MODES = ("learned", "fixed", "random", "topk")
+ROUTING_MODES = ("learned", "fixed", "random", "topk", "budget")
+# Budget mode: how far a threshold moves per decode token, in units of the layer's calibration
+# score spread (10th to 90th percentile); a long-run share above target raises the threshold.
+BUDGET_STEP = 0.05
+# From this many tokens in one pass, budget mode routes exactly the top share of the pass.
+BUDGET_EXACT_MIN_TOKENS = 16
 ALL_TOKENS = "all"  # marker: every token of the batch runs this plane, no gather needed
 
 
@@ -142,6 +147,11 @@ class TokenRouter:
         ``topk``: in each layer of each forward pass, exactly the top ``shares`` of tokens by
         ``score`` (``learned`` or one runtime signal, times ``sign``): for ablations at equal
         share; it needs many tokens per pass, so it is for prefill, not decode.
+        ``budget``: the learned score, with thresholds that keep each layer's share at the
+        fitted shares (or ``shares``) on any text: a pass of many tokens (prefill) routes
+        exactly its top share and leaves the threshold there; each decode token then nudges the
+        threshold up when routed and down when not, so the long-run share meets the target even
+        when the text differs from the calibration text.
         """
         if mode not in ROUTING_MODES:
             raise InvalidConfigError(f"routing mode {mode!r} is unknown; expected one of {list(ROUTING_MODES)}.")
@@ -153,7 +163,7 @@ class TokenRouter:
             raise InvalidConfigError(
                 f"topk score {score!r} is unknown; expected 'learned' or one of {sorted(self.spec.normalisation)}."
             )
-        if mode in ("random", "topk"):
+        if mode in ("random", "topk", "budget"):
             if shares is not None:
                 if len(shares) != len(self.tiers) - 1 or any(not 0 <= s <= 1 for s in shares):
                     raise InvalidConfigError(
@@ -162,7 +172,17 @@ class TokenRouter:
                 self.random_shares = tuple(float(s) for s in shares)
             self._generator = torch.Generator().manual_seed(seed)
         self.topk_score, self.topk_sign = score, float(sign)
+        if mode == "budget":
+            self._budget_rows = [list(row) for row in self._threshold_rows]
+            self._budget_spread = self._score_spreads()
         self.mode = mode
+
+    def _score_spreads(self) -> list[float]:
+        """Per layer, the 10th-90th percentile spread of calibration scores (1.0 if unrecorded)."""
+        rows = self.spec.score_percentiles
+        if not rows:
+            return [1.0] * self.num_layers
+        return [max(float(row[90]) - float(row[10]), 1e-3) for row in rows]
 
     def set_thresholds(self, thresholds: tuple[tuple[float, ...], ...]) -> None:
         """Replace the per-layer thresholds (one row per layer, one value per tier above the base)."""
@@ -189,7 +209,7 @@ class TokenRouter:
     # ----- per forward pass ----------------------------------------------------------------
     def begin_forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None) -> None:
         """Precompute the part of the score that is the same in every layer. Shapes (batch, seq)."""
-        if self.mode not in ("learned", "topk"):
+        if self.mode not in ("learned", "topk", "budget"):
             self._static_score = None
             return
         self._token_features = (input_ids, positions)
@@ -218,10 +238,16 @@ class TokenRouter:
         """
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
         routing = self.layers[layer_index]
-        if self.mode == "learned" and num_tokens == 1:
+        if self.mode in ("learned", "budget") and num_tokens == 1:
             # Decode: one token, one score, plain Python from here on.
             score = self._decode_score(layer_index, hidden_states, normed)
-            tier_index = sum(score >= t for t in self._threshold_rows[layer_index])
+            rows = self._threshold_rows if self.mode == "learned" else self._budget_rows
+            tier_index = sum(score >= t for t in rows[layer_index])
+            if self.mode == "budget":
+                step = BUDGET_STEP * self._budget_spread[layer_index]
+                for k, share in enumerate(self.random_shares):
+                    # Stationary when the routed fraction equals the share.
+                    rows[layer_index][k] += step * ((1.0 if tier_index > k else 0.0) - share)
             self._pending[layer_index][tier_index] += 1
             self._has_pending = True
             routing.plane_indices = [ALL_TOKENS if tier_index >= level else None for level in range(1, len(self.tiers))]
@@ -234,6 +260,18 @@ class TokenRouter:
             # Shares are "at or above tier k+1" and shrink with k, so one draw nests the tiers.
             for share in self.random_shares:
                 tier_index += (draws < share).to(torch.int64)
+        elif self.mode == "budget":
+            score = self._layer_score(layer_index, hidden_states, num_tokens, normed)
+            if num_tokens >= BUDGET_EXACT_MIN_TOKENS:
+                ordered = torch.sort(score, descending=True).values
+                for k, share in enumerate(self.random_shares):
+                    cut = int(round(share * num_tokens))
+                    # Threshold halfway between the last routed and the first kept score.
+                    if 0 < cut < num_tokens:
+                        self._budget_rows[layer_index][k] = float((ordered[cut - 1] + ordered[cut]) / 2)
+                    elif cut == 0:
+                        self._budget_rows[layer_index][k] = float(ordered[0]) + 1e-6
+            tier_index = (score.unsqueeze(-1) >= torch.tensor(self._budget_rows[layer_index])).sum(dim=-1)
         elif self.mode == "topk":
             score = self._topk_score(layer_index, hidden_states, num_tokens, normed)
             tier_index = torch.zeros(num_tokens, dtype=torch.int64)

@@ -134,3 +134,24 @@ def test_single_token_fast_path_decides_as_the_batch_path():
                 expected[i] += 1
         assert tiers == expected and torch.equal(single.counts, batched.counts)
         assert 0 < sum(tiers) < 2 * hidden.shape[1]
+
+
+def test_budget_mode_holds_the_share_when_the_text_shifts():
+    """Scores shifted far above calibration: learned routing over-spends, budget mode does not."""
+    scores = hidden_norm_feature(_hidden(tokens=4000)).reshape(-1)
+    threshold = float(torch.quantile(scores, 0.9))
+    shifted = _hidden(tokens=3000, seed=7) * 3.0  # log-rms up by log(3): far more tokens pass
+    learned = _router(num_layers=1, thresholds=((threshold,),))
+    for t in range(1000):
+        learned.route_layer(0, shifted[:, t : t + 1])
+    learned_share = learned.counts[0, 1].item() / 1000
+    budget = _router(num_layers=1, thresholds=((threshold,),))
+    budget.set_mode("budget", shares=(0.1,))
+    budget.route_layer(0, shifted[:, :512])  # prefill: exactly the top 10%
+    assert budget.counts[0, 1].item() == round(0.1 * 512)
+    budget.reset_counts()
+    for t in range(512, 3000):  # decode, one token at a time
+        budget.route_layer(0, shifted[:, t : t + 1])
+    budget_share = budget.counts[0, 1].item() / 2488
+    assert learned_share > 0.3
+    assert budget_share == pytest.approx(0.1, abs=0.03)
