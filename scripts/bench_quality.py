@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-routing row")
+    parser.add_argument("--rows", default=None, help="comma list; 'budget' alone runs only the budget row")
     parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -93,18 +94,21 @@ def main() -> None:
             }
             return rows[label]
 
-        tap.set_routing("learned")
-        learned = run("tap learned routing")
-        top = tap.table.tiers[-1]
-        tap.set_routing("fixed", tier=top)
-        run(f"tap all tokens tier {top}")
-        tap.set_routing("fixed", tier=tap.table.tiers[0])
-        run(f"tap all tokens tier {tap.table.tiers[0]}")
-        shares = tuple(learned["share_above_base"] / 4**k for k in range(len(tap.table.tiers) - 1))
-        tap.set_routing("random", shares=shares, seed=args.seed)
-        run("tap random routing, same share")
-        tap.set_routing("budget")  # the fitted shares, held on this text
-        run("tap budget routing (share held)")
+        wanted = set(args.rows.split(",")) if args.rows else None
+        if wanted is None or wanted - {"budget"}:
+            tap.set_routing("learned")
+            learned = run("tap learned routing")
+            top = tap.table.tiers[-1]
+            tap.set_routing("fixed", tier=top)
+            run(f"tap all tokens tier {top}")
+            tap.set_routing("fixed", tier=tap.table.tiers[0])
+            run(f"tap all tokens tier {tap.table.tiers[0]}")
+            shares = tuple(learned["share_above_base"] / 4**k for k in range(len(tap.table.tiers) - 1))
+            tap.set_routing("random", shares=shares, seed=args.seed)
+            run("tap random routing, same share")
+        if wanted is None or "budget" in wanted:
+            tap.set_routing("budget")  # the fitted shares, held on this text
+            run("tap budget routing (share held)")
         tap.set_routing("learned")
 
     fp32_ppl = rows["fp32"]["ppl"]

@@ -164,6 +164,8 @@ class TokenRouter:
                 f"topk score {score!r} is unknown; expected 'learned' or one of {sorted(self.spec.normalisation)}."
             )
         if mode in ("random", "topk", "budget"):
+            # Without explicit shares: the fitted ones (never the last call's).
+            self.random_shares = tuple(float(self.spec.tier_shares.get(str(t), 0.0)) for t in self.tiers[1:])
             if shares is not None:
                 if len(shares) != len(self.tiers) - 1 or any(not 0 <= s <= 1 for s in shares):
                     raise InvalidConfigError(

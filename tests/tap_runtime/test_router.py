@@ -155,3 +155,10 @@ def test_budget_mode_holds_the_share_when_the_text_shifts():
     budget_share = budget.counts[0, 1].item() / 2488
     assert learned_share > 0.3
     assert budget_share == pytest.approx(0.1, abs=0.03)
+
+
+def test_modes_without_shares_use_the_fitted_shares_not_the_last_ones():
+    router = _router(num_layers=1)
+    router.set_mode("random", shares=(0.7,))
+    router.set_mode("budget")
+    assert router.random_shares == (0.1,)
