@@ -96,6 +96,26 @@ def collect_input_stats(
     return stats
 
 
+def _rerun_on_base(module: nn.Module, args: tuple, kwargs: dict, sites: list[LinearSite], base_weight: Callable, state: dict) -> torch.Tensor:
+    """Run a decoder layer again with its linears on their base-tier weights; restore them after.
+
+    ``state["rerun"]`` is set meanwhile so the caller's own hooks can ignore the second pass.
+    """
+    saved = []
+    for site in sites:
+        weight = base_weight(site)
+        saved.append((site.module, site.module.weight.data))
+        site.module.weight.data = weight if site.layout == "linear" else weight.t().contiguous()
+    state["rerun"] = True
+    try:
+        rerun = module(*args, **kwargs)
+    finally:
+        state["rerun"] = False
+        for layer_module, data in saved:
+            layer_module.weight.data = data
+    return rerun[0] if isinstance(rerun, tuple) else rerun
+
+
 @dataclass
 class TokenSignals:
     """Per-token signals of the router-calibration windows.
@@ -201,19 +221,7 @@ def collect_token_signals(
             if state["rerun"]:
                 return
             reference = output[0] if isinstance(output, tuple) else output
-            saved = []
-            for site in sites_by_layer.get(layer_index, []):
-                weight = base_weight(site)
-                saved.append((site.module, site.module.weight.data))
-                site.module.weight.data = weight if site.layout == "linear" else weight.t().contiguous()
-            state["rerun"] = True
-            try:
-                rerun = module(*args, **kwargs)
-            finally:
-                state["rerun"] = False
-                for layer_module, data in saved:
-                    layer_module.weight.data = data
-            rerun = rerun[0] if isinstance(rerun, tuple) else rerun
+            rerun = _rerun_on_base(module, args, kwargs, sites_by_layer.get(layer_index, []), base_weight, state)
             # Absolute, not relative, error: routing by it gave the lowest end-to-end KL of the
             # oracle targets tried (relative error was no better than random routing).
             base_error[layer_index, state["rows"]] = (rerun - reference).to(torch.float32).norm(dim=-1)
@@ -298,20 +306,9 @@ def collect_loss_gradients(
             hidden = output[0] if isinstance(output, tuple) else output
             hidden.retain_grad()
             outputs[layer_index] = hidden
-            saved = []
             with torch.no_grad():
-                for site in sites_by_layer.get(layer_index, []):
-                    weight = base_weights[site.name]
-                    saved.append((site.module, site.module.weight.data))
-                    site.module.weight.data = weight if site.layout == "linear" else weight.t().contiguous()
-                state["rerun"] = True
-                try:
-                    rerun = module(*args, **kwargs)
-                finally:
-                    state["rerun"] = False
-                    for layer_module, data in saved:
-                        layer_module.weight.data = data
-                rerun = rerun[0] if isinstance(rerun, tuple) else rerun
+                layer_sites = sites_by_layer.get(layer_index, [])
+                rerun = _rerun_on_base(module, args, kwargs, layer_sites, lambda site: base_weights[site.name], state)
                 errors[layer_index] = (rerun - hidden).to(torch.float32)
 
         return hook
