@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                         help="after writing --out, upload it to this Hub repo (created if needed; token from HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the --push-to-hub repo private")
+    parser.add_argument("--measure-quality", action="store_true",
+                        help="measure the checkpoint against the source on the other bundled corpus and put it in the "
+                             "model card (done automatically before --push-to-hub)")
     parser.add_argument("--base-model", default=None, metavar="ORG/NAME",
                         help="Hub id of the source model for the card's base_model (when MODEL is a local copy)")
     return parser
@@ -128,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     total = sum(s.num_bytes for s in table.shards)
     print(f"wrote {args.out}: {total:,} bytes, tiers {list(table.tiers)}, {len(table.linear)} quantized linears")
+    if args.measure_quality or args.push_to_hub:
+        from .hub import write_measured_quality
+        from .measure import measure_quality, quality_table_rows
+
+        print("measuring quality against the source model for the model card...")
+        rows, text = measure_quality(args.model, args.out)
+        command = "tap-convert " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_measured_quality(args.out, quality_table_rows(rows), command, "measured at conversion", text)
+        for label, row in rows.items():
+            print(f"  {label}: ppl ratio {row['ppl_ratio']:.4f}, KL {row['kl']:.4f}, {row['avg_bits']:.2f} bits")
     if args.push_to_hub:
         try:
             url = push_to_hub(args.out, args.push_to_hub, private=args.private)

@@ -29,7 +29,7 @@ def write_measured_quality(directory, table_rows: str, command: str, machine: st
         card = card[: card.index(MEASURED_BEGIN)] + card[card.index(MEASURED_END) + len(MEASURED_END) :].lstrip("\n")
     section = (
         f"{MEASURED_BEGIN}\n## Measured quality\n\nAgainst the fp32 source model on {text} (never seen in "
-        f"calibration), measured with `{command}` ({machine}):\n\n"
+        f"calibration), measured with `{command}` ({machine}); ppl ratio is the checkpoint's perplexity over the source's:\n\n"
         f"| config | ppl ratio | mean KL | top-1 agree | share > base | avg bits |\n|---|---|---|---|---|---|\n"
         f"{table_rows}\n{MEASURED_END}\n"
     )

@@ -79,3 +79,15 @@ def test_inspect_plot_draws_the_precision_map(converted_factory, tmp_path):
     out = tmp_path / "map.png"
     assert main(["inspect", str(converted_factory("qwen2")), "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_measure_quality_writes_the_card_section(tiny_model_factory, calibration_text_file, tmp_path, capsys):
+    from tap_convert.cli import main
+
+    out = tmp_path / "ckpt"
+    argv = [str(tiny_model_factory("llama")), "--calib", "c4", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+            "--router-samples", "2", "--group-size", "32", "--no-progress", "--measure-quality"]
+    assert main(argv) == 0
+    card = (out / "README.md").read_text()
+    assert "## Measured quality" in card and "bundled wikitext sample" in card and "| learned routing |" in card
+    assert "tap-convert " in card and "KL" in capsys.readouterr().out
