@@ -81,3 +81,22 @@ def test_nvml_counter_measures_a_busy_gpu():
         a = (a @ a).clamp(-1, 1)
     reading = monitor.end_window("matmul")
     assert reading.joules > 0 and reading.watts > 10
+
+
+def test_amdsmi_counter_through_a_stand_in_module(monkeypatch):
+    """No AMD GPU here: a stand-in with amdsmi's calls checks the reading and its label."""
+    import sys
+    import types
+
+    readings = iter([1000, 1000, 1000 + 2_000_000])  # opening check, window start, window end
+    fake = types.SimpleNamespace(
+        amdsmi_init=lambda: None,
+        amdsmi_get_processor_handles=lambda: ["gpu0"],
+        amdsmi_get_energy_count=lambda handle: {"energy_accumulator": next(readings), "counter_resolution": 15.25},
+    )
+    monkeypatch.setitem(sys.modules, "amdsmi", fake)
+    monitor = EnergyMonitor("cpu", counter="amdsmi")
+    monitor.begin_window("w")
+    reading = monitor.end_window("w")
+    assert reading.method == "measured-amdsmi" and "amdsmi" in reading.source
+    assert reading.joules == pytest.approx(2_000_000 * 15.25e-6)
