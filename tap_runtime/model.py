@@ -13,11 +13,16 @@ from typing import Any
 
 import torch
 from .checkpoint import Checkpoint
+from .decode import FastDecoder, fast_decode_unsupported
+from .errors import InvalidConfigError
 from .layers import TapLinear
 from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, weight_bits_read
 from .router import TokenRouter
 
-__all__ = ["TapModel", "Generation"]
+__all__ = ["TapModel", "Generation", "DECODE_PATHS"]
+
+# auto: the lean loop (tap_runtime.decode) when it supports the request, else transformers'.
+DECODE_PATHS = ("auto", "fast", "eager")
 
 
 @dataclass
@@ -42,6 +47,7 @@ class TapModel:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
+        self._fast_decoder: FastDecoder | None = None
 
     @property
     def router(self) -> TokenRouter:
@@ -96,6 +102,7 @@ class TapModel:
         input_ids: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         chat: bool = False,
+        decode: str = "auto",
         **generate_kwargs: Any,
     ) -> Generation:
         """Generate from a prompt (or ids) and measure the call.
@@ -104,7 +111,11 @@ class TapModel:
             prompt: text; with ``chat=True`` it is wrapped in the tokenizer's chat template.
             input_ids: (1, seq) ids instead of a prompt.
             max_new_tokens: upper bound on new tokens.
-            generate_kwargs: passed to transformers' ``generate`` (``do_sample``, ``temperature``...).
+            decode: ``auto`` (the lean static-cache loop when the model and options allow it, else
+                transformers' ``generate``), ``fast`` (the lean loop or an error saying why not),
+                ``eager`` (always transformers' ``generate``; for debugging and comparison).
+            generate_kwargs: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+                ``seed`` (lean loop and transformers) or any other ``generate`` option (transformers).
         Returns:
             :class:`Generation` with the new text, new token ids and :class:`GenerationMetrics`.
         """
@@ -112,26 +123,45 @@ class TapModel:
             if prompt is None:
                 raise ValueError("generate needs a prompt or input_ids")
             input_ids = self.encode(prompt, chat=chat)
+        if decode not in DECODE_PATHS:
+            raise InvalidConfigError(f"decode={decode!r} is unknown; expected one of {list(DECODE_PATHS)}.")
         device = next(self.model.parameters()).device
         input_ids = input_ids.to(device)
         generate_kwargs.setdefault("do_sample", False)
         if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id)
-        clock = FirstTokenClock()
+        why_not = fast_decode_unsupported(self.model, input_ids.shape[0], generate_kwargs, input_ids.shape[1] + max_new_tokens)
+        if decode == "fast" and why_not is not None:
+            raise InvalidConfigError(f"decode='fast' cannot run this request: {why_not}. Use decode='auto' or 'eager'.")
+        path = "eager" if decode == "eager" or why_not is not None else "fast"
         self.router.reset_counts()
         with PeakMemory() as memory:
-            start = time.perf_counter()
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                streamer=clock,
-                **generate_kwargs,
-            )
-            end = time.perf_counter()
-        new_ids = output[0, input_ids.shape[1] :].tolist()
+            if path == "fast":
+                if self._fast_decoder is None:
+                    self._fast_decoder = FastDecoder(self.model)
+                result = self._fast_decoder.generate(input_ids, max_new_tokens, **generate_kwargs)
+                new_ids, start, first, end = result.token_ids, result.start, result.first_token_time, result.end
+            else:
+                seed = generate_kwargs.pop("seed", None)
+                if seed is not None:
+                    torch.manual_seed(seed)
+                clock = FirstTokenClock()
+                start = time.perf_counter()
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    streamer=clock,
+                    **generate_kwargs,
+                )
+                end = time.perf_counter()
+                new_ids = output[0, input_ids.shape[1] :].tolist()
+                first = clock.first_token_time or end
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        metrics = self._metrics(input_ids.shape[1], len(new_ids), start, clock.first_token_time or end, end, memory)
+        metrics = self._metrics(input_ids.shape[1], len(new_ids), start, first, end, memory)
+        metrics.extra["decode_path"] = path
+        if why_not is not None:
+            metrics.extra["fast_decode_unavailable"] = why_not
         return Generation(text=text, token_ids=new_ids, metrics=metrics)
 
     def _metrics(self, prompt_tokens: int, new_tokens: int, start: float, first: float, end: float, memory: PeakMemory) -> GenerationMetrics:

@@ -158,6 +158,27 @@ class CpuPackedKernel:
             out = out[:, : prepared.out_features]
         return out
 
+    def fuse_planes(self, parts: list[_PackedPlane]) -> tuple[_PackedPlane, list[_PackedPlane]] | None:
+        """One plane for several that read the same input (q/k/v, gate/up), and each part again
+        as a view into it, so fusing costs no memory. None when the parts cannot be stacked
+        (different group sizes, or padded rows between them)."""
+        if len({p.group_size for p in parts}) != 1 or len({p.packed.shape[1] for p in parts}) != 1:
+            return None
+        if any(p.packed.shape[0] != p.out_features for p in parts):
+            return None
+        packed = torch.cat([p.packed for p in parts])
+        fused = _PackedPlane(
+            packed,
+            torch.cat([p.scale_and_zero for p in parts], dim=1).contiguous(),
+            parts[0].group_size,
+            sum(p.out_features for p in parts),
+        )
+        views, offset = [], 0
+        for p in parts:
+            views.append(_PackedPlane(packed[offset : offset + p.out_features], p.scale_and_zero, p.group_size, p.out_features))
+            offset += p.out_features
+        return fused, views
+
     def prepare_rows(self, rows: RowQuantized) -> _PackedRows:
         if rows.qweight.shape[1] % INT8_COL_MULTIPLE:
             raise ValueError(f"int8 kernel needs in_features % {INT8_COL_MULTIPLE} == 0")

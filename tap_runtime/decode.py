@@ -1,0 +1,258 @@
+"""A lean decode loop for Llama-family models: static KV cache, no per-step framework overhead.
+
+At batch 1 a 4-bit model reads so few weight bytes per token that transformers' own generate
+loop (dynamic cache growth by concatenation, logits processors, output bookkeeping, module
+hooks) costs more than the matmuls: on SmolLM2-135M about two thirds of each decode step was
+framework overhead, not kernel time. This loop runs the same modules (the TAP linears with
+their routing, the model's own norms and rotary embedding) in a plain schedule:
+
+- the KV cache is allocated once for prompt + new tokens and written in place;
+- every layer's input norm still fires the router's hook, so routing is exactly the eager one;
+- only the last position goes through the final norm and the output head.
+
+Architectures outside :data:`FAST_DECODE_MODEL_TYPES`, batches above 1 and generation options
+this loop does not implement fall back to transformers' ``generate`` (the eager path, also
+kept for debugging with ``decode="eager"``); :func:`fast_decode_unsupported` says why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FAST_DECODE_MODEL_TYPES", "FastDecoder", "DecodeResult", "fast_decode_unsupported", "SAMPLING_OPTIONS"]
+
+# Decoder layers of the form norm -> q/k/v -> rotary -> attention -> o, norm -> gate/up -> down.
+FAST_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# generate() options the loop implements; anything else goes to transformers' generate.
+SAMPLING_OPTIONS = frozenset({"do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "seed"})
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def fast_decode_unsupported(model: nn.Module, batch: int, options: dict[str, Any], max_length: int) -> str | None:
+    """Why the lean loop cannot run this request (None when it can)."""
+    config = _text_config(model)
+    if config.model_type not in FAST_DECODE_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not in the lean loop ({', '.join(FAST_DECODE_MODEL_TYPES)})"
+    if batch != 1:
+        return f"batch {batch}: the lean loop decodes one sequence"
+    unknown = sorted(set(options) - SAMPLING_OPTIONS)
+    if unknown:
+        return f"generate options {unknown} are transformers-only"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return "sliding-window layers are not in the lean loop"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and max_length > window:
+        return f"{max_length} positions exceed the sliding window of {window}"
+    return None
+
+
+class FusedProjection:
+    """Several TAP linears that read the same input (q/k/v or gate/up) run as one matmul per plane.
+
+    The kernel stacks their packed planes once and hands each module a view into the stack, so
+    the eager path keeps working and no weight is held twice. Routing is per layer, so the
+    modules share it; if their tiers ever differ (``set_min_tiers``) they run one by one again.
+    """
+
+    def __init__(self, modules: list, prepared: list, bias: torch.Tensor | None):
+        self.modules = modules
+        self.prepared = prepared
+        self.bias = bias
+        self.sizes = [m.out_features for m in modules]
+        self.out_features = sum(self.sizes)
+
+    @classmethod
+    def build(cls, modules: list) -> "FusedProjection | None":
+        from .layers import TapLinear
+
+        if not all(isinstance(m, TapLinear) and m.kernel is not None for m in modules):
+            return None
+        kernel = modules[0].kernel
+        fuse = getattr(kernel, "fuse_planes", None)
+        if fuse is None or any(m.kernel is not kernel or m.routing is not modules[0].routing for m in modules):
+            return None
+        if len({len(m._prepared) for m in modules}) != 1 or len({m.in_features for m in modules}) != 1:
+            return None
+        fused_planes, views = [], []
+        for plane_index in range(len(modules[0]._prepared)):
+            done = fuse([m._prepared[plane_index] for m in modules])
+            if done is None:
+                return None
+            fused_planes.append(done[0])
+            views.append(done[1])
+        for plane_index, parts in enumerate(views):
+            for module, view in zip(modules, parts):
+                module._prepared[plane_index] = view
+        bias = None
+        if any(m.bias is not None for m in modules):
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, device=m.bias.device) for m in modules])
+        return cls(modules, fused_planes, bias)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from .layers import run_planes
+
+        first = self.modules[0]
+        if len({m.policy.always_planes for m in self.modules}) != 1:
+            return [m(x) for m in self.modules]
+        out = run_planes(x, first.kernel, self.prepared, first.policy.always_planes, first.routing, self.bias, self.out_features)
+        return list(out.split(self.sizes, dim=-1))
+
+
+@dataclass
+class DecodeResult:
+    """New token ids and the two timestamps the metrics need (perf_counter seconds)."""
+
+    token_ids: list[int]
+    start: float
+    first_token_time: float
+    end: float
+
+
+class FastDecoder:
+    """Prefill then decode one sequence with a static KV cache (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        config = _text_config(model)
+        self.model = model
+        self.config = config
+        self.body = model.model
+        self.layers = list(self.body.layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._apply_rotary = apply_rotary_pos_emb
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self.fused: list[tuple] = []
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv = FusedProjection.build([attention.q_proj, attention.k_proj, attention.v_proj])
+            gate_up = FusedProjection.build([mlp.gate_proj, mlp.up_proj])
+            self.fused.append((qkv, gate_up))
+
+    # ----- cache ---------------------------------------------------------------------------
+    def _allocate(self, max_length: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (1, self.num_kv_heads, max_length, self.head_dim)
+        if self._keys and self._keys[0].shape[2] >= max_length and self._keys[0].dtype == dtype and self._keys[0].device == device:
+            return  # the cache from the last call is long enough; positions are overwritten
+        self._keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        self._values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+
+    # ----- one forward over new positions ----------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (vocab,) of the last of ``input_ids`` (1, T), which sit at positions start.."""
+        count = input_ids.shape[1]
+        end = start + count
+        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
+        router = getattr(self.model, "tap_router", None)
+        if router is not None:
+            router.begin_forward(input_ids, positions.cpu())
+        hidden = self.body.embed_tokens(input_ids)
+        cos, sin = self.body.rotary_emb(hidden, positions)
+        if count == 1 or start == 0:
+            mask, causal = None, count > 1
+        else:
+            # New positions see every cached one and the new ones up to themselves.
+            key_positions = torch.arange(end, device=input_ids.device)
+            mask, causal = key_positions.unsqueeze(0) <= positions.reshape(-1, 1), False
+        for layer, keys, values, (qkv, gate_up) in zip(self.layers, self._keys, self._values, self.fused):
+            attention = layer.self_attn
+            normed = layer.input_layernorm(hidden)  # fires the router's hook for this layer
+            if qkv is not None:
+                query, key, value = qkv(normed)
+            else:
+                query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+            query = query.view(1, count, self.num_heads, self.head_dim).transpose(1, 2)
+            key = key.view(1, count, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            value = value.view(1, count, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            query, key = self._apply_rotary(query, key, cos, sin)
+            keys[:, :, start:end] = key
+            values[:, :, start:end] = value
+            attended = F.scaled_dot_product_attention(
+                query,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scaling,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
+            mlp = layer.mlp
+            normed = layer.post_attention_layernorm(hidden)
+            gate, up = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        last = self.body.norm(hidden[:, -1:])
+        return self.model.lm_head(last).reshape(-1)
+
+    # ----- generation ----------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+        pad_token_id: int | None = None,  # accepted for parity with generate(); one sequence needs none
+    ) -> DecodeResult:
+        """Greedy or sampled continuation of ``input_ids`` (1, prompt), at most ``max_new_tokens``."""
+        del pad_token_id
+        if eos_token_id is None:
+            eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
+        stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        prompt_length = input_ids.shape[1]
+        dtype = self.body.embed_tokens(input_ids[:, :1]).dtype
+        self._allocate(prompt_length + max_new_tokens, dtype, input_ids.device)
+        new_ids: list[int] = []
+        start = time.perf_counter()
+        first = start
+        with torch.inference_mode():
+            logits = self.forward(input_ids, 0)
+            position = prompt_length
+            for step in range(max_new_tokens):
+                token = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
+                new_ids.append(token)
+                if step == 0:
+                    first = time.perf_counter()
+                if token in stops or step == max_new_tokens - 1:
+                    break
+                logits = self.forward(torch.tensor([[token]], device=input_ids.device), position)
+                position += 1
+        return DecodeResult(new_ids, start, first, time.perf_counter())
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> int:
+        if not do_sample:
+            return int(torch.argmax(logits))
+        scores = logits.to(torch.float32) / max(float(temperature), 1e-5)
+        if top_k:
+            kth = torch.topk(scores, min(int(top_k), scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+            # Drop a token once the ones before it already cover top_p (the first always stays).
+            drop = (cumulative - torch.softmax(ordered, dim=-1)) > top_p
+            scores = scores.index_fill(0, order[drop], float("-inf"))
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))

@@ -1,0 +1,154 @@
+"""The lean decode loop gives transformers' tokens and routing, fuses projections without copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tap_runtime
+from tap_runtime.decode import FastDecoder, FusedProjection, fast_decode_unsupported
+from tap_runtime.errors import InvalidConfigError
+
+from ..conftest import FAST_CONVERT, build_tiny_model
+
+PROMPT = "The river flows past the old mill and"
+
+
+def _eager_tokens(tap, ids, new_tokens):
+    with torch.inference_mode():
+        out = tap.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=tap.tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("routing", [("learned", None), ("fixed", 8), ("fixed", 4)])
+def test_lean_loop_matches_transformers_generate(converted_factory, model_type, routing):
+    tap = tap_runtime.load(converted_factory(model_type))
+    tap.set_routing(routing[0], tier=routing[1])
+    ids = tap.encode(PROMPT)
+    tap.router.reset_counts()
+    expected = _eager_tokens(tap, ids, 12)
+    expected_counts = tap.router.counts.clone()
+    tap.router.reset_counts()
+    result = FastDecoder(tap.model).generate(ids, 12, eos_token_id=[])
+    assert result.token_ids == expected
+    # Same decisions per layer and tier: the hooks route exactly as in the eager path.
+    assert torch.equal(tap.router.counts, expected_counts)
+    assert result.start <= result.first_token_time <= result.end
+
+
+def test_chunked_prefill_equals_one_pass(converted_factory):
+    """New positions after cached ones see the cache and each other causally (explicit mask)."""
+    tap = tap_runtime.load(converted_factory("llama"))
+    tap.set_routing("fixed", tier=8)
+    decoder = FastDecoder(tap.model)
+    ids = tap.encode(PROMPT + " then it turns towards the sea")
+    decoder._allocate(ids.shape[1], torch.float32, ids.device)
+    with torch.inference_mode():
+        whole = decoder.forward(ids, 0)
+        decoder.forward(ids[:, :5], 0)
+        chunked = decoder.forward(ids[:, 5:], 5)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tiny_tokenizer_dir, calibration_text_file):
+    """A llama whose q/k/v and gate/up widths are multiples of 64, so the CPU kernel can stack them."""
+    from tap_convert import ConvertOptions, convert
+
+    import tests.conftest as conftest
+
+    saved = conftest.TINY_CONFIGS.get("llama")
+    conftest.TINY_CONFIGS["llama"] = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    try:
+        source = build_tiny_model("llama", tmp_path_factory.mktemp("wide-llama"), tiny_tokenizer_dir)
+    finally:
+        conftest.TINY_CONFIGS["llama"] = saved
+    out = tmp_path_factory.mktemp("wide-llama-tap") / "ckpt"
+    convert(str(source), out, ConvertOptions(calib=str(calibration_text_file), tiers=(4, 8), group_size=32, **FAST_CONVERT))
+    return out
+
+
+def test_fused_projections_share_storage_and_keep_results(wide_llama):
+    tap = tap_runtime.load(wide_llama)
+    ids = tap.encode(PROMPT)
+    attention = tap.model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(0))
+    tap.set_routing("fixed", tier=8)  # both planes for every token, so the residual stack is used too
+    tap.router.route_layer(0, x)
+    with torch.inference_mode():
+        separate = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+    tap.set_routing("learned")
+    expected = _eager_tokens(tap, ids, 10)
+    decoder = FastDecoder(tap.model)
+    assert all(qkv is not None and gate_up is not None for qkv, gate_up in decoder.fused)
+    qkv = decoder.fused[0][0]
+    for plane_index in range(2):
+        fused_storage = qkv.prepared[plane_index].packed.untyped_storage().data_ptr()
+        for module in (attention.q_proj, attention.k_proj, attention.v_proj):
+            # Each module now reads a view into the stacked plane: nothing is held twice.
+            assert module._prepared[plane_index].packed.untyped_storage().data_ptr() == fused_storage
+    tap.set_routing("fixed", tier=8)
+    tap.router.route_layer(0, x)
+    with torch.inference_mode():
+        fused = qkv(x)
+        views = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+    for before, stacked, view in zip(separate, fused, views):
+        torch.testing.assert_close(stacked, before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(view, before, rtol=0, atol=0)
+    tap.set_routing("learned")
+    # Tokens through the fused loop and, afterwards, through the eager path on the views.
+    assert decoder.generate(ids, 10, eos_token_id=[]).token_ids == expected
+    assert _eager_tokens(tap, ids, 10) == expected
+
+
+def test_fusion_declined_for_padded_rows(converted_factory):
+    """64-wide k/v planes of the default tiny model are padded in the CPU layout: no fusion."""
+    tap = tap_runtime.load(converted_factory("llama"))
+    attention = tap.model.model.layers[0].self_attn
+    assert FusedProjection.build([attention.q_proj, attention.k_proj, attention.v_proj]) is None
+
+
+def test_tap_model_generate_paths_agree(converted_factory):
+    tap = tap_runtime.load(converted_factory("qwen2"))
+    fast = tap.generate(PROMPT, max_new_tokens=8, decode="fast", eos_token_id=[])
+    eager = tap.generate(PROMPT, max_new_tokens=8, decode="eager", min_new_tokens=8)
+    assert fast.token_ids == eager.token_ids
+    assert fast.metrics.extra["decode_path"] == "fast"
+    assert eager.metrics.extra["decode_path"] == "eager"
+    assert fast.metrics.tier_token_layer_counts == eager.metrics.tier_token_layer_counts
+    auto = tap.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    assert auto.metrics.extra["decode_path"] == "fast"
+
+
+def test_sampling_is_seeded_and_eos_stops(converted_factory):
+    tap = tap_runtime.load(converted_factory("llama"))
+    first = tap.generate(PROMPT, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3, eos_token_id=[])
+    second = tap.generate(PROMPT, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3, eos_token_id=[])
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 10
+    greedy = tap.generate(PROMPT, max_new_tokens=10, eos_token_id=[])
+    stop = greedy.token_ids[2]
+    stopped = tap.generate(PROMPT, max_new_tokens=10, eos_token_id=stop)
+    assert stopped.token_ids == greedy.token_ids[: greedy.token_ids.index(stop) + 1]
+
+
+def test_unsupported_requests_fall_back_with_a_reason(converted_factory):
+    gemma = tap_runtime.load(converted_factory("gemma3_text"))
+    assert "gemma3_text" in fast_decode_unsupported(gemma.model, 1, {}, 32)
+    out = gemma.generate(PROMPT, max_new_tokens=4)
+    assert out.metrics.extra["decode_path"] == "eager"
+    assert "gemma3_text" in out.metrics.extra["fast_decode_unavailable"]
+    with pytest.raises(InvalidConfigError, match="gemma3_text"):
+        gemma.generate(PROMPT, max_new_tokens=4, decode="fast")
+    llama = tap_runtime.load(converted_factory("llama"))
+    assert "batch 2" in fast_decode_unsupported(llama.model, 2, {}, 32)
+    assert "repetition_penalty" in fast_decode_unsupported(llama.model, 1, {"repetition_penalty": 1.1}, 32)
+    assert llama.generate(PROMPT, max_new_tokens=4, repetition_penalty=1.1).metrics.extra["decode_path"] == "eager"
+    with pytest.raises(InvalidConfigError, match="decode"):
+        llama.generate(PROMPT, max_new_tokens=4, decode="turbo")
