@@ -97,33 +97,45 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
             # at the design point (10% of tokens per layer on the top tier) to time that cost.
             tap.set_routing("random", shares=(0.1,) * (len(tap.table.tiers) - 1))
         else:
-            mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]), "tap-learned": ("learned", None)}[row]
+            mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]),
+                    "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None)}[row]
             tap.set_routing(mode[0], tier=mode[1])
         model = tap.model
     prompt, long_input = prompt.to("cuda"), long_input.to("cuda")
     decode, prefill, joules, bits = [], [], [], []
     with torch.inference_mode():
         for repeat in range(args.repeats + 1):
-            if tap is not None:
-                tap.router.reset_counts()
-            clock = FirstTokenClock()
             monitor.begin_window(row)
-            start = time.perf_counter()
-            model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens, do_sample=False, streamer=clock, pad_token_id=0,
-            )
-            torch.cuda.synchronize()
-            end = time.perf_counter()
-            reading = monitor.end_window(row)
+            if tap is not None:
+                # TapModel.generate: the lean loop (or transformers' generate for the -eager row).
+                eager = row.endswith("-eager")
+                done = tap.generate(
+                    input_ids=prompt, max_new_tokens=args.new_tokens, decode="eager" if eager else "auto",
+                    **({"min_new_tokens": args.new_tokens} if eager else {"eos_token_id": []}),
+                )
+                torch.cuda.synchronize()
+                reading = monitor.end_window(row)
+                decode_rate = done.metrics.decode_tokens_per_second
+                decode_path = done.metrics.extra["decode_path"]
+            else:
+                clock = FirstTokenClock()
+                model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, do_sample=False, streamer=clock, pad_token_id=0,
+                )
+                torch.cuda.synchronize()
+                end = time.perf_counter()
+                reading = monitor.end_window(row)
+                decode_rate = (args.new_tokens - 1) / (end - clock.first_token_time)
+                decode_path = "transformers generate"
             torch.cuda.synchronize()
             tick = time.perf_counter()
-            model(long_input, use_cache=False)
+            model(long_input, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
             prefill_s = time.perf_counter() - tick
             if repeat == 0:
                 continue
-            decode.append((args.new_tokens - 1) / (end - clock.first_token_time))
+            decode.append(decode_rate)
             prefill.append(long_input.shape[1] / prefill_s)
             joules.append(reading.joules)
             if tap is not None:
@@ -139,6 +151,7 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
         "energy_source": reading.source,
         "cuda_peak_bytes": int(torch.cuda.max_memory_allocated()),
         "avg_weight_bits": statistics.median(bits) if bits else 16.0,
+        "decode_path": decode_path,
     }
     del model, tap
     return result
@@ -148,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="directory with a tokenizer (e.g. models/smollm2)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--rows", default="hf-bf16,tap-base,tap-learned,tap-random10,tap-top")
+    parser.add_argument("--rows", default="hf-bf16,tap-base,tap-learned,tap-learned-eager,tap-random10,tap-top")
     parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
@@ -219,13 +232,14 @@ def main() -> None:
             continue
         base = entry["rows"][0]
         print(f"\n# {shape} on {report['gpu']} (random weights, real shapes); baseline {base['row']}")
-        print(f"{'row':12s} {'decode tok/s':>12s} {'x base':>7s} {'prefill tok/s':>13s} {'x base':>7s} {'J/token':>8s} "
-              f"{'x base':>7s} {'CUDA peak MiB':>13s} {'avg bits':>8s}")
+        print("# prefill keeps the last position's logits (as generate does); decode path per row in the last column")
+        print(f"{'row':17s} {'decode tok/s':>12s} {'x base':>7s} {'prefill tok/s':>13s} {'x base':>7s} {'J/token':>8s} "
+              f"{'x base':>7s} {'CUDA peak MiB':>13s} {'avg bits':>8s}  decode path")
         for r in entry["rows"]:
-            print(f"{r['row']:12s} {r['decode_tokens_per_second']:12.1f} {r['decode_tokens_per_second'] / base['decode_tokens_per_second']:7.2f} "
+            print(f"{r['row']:17s} {r['decode_tokens_per_second']:12.1f} {r['decode_tokens_per_second'] / base['decode_tokens_per_second']:7.2f} "
                   f"{r['prefill_tokens_per_second']:13.0f} {r['prefill_tokens_per_second'] / base['prefill_tokens_per_second']:7.2f} "
                   f"{r['joules_per_generated_token']:8.3f} {r['joules_per_generated_token'] / base['joules_per_generated_token']:7.2f} "
-                  f"{r['cuda_peak_bytes'] / 2**20:13.0f} {r['avg_weight_bits']:8.2f}", flush=True)
+                  f"{r['cuda_peak_bytes'] / 2**20:13.0f} {r['avg_weight_bits']:8.2f}  {r['decode_path']}", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
 

@@ -22,7 +22,9 @@ import torch
 from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock, weight_bits_read
 
-ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-top", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-learned-eager", "tap-top", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+# TAP rows decode through TapModel.generate (the lean loop where the architecture has one); the
+# -eager row forces transformers' generate on the same checkpoint, to show what the loop saves.
 
 
 def _vm_hwm_bytes() -> int:
@@ -108,7 +110,12 @@ def run_row(row: str, args) -> dict:
         import tap_runtime
 
         tap = tap_runtime.load(args.tap)
-        mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]), "tap-learned": ("learned", None)}[row]
+        mode = {
+            "tap-base": ("fixed", tap.table.tiers[0]),
+            "tap-top": ("fixed", tap.table.tiers[-1]),
+            "tap-learned": ("learned", None),
+            "tap-learned-eager": ("learned", None),
+        }[row]
         tap.set_routing(mode[0], tier=mode[1])
         model = tap.model
         weight_bytes = tap.checkpoint.total_bytes
@@ -119,31 +126,40 @@ def run_row(row: str, args) -> dict:
     long_input = ids.unsqueeze(0)
 
     decode_rates, prefill_rates, bits = [], [], []
+    decode_path = "transformers generate"
     with torch.inference_mode():
         for repeat in range(args.repeats + 1):
-            clock = FirstTokenClock()
             if "tap" in extra:
-                extra["tap"].router.reset_counts()
-            start = time.perf_counter()
-            model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                streamer=clock,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-            end = time.perf_counter()
+                # Exactly --new-tokens tokens: no end-of-sequence stop (lean loop) / min_new_tokens (eager).
+                eager = row.endswith("-eager")
+                done = extra["tap"].generate(
+                    input_ids=prompt, max_new_tokens=args.new_tokens, decode="eager" if eager else "auto",
+                    **({"min_new_tokens": args.new_tokens} if eager else {"eos_token_id": []}),
+                )
+                decode_path = done.metrics.extra["decode_path"]
+                decode_rate = done.metrics.decode_tokens_per_second
+                bits.append(done.metrics.avg_weight_bits_per_token)
+            else:
+                clock = FirstTokenClock()
+                model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    streamer=clock,
+                    pad_token_id=tokenizer.eos_token_id,
+                )
+                end = time.perf_counter()
+                decode_rate = (args.new_tokens - 1) / (end - clock.first_token_time)
+            # Prefill as generate runs it: every position through the model, logits for the last.
             tick = time.perf_counter()
-            model(long_input, use_cache=False)
+            model(long_input, use_cache=False, logits_to_keep=1)
             prefill_s = time.perf_counter() - tick
             if repeat == 0:
                 continue  # warm-up
-            decode_rates.append((args.new_tokens - 1) / (end - clock.first_token_time))
+            decode_rates.append(decode_rate)
             prefill_rates.append(long_input.shape[1] / prefill_s)
-            if "tap" in extra:
-                bits.append(weight_bits_read(extra["tap"].table, extra["tap"].router.counts)["avg_weight_bits_per_token"])
     return {
         "row": row,
         "decode_tokens_per_second": statistics.median(decode_rates),
@@ -153,6 +169,7 @@ def run_row(row: str, args) -> dict:
         "rss_after_imports_bytes": args.import_rss,
         "weight_bytes": int(weight_bytes),
         "avg_weight_bits": statistics.median(bits) if bits else (32.0 if row == "hf-fp32" else 16.0),
+        "decode_path": decode_path,
     }
 
 
@@ -189,6 +206,11 @@ def main() -> None:
           f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats}")
     print(f"# {environment()}")
     print("# load MiB: high-water RSS after loading minus RSS after importing torch, transformers and tap_runtime")
+    print("# prefill: one forward over all prefill tokens keeping the last position's logits (as generate does)")
+    for r in results:
+        if r.get("decode_path"):
+            path = {"fast": "the lean static-cache loop (tap_runtime.decode)", "eager": "transformers generate"}.get(r["decode_path"], r["decode_path"])
+            print(f"# {r['row']}: decode through {path}")
     print(f"{'row':17s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} {'x fp32':>7s} "
           f"{'peak RSS MiB':>12s} {'load MiB':>8s} {'weights MB':>10s} {'x fp16':>7s} {'avg bits':>8s}")
     for r in results:

@@ -152,3 +152,14 @@ def test_unsupported_requests_fall_back_with_a_reason(converted_factory):
     assert llama.generate(PROMPT, max_new_tokens=4, repetition_penalty=1.1).metrics.extra["decode_path"] == "eager"
     with pytest.raises(InvalidConfigError, match="decode"):
         llama.generate(PROMPT, max_new_tokens=4, decode="turbo")
+
+
+def test_lean_loop_on_each_device(converted_factory, device):
+    """Where the model runs on a GPU the loop keeps its cache and ids there and routes the same."""
+    tap = tap_runtime.load(converted_factory("qwen2"), device=device)
+    tap.set_routing("learned")
+    ids = tap.encode(PROMPT).to(device)
+    expected = _eager_tokens(tap, ids, 8)
+    decoder = FastDecoder(tap.model)
+    assert decoder.generate(ids, 8, eos_token_id=[]).token_ids == expected
+    assert decoder._keys[0].device.type == device.type
