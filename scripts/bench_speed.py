@@ -22,7 +22,9 @@ import torch
 from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock, weight_bits_read
 
-ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-learned-eager", "tap-top", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
+        "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+# -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand).
 # TAP rows decode through TapModel.generate (the lean loop where the architecture has one); the
 # -eager row forces transformers' generate on the same checkpoint, to show what the loop saves.
 
@@ -109,12 +111,14 @@ def run_row(row: str, args) -> dict:
     else:
         import tap_runtime
 
-        tap = tap_runtime.load(args.tap)
+        tap = tap_runtime.load(args.tap, memory_efficient=row.endswith("-lowmem"))
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),
             "tap-top": ("fixed", tap.table.tiers[-1]),
             "tap-learned": ("learned", None),
             "tap-learned-eager": ("learned", None),
+            "tap-base-lowmem": ("fixed", tap.table.tiers[0]),
+            "tap-learned-lowmem": ("learned", None),
         }[row]
         tap.set_routing(mode[0], tier=mode[1])
         model = tap.model

@@ -84,13 +84,20 @@ class FusedProjection:
             return None
         if len({len(m._prepared) for m in modules}) != 1 or len({m.in_features for m in modules}) != 1:
             return None
+        from .residency import LazyPlane
+
         fused_planes, views = [], []
         for plane_index in range(len(modules[0]._prepared)):
-            done = fuse([m._prepared[plane_index] for m in modules])
+            parts = [m._prepared[plane_index] for m in modules]
+            if any(type(p) is LazyPlane for p in parts):
+                break  # memory-efficient mode: planes from here on are packed on demand, per module
+            done = fuse(parts)
             if done is None:
                 return None
             fused_planes.append(done[0])
             views.append(done[1])
+        if not fused_planes:
+            return None
         for plane_index, parts in enumerate(views):
             for module, view in zip(modules, parts):
                 module._prepared[plane_index] = view
@@ -103,8 +110,15 @@ class FusedProjection:
         from .layers import run_planes
 
         first = self.modules[0]
-        if len({m.policy.always_planes for m in self.modules}) != 1:
+        always = {m.policy.always_planes for m in self.modules}
+        if len(always) != 1:
             return [m(x) for m in self.modules]
+        stacked = len(self.prepared)
+        if stacked < len(first._prepared):
+            # Planes past the stack (left in the mapped file) run per module when anyone needs them.
+            routing = first.routing
+            if first.policy.always_planes > stacked or (routing is not None and routing.indices_for_plane(stacked) is not None):
+                return [m(x) for m in self.modules]
         out = run_planes(x, first.kernel, self.prepared, first.policy.always_planes, first.routing, self.bias, self.out_features)
         return list(out.split(self.sizes, dim=-1))
 

@@ -56,7 +56,8 @@ class TAPConfig:
     precision_levels: list[int] | None = None
     precision_thresholds: list[float] | None = None
     fixed_level: int | None = None
-    memory_efficient_mode: bool = False
+    memory_efficient_mode: bool = False  # residual planes stay in the shards until routed tokens need them
+    residual_cache_mb: float = 64.0  # memory_efficient_mode's budget for packed residual planes
     offload_to_cpu: bool = False
     device: str = "cpu"
     calib: str = "wikitext"
@@ -83,10 +84,16 @@ class TAPConfig:
                 raise InvalidConfigError(f"precision_thresholds {thresholds} must be ascending quantiles in (0, 1).")
         if mode == PrecisionMode.FIXED and self.fixed_level is None:
             raise InvalidConfigError("precision_mode FIXED needs fixed_level (e.g. 4 or 8).")
-        if self.memory_efficient_mode:
-            raise InvalidConfigError("memory_efficient_mode is not implemented yet; use memory_efficient_mode=False.")
+        if self.memory_efficient_mode and self.device != "cpu":
+            raise InvalidConfigError(
+                f"memory_efficient_mode pages residual planes in from the shards on the CPU; device {self.device!r} "
+                f"needs memory_efficient_mode=False."
+            )
         if self.offload_to_cpu:
-            raise InvalidConfigError("offload_to_cpu is not implemented yet; use offload_to_cpu=False.")
+            raise InvalidConfigError(
+                "offload_to_cpu (accelerate device maps across GPU and CPU) is not built yet; use offload_to_cpu=False, "
+                "or memory_efficient_mode=True on the CPU to keep residual planes out of memory until needed."
+            )
 
 
 def _is_tap_checkpoint(path_or_repo_id: str) -> bool:
@@ -112,8 +119,9 @@ class TAPEngine:
     def load_model(self, path_or_repo_id: str | os.PathLike) -> TapModel:
         """A TAP checkpoint directory or Hub repo, or a plain HF model (converted here, briefly)."""
         source = str(path_or_repo_id)
+        memory = dict(memory_efficient=self.config.memory_efficient_mode, residual_cache_mb=self.config.residual_cache_mb)
         if _is_tap_checkpoint(source):
-            self.model = load(source, device=self.config.device)
+            self.model = load(source, device=self.config.device, **memory)
         else:
             from tap_convert import ConvertOptions, convert
 
@@ -129,10 +137,14 @@ class TAPEngine:
                 router_samples=max(2, self.config.calib_samples // 2),
                 tiers=self._tiers_to_convert(),
             )
-            with tempfile.TemporaryDirectory(prefix="tap-engine-") as work:
-                convert(source, Path(work) / "checkpoint", options)
-                # load() copies everything it keeps off the files, so the directory can go.
-                self.model = load(Path(work) / "checkpoint", device=self.config.device)
+            work = tempfile.TemporaryDirectory(prefix="tap-engine-")
+            convert(source, Path(work.name) / "checkpoint", options)
+            self.model = load(Path(work.name) / "checkpoint", device=self.config.device, **memory)
+            if self.config.memory_efficient_mode:
+                # Residual planes are read from the shards on demand: the files live with the engine.
+                self._work_directory = work
+            else:
+                work.cleanup()  # load() copied everything it keeps off the files
             self.converted_in_memory = True
         self._apply_precision()
         return self.model

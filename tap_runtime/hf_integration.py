@@ -33,6 +33,7 @@ class LoadOptions:
     verify: bool = True
     keep_portable: bool = False
     device: str = "cpu"
+    residual_cache_bytes: int | None = None  # memory-efficient mode's budget; None: pack every plane at load
 
 
 _OPTIONS: contextvars.ContextVar[LoadOptions] = contextvars.ContextVar("tap_load_options", default=LoadOptions())
@@ -106,6 +107,8 @@ class TapHfQuantizer(HfQuantizer):
             kernel_name=options.kernel,
             keep_portable=options.keep_portable,
             device=options.device,
+            residual_cache_bytes=options.residual_cache_bytes,
+            weights_directory=checkpoint.directory,
         )
         model.tap_checkpoint = checkpoint
         return model

@@ -8,6 +8,8 @@ drops the portable copies.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from .format import (
 )
 from .kernels import Kernel, ReferenceKernel
 from .planes import Plane, RowQuantized
+from .residency import LazyPlane, ResidualPlaneCache
 from .router import ALL_TOKENS, LayerRouting
 
 __all__ = ["TapLinear", "TapEmbedding", "TapHead", "run_planes"]
@@ -40,6 +43,11 @@ def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tup
     return {name: shapes[name] for name in spec.fields}
 
 
+def _packed(prepared):
+    """A kernel-ready plane; a residual plane left in the mapped file is packed (or found) now."""
+    return prepared.resolve() if type(prepared) is LazyPlane else prepared
+
+
 def run_planes(
     x: torch.Tensor,
     kernel: Kernel,
@@ -53,7 +61,7 @@ def run_planes(
     for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add)."""
     leading = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    out = kernel.matmul_plane(flat, prepared[0])
+    out = kernel.matmul_plane(flat, _packed(prepared[0]))
     # Planes below min_tier serve every token; the router decides only above it.
     work = [(plane_index, ALL_TOKENS) for plane_index in range(1, always_planes)]
     if routing is not None:
@@ -66,10 +74,11 @@ def run_planes(
         # Residual planes are small corrections: add them in float32.
         out = out.to(torch.float32)
         for plane_index, indices in work:
+            plane = _packed(prepared[plane_index])
             if indices is ALL_TOKENS:
-                out += kernel.matmul_plane(flat, prepared[plane_index])
+                out += kernel.matmul_plane(flat, plane)
             else:
-                extra = kernel.matmul_plane(flat.index_select(0, indices), prepared[plane_index])
+                extra = kernel.matmul_plane(flat.index_select(0, indices), plane)
                 out.index_add_(0, indices, extra.to(torch.float32))
     if bias is not None:
         out = out + bias
@@ -108,8 +117,19 @@ class TapLinear(nn.Module):
             for i, spec in enumerate(self.policy.planes)
         ]
 
-    def prepare(self, kernel: Kernel, keep_portable: bool = False) -> None:
-        """Convert the planes to ``kernel``'s layout; free the portable copies unless asked not to."""
+    def prepare(
+        self,
+        kernel: Kernel,
+        keep_portable: bool = False,
+        residual_cache: ResidualPlaneCache | None = None,
+        residual_sources: list[tuple[Path, dict[str, str]]] | None = None,
+    ) -> None:
+        """Convert the planes to ``kernel``'s layout; free the portable copies unless asked not to.
+
+        With ``residual_cache`` (memory-efficient mode) only the planes every token reads are
+        packed now; plane i >= always_planes is read from ``residual_sources[i]`` (shard file,
+        field -> tensor name) and packed when a routed token first needs it.
+        """
         # transformers may have cast the float16 scales to the model dtype; back to what was stored.
         planes = [
             Plane(
@@ -121,7 +141,14 @@ class TapLinear(nn.Module):
             for p in self.planes()
         ]
         self.kernel = kernel
-        self._prepared = [kernel.prepare_plane(p) for p in planes]
+        if residual_cache is None:
+            self._prepared = [kernel.prepare_plane(p) for p in planes]
+        else:
+            always = self.policy.always_planes
+            self._prepared = [
+                kernel.prepare_plane(p) if i < always else LazyPlane(p.spec, *residual_sources[i], residual_cache)
+                for i, p in enumerate(planes)
+            ]
         if not keep_portable:
             for plane_index, plane in enumerate(planes):
                 for field_name in plane.spec.fields:

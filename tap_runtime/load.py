@@ -24,6 +24,8 @@ def load(
     revision: str | None = None,
     verify: bool = True,
     keep_portable: bool = False,
+    memory_efficient: bool = False,
+    residual_cache_mb: float = 64.0,
 ) -> TapModel:
     """Load a TAP checkpoint.
 
@@ -35,6 +37,9 @@ def load(
         revision: Hub revision (branch, tag or commit) when loading from the Hub.
         verify: check every file's sha256 against the routing table before loading.
         keep_portable: keep the on-disk planes in memory beside the kernel's packed copies.
+        memory_efficient: pack only the planes every token reads; residual planes stay in the
+            memory-mapped shard and are packed when a routed token first needs them, into one
+            least-recently-used cache of ``residual_cache_mb`` MiB (CPU only).
     Returns:
         a :class:`TapModel`; its ``.model`` is a regular transformers model.
     Example:
@@ -50,7 +55,11 @@ def load(
     checkpoint = read_checkpoint(directory, verify=verify)
     # The quantizer hook verified nothing twice: it re-reads the manifest but skips hashing.
     device = torch.device(device)
-    with load_options(LoadOptions(kernel=kernel, verify=False, keep_portable=keep_portable, device=str(device))):
+    if memory_efficient and residual_cache_mb < 0:
+        raise InvalidConfigError(f"residual_cache_mb must be >= 0, got {residual_cache_mb}.")
+    cache_bytes = int(residual_cache_mb * 2**20) if memory_efficient else None
+    options = LoadOptions(kernel=kernel, verify=False, keep_portable=keep_portable, device=str(device), residual_cache_bytes=cache_bytes)
+    with load_options(options):
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=None)
     model.to(device)
     model.eval()

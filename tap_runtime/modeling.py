@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
-from .errors import CorruptCheckpointError, RoutingTableMismatchError
-from .format import ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
+from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMismatchError
+from .format import plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
+from .residency import ResidualPlaneCache, shard_of_every_tensor
 from .router import TokenRouter
 
 __all__ = [
@@ -180,6 +182,8 @@ def prepare_model(
     kernel_name: str = "auto",
     keep_portable: bool = False,
     device: torch.device | str | None = None,
+    residual_cache_bytes: int | None = None,
+    weights_directory: Path | None = None,
 ) -> TokenRouter:
     """After weights are loaded: pack for the kernel, attach the router, install its hooks.
 
@@ -187,6 +191,9 @@ def prepare_model(
     ``model.dtype``, which reports the first floating parameter (a float16 scale tensor here).
     ``device`` is where the model will run: the kernel packs straight onto it, so quantized
     weights never pass through the device as dense copies. The caller moves the rest after.
+    ``residual_cache_bytes`` turns on memory-efficient mode (see :mod:`tap_runtime.residency`):
+    planes above each linear's always-read ones stay in the mapped shard, packed on demand into
+    one cache of that many bytes; they are read from the shards in ``weights_directory``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     kernel = select_kernel(kernel_name, device)
@@ -202,9 +209,31 @@ def prepare_model(
     router = TokenRouter(
         table.router, table.tiers, table.num_layers, router_tensors.get(ROUTER_TOKEN_LOG_FREQUENCY), sketches
     )
-    for module in model.modules():
+    residual_cache = None
+    if residual_cache_bytes is not None:
+        if device.type != "cpu":
+            raise InvalidConfigError(
+                "memory-efficient mode pages residual planes in from the mapped shard on the CPU; "
+                f"device {device} needs every plane packed at load."
+            )
+        if weights_directory is None:
+            raise InvalidConfigError("memory-efficient mode reads residual planes from the shards: it needs their directory.")
+        residual_cache = ResidualPlaneCache(kernel, residual_cache_bytes)
+        located = shard_of_every_tensor(weights_directory, [shard.file_name for shard in table.shards])
+    for name, module in model.named_modules():
         if isinstance(module, TapLinear):
-            module.prepare(kernel, keep_portable=keep_portable)
+            sources = None
+            if residual_cache is not None:
+                sources = []
+                for plane_index, spec in enumerate(module.policy.planes):
+                    names = {field: f"{name}.{plane_tensor_suffix(plane_index, field)}" for field in spec.fields}
+                    missing = [tensor for tensor in names.values() if tensor not in located]
+                    if missing:
+                        raise CorruptCheckpointError(
+                            f"{weights_directory}: tensor {missing[0]} is in none of the shards; convert again."
+                        )
+                    sources.append((located[names["qweight"]], names))
+            module.prepare(kernel, keep_portable=keep_portable, residual_cache=residual_cache, residual_sources=sources)
             if module.policy.layer_index is not None:
                 module.routing = router.layers[module.policy.layer_index]
         elif isinstance(module, TapEmbedding):
@@ -217,6 +246,7 @@ def prepare_model(
     spec = get_architecture(config.model_type)
     _install_router_hooks(model, spec, router)
     model.tap_router = router
+    model.tap_residual_cache = residual_cache
     return router
 
 

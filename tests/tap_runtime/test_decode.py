@@ -163,3 +163,15 @@ def test_lean_loop_on_each_device(converted_factory, device):
     decoder = FastDecoder(tap.model)
     assert decoder.generate(ids, 8, eos_token_id=[]).token_ids == expected
     assert decoder._keys[0].device.type == device.type
+
+
+def test_fusion_with_residual_planes_left_on_disk(wide_llama):
+    """Memory-efficient mode: base planes are stacked; routed tokens read residual planes per module."""
+    full = tap_runtime.load(wide_llama)
+    lean = tap_runtime.load(wide_llama, memory_efficient=True)
+    ids = full.encode(PROMPT)
+    expected = FastDecoder(full.model).generate(ids, 10, eos_token_id=[]).token_ids
+    decoder = FastDecoder(lean.model)
+    assert all(len(qkv.prepared) == 1 for qkv, _ in decoder.fused)  # only the base plane stacked
+    assert decoder.generate(ids, 10, eos_token_id=[]).token_ids == expected
+    assert lean.model.tap_residual_cache.packs > 0

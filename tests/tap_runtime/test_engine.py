@@ -17,7 +17,8 @@ from tap_runtime.errors import InvalidConfigError
         (dict(precision_levels=[4, 8], precision_thresholds=[1.5]), r"quantiles in \(0, 1\)"),
         (dict(precision_thresholds=[0.5]), "need precision_levels"),
         (dict(precision_mode=PrecisionMode.FIXED), "needs fixed_level"),
-        (dict(memory_efficient_mode=True), "not implemented yet"),
+        (dict(memory_efficient_mode=True, device="cuda"), "on the CPU"),
+        (dict(offload_to_cpu=True), "not built yet"),
     ],
 )
 def test_invalid_configs_are_refused_with_the_reason(kwargs, message):
@@ -72,3 +73,25 @@ def test_a_plain_model_is_converted_in_memory(tiny_model_factory, calibration_te
     text, metrics = engine.generate("Hello", max_new_tokens=3, min_new_tokens=3)
     assert metrics["timing"]["new_tokens"] == 3
     assert not engine.model.checkpoint.directory.exists()  # the temporary checkpoint is gone
+
+
+def test_memory_efficient_mode_reads_residual_planes_on_demand(converted_factory):
+    directory = str(converted_factory("llama"))
+    plain = TAPEngine(TAPConfig(precision_levels=[4, 8], precision_thresholds=[0.5]))
+    plain.load_model(directory)
+    lean = TAPEngine(TAPConfig(precision_levels=[4, 8], precision_thresholds=[0.5], memory_efficient_mode=True))
+    lean.load_model(directory)
+    cache = lean.model.model.tap_residual_cache
+    assert cache is not None and cache.resident_bytes == 0  # nothing above the base tier packed yet
+    expected, _ = plain.generate("Once upon a time", max_new_tokens=8, min_new_tokens=8)
+    text, metrics = lean.generate("Once upon a time", max_new_tokens=8, min_new_tokens=8)
+    assert text == expected
+    assert metrics["precision"]["tier_share"][8] > 0 and cache.packs > 0
+
+
+def test_memory_efficient_mode_on_an_in_memory_conversion(tiny_model_factory):
+    engine = TAPEngine(TAPConfig(memory_efficient_mode=True, calib_samples=4, calib_seq_len=64, calib="c4",
+                                 precision_levels=[4, 8], precision_thresholds=[0.5]))
+    engine.load_model(str(tiny_model_factory("qwen2")))
+    text, metrics = engine.generate("Once upon a time", max_new_tokens=6, min_new_tokens=6)
+    assert metrics["precision"]["tier_share"][8] > 0  # residual planes were read from the kept files
