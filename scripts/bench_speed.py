@@ -22,9 +22,10 @@ import torch
 from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock, weight_bits_read
 
-ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
+ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
         "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
-# -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand).
+# -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand);
+# tap-budget holds the routed share at the fitted one (10% by default) on any text.
 # TAP rows decode through TapModel.generate (the lean loop where the architecture has one); the
 # -eager row forces transformers' generate on the same checkpoint, to show what the loop saves.
 
@@ -116,6 +117,7 @@ def run_row(row: str, args) -> dict:
             "tap-base": ("fixed", tap.table.tiers[0]),
             "tap-top": ("fixed", tap.table.tiers[-1]),
             "tap-learned": ("learned", None),
+            "tap-budget": ("budget", None),
             "tap-learned-eager": ("learned", None),
             "tap-base-lowmem": ("fixed", tap.table.tiers[0]),
             "tap-learned-lowmem": ("learned", None),

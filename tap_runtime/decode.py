@@ -1,4 +1,4 @@
-"""A lean decode loop for Llama-family models: static KV cache, no per-step framework overhead.
+"""A lean decode loop for Llama-family and Gemma 3 models: static KV cache, little per-step overhead.
 
 At batch 1 a 4-bit model reads so few weight bytes per token that transformers' own generate
 loop (dynamic cache growth by concatenation, logits processors, output bookkeeping, module
@@ -27,8 +27,9 @@ from torch import nn
 
 __all__ = ["FAST_DECODE_MODEL_TYPES", "FastDecoder", "DecodeResult", "fast_decode_unsupported", "SAMPLING_OPTIONS"]
 
-# Decoder layers of the form norm -> q/k/v -> rotary -> attention -> o, norm -> gate/up -> down.
-FAST_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Decoder layers of the form norm -> q/k/v -> rotary -> attention -> o, norm -> gate/up -> down;
+# Gemma 3 adds q/k norms, norms after attention and around the MLP, and sliding-window layers.
+FAST_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 # generate() options the loop implements; anything else goes to transformers' generate.
 SAMPLING_OPTIONS = frozenset({"do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "seed"})
 
@@ -48,9 +49,13 @@ def fast_decode_unsupported(model: nn.Module, batch: int, options: dict[str, Any
     unknown = sorted(set(options) - SAMPLING_OPTIONS)
     if unknown:
         return f"generate options {unknown} are transformers-only"
+    if config.model_type == "gemma3_text":
+        if getattr(config, "use_bidirectional_attention", False) or getattr(config, "attn_logit_softcapping", None):
+            return "bidirectional attention and attention-logit soft-capping are not in the lean loop"
+        return None
     layer_types = getattr(config, "layer_types", None) or []
     if any(kind != "full_attention" for kind in layer_types):
-        return "sliding-window layers are not in the lean loop"
+        return "sliding-window layers are not in the lean loop for this family"
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and max_length > window:
         return f"{max_length} positions exceed the sliding window of {window}"
@@ -102,8 +107,10 @@ class FusedProjection:
             for module, view in zip(modules, parts):
                 module._prepared[plane_index] = view
         bias = None
-        if any(m.bias is not None for m in modules):
-            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, device=m.bias.device) for m in modules])
+        present = [m.bias for m in modules if m.bias is not None]
+        if present:
+            like = present[0]
+            bias = torch.cat([m.bias if m.bias is not None else like.new_zeros(m.out_features) for m in modules])
         return cls(modules, fused_planes, bias)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -142,10 +149,15 @@ class FastDecoder:
         self.config = config
         self.body = model.model
         self.layers = list(self.body.layers)
+        self.gemma = config.model_type == "gemma3_text"
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.scaling = self.head_dim**-0.5
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers))
+        self.layer_types = layer_types
+        # Gemma 3: a sliding layer's query sees only the last `sliding_window` positions.
+        self.windows = [config.sliding_window if self.gemma and kind == "sliding_attention" else None for kind in layer_types]
+        self.softcap = getattr(config, "final_logit_softcapping", None) if self.gemma else None
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._apply_rotary = apply_rotary_pos_emb
@@ -166,24 +178,42 @@ class FastDecoder:
         self._keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
         self._values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
 
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self.gemma:
+            return {kind: self.body.rotary_emb(hidden, positions, kind) for kind in set(self.layer_types)}
+        return {kind: self.body.rotary_emb(hidden, positions) for kind in set(self.layer_types)}
+
+    @staticmethod
+    def _mask(start: int, end: int, window: int | None, device: torch.device) -> tuple[int, torch.Tensor | None, bool]:
+        """(first key position, boolean mask or None, is_causal) for queries start..end-1."""
+        count = end - start
+        first_key = 0 if window is None else max(0, end - count - window + 1)
+        if count == 1:
+            return first_key, None, False  # one query sees every key in [first_key, end)
+        if first_key == 0 and start == 0 and window is None:
+            return 0, None, True
+        queries = torch.arange(start, end, device=device).unsqueeze(1)
+        keys = torch.arange(first_key, end, device=device).unsqueeze(0)
+        visible = keys <= queries
+        if window is not None:
+            visible &= keys > queries - window
+        return first_key, visible, False
+
     # ----- one forward over new positions ----------------------------------------------------
     def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (vocab,) of the last of ``input_ids`` (1, T), which sit at positions start.."""
         count = input_ids.shape[1]
         end = start + count
-        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
+        device = input_ids.device
+        positions = torch.arange(start, end, device=device).unsqueeze(0)
         router = getattr(self.model, "tap_router", None)
         if router is not None:
             router.begin_forward(input_ids, positions.cpu())
         hidden = self.body.embed_tokens(input_ids)
-        cos, sin = self.body.rotary_emb(hidden, positions)
-        if count == 1 or start == 0:
-            mask, causal = None, count > 1
-        else:
-            # New positions see every cached one and the new ones up to themselves.
-            key_positions = torch.arange(end, device=input_ids.device)
-            mask, causal = key_positions.unsqueeze(0) <= positions.reshape(-1, 1), False
-        for layer, keys, values, (qkv, gate_up) in zip(self.layers, self._keys, self._values, self.fused):
+        rotary = self._rotary(hidden, positions)
+        masks = {window: self._mask(start, end, window, device) for window in set(self.windows)}
+        layers = zip(self.layers, self._keys, self._values, self.fused, self.layer_types, self.windows)
+        for layer, keys, values, (qkv, gate_up), kind, window in layers:
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)  # fires the router's hook for this layer
             if qkv is not None:
@@ -193,25 +223,38 @@ class FastDecoder:
             query = query.view(1, count, self.num_heads, self.head_dim).transpose(1, 2)
             key = key.view(1, count, self.num_kv_heads, self.head_dim).transpose(1, 2)
             value = value.view(1, count, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            if self.gemma:
+                query, key = attention.q_norm(query), attention.k_norm(key)
+            cos, sin = rotary[kind]
             query, key = self._apply_rotary(query, key, cos, sin)
             keys[:, :, start:end] = key
             values[:, :, start:end] = value
+            first_key, mask, causal = masks[window]
             attended = F.scaled_dot_product_attention(
                 query,
-                keys[:, :, :end],
-                values[:, :, :end],
+                keys[:, :, first_key:end],
+                values[:, :, first_key:end],
                 attn_mask=mask,
                 is_causal=causal,
-                scale=self.scaling,
+                scale=attention.scaling,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
-            hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
+            attended = attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
             mlp = layer.mlp
-            normed = layer.post_attention_layernorm(hidden)
+            if self.gemma:
+                hidden = hidden + layer.post_attention_layernorm(attended)
+                normed = layer.pre_feedforward_layernorm(hidden)
+            else:
+                hidden = hidden + attended
+                normed = layer.post_attention_layernorm(hidden)
             gate, up = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            out = mlp.down_proj(mlp.act_fn(gate) * up)
+            hidden = hidden + (layer.post_feedforward_layernorm(out) if self.gemma else out)
         last = self.body.norm(hidden[:, -1:])
-        return self.model.lm_head(last).reshape(-1)
+        logits = self.model.lm_head(last).reshape(-1)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     # ----- generation ----------------------------------------------------------------------
     def generate(

@@ -23,35 +23,41 @@ def _eager_tokens(tap, ids, new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma3_text"])
 @pytest.mark.parametrize("routing", [("learned", None), ("fixed", 8), ("fixed", 4)])
 def test_lean_loop_matches_transformers_generate(converted_factory, model_type, routing):
     tap = tap_runtime.load(converted_factory(model_type))
     tap.set_routing(routing[0], tier=routing[1])
     ids = tap.encode(PROMPT)
+    # 24 new tokens: past the tiny Gemma 3's sliding window of 16 positions.
     tap.router.reset_counts()
-    expected = _eager_tokens(tap, ids, 12)
+    expected = _eager_tokens(tap, ids, 24)
     expected_counts = tap.router.counts.clone()
     tap.router.reset_counts()
-    result = FastDecoder(tap.model).generate(ids, 12, eos_token_id=[])
+    result = FastDecoder(tap.model).generate(ids, 24, eos_token_id=[])
     assert result.token_ids == expected
     # Same decisions per layer and tier: the hooks route exactly as in the eager path.
     assert torch.equal(tap.router.counts, expected_counts)
     assert result.start <= result.first_token_time <= result.end
 
 
-def test_chunked_prefill_equals_one_pass(converted_factory):
-    """New positions after cached ones see the cache and each other causally (explicit mask)."""
-    tap = tap_runtime.load(converted_factory("llama"))
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_chunked_prefill_equals_one_pass(converted_factory, model_type):
+    """New positions after cached ones see the cache and each other causally (explicit mask),
+    within the sliding window where a layer has one."""
+    tap = tap_runtime.load(converted_factory(model_type))
     tap.set_routing("fixed", tier=8)
     decoder = FastDecoder(tap.model)
-    ids = tap.encode(PROMPT + " then it turns towards the sea")
+    ids = tap.encode(PROMPT + " then it turns towards the sea, where the gulls wait for the boats")
+    assert ids.shape[1] > 16 + 5  # longer than the tiny Gemma 3's window after the first chunk
     decoder._allocate(ids.shape[1], torch.float32, ids.device)
     with torch.inference_mode():
         whole = decoder.forward(ids, 0)
         decoder.forward(ids[:, :5], 0)
         chunked = decoder.forward(ids[:, 5:], 5)
+        with_eager = tap.model(ids, logits_to_keep=1).logits.reshape(-1)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole, with_eager, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +145,13 @@ def test_sampling_is_seeded_and_eos_stops(converted_factory):
 
 
 def test_unsupported_requests_fall_back_with_a_reason(converted_factory):
-    gemma = tap_runtime.load(converted_factory("gemma3_text"))
-    assert "gemma3_text" in fast_decode_unsupported(gemma.model, 1, {}, 32)
-    out = gemma.generate(PROMPT, max_new_tokens=4)
+    gpt2 = tap_runtime.load(converted_factory("gpt2"))
+    assert "gpt2" in fast_decode_unsupported(gpt2.model, 1, {}, 32)
+    out = gpt2.generate(PROMPT, max_new_tokens=4)
     assert out.metrics.extra["decode_path"] == "eager"
-    assert "gemma3_text" in out.metrics.extra["fast_decode_unavailable"]
-    with pytest.raises(InvalidConfigError, match="gemma3_text"):
-        gemma.generate(PROMPT, max_new_tokens=4, decode="fast")
+    assert "gpt2" in out.metrics.extra["fast_decode_unavailable"]
+    with pytest.raises(InvalidConfigError, match="gpt2"):
+        gpt2.generate(PROMPT, max_new_tokens=4, decode="fast")
     llama = tap_runtime.load(converted_factory("llama"))
     assert "batch 2" in fast_decode_unsupported(llama.model, 2, {}, 32)
     assert "repetition_penalty" in fast_decode_unsupported(llama.model, 1, {"repetition_penalty": 1.1}, 32)
