@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of the (random-weight) conversion")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -209,7 +210,8 @@ def main() -> None:
             continue
         shape_started = time.perf_counter()
         model_dir = build_random_model(shape, args.tokenizer, work / shape / "model")
-        options = ConvertOptions(calib="c4", method="rtn", num_samples=16, seq_len=256, router_samples=8, progress=False)
+        options = ConvertOptions(calib="c4", method="rtn", num_samples=args.calib_samples, seq_len=256,
+                                 router_samples=max(2, args.calib_samples // 2), progress=False)
         tick = time.perf_counter()
         convert(str(model_dir), work / shape / "tap", options)
         convert_s = time.perf_counter() - tick
