@@ -21,6 +21,7 @@ from .format import (
     plane_tensor_suffix,
 )
 from .kernels import Kernel, ReferenceKernel
+from .pages import page_out
 from .planes import Plane, RowQuantized
 from .residency import LazyPlane, ResidualPlaneCache
 from .router import ALL_TOKENS, LayerRouting
@@ -152,6 +153,8 @@ class TapLinear(nn.Module):
         if not keep_portable:
             for plane_index, plane in enumerate(planes):
                 for field_name in plane.spec.fields:
+                    # The loaded tensor views the mapped shard: its pages can go now.
+                    page_out(getattr(self, plane_tensor_suffix(plane_index, field_name)).data)
                     delattr(self, plane_tensor_suffix(plane_index, field_name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

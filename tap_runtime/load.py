@@ -12,6 +12,7 @@ from .hf_integration import LoadOptions, load_options
 from .kernels import KERNEL_NAMES
 from .errors import InvalidConfigError
 from .model import TapModel
+from .pages import return_freed_heap
 
 __all__ = ["load"]
 
@@ -69,4 +70,5 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError):
         tokenizer = None
+    return_freed_heap()  # transient unpacked codes from packing, freed but still resident
     return TapModel(model, tokenizer, checkpoint)

@@ -20,6 +20,7 @@ from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMism
 from .format import plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
+from .pages import page_out
 from .residency import ResidualPlaneCache, shard_of_every_tensor
 from .router import TokenRouter
 
@@ -258,7 +259,9 @@ def _detach_from_files(model: nn.Module) -> None:
     packing (norms, biases, scales, 8-bit rows) is copied once, and the mapping can go.
     """
     for tensor in list(model.parameters()) + list(model.buffers()):
-        tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+        source = tensor.data
+        tensor.data = source.clone(memory_format=torch.contiguous_format)
+        page_out(source)
 
 
 def _positions(kwargs: dict, input_ids: torch.Tensor | None, seq_len: int, batch: int) -> torch.Tensor:
