@@ -211,10 +211,16 @@ class TokenRouter:
     # ----- per forward pass ----------------------------------------------------------------
     def begin_forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None) -> None:
         """Precompute the part of the score that is the same in every layer. Shapes (batch, seq)."""
+        self._static_scalar = None
         if self.mode not in ("learned", "topk", "budget"):
             self._static_score = None
             return
         self._token_features = (input_ids, positions)
+        if input_ids is not None and input_ids.numel() == 1 and positions is not None:
+            # Decode: one token, so the shared part of its score is plain arithmetic on floats.
+            self._static_score = None
+            self._static_scalar = self._static_score_of(int(input_ids.reshape(-1)[0]), int(positions.reshape(-1)[0]))
+            return
         shape = input_ids.shape if input_ids is not None else positions.shape if positions is not None else None
         if shape is None:
             self._static_score = None
@@ -231,6 +237,22 @@ class TokenRouter:
             score += self._weights["token_frequency"] * (feature - stats["mean"]) / stats["std"]
         # Without ids (inputs_embeds) the frequency term stays at its calibration mean, i.e. 0.
         self._static_score = score.reshape(-1)
+
+    def _static_score_of(self, token_id: int, position: int) -> float:
+        """:meth:`begin_forward`'s score for one token, without tensor operations."""
+        norm = self.spec.normalisation
+        score = float(self.spec.bias)
+        if "position" in self._weights:
+            stats = norm["position"]
+            score += self._weights["position"] * (math.log1p(max(position, 0)) - stats["mean"]) / stats["std"]
+        if "token_frequency" in self._weights and self.token_log_frequency is not None:
+            stats = norm["token_frequency"]
+            if not hasattr(self, "_log_frequency_list"):
+                self._log_frequency_list = self.token_log_frequency.tolist()
+            table = self._log_frequency_list
+            feature = table[min(max(token_id, 0), len(table) - 1)]
+            score += self._weights["token_frequency"] * (feature - stats["mean"]) / stats["std"]
+        return score
 
     def route_layer(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None = None) -> None:
         """Assign every token of ``hidden_states`` (batch, seq, hidden) a tier for this layer.
@@ -330,7 +352,10 @@ class TokenRouter:
     def _decode_score(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> float:
         """:meth:`_layer_score` for a single token with the fewest tensor operations (decode)."""
         static = self._static_score
-        score = float(static[0]) if static is not None and static.numel() == 1 else self.spec.bias
+        if getattr(self, "_static_scalar", None) is not None:
+            score = self._static_scalar
+        else:
+            score = float(static[0]) if static is not None and static.numel() == 1 else self.spec.bias
         for name, slopes in self._slopes.items():
             if name == "hidden_norm":
                 # log rms = log(||h|| / sqrt(hidden)), as hidden_norm_feature computes it.
@@ -357,7 +382,9 @@ class TokenRouter:
         """Fitted score of every token in this layer: (tokens,), on the CPU."""
         static = self._static_score
         if static is None or static.numel() != num_tokens:
-            static = torch.full((num_tokens,), self.spec.bias, dtype=torch.float32)
+            scalar = getattr(self, "_static_scalar", None)
+            fill = scalar if scalar is not None and num_tokens == 1 else self.spec.bias
+            static = torch.full((num_tokens,), fill, dtype=torch.float32)
         layer_part = None
         for name, slopes in self._slopes.items():
             term = self._raw_feature(name, layer_index, hidden_states, normed) * slopes[layer_index]

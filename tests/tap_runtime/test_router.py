@@ -162,3 +162,32 @@ def test_modes_without_shares_use_the_fitted_shares_not_the_last_ones():
     router.set_mode("random", shares=(0.7,))
     router.set_mode("budget")
     assert router.random_shares == (0.1,)
+
+
+def test_single_token_static_score_matches_the_batch_one():
+    """Position and token-frequency terms: scalar arithmetic in decode, tensors in a batch."""
+    spec = RouterSpec(
+        signals=("hidden_norm", "position", "token_frequency"),
+        normalisation={
+            "hidden_norm": {"transform": "log_rms", "layer_mean": [0.1], "layer_std": [1.2]},
+            "position": {"transform": "log1p", "mean": 3.0, "std": 1.5},
+            "token_frequency": {"transform": "log_frequency", "mean": -8.0, "std": 2.0},
+        },
+        weights={"hidden_norm": 0.9, "position": -0.7, "token_frequency": -0.5},
+        bias=0.2,
+        thresholds=((0.4,),),
+        tier_shares={"8": 0.1},
+    )
+    frequency = torch.log(torch.rand(50, generator=torch.Generator().manual_seed(1)) * 1e-3 + 1e-6)
+    hidden = _hidden(tokens=120, seed=5)
+    ids = torch.randint(0, 60, (1, 120), generator=torch.Generator().manual_seed(2))  # some beyond the table
+    positions = torch.arange(120).unsqueeze(0)
+    batched = TokenRouter(spec, (4, 8), 1, token_log_frequency=frequency)
+    batched.begin_forward(ids, positions)
+    batched.route_layer(0, hidden)
+    single = TokenRouter(spec, (4, 8), 1, token_log_frequency=frequency)
+    for t in range(120):
+        single.begin_forward(ids[:, t : t + 1], positions[:, t : t + 1])
+        single.route_layer(0, hidden[:, t : t + 1])
+    assert torch.equal(single.counts, batched.counts)
+    assert 0 < int(batched.counts[0, 1]) < 120
