@@ -2,7 +2,13 @@
 
 Each row runs in its own fresh process (so its peak RSS is its own), on the same prompt and
 thread count. Decode: batch 1, greedy, a 32-token prompt, exactly --new-tokens new tokens.
-Prefill: one forward over --prefill-tokens tokens. Medians of --repeats after a warm-up.
+Prefill: one forward over --prefill-tokens tokens keeping the last position's logits (as
+generate does). Medians of --repeats after a warm-up.
+
+Rows: HF fp32 / bf16 (transformers' generate); TAP base tier only, learned routing, budget
+routing (share held at the fitted 10%), learned through transformers' generate (-eager), all
+tokens on the top tier; the same base / learned rows loaded in memory-efficient mode
+(-lowmem); llama.cpp Q4_K_M and Q8_0 through llama-cpp-python when installed.
 
     python scripts/bench_speed.py --model models/smollm2 --tap models/smollm2-tap
 """
