@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every row this many times, interleaved; medians across rounds")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row
     parser.add_argument("--json-out", default=None)
@@ -201,21 +202,38 @@ def main() -> None:
     if args.row:
         print(json.dumps(run_row(args.row, args)))
         return
+    rows = args.rows.split(",")
+    measured: dict[str, list[dict]] = {row: [] for row in rows}
+    # Rounds interleave the rows in time, so a slow spell of a shared machine hits every row alike.
+    for _ in range(args.rounds):
+        for row in rows:
+            command = [sys.executable, __file__, "--row", row] + [
+                a for pair in (("--model", args.model), ("--tap", args.tap), ("--threads", str(args.threads)),
+                               ("--prompt-tokens", str(args.prompt_tokens)), ("--new-tokens", str(args.new_tokens)),
+                               ("--prefill-tokens", str(args.prefill_tokens)), ("--repeats", str(args.repeats))) for a in pair
+            ]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{row}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            measured[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
     results = []
-    for row in args.rows.split(","):
-        command = [sys.executable, __file__, "--row", row] + [
-            a for pair in (("--model", args.model), ("--tap", args.tap), ("--threads", str(args.threads)),
-                           ("--prompt-tokens", str(args.prompt_tokens)), ("--new-tokens", str(args.new_tokens)),
-                           ("--prefill-tokens", str(args.prefill_tokens)), ("--repeats", str(args.repeats))) for a in pair
-        ]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{row}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+    for row in rows:
+        runs = measured[row]
+        if not runs:
             continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        merged = dict(runs[0])
+        for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
+            merged[key] = statistics.median(r[key] for r in runs)
+        for key in ("peak_rss_bytes", "rss_after_load_bytes"):
+            merged[key] = max(r[key] for r in runs)
+        merged["rss_after_imports_bytes"] = min(r["rss_after_imports_bytes"] for r in runs)
+        merged["decode_by_round"] = [r["decode_tokens_per_second"] for r in runs]
+        results.append(merged)
     base = next((r for r in results if r["row"] == "hf-fp32"), results[0])
     print(f"# bench_speed: {args.tap} vs {args.model}; decode batch 1, {args.prompt_tokens}-token prompt, "
-          f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats}")
+          f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats} repeats "
+          f"x {args.rounds} interleaved rounds")
     print(f"# {environment()}")
     print("# load MiB: high-water RSS after loading minus RSS after importing torch, transformers and tap_runtime")
     print("# prefill: one forward over all prefill tokens keeping the last position's logits (as generate does)")
