@@ -105,8 +105,9 @@ def run_row(row: str, args) -> dict:
     torch.set_num_threads(args.threads)
     import tap_runtime  # noqa: F401  (imported in every row, so the import baseline is the same)
 
-    args.import_rss = _current_rss_bytes()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # The baseline includes this script's own tokenizer (131 MiB for Qwen's), not the model's load.
+    args.import_rss = _current_rss_bytes()
     if row.startswith("llama.cpp-"):
         ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
         return run_llama_cpp_row(row, args, ids)
@@ -235,7 +236,7 @@ def main() -> None:
           f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats} repeats "
           f"x {args.rounds} interleaved rounds")
     print(f"# {environment()}")
-    print("# load MiB: high-water RSS after loading minus RSS after importing torch, transformers and tap_runtime")
+    print("# load MiB: high-water RSS after loading minus RSS after importing torch, transformers, tap_runtime and the script's tokenizer")
     print("# prefill: one forward over all prefill tokens keeping the last position's logits (as generate does)")
     for r in results:
         if r.get("decode_path"):

@@ -20,7 +20,7 @@ from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMism
 from .format import plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
-from .pages import page_out
+from .pages import page_out, return_freed_heap
 from .residency import ResidualPlaneCache, shard_of_every_tensor
 from .router import TokenRouter
 
@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_TRIM_EVERY = 8  # linears packed between two heap trims while loading
 
 
 def _conv1d_class() -> type | None:
@@ -221,6 +222,7 @@ def prepare_model(
             raise InvalidConfigError("memory-efficient mode reads residual planes from the shards: it needs their directory.")
         residual_cache = ResidualPlaneCache(kernel, residual_cache_bytes)
         located = shard_of_every_tensor(weights_directory, [shard.file_name for shard in table.shards])
+    packed_count = 0
     for name, module in model.named_modules():
         if isinstance(module, TapLinear):
             sources = None
@@ -235,6 +237,11 @@ def prepare_model(
                         )
                     sources.append((located[names["qweight"]], names))
             module.prepare(kernel, keep_portable=keep_portable, residual_cache=residual_cache, residual_sources=sources)
+            packed_count += 1
+            if packed_count % _TRIM_EVERY == 0:
+                # Packing frees large transient code buffers that glibc keeps in its heap; hand
+                # them back as we go, so the load's high-water mark stays near the model's size.
+                return_freed_heap()
             if module.policy.layer_index is not None:
                 module.routing = router.layers[module.policy.layer_index]
         elif isinstance(module, TapEmbedding):
