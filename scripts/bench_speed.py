@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench_common import environment, heldout_text
-from tap_runtime.metrics import FirstTokenClock, weight_bits_read
+from tap_runtime.metrics import FirstTokenClock
 
 ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
         "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
