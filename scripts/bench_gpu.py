@@ -7,6 +7,8 @@ text) and measures, all in one run and on the same GPU:
   * the CUDA kernel against the reference kernel and the CPU kernel (logits, max relative error);
   * decode tokens/s (batch 1, 32-token prompt, --new-tokens greedy) and prefill tokens/s for
     HF bf16 and TAP (base tier only, learned routing, all tokens top tier);
+  * the same with offload_to_cpu: half (tap-offload-half) or all (tap-offload-all) of the
+    decoder planes in pinned host memory, copied in per linear as it runs;
   * energy per generated token from NVML's total-energy counter (EnergyMonitor), with the idle
     power measured in the same run; and peak CUDA memory.
 Speed and energy do not depend on the weights' values; routing shares do (random weights
@@ -91,14 +93,26 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
     else:
         import tap_runtime
 
-        tap = tap_runtime.load(tap_dir, device="cuda", dtype=torch.bfloat16)
+        offload = {}
+        if row.startswith("tap-offload"):
+            # Decoder planes beyond a budget stay in pinned host memory, copied in per linear:
+            # half of them (-half) or all of them (-all); learned routing.
+            from tap_runtime.checkpoint import read_checkpoint
+            from tap_runtime.offload import plane_bytes
+
+            table = read_checkpoint(tap_dir, verify=False).table
+            layer_bytes = sum(plane_bytes(p) for p in table.linear.values() if p.layer_index is not None)
+            share = {"tap-offload-half": 0.5, "tap-offload-all": 0.0}[row]
+            offload = dict(offload_to_cpu=True, max_gpu_memory_mb=share * layer_bytes / 2**20)
+        tap = tap_runtime.load(tap_dir, device="cuda", dtype=torch.bfloat16, **offload)
         if row == "tap-random10":
             # Random weights make the fitted router's shares meaningless; this row fixes the share
             # at the design point (10% of tokens per layer on the top tier) to time that cost.
             tap.set_routing("random", shares=(0.1,) * (len(tap.table.tiers) - 1))
         else:
             mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]),
-                    "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None)}[row]
+                    "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None),
+                    "tap-offload-half": ("learned", None), "tap-offload-all": ("learned", None)}[row]
             tap.set_routing(mode[0], tier=mode[1])
         model = tap.model
     prompt, long_input = prompt.to("cuda"), long_input.to("cuda")
@@ -152,6 +166,7 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
         "cuda_peak_bytes": int(torch.cuda.max_memory_allocated()),
         "avg_weight_bits": statistics.median(bits) if bits else 16.0,
         "decode_path": decode_path,
+        "host_plane_bytes": tap.model.tap_offload.host_plane_bytes if tap is not None and tap.model.tap_offload else 0,
     }
     del model, tap
     return result

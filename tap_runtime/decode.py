@@ -83,6 +83,8 @@ class FusedProjection:
 
         if not all(isinstance(m, TapLinear) and m.kernel is not None for m in modules):
             return None
+        if any(getattr(m, "tap_offloaded", False) for m in modules):
+            return None  # its planes arrive per call through the offload hook
         kernel = modules[0].kernel
         fuse = getattr(kernel, "fuse_planes", None)
         if fuse is None or any(m.kernel is not kernel or m.routing is not modules[0].routing for m in modules):

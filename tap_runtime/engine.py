@@ -58,7 +58,8 @@ class TAPConfig:
     fixed_level: int | None = None
     memory_efficient_mode: bool = False  # residual planes stay in the shards until routed tokens need them
     residual_cache_mb: float = 64.0  # memory_efficient_mode's budget for packed residual planes
-    offload_to_cpu: bool = False
+    offload_to_cpu: bool = False  # on a GPU: layers beyond max_gpu_memory_mb keep their planes in host memory
+    max_gpu_memory_mb: float | None = None  # offload_to_cpu's budget for packed decoder planes; None: 80% of free
     device: str = "cpu"
     calib: str = "wikitext"
     calib_samples: int = 16
@@ -89,10 +90,10 @@ class TAPConfig:
                 f"memory_efficient_mode pages residual planes in from the shards on the CPU; device {self.device!r} "
                 f"needs memory_efficient_mode=False."
             )
-        if self.offload_to_cpu:
+        if self.offload_to_cpu and not str(self.device).startswith("cuda"):
             raise InvalidConfigError(
-                "offload_to_cpu (accelerate device maps across GPU and CPU) is not built yet; use offload_to_cpu=False, "
-                "or memory_efficient_mode=True on the CPU to keep residual planes out of memory until needed."
+                f"offload_to_cpu keeps the layers that do not fit a GPU in host memory; device {self.device!r} is not a GPU. "
+                f"Use device='cuda', or memory_efficient_mode=True on the CPU to keep residual planes out of memory until needed."
             )
 
 
@@ -120,6 +121,8 @@ class TAPEngine:
         """A TAP checkpoint directory or Hub repo, or a plain HF model (converted here, briefly)."""
         source = str(path_or_repo_id)
         memory = dict(memory_efficient=self.config.memory_efficient_mode, residual_cache_mb=self.config.residual_cache_mb)
+        if self.config.offload_to_cpu:
+            memory.update(offload_to_cpu=True, max_gpu_memory_mb=self.config.max_gpu_memory_mb)
         if _is_tap_checkpoint(source):
             self.model = load(source, device=self.config.device, **memory)
         else:

@@ -34,6 +34,7 @@ class LoadOptions:
     keep_portable: bool = False
     device: str = "cpu"
     residual_cache_bytes: int | None = None  # memory-efficient mode's budget; None: pack every plane at load
+    offloaded: frozenset[str] | None = None  # linears whose packed planes stay in host memory (offload_to_cpu)
 
 
 _OPTIONS: contextvars.ContextVar[LoadOptions] = contextvars.ContextVar("tap_load_options", default=LoadOptions())
@@ -109,6 +110,7 @@ class TapHfQuantizer(HfQuantizer):
             device=options.device,
             residual_cache_bytes=options.residual_cache_bytes,
             weights_directory=checkpoint.directory,
+            offloaded=options.offloaded,
         )
         model.tap_checkpoint = checkpoint
         return model

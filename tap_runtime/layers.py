@@ -23,6 +23,7 @@ from .format import (
 from .kernels import Kernel, ReferenceKernel
 from .pages import page_out
 from .planes import Plane, RowQuantized
+from .offload import HostPlane
 from .residency import LazyPlane, ResidualPlaneCache
 from .router import ALL_TOKENS, LayerRouting
 
@@ -44,9 +45,13 @@ def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tup
     return {name: shapes[name] for name in spec.fields}
 
 
+_RESOLVED_ON_USE = (LazyPlane, HostPlane)
+
+
 def _packed(prepared):
-    """A kernel-ready plane; a residual plane left in the mapped file is packed (or found) now."""
-    return prepared.resolve() if type(prepared) is LazyPlane else prepared
+    """A kernel-ready plane; a residual plane left in the mapped file is packed (or found) now,
+    one left in host memory by offloading is copied to the device now."""
+    return prepared.resolve() if type(prepared) in _RESOLVED_ON_USE else prepared
 
 
 def run_planes(

@@ -12,9 +12,43 @@ from .hf_integration import LoadOptions, load_options
 from .kernels import KERNEL_NAMES
 from .errors import InvalidConfigError
 from .model import TapModel
+from .offload import offloaded_linears, plan_device_map, plane_bytes
 from .pages import return_freed_heap
 
 __all__ = ["load"]
+
+
+def _offloaded_linears(checkpoint, device: torch.device, device_map, max_gpu_memory_mb, memory_efficient) -> frozenset[str]:
+    """The linears ``device_map`` (or the automatic one) keeps in host memory."""
+    if device.type != "cuda":
+        raise InvalidConfigError(
+            f"offload_to_cpu keeps layers that do not fit the GPU in host memory; device {device} is not a GPU "
+            f"(on the CPU everything is in host memory already; memory_efficient=True reads residual planes on demand)."
+        )
+    if memory_efficient:
+        raise InvalidConfigError("memory_efficient mode is CPU-only; use offload_to_cpu alone on the GPU.")
+    table = checkpoint.table
+    gpu = device.index if device.index is not None else torch.cuda.current_device()
+    if device_map is None or device_map == "auto":
+        if max_gpu_memory_mb is None:
+            free, _ = torch.cuda.mem_get_info(gpu)
+            layer_bytes = sum(plane_bytes(p) for p in table.linear.values() if p.layer_index is not None)
+            other_bytes = max(0, sum(s.num_bytes for s in table.shards) - layer_bytes)
+            budget = int(0.8 * free) - other_bytes
+        else:
+            budget = int(max_gpu_memory_mb * 2**20)
+        device_map = plan_device_map(table, max(0, budget), gpu=gpu)
+    elif not isinstance(device_map, dict):
+        raise InvalidConfigError(f"device_map must be a dict in accelerate's format or 'auto', got {device_map!r}.")
+    for prefix, where in device_map.items():
+        if where in ("cpu", "disk"):
+            continue
+        placed = torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+        if placed.type != "cuda" or (placed.index if placed.index is not None else gpu) != gpu:
+            raise InvalidConfigError(
+                f"device_map puts {prefix or 'the model'!r} on {where!r}; TAP runs on one GPU ({device}) with the rest on 'cpu'."
+            )
+    return frozenset(offloaded_linears(table, device_map))
 
 
 def load(
@@ -27,6 +61,9 @@ def load(
     keep_portable: bool = False,
     memory_efficient: bool = False,
     residual_cache_mb: float = 64.0,
+    offload_to_cpu: bool = False,
+    device_map: dict[str, Any] | str | None = None,
+    max_gpu_memory_mb: float | None = None,
 ) -> TapModel:
     """Load a TAP checkpoint.
 
@@ -41,6 +78,13 @@ def load(
         memory_efficient: pack only the planes every token reads; residual planes stay in the
             memory-mapped shard and are packed when a routed token first needs them, into one
             least-recently-used cache of ``residual_cache_mb`` MiB (CPU only).
+        offload_to_cpu: run on the GPU ``device`` with the decoder layers that do not fit kept in
+            host memory, copied in as each linear runs (see :mod:`tap_runtime.offload`).
+        device_map: where each decoder layer's planes live, in accelerate's format
+            (``{"model.layers.20": "cpu", "": 0}``); ``"auto"`` or None with ``offload_to_cpu``
+            fills the GPU in layer order up to ``max_gpu_memory_mb``.
+        max_gpu_memory_mb: MiB of packed decoder-layer planes kept on the GPU under ``"auto"``;
+            default 80% of the GPU's free memory less the checkpoint's other tensors.
     Returns:
         a :class:`TapModel`; its ``.model`` is a regular transformers model.
     Example:
@@ -59,7 +103,17 @@ def load(
     if memory_efficient and residual_cache_mb < 0:
         raise InvalidConfigError(f"residual_cache_mb must be >= 0, got {residual_cache_mb}.")
     cache_bytes = int(residual_cache_mb * 2**20) if memory_efficient else None
-    options = LoadOptions(kernel=kernel, verify=False, keep_portable=keep_portable, device=str(device), residual_cache_bytes=cache_bytes)
+    offloaded = None
+    if offload_to_cpu or device_map is not None:
+        offloaded = _offloaded_linears(checkpoint, device, device_map, max_gpu_memory_mb, memory_efficient)
+    options = LoadOptions(
+        kernel=kernel,
+        verify=False,
+        keep_portable=keep_portable,
+        device=str(device),
+        residual_cache_bytes=cache_bytes,
+        offloaded=offloaded,
+    )
     with load_options(options):
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=None)
     model.to(device)

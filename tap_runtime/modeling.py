@@ -21,6 +21,7 @@ from .format import plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_F
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
 from .pages import page_out, return_freed_heap
+from .offload import OffloadSummary, attach_offload_hooks, plane_bytes, to_host
 from .residency import ResidualPlaneCache, shard_of_every_tensor
 from .router import TokenRouter
 
@@ -186,6 +187,7 @@ def prepare_model(
     device: torch.device | str | None = None,
     residual_cache_bytes: int | None = None,
     weights_directory: Path | None = None,
+    offloaded: frozenset[str] | None = None,
 ) -> TokenRouter:
     """After weights are loaded: pack for the kernel, attach the router, install its hooks.
 
@@ -196,6 +198,8 @@ def prepare_model(
     ``residual_cache_bytes`` turns on memory-efficient mode (see :mod:`tap_runtime.residency`):
     planes above each linear's always-read ones stay in the mapped shard, packed on demand into
     one cache of that many bytes; they are read from the shards in ``weights_directory``.
+    ``offloaded`` names linears whose packed planes go to host memory right after packing and
+    are copied to ``device`` just before each call (see :mod:`tap_runtime.offload`).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     kernel = select_kernel(kernel_name, device)
@@ -223,6 +227,8 @@ def prepare_model(
         residual_cache = ResidualPlaneCache(kernel, residual_cache_bytes)
         located = shard_of_every_tensor(weights_directory, [shard.file_name for shard in table.shards])
     packed_count = 0
+    offload = OffloadSummary(device_map={}) if offloaded else None
+    hosted: list[TapLinear] = []
     for name, module in model.named_modules():
         if isinstance(module, TapLinear):
             sources = None
@@ -237,6 +243,15 @@ def prepare_model(
                         )
                     sources.append((located[names["qweight"]], names))
             module.prepare(kernel, keep_portable=keep_portable, residual_cache=residual_cache, residual_sources=sources)
+            if offload is not None:
+                # One linear at a time through the GPU: packing there, then straight to the host.
+                if name in offloaded:
+                    module._prepared = to_host(module._prepared)
+                    hosted.append(module)
+                    offload.offloaded.append(name)
+                    offload.host_plane_bytes += plane_bytes(module.policy)
+                elif module.policy.layer_index is not None:
+                    offload.gpu_plane_bytes += plane_bytes(module.policy)
             packed_count += 1
             if packed_count % _TRIM_EVERY == 0:
                 # Packing frees large transient code buffers that glibc keeps in its heap; hand
@@ -250,6 +265,12 @@ def prepare_model(
     for module in model.modules():
         if isinstance(module, TapHead):
             module.prepare(kernel)
+    if offload is not None:
+        unknown = sorted(set(offloaded) - set(offload.offloaded))
+        if unknown:
+            raise InvalidConfigError(f"offload names linears the model does not have: {unknown[:3]}")
+        attach_offload_hooks(hosted, device)
+    model.tap_offload = offload
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     spec = get_architecture(config.model_type)
     _install_router_hooks(model, spec, router)

@@ -18,7 +18,7 @@ from tap_runtime.errors import InvalidConfigError
         (dict(precision_thresholds=[0.5]), "need precision_levels"),
         (dict(precision_mode=PrecisionMode.FIXED), "needs fixed_level"),
         (dict(memory_efficient_mode=True, device="cuda"), "on the CPU"),
-        (dict(offload_to_cpu=True), "not built yet"),
+        (dict(offload_to_cpu=True), "is not a GPU"),
     ],
 )
 def test_invalid_configs_are_refused_with_the_reason(kwargs, message):
