@@ -118,22 +118,26 @@ def test_residual_planes_cross_only_when_tokens_are_routed_there(converted_facto
 @needs_cuda
 def test_offloaded_model_on_the_gpu_gives_the_same_tokens_with_less_gpu_memory(converted_factory):
     path = converted_factory("llama")
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
     resident = tap_runtime.load(path, device="cuda")
+    resident_bytes = torch.cuda.memory_allocated() - before
     expected = resident.generate(PROMPT, max_new_tokens=12).token_ids
     del resident
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     tap = tap_runtime.load(path, device="cuda", offload_to_cpu=True, max_gpu_memory_mb=0)
+    offloaded_bytes = torch.cuda.memory_allocated() - before
     summary = tap.model.tap_offload
     assert summary.gpu_plane_bytes == 0 and summary.host_plane_bytes > 0
     for name in summary.offloaded:
         module = tap.model.get_submodule(name)
         packed = module._prepared[0].packed
         assert packed.device.type == "cpu" and packed.is_pinned()
+    # The planes left the GPU (the resident model also keeps a copy of the codes for prefill).
+    assert offloaded_bytes + summary.host_plane_bytes <= resident_bytes
     assert tap.generate(PROMPT, max_new_tokens=12).token_ids == expected
     assert tap.generate(PROMPT, max_new_tokens=12, decode="eager").token_ids == expected
-    # Only non-layer tensors and transient copies stay on the GPU.
-    assert torch.cuda.memory_allocated() - before < summary.host_plane_bytes
 
 
 @needs_cuda
