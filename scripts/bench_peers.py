@@ -184,11 +184,13 @@ def main() -> None:
         tap_row(f"TAP tier {tap.table.tiers[0]} (no routing)")
         tap.set_routing("learned")
         tap_row("TAP learned routing")
+        tap.set_routing("budget")
+        tap_row("TAP budget routing (default)")
         tap.set_routing("fixed", tier=tap.table.tiers[-1])
         tap_row(f"TAP tier {tap.table.tiers[-1]}")
     calib = args.calib or tap.table.calibration.dataset
     imatrix_settings = (tap.table.calibration.seq_len, tap.table.calibration.num_samples)
-    del tap
+    tap = None  # free the TAP model before the peers load theirs
 
     for label in args.peers.split(","):
         if label in LLAMA_CPP_PEERS:

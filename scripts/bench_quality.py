@@ -1,8 +1,10 @@
 """Perplexity and KL divergence of a TAP checkpoint against its fp32 source, on held-out text.
 
-Rows, all measured in one run on the same windows: fp32; TAP with learned routing (default);
-TAP with every token on the top tier; TAP with every token on the base tier; TAP with tokens
-routed at random at the share the learned router actually used on this text. KL is the mean
+Rows, all measured in one run on the same windows: fp32; TAP with learned routing (the learned
+score against fixed calibrated thresholds, so the share follows the text); TAP with every token
+on the top tier; TAP with every token on the base tier; TAP with tokens routed at random at the
+share the learned router actually used on this text; TAP budget routing (the default: the same
+score with the share held at the converted one) and random routing at that share. KL is the mean
 per-token KL(fp32 || TAP) of the next-token distributions.
 
     python scripts/bench_quality.py --model models/smollm2 --tap models/smollm2-tap \
@@ -108,8 +110,11 @@ def main() -> None:
             run("tap random routing, same share")
         if wanted is None or "budget" in wanted:
             tap.set_routing("budget")  # the fitted shares, held on this text
-            run("tap budget routing (share held)")
-        tap.set_routing("learned")
+            budget = run("tap budget routing (default)")
+            shares = tuple(budget["share_above_base"] / 4**k for k in range(len(tap.table.tiers) - 1))
+            tap.set_routing("random", shares=shares, seed=args.seed)
+            run("tap random routing, budget's share")
+        tap.set_routing()
 
     fp32_ppl = rows["fp32"]["ppl"]
     print(f"# bench_quality: {args.tap} vs {args.model}; text={args.text} held-out, {args.windows} windows x {args.ctx} tokens")

@@ -5,8 +5,9 @@ thread count. Decode: batch 1, greedy, a 32-token prompt, exactly --new-tokens n
 Prefill: one forward over --prefill-tokens tokens keeping the last position's logits (as
 generate does). Medians of --repeats after a warm-up.
 
-Rows: HF fp32 / bf16 (transformers' generate); TAP base tier only, learned routing, budget
-routing (share held at the fitted 10%), learned through transformers' generate (-eager), all
+Rows: HF fp32 / bf16 (transformers' generate); TAP base tier only, learned routing (fixed
+thresholds: the share follows the text), budget routing (the default: share held at the
+converted 10%), learned through transformers' generate (-eager), all
 tokens on the top tier; the same base / learned rows loaded in memory-efficient mode
 (-lowmem); llama.cpp Q4_K_M and Q8_0 through llama-cpp-python when installed.
 
@@ -31,7 +32,7 @@ from tap_runtime.metrics import FirstTokenClock
 ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
         "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
 # -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand);
-# tap-budget holds the routed share at the fitted one (10% by default) on any text.
+# tap-budget, the default routing, holds the routed share at the fitted one (10% by default) on any text.
 # TAP rows decode through TapModel.generate (the lean loop where the architecture has one); the
 # -eager row forces transformers' generate on the same checkpoint, to show what the loop saves.
 
@@ -103,7 +104,7 @@ def run_row(row: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    import tap_runtime  # noqa: F401  (imported in every row, so the import baseline is the same)
+    import tap_runtime  # imported in every row, so the import baseline is the same
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     # The baseline includes this script's own tokenizer (131 MiB for Qwen's), not the model's load.
@@ -117,8 +118,6 @@ def run_row(row: str, args) -> dict:
         weight_bytes = _directory_bytes(args.model) * (1 if dtype == torch.float32 else 0.5)
         extra = {}
     else:
-        import tap_runtime
-
         tap = tap_runtime.load(args.tap, memory_efficient=row.endswith("-lowmem"))
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),

@@ -171,8 +171,10 @@ class TAPEngine:
             if config.fixed_level not in self.level_to_tier and config.fixed_level not in tiers:
                 raise InvalidConfigError(f"fixed_level {config.fixed_level} is not among the levels {levels} or tiers {list(tiers)}.")
             model.set_routing("fixed", tier=self.level_to_tier.get(config.fixed_level, config.fixed_level))
+        elif config.precision_thresholds is None:
+            model.set_routing()  # the default: learned score, share held at the converted one
         else:
-            model.set_routing("learned")
+            model.set_routing("learned")  # the caller's quantiles as fixed thresholds
             if config.precision_thresholds is not None:
                 model.router.set_thresholds(model.table.router.thresholds_for_quantiles(self._tier_quantiles(tiers, levels)))
 

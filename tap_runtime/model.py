@@ -17,7 +17,7 @@ from .decode import FastDecoder, fast_decode_unsupported
 from .errors import InvalidConfigError
 from .layers import TapLinear
 from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, weight_bits_read
-from .router import TokenRouter
+from .router import DEFAULT_ROUTING, TokenRouter
 
 __all__ = ["TapModel", "Generation", "DECODE_PATHS"]
 
@@ -62,15 +62,16 @@ class TapModel:
 
     def set_routing(
         self,
-        mode: str = "learned",
+        mode: str = DEFAULT_ROUTING,
         tier: int | None = None,
         shares: tuple[float, ...] | None = None,
         seed: int = 0,
         score: str = "learned",
         sign: float = 1.0,
     ) -> None:
-        """``learned`` (default), ``budget`` (learned score, share held at the target on any text),
-        ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode)."""
+        """``budget`` (default: the learned score, share held at the converted one on any text),
+        ``learned`` (the learned score against fixed calibrated thresholds: the share follows the
+        text), ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode)."""
         self.router.set_mode(mode, tier=tier, shares=shares, seed=seed, score=score, sign=sign)
 
     def set_min_tiers(self, min_tiers: dict[str, int]) -> None:
@@ -134,6 +135,7 @@ class TapModel:
         if decode == "fast" and why_not is not None:
             raise InvalidConfigError(f"decode='fast' cannot run this request: {why_not}. Use decode='auto' or 'eager'.")
         path = "eager" if decode == "eager" or why_not is not None else "fast"
+        self.router.begin_sequence()
         self.router.reset_counts()
         with PeakMemory() as memory:
             if path == "fast":

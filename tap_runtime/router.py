@@ -29,6 +29,10 @@ __all__ = [
 ]
 
 ROUTING_MODES = ("learned", "fixed", "random", "topk", "budget")
+# The default: the learned score with the routed share held at the converted one (--share), so a
+# checkpoint costs on any text what it was converted to cost. With fixed thresholds ("learned")
+# the share drifts with the text (13-51% for a fitted 10%, README), and the cost with it.
+DEFAULT_ROUTING = "budget"
 # Budget mode: how far a threshold moves per decode token, in units of the layer's calibration
 # score spread (10th to 90th percentile); a long-run share above target raises the threshold.
 BUDGET_STEP = 0.05
@@ -115,6 +119,8 @@ class TokenRouter:
         ]
         self._threshold_rows = [[float(t) for t in row] for row in self.thresholds]
         self.mode = "learned"
+        self._budget_rows: list[list[float]] = []
+        self._budget_spread: list[float] = []
         self.fixed_tier_index = 0
         self.topk_score = "learned"
         self.topk_sign = 1.0
@@ -128,6 +134,7 @@ class TokenRouter:
         # than the decision itself); folded into the tensor whenever counts are read.
         self._pending = [[0] * len(self.tiers) for _ in range(num_layers)]
         self._has_pending = False
+        self.set_mode(DEFAULT_ROUTING)
 
     # ----- configuration -------------------------------------------------------------------
     def set_mode(
@@ -193,6 +200,13 @@ class TokenRouter:
             raise InvalidConfigError(f"thresholds of shape {tuple(table.shape)} given; expected {tuple(self.thresholds.shape)}.")
         self.thresholds = table
         self._threshold_rows = [[float(t) for t in row] for row in table]
+        self.begin_sequence()
+
+    def begin_sequence(self) -> None:
+        """A new sequence starts from the fitted thresholds: budget mode's running thresholds
+        (moved by the last sequence's decode tokens) go back, so equal prompts route equally."""
+        if self.mode == "budget":
+            self._budget_rows = [list(row) for row in self._threshold_rows]
 
     def reset_counts(self) -> None:
         self._counts.zero_()

@@ -116,6 +116,7 @@ def test_single_token_fast_path_decides_as_the_batch_path():
     def make() -> TokenRouter:
         router = TokenRouter(spec, (4, 8, 16), 2, token_log_frequency=None, error_sketches=list(sketches))
         router.input_norms = norms
+        router.set_mode("learned")  # fixed thresholds: budget mode's would move between the two paths
         return router
 
     for layer in range(2):
@@ -142,6 +143,7 @@ def test_budget_mode_holds_the_share_when_the_text_shifts():
     threshold = float(torch.quantile(scores, 0.9))
     shifted = _hidden(tokens=3000, seed=7) * 3.0  # log-rms up by log(3): far more tokens pass
     learned = _router(num_layers=1, thresholds=((threshold,),))
+    learned.set_mode("learned")
     for t in range(1000):
         learned.route_layer(0, shifted[:, t : t + 1])
     learned_share = learned.counts[0, 1].item() / 1000
@@ -183,11 +185,34 @@ def test_single_token_static_score_matches_the_batch_one():
     ids = torch.randint(0, 60, (1, 120), generator=torch.Generator().manual_seed(2))  # some beyond the table
     positions = torch.arange(120).unsqueeze(0)
     batched = TokenRouter(spec, (4, 8), 1, token_log_frequency=frequency)
+    batched.set_mode("learned")  # fixed thresholds: the two paths must agree token by token
     batched.begin_forward(ids, positions)
     batched.route_layer(0, hidden)
     single = TokenRouter(spec, (4, 8), 1, token_log_frequency=frequency)
+    single.set_mode("learned")
     for t in range(120):
         single.begin_forward(ids[:, t : t + 1], positions[:, t : t + 1])
         single.route_layer(0, hidden[:, t : t + 1])
     assert torch.equal(single.counts, batched.counts)
     assert 0 < int(batched.counts[0, 1]) < 120
+
+
+def test_default_routing_holds_the_share_and_restarts_per_sequence():
+    """The default is budget mode; each sequence starts again from the fitted thresholds."""
+    scores = hidden_norm_feature(_hidden(tokens=4000)).reshape(-1)
+    threshold = float(torch.quantile(scores, 0.9))
+    router = _router(num_layers=1, thresholds=((threshold,),))
+    assert router.mode == "budget"
+    shifted = _hidden(tokens=200, seed=7) * 3.0
+
+    def one_sequence() -> list[int]:
+        router.begin_sequence()
+        tiers = []
+        for t in range(200):
+            router.route_layer(0, shifted[:, t : t + 1])
+            tiers.append(int(router.layers[0].indices_for_plane(1) is ALL_TOKENS))
+        return tiers
+
+    first = one_sequence()
+    assert router._budget_rows[0][0] > threshold  # the shifted text pushed the threshold up
+    assert one_sequence() == first
