@@ -59,12 +59,14 @@ def collect_input_stats(
     batch_size: int,
     progress: bool = True,
     hessians: bool = True,
+    output_moment: InputSecondMoment | None = None,
 ) -> dict[str, ChannelMeanSquare]:
     """Input statistics of every site over all ``windows`` (num, seq_len).
 
     With ``hessians``, sites up to MAX_HESSIAN_FEATURES wide get an :class:`InputSecondMoment`.
     Sites called one after another with the very same tensor object (q/k/v, gate/up) share one
-    accumulator, which is fed once per call of the group.
+    accumulator, which is fed once per call of the group. ``output_moment``, when given, is fed
+    the decoder's final hidden states: the output head's input, for its error compensation.
     """
     stats: dict[str, ChannelMeanSquare] = {}
     # The previous call's input is held, so an identity match cannot be a reused address.
@@ -91,7 +93,9 @@ def collect_input_stats(
     decoder = base_model(model)
     with _hooks(handles):
         for batch in tqdm(windows.split(batch_size), desc="calibration pass 1/2: activation statistics", disable=not progress):
-            decoder(input_ids=batch, use_cache=False)
+            outputs = decoder(input_ids=batch, use_cache=False)
+            if output_moment is not None:
+                output_moment.add_batch(outputs.last_hidden_state)
     previous.clear()
     return stats
 

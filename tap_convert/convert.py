@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import collect_input_stats, collect_loss_gradients, collect_token_signals
+from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, collect_loss_gradients, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.stats import InputSecondMoment, token_log_frequency
 from calibration.thresholds import fit_router, tier_shares
@@ -41,7 +41,7 @@ from tap_runtime.format import (
 from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites, linear_weight, output_head
 from tap_runtime.planes import dequantize_planes
 
-from .gptq import gptq_tiers
+from .gptq import gptq_rows, gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
 from .schemes import SCHEME_CHOICES, choose_scheme, scheme_errors
@@ -179,8 +179,13 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         quantized_sites.append(site)
 
     tick = time.perf_counter()
+    head = output_head(model)
+    head_moment = None
+    if options.method == "gptq" and head is not None and head[1].weight.shape[1] <= MAX_HESSIAN_FEATURES:
+        head_moment = InputSecondMoment(head[1].weight.shape[1])  # the head's input: final hidden states
     stats = collect_input_stats(
-        model, quantized_sites, windows, options.batch_size, progress=options.progress, hessians=options.method == "gptq"
+        model, quantized_sites, windows, options.batch_size, progress=options.progress, hessians=options.method == "gptq",
+        output_moment=head_moment,
     )
     timings["pass1_seconds"] = time.perf_counter() - tick
 
@@ -267,7 +272,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         if policies[site.name].bias:
             writer.add_tensor(f"{site.name}.bias", site.module.bias.detach().to(torch.float32))
 
-    embeddings, handled = _add_embeddings(model, writer)
+    embeddings, handled = _add_embeddings(model, writer, None if head_moment is None else head_moment.hessian)
     handled |= {f"{site.name}.{suffix}" for site in quantized_sites for suffix in ("weight", "bias")}
     for name, tensor in model.state_dict().items():
         if name in handled:
@@ -337,29 +342,40 @@ def _is_tied_duplicate(model, name: str) -> bool:
     return head is not None and head[2] is not None and name == f"{head[0]}.weight"
 
 
-def _add_embeddings(model, writer: CheckpointWriter) -> tuple[dict[str, EmbeddingPolicy], set[str]]:
-    """Quantize every embedding and the output head to 8-bit rows; returns policies and handled keys."""
+def _add_embeddings(
+    model, writer: CheckpointWriter, head_hessian: torch.Tensor | None = None
+) -> tuple[dict[str, EmbeddingPolicy], set[str]]:
+    """Quantize every embedding and the output head to 8-bit rows; returns policies and handled keys.
+
+    With ``head_hessian`` (the second moment of the final hidden states) the head's rows are
+    error-compensated (GPTQ) for the logits; a tied embedding stores those same rows.
+    """
     policies: dict[str, EmbeddingPolicy] = {}
     handled: set[str] = set()
     head = output_head(model)
+    tied_target = head[2] if head is not None else None
     for name, embedding in iter_embeddings(model):
-        _add_rows(writer, name, embedding.weight)
-        policies[name] = EmbeddingPolicy(name, embedding.num_embeddings, embedding.embedding_dim, EMBEDDING_BITS)
+        compensate = head_hessian is not None and name == tied_target
+        _add_rows(writer, name, embedding.weight, head_hessian if compensate else None)
+        policies[name] = EmbeddingPolicy(
+            name, embedding.num_embeddings, embedding.embedding_dim, EMBEDDING_BITS, method="gptq" if compensate else "rtn"
+        )
         handled.add(f"{name}.weight")
     if head is not None:
         name, module, tied_to = head
         rows, dim = module.weight.shape
         if tied_to is None:
-            _add_rows(writer, name, module.weight)
-        policies[name] = EmbeddingPolicy(name, rows, dim, EMBEDDING_BITS, role="head", tied_to=tied_to)
+            _add_rows(writer, name, module.weight, head_hessian)
+        method = "gptq" if head_hessian is not None else "rtn"
+        policies[name] = EmbeddingPolicy(name, rows, dim, EMBEDDING_BITS, role="head", tied_to=tied_to, method=method)
         handled.add(f"{name}.weight")
         if getattr(module, "bias", None) is not None:
             raise InvalidConfigError(f"{name}: output heads with a bias are not supported yet.")
     return policies, handled
 
 
-def _add_rows(writer: CheckpointWriter, name: str, weight: torch.Tensor) -> None:
-    rows = quantize_rows(weight)
+def _add_rows(writer: CheckpointWriter, name: str, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> None:
+    rows = quantize_rows(weight) if hessian is None else gptq_rows(weight, hessian)
     writer.add_tensor(embedding_tensor_name(name, "qweight"), rows.qweight)
     writer.add_tensor(embedding_tensor_name(name, "scales"), rows.scales)
 

@@ -329,6 +329,9 @@ class EmbeddingPolicy:
     bits: int = EMBEDDING_BITS
     role: str = "embedding"
     tied_to: str | None = None
+    # ``gptq``: rows error-compensated for the head's output on the final hidden states (the
+    # head, or the embedding a head is tied to); ``rtn``: round to nearest.
+    method: str = "rtn"
 
     @property
     def num_weights(self) -> int:
@@ -353,6 +356,7 @@ class EmbeddingPolicy:
             bits=_get(data, "bits", int, path, where),
             role=role,
             tied_to=tied if isinstance(tied, str) else None,
+            method=str(data.get("method", "rtn")),  # absent in checkpoints written before it existed
         )
 
 

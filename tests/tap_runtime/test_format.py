@@ -138,3 +138,13 @@ def test_quantile_thresholds_interpolate_the_recorded_percentiles():
     assert router.thresholds_for_quantiles([0.25, 0.905]) == ((25.0, 90.5), (25.0, 90.5))
     with pytest.raises(Exception, match="convert it again"):
         sample_table().router.thresholds_for_quantiles([0.5])
+
+
+def test_tables_written_before_row_methods_were_recorded_still_load(tmp_path):
+    """The embeddings' ``method`` is an addition: without it a table reads as round-to-nearest."""
+    data = json.loads(sample_table().to_json())
+    for entry in data["embeddings"].values():
+        del entry["method"]
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    assert all(policy.method == "rtn" for policy in RoutingTable.from_json(path).embeddings.values())
