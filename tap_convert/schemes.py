@@ -7,8 +7,9 @@ search and scored by the relative layer-output error on the calibration inputs. 
 choice takes the lowest error among the schemes a packed kernel can run (asymmetric,
 symmetric); the logarithmic error is measured and recorded so its merit is on file, but no
 packed kernel multiplies power-of-two codes, so it is never chosen for execution.
-``dynamic`` scales (computed per token at run time) apply to activations and the KV cache,
-which TAP does not quantize yet.
+``dynamic`` scales (computed per vector at run time) are for what only exists at run time: the
+lean decode loop's int8 KV cache uses them (:mod:`tap_runtime.kv_cache`); activations stay in
+the compute dtype (the packed kernels take bfloat16 activations).
 """
 
 from __future__ import annotations

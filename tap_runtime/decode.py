@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidConfigError
+from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
+
 __all__ = ["FAST_DECODE_MODEL_TYPES", "FastDecoder", "DecodeResult", "fast_decode_unsupported", "SAMPLING_OPTIONS"]
 
 # Decoder layers of the form norm -> q/k/v -> rotary -> attention -> o, norm -> gate/up -> down;
@@ -145,7 +148,7 @@ class DecodeResult:
 class FastDecoder:
     """Prefill then decode one sequence with a static KV cache (see the module docstring)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kv_cache: str = "float"):
         config = _text_config(model)
         self.model = model
         self.config = config
@@ -163,8 +166,10 @@ class FastDecoder:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._apply_rotary = apply_rotary_pos_emb
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+        if kv_cache not in KV_CACHE_KINDS:
+            raise InvalidConfigError(f"kv_cache={kv_cache!r} is unknown; expected one of {list(KV_CACHE_KINDS)}.")
+        self.kv_cache_kind = kv_cache
+        self.cache: StaticKVCache | None = None
         self.fused: list[tuple] = []
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -173,12 +178,17 @@ class FastDecoder:
             self.fused.append((qkv, gate_up))
 
     # ----- cache ---------------------------------------------------------------------------
+    def use_kv_cache(self, kind: str) -> None:
+        """Switch the cache kind (``float`` or ``int8``); the next call allocates the new one."""
+        if kind not in KV_CACHE_KINDS:
+            raise InvalidConfigError(f"kv_cache={kind!r} is unknown; expected one of {list(KV_CACHE_KINDS)}.")
+        if kind != self.kv_cache_kind:
+            self.kv_cache_kind, self.cache = kind, None
+
     def _allocate(self, max_length: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (1, self.num_kv_heads, max_length, self.head_dim)
-        if self._keys and self._keys[0].shape[2] >= max_length and self._keys[0].dtype == dtype and self._keys[0].device == device:
+        if self.cache is not None and self.cache.fits(max_length, dtype, device):
             return  # the cache from the last call is long enough; positions are overwritten
-        self._keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self._values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.cache = make_kv_cache(self.kv_cache_kind, len(self.layers), self.num_kv_heads, max_length, self.head_dim, dtype, device)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if self.gemma:
@@ -202,8 +212,9 @@ class FastDecoder:
         return first_key, visible, False
 
     # ----- one forward over new positions ----------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (vocab,) of the last of ``input_ids`` (1, T), which sit at positions start.."""
+    def forward(self, input_ids: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
+        """Logits (vocab,) of the last of ``input_ids`` (1, T), which sit at positions start..;
+        with ``all_logits``, (T, vocab) for every position (for measuring the cache's effect)."""
         count = input_ids.shape[1]
         end = start + count
         device = input_ids.device
@@ -214,8 +225,9 @@ class FastDecoder:
         hidden = self.body.embed_tokens(input_ids)
         rotary = self._rotary(hidden, positions)
         masks = {window: self._mask(start, end, window, device) for window in set(self.windows)}
-        layers = zip(self.layers, self._keys, self._values, self.fused, self.layer_types, self.windows)
-        for layer, keys, values, (qkv, gate_up), kind, window in layers:
+        cache = self.cache
+        layers = zip(range(len(self.layers)), self.layers, self.fused, self.layer_types, self.windows)
+        for index, layer, (qkv, gate_up), kind, window in layers:
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)  # fires the router's hook for this layer
             if qkv is not None:
@@ -229,13 +241,13 @@ class FastDecoder:
                 query, key = attention.q_norm(query), attention.k_norm(key)
             cos, sin = rotary[kind]
             query, key = self._apply_rotary(query, key, cos, sin)
-            keys[:, :, start:end] = key
-            values[:, :, start:end] = value
+            cache.write(index, start, key, value)
             first_key, mask, causal = masks[window]
+            keys, values = cache.read(index, first_key, end)
             attended = F.scaled_dot_product_attention(
                 query,
-                keys[:, :, first_key:end],
-                values[:, :, first_key:end],
+                keys,
+                values,
                 attn_mask=mask,
                 is_causal=causal,
                 scale=attention.scaling,
@@ -252,8 +264,8 @@ class FastDecoder:
             gate, up = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
             out = mlp.down_proj(mlp.act_fn(gate) * up)
             hidden = hidden + (layer.post_feedforward_layernorm(out) if self.gemma else out)
-        last = self.body.norm(hidden[:, -1:])
-        logits = self.model.lm_head(last).reshape(-1)
+        last = self.body.norm(hidden if all_logits else hidden[:, -1:])
+        logits = self.model.lm_head(last).reshape(-1) if not all_logits else self.model.lm_head(last)[0]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from .checkpoint import Checkpoint
 from .decode import FastDecoder, fast_decode_unsupported
+from .kv_cache import KV_CACHE_KINDS
 from .errors import InvalidConfigError
 from .layers import TapLinear
 from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, weight_bits_read
@@ -104,6 +105,7 @@ class TapModel:
         max_new_tokens: int = 64,
         chat: bool = False,
         decode: str = "auto",
+        kv_cache: str = "float",
         **generate_kwargs: Any,
     ) -> Generation:
         """Generate from a prompt (or ids) and measure the call.
@@ -115,6 +117,8 @@ class TapModel:
             decode: ``auto`` (the lean static-cache loop when the model and options allow it, else
                 transformers' ``generate``), ``fast`` (the lean loop or an error saying why not),
                 ``eager`` (always transformers' ``generate``; for debugging and comparison).
+            kv_cache: ``float`` (the compute dtype) or ``int8`` (per-vector dynamic scales, 27% of
+                float32's bytes; the lean loop only, see :mod:`tap_runtime.kv_cache`).
             generate_kwargs: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
                 ``seed`` (lean loop and transformers) or any other ``generate`` option (transformers).
         Returns:
@@ -135,12 +139,21 @@ class TapModel:
         if decode == "fast" and why_not is not None:
             raise InvalidConfigError(f"decode='fast' cannot run this request: {why_not}. Use decode='auto' or 'eager'.")
         path = "eager" if decode == "eager" or why_not is not None else "fast"
+        if kv_cache not in KV_CACHE_KINDS:
+            raise InvalidConfigError(f"kv_cache={kv_cache!r} is unknown; expected one of {list(KV_CACHE_KINDS)}.")
+        if kv_cache != "float" and path == "eager":
+            reason = "decode='eager' was asked for" if decode == "eager" else why_not
+            raise InvalidConfigError(
+                f"kv_cache={kv_cache!r} is the lean decode loop's, which cannot run this request ({reason}); "
+                f"use kv_cache='float' with transformers' generate."
+            )
         self.router.begin_sequence()
         self.router.reset_counts()
         with PeakMemory() as memory:
             if path == "fast":
                 if self._fast_decoder is None:
-                    self._fast_decoder = FastDecoder(self.model)
+                    self._fast_decoder = FastDecoder(self.model, kv_cache=kv_cache)
+                self._fast_decoder.use_kv_cache(kv_cache)
                 result = self._fast_decoder.generate(input_ids, max_new_tokens, **generate_kwargs)
                 new_ids, start, first, end = result.token_ids, result.start, result.first_token_time, result.end
             else:
@@ -162,6 +175,9 @@ class TapModel:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         metrics = self._metrics(input_ids.shape[1], len(new_ids), start, first, end, memory)
         metrics.extra["decode_path"] = path
+        if path == "fast":
+            metrics.extra["kv_cache"] = kv_cache
+            metrics.extra["kv_cache_bytes"] = self._fast_decoder.cache.nbytes
         if why_not is not None:
             metrics.extra["fast_decode_unavailable"] = why_not
         return Generation(text=text, token_ids=new_ids, metrics=metrics)

@@ -168,7 +168,7 @@ def test_lean_loop_on_each_device(converted_factory, device):
     expected = _eager_tokens(tap, ids, 8)
     decoder = FastDecoder(tap.model)
     assert decoder.generate(ids, 8, eos_token_id=[]).token_ids == expected
-    assert decoder._keys[0].device.type == device.type
+    assert decoder.cache.keys[0].device.type == device.type
 
 
 def test_fusion_with_residual_planes_left_on_disk(wide_llama):
