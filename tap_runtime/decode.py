@@ -26,13 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidConfigError
+from .kernels.cpu import aligned
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
+from .router import ALL_TOKENS
 
 __all__ = ["FAST_DECODE_MODEL_TYPES", "FastDecoder", "DecodeResult", "fast_decode_unsupported", "SAMPLING_OPTIONS"]
 
 # Decoder layers of the form norm -> q/k/v -> rotary -> attention -> o, norm -> gate/up -> down;
 # Gemma 3 adds q/k norms, norms after attention and around the MLP, and sliding-window layers.
 FAST_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
+_INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 # generate() options the loop implements; anything else goes to transformers' generate.
 SAMPLING_OPTIONS = frozenset({"do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "seed"})
 
@@ -135,6 +138,95 @@ class FusedProjection:
         return list(out.split(self.sizes, dim=-1))
 
 
+class DirectDecodeLayer:
+    """One layer's packed planes for a decode step that calls torch's int4 op directly.
+
+    At one token per step the matmuls are a few microseconds each and the layers of Python
+    around them (module calls, FusedProjection, run_planes, the kernel wrapper, dtype and
+    alignment checks) cost as much; this path does the same operations in the same order, so
+    outputs are bitwise those of the module path. Built only for the CPU kernel with every plane
+    packed (not memory-efficient mode's lazily read planes, not offloaded ones) and stacked.
+    """
+
+    __slots__ = ("qkv", "o_proj", "gate_up", "down_proj", "routing")
+
+    def __init__(self, qkv: list, o_proj, gate_up: list, down_proj):
+        # qkv / gate_up: [FusedProjection] when stacked, else the modules one by one.
+        self.qkv, self.o_proj, self.gate_up, self.down_proj = qkv, o_proj, gate_up, down_proj
+        self.routing = o_proj.routing
+
+    @classmethod
+    def build(cls, layer: nn.Module, qkv: FusedProjection | None, gate_up: FusedProjection | None) -> "DirectDecodeLayer | None":
+        from .kernels.cpu import CpuPackedKernel, _PackedPlane
+        from .layers import TapLinear
+
+        attention, mlp = layer.self_attn, layer.mlp
+        singles = [attention.o_proj, mlp.down_proj]
+        qkv_modules = qkv.modules if qkv is not None else [attention.q_proj, attention.k_proj, attention.v_proj]
+        gate_up_modules = gate_up.modules if gate_up is not None else [mlp.gate_proj, mlp.up_proj]
+        modules = qkv_modules + gate_up_modules + singles
+        if not all(isinstance(m, TapLinear) and type(m.kernel) is CpuPackedKernel for m in modules):
+            return None
+        if any(getattr(m, "tap_offloaded", False) or m.routing is not singles[0].routing for m in modules):
+            return None
+        for group in (qkv, gate_up):
+            if group is not None and len(group.prepared) != len(group.modules[0]._prepared):
+                return None  # some planes are not stacked (memory-efficient mode): the module path handles them
+        if not all(type(p) is _PackedPlane for m in modules for p in m._prepared):
+            return None
+        return cls([qkv] if qkv is not None else qkv_modules, singles[0], [gate_up] if gate_up is not None else gate_up_modules, singles[1])
+
+    def planes_used(self, always: int, available: int) -> int | None:
+        """How many planes this step's token reads (run_planes' rule); None: not one whole token."""
+        used = always
+        indices = self.routing.plane_indices if self.routing is not None else []
+        while used < available:
+            entry = indices[used - 1] if used - 1 < len(indices) else None
+            if entry is None:
+                break
+            if entry is not ALL_TOKENS:
+                return None
+            used += 1
+        return used
+
+    @staticmethod
+    def project(x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+        """run_planes for one token (x: (1, in) in the compute dtype), without the wrappers."""
+        flat = aligned(x.to(torch.bfloat16))
+        first = planes[0]
+        out = _INT4_MM(flat, first.packed, first.group_size, first.scale_and_zero)
+        if out.shape[-1] != first.out_features:
+            out = out[:, : first.out_features]
+        if used > 1:
+            out = out.to(torch.float32)
+            for plane in planes[1:used]:
+                extra = _INT4_MM(flat, plane.packed, plane.group_size, plane.scale_and_zero)
+                out += extra[:, : plane.out_features] if extra.shape[-1] != plane.out_features else extra
+        if bias is not None:
+            out = out + bias
+        return out.to(x.dtype).reshape(1, 1, out_features)
+
+    def group(self, parts: list, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """q/k/v or gate/up for one token: one stacked matmul per plane, or one per module."""
+        if len(parts) == 1 and isinstance(parts[0], FusedProjection):
+            fused = parts[0]
+            always = {m.policy.always_planes for m in fused.modules}
+            if len(always) != 1:
+                return None
+            used = self.planes_used(always.pop(), len(fused.prepared))
+            if used is None:
+                return None
+            return list(self.project(x.reshape(1, -1), fused.prepared, used, fused.bias, fused.out_features).split(fused.sizes, dim=-1))
+        outputs = [self.single(module, x) for module in parts]
+        return None if any(o is None for o in outputs) else outputs
+
+    def single(self, module, x: torch.Tensor) -> torch.Tensor | None:
+        used = self.planes_used(module.policy.always_planes, len(module._prepared))
+        if used is None:
+            return None
+        return self.project(x.reshape(1, -1), module._prepared, used, module.bias, module.out_features)
+
+
 @dataclass
 class DecodeResult:
     """New token ids and the two timestamps the metrics need (perf_counter seconds)."""
@@ -176,6 +268,8 @@ class FastDecoder:
             qkv = FusedProjection.build([attention.q_proj, attention.k_proj, attention.v_proj])
             gate_up = FusedProjection.build([mlp.gate_proj, mlp.up_proj])
             self.fused.append((qkv, gate_up))
+        # Decode steps (one token) skip the module wrappers where every plane is packed on the CPU.
+        self.direct = [DirectDecodeLayer.build(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(self.layers, self.fused)]
 
     # ----- cache ---------------------------------------------------------------------------
     def use_kv_cache(self, kind: str) -> None:
@@ -226,11 +320,16 @@ class FastDecoder:
         rotary = self._rotary(hidden, positions)
         masks = {window: self._mask(start, end, window, device) for window in set(self.windows)}
         cache = self.cache
-        layers = zip(range(len(self.layers)), self.layers, self.fused, self.layer_types, self.windows)
-        for index, layer, (qkv, gate_up), kind, window in layers:
+        layers = zip(range(len(self.layers)), self.layers, self.fused, self.direct, self.layer_types, self.windows)
+        for index, layer, (qkv, gate_up), direct, kind, window in layers:
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)  # fires the router's hook for this layer
-            if qkv is not None:
+            if count != 1:
+                direct = None
+            projected = direct.group(direct.qkv, normed) if direct is not None else None
+            if projected is not None:
+                query, key, value = projected
+            elif qkv is not None:
                 query, key, value = qkv(normed)
             else:
                 query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
@@ -253,7 +352,9 @@ class FastDecoder:
                 scale=attention.scaling,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
-            attended = attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
+            attended = attended.transpose(1, 2).reshape(1, count, -1)
+            out = direct.single(attention.o_proj, attended) if direct is not None else None
+            attended = out if out is not None else attention.o_proj(attended)
             mlp = layer.mlp
             if self.gemma:
                 hidden = hidden + layer.post_attention_layernorm(attended)
@@ -261,8 +362,14 @@ class FastDecoder:
             else:
                 hidden = hidden + attended
                 normed = layer.post_attention_layernorm(hidden)
-            gate, up = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
-            out = mlp.down_proj(mlp.act_fn(gate) * up)
+            projected = direct.group(direct.gate_up, normed) if direct is not None else None
+            if projected is None:
+                projected = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+            gate, up = projected
+            activated = mlp.act_fn(gate) * up
+            out = direct.single(mlp.down_proj, activated) if direct is not None else None
+            if out is None:
+                out = mlp.down_proj(activated)
             hidden = hidden + (layer.post_feedforward_layernorm(out) if self.gemma else out)
         last = self.body.norm(hidden if all_logits else hidden[:, -1:])
         logits = self.model.lm_head(last).reshape(-1) if not all_logits else self.model.lm_head(last)[0]

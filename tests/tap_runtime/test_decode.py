@@ -181,3 +181,23 @@ def test_fusion_with_residual_planes_left_on_disk(wide_llama):
     assert all(len(qkv.prepared) == 1 for qkv, _ in decoder.fused)  # only the base plane stacked
     assert decoder.generate(ids, 10, eos_token_id=[]).token_ids == expected
     assert lean.model.tap_residual_cache.packs > 0
+
+
+def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(converted_factory, monkeypatch):
+    from tap_runtime.decode import DirectDecodeLayer
+
+    tap = tap_runtime.load(converted_factory("llama"))
+    decoder = FastDecoder(tap.model)
+    assert all(isinstance(d, DirectDecodeLayer) for d in decoder.direct)
+    calls = []
+    original = DirectDecodeLayer.project
+    monkeypatch.setattr(DirectDecodeLayer, "project", staticmethod(lambda *a: calls.append(a[2]) or original(*a)))
+    tap.set_routing("fixed", tier=8)
+    ids = tap.encode(PROMPT)
+    decoder.generate(ids, 3, eos_token_id=[])
+    # 2 decode steps (the first token comes from the prefill) x every projection call, all on 2 planes
+    # (q/k/v and gate/up are one call each where their planes stack, else one per module).
+    per_step = sum(len(d.qkv) + len(d.gate_up) + 2 for d in decoder.direct)
+    assert len(calls) == 2 * per_step and set(calls) == {2}
+    lean = tap_runtime.load(converted_factory("llama"), memory_efficient=True)
+    assert all(d is None for d in FastDecoder(lean.model).direct)
