@@ -255,9 +255,6 @@ class FastDecoder:
         # Gemma 3: a sliding layer's query sees only the last `sliding_window` positions.
         self.windows = [config.sliding_window if self.gemma and kind == "sliding_attention" else None for kind in layer_types]
         self.softcap = getattr(config, "final_logit_softcapping", None) if self.gemma else None
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self._apply_rotary = apply_rotary_pos_emb
         if kv_cache not in KV_CACHE_KINDS:
             raise InvalidConfigError(f"kv_cache={kv_cache!r} is unknown; expected one of {list(KV_CACHE_KINDS)}.")
         self.kv_cache_kind = kv_cache
@@ -268,8 +265,27 @@ class FastDecoder:
             qkv = FusedProjection.build([attention.q_proj, attention.k_proj, attention.v_proj])
             gate_up = FusedProjection.build([mlp.gate_proj, mlp.up_proj])
             self.fused.append((qkv, gate_up))
+        # Llama-family RMSNorms as one torch op (same arithmetic: x * rsqrt(mean(x^2) + eps) * w);
+        # the input norm's router hook is then called here, as the module would.
+        self.direct_norms = not self.gemma and all(
+            hasattr(norm, "variance_epsilon") and getattr(norm, "weight", None) is not None and not norm._forward_pre_hooks
+            # The input norm carries the router's hook and nothing else; the other norm none.
+            and len(norm._forward_hooks) == (1 if norm is layer.input_layernorm else 0)
+            for layer in self.layers
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+        )
         # Decode steps (one token) skip the module wrappers where every plane is packed on the CPU.
         self.direct = [DirectDecodeLayer.build(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(self.layers, self.fused)]
+
+    def _rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' apply_rotary_pos_emb on queries and keys stacked into one tensor: the
+        same elementwise arithmetic (x * cos + rotate_half(x) * sin), half the operations.
+        ``cos``/``sin`` come already unsqueezed to (1, 1, T, head_dim)."""
+        both = torch.cat((query, key), dim=1)
+        half = both.shape[-1] // 2
+        rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
+        both = (both * cos) + (rotated * sin)
+        return both[:, : query.shape[1]], both[:, query.shape[1] :]
 
     # ----- cache ---------------------------------------------------------------------------
     def use_kv_cache(self, kind: str) -> None:
@@ -285,9 +301,12 @@ class FastDecoder:
         self.cache = make_kv_cache(self.kv_cache_kind, len(self.layers), self.num_kv_heads, max_length, self.head_dim, dtype, device)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin per layer type, unsqueezed once for the heads dimension (not once per layer)."""
         if self.gemma:
-            return {kind: self.body.rotary_emb(hidden, positions, kind) for kind in set(self.layer_types)}
-        return {kind: self.body.rotary_emb(hidden, positions) for kind in set(self.layer_types)}
+            tables = {kind: self.body.rotary_emb(hidden, positions, kind) for kind in set(self.layer_types)}
+        else:
+            tables = {kind: self.body.rotary_emb(hidden, positions) for kind in set(self.layer_types)}
+        return {kind: (cos.unsqueeze(1), sin.unsqueeze(1)) for kind, (cos, sin) in tables.items()}
 
     @staticmethod
     def _mask(start: int, end: int, window: int | None, device: torch.device) -> tuple[int, torch.Tensor | None, bool]:
@@ -320,10 +339,17 @@ class FastDecoder:
         rotary = self._rotary(hidden, positions)
         masks = {window: self._mask(start, end, window, device) for window in set(self.windows)}
         cache = self.cache
+        direct_norms = self.direct_norms and hidden.dtype == torch.float32
+        hidden_shape = (hidden.shape[-1],)
         layers = zip(range(len(self.layers)), self.layers, self.fused, self.direct, self.layer_types, self.windows)
         for index, layer, (qkv, gate_up), direct, kind, window in layers:
             attention = layer.self_attn
-            normed = layer.input_layernorm(hidden)  # fires the router's hook for this layer
+            if direct_norms:
+                normed = F.rms_norm(hidden, hidden_shape, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+                if router is not None:
+                    router.route_layer(index, hidden, normed)  # what the norm's hook does
+            else:
+                normed = layer.input_layernorm(hidden)  # fires the router's hook for this layer
             if count != 1:
                 direct = None
             projected = direct.group(direct.qkv, normed) if direct is not None else None
@@ -339,7 +365,7 @@ class FastDecoder:
             if self.gemma:
                 query, key = attention.q_norm(query), attention.k_norm(key)
             cos, sin = rotary[kind]
-            query, key = self._apply_rotary(query, key, cos, sin)
+            query, key = self._rotate(query, key, cos, sin)
             cache.write(index, start, key, value)
             first_key, mask, causal = masks[window]
             keys, values = cache.read(index, first_key, end)
@@ -361,7 +387,8 @@ class FastDecoder:
                 normed = layer.pre_feedforward_layernorm(hidden)
             else:
                 hidden = hidden + attended
-                normed = layer.post_attention_layernorm(hidden)
+                norm = layer.post_attention_layernorm
+                normed = F.rms_norm(hidden, hidden_shape, norm.weight, norm.variance_epsilon) if direct_norms else norm(hidden)
             projected = direct.group(direct.gate_up, normed) if direct is not None else None
             if projected is None:
                 projected = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
