@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TAP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SAMPLES = json.loads((REPO / "calibration" / "data" / "samples.json").read_text())
 
-__all__ = ["REPO", "SHARED_DATA", "heldout_text", "eval_windows", "environment", "set_threads"]
+__all__ = ["REPO", "SHARED_DATA", "heldout_text", "eval_windows", "load_tap_and_windows", "environment", "set_threads"]
 
 
 def heldout_text(name: str) -> str:
@@ -49,6 +49,20 @@ def eval_windows(tokenizer, text: str, ctx: int, num_windows: int, bos_token_id:
     if bos_token_id is not None:
         windows = torch.cat([torch.full((num_windows, 1), bos_token_id), windows], dim=1)
     return windows
+
+
+def load_tap_and_windows(args):
+    """(TAP model, source tokenizer, held-out windows) from ``args.tap``, ``args.model``,
+    ``args.text``, ``args.ctx`` and ``args.windows``: every quality script's common start. The
+    windows start with BOS when the checkpoint was calibrated with it (gemma needs it)."""
+    from transformers import AutoTokenizer
+
+    import tap_runtime
+
+    tap = tap_runtime.load(args.tap)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
+    return tap, tokenizer, eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
 
 
 def environment() -> str:

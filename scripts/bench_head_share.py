@@ -10,10 +10,9 @@ import argparse
 import math
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, load_tap_and_windows, set_threads
 
 
 def main() -> None:
@@ -27,12 +26,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
-    tap = tap_runtime.load(args.tap)
+    tap, _, windows = load_tap_and_windows(args)
     tap.set_routing("fixed", tier=args.tier)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
-    windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
     with torch.inference_mode():
         references = [torch.log_softmax(reference(w.unsqueeze(0)).logits[0, :-1].float(), -1) for w in windows]
 

@@ -17,10 +17,9 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, load_tap_and_windows, set_threads
 from tap_runtime.decode import FastDecoder
 
 
@@ -39,10 +38,7 @@ def main() -> None:
     set_threads(args.threads)
     started = time.perf_counter()
 
-    tap = tap_runtime.load(args.tap)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
-    windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+    tap, tokenizer, windows = load_tap_and_windows(args)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     rows = {}
     with torch.inference_mode():

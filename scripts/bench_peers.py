@@ -25,10 +25,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, load_tap_and_windows, set_threads
 from tap_runtime.metrics import weight_bits_read
 
 
@@ -156,10 +155,7 @@ def main() -> None:
     set_threads(args.threads)
     started = time.perf_counter()
 
-    tap = tap_runtime.load(args.tap)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
-    windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+    tap, tokenizer, windows = load_tap_and_windows(args)
     fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     reference: list[torch.Tensor] = []
     fp32_nll, fp32_count = 0.0, 0

@@ -30,6 +30,11 @@ from .kernels.cpu import aligned
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
 from .router import ALL_TOKENS
 
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
 __all__ = ["FAST_DECODE_MODEL_TYPES", "FastDecoder", "DecodeResult", "fast_decode_unsupported", "SAMPLING_OPTIONS"]
 
 # Decoder layers of the form norm -> q/k/v -> rotary -> attention -> o, norm -> gate/up -> down;
@@ -277,15 +282,11 @@ class FastDecoder:
         # Decode steps (one token) skip the module wrappers where every plane is packed on the CPU.
         self.direct = [DirectDecodeLayer.build(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(self.layers, self.fused)]
 
-    def _rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' apply_rotary_pos_emb on queries and keys stacked into one tensor: the
-        same elementwise arithmetic (x * cos + rotate_half(x) * sin), half the operations.
-        ``cos``/``sin`` come already unsqueezed to (1, 1, T, head_dim)."""
-        both = torch.cat((query, key), dim=1)
-        half = both.shape[-1] // 2
-        rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
-        both = (both * cos) + (rotated * sin)
-        return both[:, : query.shape[1]], both[:, query.shape[1] :]
+    @staticmethod
+    def _rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' apply_rotary_pos_emb, with ``cos``/``sin`` already unsqueezed to
+        (1, 1, T, head_dim) once per step rather than once per layer."""
+        return (query * cos) + (_rotate_half(query) * sin), (key * cos) + (_rotate_half(key) * sin)
 
     # ----- cache ---------------------------------------------------------------------------
     def use_kv_cache(self, kind: str) -> None:
