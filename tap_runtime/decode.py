@@ -27,6 +27,8 @@ from torch import nn
 
 from .errors import InvalidConfigError
 from .kernels.cpu import aligned
+from .kernels.native import native_kernels
+from .kernels.vnni import TiledPlane
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
 from .router import ALL_TOKENS
 
@@ -41,6 +43,7 @@ __all__ = ["FAST_DECODE_MODEL_TYPES", "FastDecoder", "DecodeResult", "fast_decod
 # Gemma 3 adds q/k norms, norms after attention and around the MLP, and sliding-window layers.
 FAST_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+
 # generate() options the loop implements; anything else goes to transformers' generate.
 SAMPLING_OPTIONS = frozenset({"do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "seed"})
 
@@ -163,6 +166,7 @@ class DirectDecodeLayer:
     @classmethod
     def build(cls, layer: nn.Module, qkv: FusedProjection | None, gate_up: FusedProjection | None) -> "DirectDecodeLayer | None":
         from .kernels.cpu import CpuPackedKernel, _PackedPlane
+        from .kernels.vnni import CpuVnniKernel
         from .layers import TapLinear
 
         attention, mlp = layer.self_attn, layer.mlp
@@ -170,14 +174,14 @@ class DirectDecodeLayer:
         qkv_modules = qkv.modules if qkv is not None else [attention.q_proj, attention.k_proj, attention.v_proj]
         gate_up_modules = gate_up.modules if gate_up is not None else [mlp.gate_proj, mlp.up_proj]
         modules = qkv_modules + gate_up_modules + singles
-        if not all(isinstance(m, TapLinear) and type(m.kernel) is CpuPackedKernel for m in modules):
+        if not all(isinstance(m, TapLinear) and type(m.kernel) in (CpuPackedKernel, CpuVnniKernel) for m in modules):
             return None
         if any(getattr(m, "tap_offloaded", False) or m.routing is not singles[0].routing for m in modules):
             return None
         for group in (qkv, gate_up):
             if group is not None and len(group.prepared) != len(group.modules[0]._prepared):
                 return None  # some planes are not stacked (memory-efficient mode): the module path handles them
-        if not all(type(p) is _PackedPlane for m in modules for p in m._prepared):
+        if not all(type(p) in (_PackedPlane, TiledPlane) for m in modules for p in m._prepared):
             return None
         return cls([qkv] if qkv is not None else qkv_modules, singles[0], [gate_up] if gate_up is not None else gate_up_modules, singles[1])
 
@@ -195,18 +199,23 @@ class DirectDecodeLayer:
         return used
 
     @staticmethod
-    def project(x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    def plane_product(flat: torch.Tensor, plane) -> torch.Tensor:
+        """(1, in) float32 times one packed plane, straight into the kernel's op (TAP's VNNI
+        kernel answers in float32, torch's int4 op in bfloat16)."""
+        if type(plane) is TiledPlane:
+            return native_kernels().matmul_w4(flat, plane.weight, plane.scales, plane.zeros, plane.group_size, True)
+        out = _INT4_MM(aligned(flat.to(torch.bfloat16)), plane.packed, plane.group_size, plane.scale_and_zero)
+        return out[:, : plane.out_features] if out.shape[-1] != plane.out_features else out
+
+    @classmethod
+    def project(cls, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         """run_planes for one token (x: (1, in) in the compute dtype), without the wrappers."""
-        flat = aligned(x.to(torch.bfloat16))
-        first = planes[0]
-        out = _INT4_MM(flat, first.packed, first.group_size, first.scale_and_zero)
-        if out.shape[-1] != first.out_features:
-            out = out[:, : first.out_features]
+        flat = x.to(torch.float32).contiguous()
+        out = cls.plane_product(flat, planes[0])
         if used > 1:
             out = out.to(torch.float32)
             for plane in planes[1:used]:
-                extra = _INT4_MM(flat, plane.packed, plane.group_size, plane.scale_and_zero)
-                out += extra[:, : plane.out_features] if extra.shape[-1] != plane.out_features else extra
+                out += cls.plane_product(flat, plane)
         if bias is not None:
             out = out + bias
         return out.to(x.dtype).reshape(1, 1, out_features)

@@ -71,7 +71,8 @@ def load(
         path_or_repo_id: a directory written by ``tap-convert`` or a Hub repo id ``org/name``.
         device: where to run: ``cpu`` or ``cuda`` (packed kernels on both; sm80+ for CUDA).
         dtype: dtype of the unquantized parts (norms, attention, residual stream).
-        kernel: ``auto`` (fastest packed kernel), ``cpu-packed``, ``cuda-packed`` or ``reference``.
+        kernel: ``auto`` (fastest packed kernel), ``cpu-vnni`` (TAP's own), ``cpu-packed`` (torch's),
+            ``cuda-packed`` or ``reference``.
         revision: Hub revision (branch, tag or commit) when loading from the Hub.
         verify: check every file's sha256 against the routing table before loading.
         keep_portable: keep the on-disk planes in memory beside the kernel's packed copies.

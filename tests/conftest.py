@@ -120,16 +120,17 @@ FAST_CONVERT = dict(num_samples=8, seq_len=64, router_samples=4, batch_size=4, p
 
 @pytest.fixture(scope="session")
 def converted_factory(tmp_path_factory, tiny_model_factory, calibration_text_file):
-    """Convert (once per session) a tiny model of a given type and tier set; returns its dir."""
+    """Convert (once per session) a tiny model of a given type, tier set and group size; returns
+    its dir. Group size 32 takes torch's CPU kernel; 64 takes TAP's VNNI kernel where it exists."""
     from tap_convert import ConvertOptions, convert
 
     cache: dict[tuple, Path] = {}
 
-    def make(model_type: str, tiers: tuple[int, ...] = (4, 8)) -> Path:
-        key = (model_type, tiers)
+    def make(model_type: str, tiers: tuple[int, ...] = (4, 8), group_size: int = 32) -> Path:
+        key = (model_type, tiers, group_size)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"tap-{model_type}-{'-'.join(map(str, tiers))}") / "ckpt"
-            options = ConvertOptions(calib=str(calibration_text_file), tiers=tiers, group_size=32, **FAST_CONVERT)
+            out = tmp_path_factory.mktemp(f"tap-{model_type}-{'-'.join(map(str, tiers))}-g{group_size}") / "ckpt"
+            options = ConvertOptions(calib=str(calibration_text_file), tiers=tiers, group_size=group_size, **FAST_CONVERT)
             convert(str(tiny_model_factory(model_type)), out, options)
             cache[key] = out
         return cache[key]

@@ -1,6 +1,8 @@
 """Kernel choice: the fastest packed kernel available for the device, the reference otherwise.
 
-CPU: torch's packed int4/int8 CPU ops. CUDA (sm80+): torch's tinygemm int4 and int8 ops.
+CPU: TAP's own VNNI kernels (built on first use, see .native) where the CPU has AVX-512 VNNI
+and a compiler is present, else torch's packed int4/int8 CPU ops. CUDA (sm80+): torch's
+tinygemm int4 and int8 ops.
 
 Like optimum-quanto, the choice is made once per model; ``kernel="reference"`` forces the plain
 torch path (for tests and debugging).
@@ -16,11 +18,21 @@ from ..errors import InvalidConfigError
 from .base import Kernel
 from .cpu import CpuPackedKernel, cpu_kernels_available
 from .cuda import CudaPackedKernel, cuda_kernels_available
+from .native import native_kernels, native_unavailable_reason
 from .reference import ReferenceKernel
+from .vnni import CpuVnniKernel
 
-__all__ = ["Kernel", "CpuPackedKernel", "CudaPackedKernel", "ReferenceKernel", "KERNEL_NAMES", "select_kernel"]
+__all__ = [
+    "Kernel",
+    "CpuPackedKernel",
+    "CpuVnniKernel",
+    "CudaPackedKernel",
+    "ReferenceKernel",
+    "KERNEL_NAMES",
+    "select_kernel",
+]
 
-KERNEL_NAMES = ("auto", "cpu-packed", "cuda-packed", "reference")
+KERNEL_NAMES = ("auto", "cpu-vnni", "cpu-packed", "cuda-packed", "reference")
 _log = logging.getLogger(__name__)
 
 
@@ -31,6 +43,11 @@ def select_kernel(name: str = "auto", device: torch.device | str = "cpu") -> Ker
         raise InvalidConfigError(f"kernel {name!r} is unknown; expected one of {list(KERNEL_NAMES)}.")
     if name == "reference":
         return ReferenceKernel(device)
+    if name in ("auto", "cpu-vnni") and device.type == "cpu" and cpu_kernels_available() and native_kernels() is not None:
+        return CpuVnniKernel()
+    if name == "cpu-vnni":
+        reason = native_unavailable_reason() if device.type == "cpu" else f"device cpu; got {device}"
+        raise InvalidConfigError(f"kernel 'cpu-vnni' is not available: {reason}. Use kernel='auto'.")
     if name in ("auto", "cpu-packed") and device.type == "cpu" and cpu_kernels_available():
         return CpuPackedKernel()
     if name in ("auto", "cuda-packed") and device.type == "cuda" and cuda_kernels_available():

@@ -8,6 +8,8 @@ import torch
 import tap_runtime
 from tap_runtime.decode import FastDecoder, FusedProjection, fast_decode_unsupported
 from tap_runtime.errors import InvalidConfigError
+from tap_runtime.kernels.native import native_kernels
+from tap_runtime.kernels.vnni import TiledPlane
 
 from ..conftest import FAST_CONVERT, build_tiny_model
 
@@ -23,10 +25,19 @@ def _eager_tokens(tap, ids, new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
+def _plane_storage(plane) -> int:
+    """Where a packed plane's codes live, for either CPU kernel's layout."""
+    codes = plane.weight if isinstance(plane, TiledPlane) else plane.packed
+    return codes.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("group_size", [32, 64], ids=["g32-torch-kernel", "g64-vnni-kernel"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma3_text"])
 @pytest.mark.parametrize("routing", [("learned", None), ("fixed", 8), ("fixed", 4)])
-def test_lean_loop_matches_transformers_generate(converted_factory, model_type, routing):
-    tap = tap_runtime.load(converted_factory(model_type))
+def test_lean_loop_matches_transformers_generate(converted_factory, model_type, routing, group_size):
+    tap = tap_runtime.load(converted_factory(model_type, group_size=group_size))
+    if group_size == 64 and native_kernels() is not None:
+        assert isinstance(tap.model.model.layers[0].mlp.down_proj._prepared[0], TiledPlane)
     tap.set_routing(routing[0], tier=routing[1])
     ids = tap.encode(PROMPT)
     # 24 new tokens: past the tiny Gemma 3's sliding window of 16 positions.
@@ -60,9 +71,9 @@ def test_chunked_prefill_equals_one_pass(converted_factory, model_type):
     torch.testing.assert_close(whole, with_eager, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory, tiny_tokenizer_dir, calibration_text_file):
-    """A llama whose q/k/v and gate/up widths are multiples of 64, so the CPU kernel can stack them."""
+@pytest.fixture(scope="module", params=[32, 64], ids=["g32-torch-kernel", "g64-vnni-kernel"])
+def wide_llama(request, tmp_path_factory, tiny_tokenizer_dir, calibration_text_file):
+    """A llama whose q/k/v and gate/up widths are multiples of 64, so the CPU kernels can stack them."""
     from tap_convert import ConvertOptions, convert
 
     import tests.conftest as conftest
@@ -77,7 +88,7 @@ def wide_llama(tmp_path_factory, tiny_tokenizer_dir, calibration_text_file):
     finally:
         conftest.TINY_CONFIGS["llama"] = saved
     out = tmp_path_factory.mktemp("wide-llama-tap") / "ckpt"
-    convert(str(source), out, ConvertOptions(calib=str(calibration_text_file), tiers=(4, 8), group_size=32, **FAST_CONVERT))
+    convert(str(source), out, ConvertOptions(calib=str(calibration_text_file), tiers=(4, 8), group_size=request.param, **FAST_CONVERT))
     return out
 
 
@@ -96,10 +107,10 @@ def test_fused_projections_share_storage_and_keep_results(wide_llama):
     assert all(qkv is not None and gate_up is not None for qkv, gate_up in decoder.fused)
     qkv = decoder.fused[0][0]
     for plane_index in range(2):
-        fused_storage = qkv.prepared[plane_index].packed.untyped_storage().data_ptr()
+        fused_storage = _plane_storage(qkv.prepared[plane_index])
         for module in (attention.q_proj, attention.k_proj, attention.v_proj):
             # Each module now reads a view into the stacked plane: nothing is held twice.
-            assert module._prepared[plane_index].packed.untyped_storage().data_ptr() == fused_storage
+            assert _plane_storage(module._prepared[plane_index]) == fused_storage
     tap.set_routing("fixed", tier=8)
     tap.router.route_layer(0, x)
     with torch.inference_mode():
@@ -183,10 +194,11 @@ def test_fusion_with_residual_planes_left_on_disk(wide_llama):
     assert lean.model.tap_residual_cache.packs > 0
 
 
-def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(converted_factory, monkeypatch):
+@pytest.mark.parametrize("group_size", [32, 64], ids=["g32-torch-kernel", "g64-vnni-kernel"])
+def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(converted_factory, monkeypatch, group_size):
     from tap_runtime.decode import DirectDecodeLayer
 
-    tap = tap_runtime.load(converted_factory("llama"))
+    tap = tap_runtime.load(converted_factory("llama", group_size=group_size))
     decoder = FastDecoder(tap.model)
     assert all(isinstance(d, DirectDecodeLayer) for d in decoder.direct)
     calls = []
@@ -199,5 +211,5 @@ def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(conv
     # (q/k/v and gate/up are one call each where their planes stack, else one per module).
     per_step = sum(len(d.qkv) + len(d.gate_up) + 2 for d in decoder.direct)
     assert len(calls) == 2 * per_step and set(calls) == {2}
-    lean = tap_runtime.load(converted_factory("llama"), memory_efficient=True)
+    lean = tap_runtime.load(converted_factory("llama", group_size=group_size), memory_efficient=True)
     assert all(d is None for d in FastDecoder(lean.model).direct)

@@ -5,6 +5,7 @@ from tap_convert.quantize import quantize_rows, quantize_tiers
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.format import PlaneSpec
 from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel, select_kernel
+from tap_runtime.kernels.native import native_kernels
 from tap_runtime.kernels.cpu import aligned, cpu_int4_layout_known, cpu_kernels_available, unpack_cpu_int4pack
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="torch lacks packed CPU kernels")
@@ -58,7 +59,9 @@ def test_aligned_copies_only_misaligned_tensors():
 def test_select_kernel(device):
     assert select_kernel("reference", device).name == "reference"
     if device.type == "cpu":
-        assert select_kernel("auto", device).name == "cpu-packed"
+        expected = "cpu-vnni" if native_kernels() is not None else "cpu-packed"
+        assert select_kernel("auto", device).name == expected
+        assert select_kernel("cpu-packed", device).name == "cpu-packed"
     with pytest.raises(InvalidConfigError, match="kernel 'fast' is unknown"):
         select_kernel("fast", device)
 

@@ -1,0 +1,310 @@
+// TAP's CPU kernels for few-token calls (decode) on x86 with AVX-512 VNNI.
+//
+// Why: torch's CPU int4 kernel widens every 4-bit weight to bfloat16 before multiplying and
+// reads several rows as separate streams; on 2 Zen 4 cores it moves about 16 GB/s of weights.
+// Here 4-bit codes (and the int8 output head) are multiplied by integer activations with VNNI's
+// u8 x s8 dot products, and each tile of rows is one contiguous stream.
+//
+// Activations are quantized when a call starts. matmul_w4: per block of 64 inputs, to 15 bits
+// (wide, two dot products per weight byte: signed high byte, low byte in [0, 127]) or to 8 bits.
+// matmul_w8: per token, to 15 bits offset to unsigned. Integer sums are exact; the result differs
+// from float32 by the activation rounding only (relative ~1e-4 at 15 bits).
+//
+// Layouts (made by tap_runtime/kernels/vnni.py): rows in tiles of kTileRows, padded. 4-bit plane:
+// for each block of 64 inputs, each row of the tile has 32 bytes, byte t = input t (low nibble)
+// and t + 32 (high nibble); float16 scales and zero points (rows, groups) as on disk. int8 rows:
+// for each 32 inputs, each row of the tile has its 32 bytes.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 64;
+#ifndef TILE_ROWS
+#define TILE_ROWS 4
+#endif
+// Rows are stored in tiles of kTileRows: for each 32-byte chunk of input, the tile's rows follow
+// each other, so a tile is one contiguous stream. Four rows read as four separate streams ran at
+// half the memory speed of one stream on Zen 4 (the hardware prefetcher tracks them poorly).
+constexpr int kTileRows = TILE_ROWS;
+
+bool compiled_with_vnni() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float horizontal_max(__m512 v) { return _mm512_reduce_max_ps(v); }
+
+// x (M, K) float32 -> per block of 64: codes (int8 high bytes, and low bytes when wide), the
+// block's scale and the exact sum of its inputs (for the zero-point term).
+void quantize_blocks(const float* x, int64_t M, int64_t K, bool wide, int8_t* high, int8_t* low, float* scales,
+                     float* sums) {
+  const int64_t blocks = K / kBlock;
+  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i low_bits = _mm512_set1_epi32(127);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + m * K + b * kBlock;
+      __m512 v[4], amax = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm512_loadu_ps(src + 16 * i);
+        amax = _mm512_max_ps(amax, _mm512_and_ps(v[i], sign_mask));
+        total = _mm512_add_ps(total, v[i]);
+      }
+      const float scale = horizontal_max(amax) / (wide ? 16383.f : 127.f);
+      const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      for (int i = 0; i < 4; ++i) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));  // round to nearest even
+        if (wide) {
+          // floor(q / 128) and q mod 128: q = 128 * high + low with low in [0, 127]
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(high + m * K + b * kBlock + 16 * i), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 7)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(low + m * K + b * kBlock + 16 * i), _mm512_cvtepi32_epi8(_mm512_and_si512(q, low_bits)));
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(high + m * K + b * kBlock + 16 * i), _mm512_cvtepi32_epi8(q));
+        }
+      }
+      scales[m * blocks + b] = scale;
+      sums[m * blocks + b] = _mm512_reduce_add_ps(total);
+    }
+  }
+}
+
+// x (M, K) float32 -> per token one scale, 15-bit codes offset by 2^14 to [1, 32767], as high and
+// low unsigned bytes.
+void quantize_tokens(const float* x, int64_t M, int64_t K, uint8_t* high, uint8_t* low, float* scales) {
+  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i offset = _mm512_set1_epi32(16384), low_bits = _mm512_set1_epi32(127);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_and_ps(_mm512_loadu_ps(src + k), sign_mask));
+    const float scale = horizontal_max(amax) / 16383.f;
+    const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + k), inverse)), offset);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(high + m * K + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(q, 7)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(low + m * K + k), _mm512_cvtepi32_epi8(_mm512_and_si512(q, low_bits)));
+    }
+    scales[m] = scale;
+  }
+}
+
+// Per-block multipliers (weight scale x activation scale) and the zero-point term of one row.
+inline float prepare_row(const at::Half* srow, const at::Half* zrow, int64_t groups, int64_t blocks_per_group,
+                         const float* xs, const float* xsum, float* row_scale, float* row_zero, float* block_scale) {
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    _mm256_storeu_ps(row_scale + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g))));
+    _mm256_storeu_ps(row_zero + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + g))));
+  }
+  for (; g < groups; ++g) { row_scale[g] = static_cast<float>(srow[g]); row_zero[g] = static_cast<float>(zrow[g]); }
+  if (blocks_per_group == 1) {
+    __m256 total = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= groups; b += 8) {
+      const __m256 s = _mm256_loadu_ps(row_scale + b);
+      _mm256_storeu_ps(block_scale + b, _mm256_mul_ps(s, _mm256_loadu_ps(xs + b)));
+      total = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_loadu_ps(row_zero + b)), _mm256_loadu_ps(xsum + b), total);
+    }
+    float rest = horizontal_sum(total);
+    for (; b < groups; ++b) {
+      block_scale[b] = row_scale[b] * xs[b];
+      rest += row_scale[b] * row_zero[b] * xsum[b];
+    }
+    return rest;
+  }
+  float total = 0.f;
+  for (int64_t gi = 0, b = 0; gi < groups; ++gi) {
+    const float s = row_scale[gi], sz = row_scale[gi] * row_zero[gi];
+    for (int64_t j = 0; j < blocks_per_group; ++j, ++b) {
+      block_scale[b] = s * xs[b];
+      total += sz * xsum[b];
+    }
+  }
+  return total;
+}
+
+// R rows from n0, one token. Wide=true: activations carry 15 bits as a signed high byte and a
+// low byte in [0, 127], two VNNI dot products each; Wide=false: 8 bits, one dot product.
+template <int R, bool Wide>
+inline void tile_w4(const uint8_t* weight, int64_t K, const int8_t* xh, const int8_t* xl, const float* block_scale,
+                    int64_t blocks, float* acc_out) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i h_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + b * kBlock));
+    const __m256i h_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + b * kBlock + 32));
+    __m256i l_low, l_high;
+    if constexpr (Wide) {
+      l_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + b * kBlock));
+      l_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + b * kBlock + 32));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
+      const __m256i w_low = _mm256_and_si256(raw, low_mask);
+      const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+      __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
+      dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
+      if constexpr (Wide) {
+        dot = _mm256_slli_epi32(dot, 7);
+        dot = _mm256_dpbusd_epi32(dot, w_low, l_low);
+        dot = _mm256_dpbusd_epi32(dot, w_high, l_high);
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * blocks + b), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) acc_out[r] = horizontal_sum(acc[r]);
+}
+
+template <bool Wide>
+void rows_w4(const uint8_t* weight, const at::Half* scales, const at::Half* zeros, int64_t N, int64_t K,
+             int64_t group_size, const int8_t* xh, const int8_t* xl, const float* xs, const float* xsum, int64_t M,
+             float* out, int64_t row_begin, int64_t row_end) {
+  const int64_t blocks = K / kBlock;
+  const int64_t groups = K / group_size;
+  const int64_t blocks_per_group = group_size / kBlock;
+  constexpr int R = kTileRows;
+  std::vector<float> block_scale(R * blocks), row_scale(groups), row_zero(groups);
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - n0));
+    for (int64_t m = 0; m < M; ++m) {
+      float offset[R], dots[R];
+      for (int r = 0; r < rows; ++r)
+        offset[r] = prepare_row(scales + (n0 + r) * groups, zeros + (n0 + r) * groups, groups, blocks_per_group,
+                                xs + m * blocks, xsum + m * blocks, row_scale.data(), row_zero.data(),
+                                block_scale.data() + r * blocks);
+      const int8_t* xhr = xh + m * K;
+      const int8_t* xlr = Wide ? xl + m * K : nullptr;
+      tile_w4<R, Wide>(weight + n0 * (K / 2), K, xhr, xlr, block_scale.data(), blocks, dots);
+      for (int r = 0; r < rows; ++r) out[m * N + n0 + r] = dots[r] - offset[r];
+    }
+  }
+}
+
+// R rows of an int8 row-scaled matrix (the output head), one token. The token is quantized with
+// one scale to 15 bits and offset by 2^14, so both of its bytes are unsigned and the int8 weights
+// can be VNNI's signed operand; the caller takes the offset back with each row's code sum. Integer
+// sums are flushed to float every 256 inputs, before int32 could overflow.
+template <int R>
+inline void tile_w8(const int8_t* weight, int64_t K, const uint8_t* xh, const uint8_t* xl, float* dots) {
+  constexpr int64_t kFlush = 256;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
+    const int64_t k1 = std::min(K, k0 + kFlush);
+    __m256i high[R], low[R];
+    for (int r = 0; r < R; ++r) { high[r] = _mm256_setzero_si256(); low[r] = _mm256_setzero_si256(); }
+    for (int64_t k = k0; k < k1; k += 32) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k));
+      const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + k));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + k * R + r * 32));
+        high[r] = _mm256_dpbusd_epi32(high[r], h, w);
+        low[r] = _mm256_dpbusd_epi32(low[r], l, w);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_add_ps(acc[r], _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(high[r], 7), low[r])));
+  }
+  for (int r = 0; r < R; ++r) dots[r] = horizontal_sum(acc[r]);
+}
+
+void rows_w8(const int8_t* weight, const float* row_scales, const int32_t* row_sums, int64_t N, int64_t K,
+             const uint8_t* xh, const uint8_t* xl, const float* x_scale, int64_t M, float* out, int64_t row_begin,
+             int64_t row_end) {
+  constexpr int R = kTileRows;
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - n0));
+    for (int64_t m = 0; m < M; ++m) {
+      float dots[R];
+      tile_w8<R>(weight + n0 * K, K, xh + m * K, xl + m * K, dots);
+      for (int r = 0; r < rows; ++r)
+        out[m * N + n0 + r] = (dots[r] - 16384.f * static_cast<float>(row_sums[n0 + r])) * row_scales[n0 + r] * x_scale[m];
+    }
+  }
+}
+#endif
+
+torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
+                        int64_t group_size, bool wide) {
+  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
+  TORCH_CHECK(weight.size(1) * 2 == K, "weight has ", weight.size(1) * 2, " input columns, x has ", K);
+  TORCH_CHECK(weight.size(0) == (N + kTileRows - 1) / kTileRows * kTileRows, "weight rows must be out_features padded to ", kTileRows);
+  TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
+              "scales and zeros must be contiguous float16");
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group_size && zeros.sizes() == scales.sizes(), "scales/zeros shape");
+  auto out = torch::empty({M, N}, x.options());
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+  const int64_t blocks = K / kBlock;
+  std::vector<int8_t> xq(M * K), xl(wide ? M * K : 0);
+  std::vector<float> xs(M * blocks), xsum(M * blocks);
+  quantize_blocks(x.data_ptr<float>(), M, K, wide, xq.data(), xl.data(), xs.data(), xsum.data());
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* z = zeros.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
+    const int64_t row_begin = begin * kTileRows, row_end = std::min(end * kTileRows, N);
+    if (wide)
+      rows_w4<true>(w, s, z, N, K, group_size, xq.data(), xl.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+    else
+      rows_w4<false>(w, s, z, N, K, group_size, xq.data(), nullptr, xs.data(), xsum.data(), M, o, row_begin, row_end);
+  });
+#endif
+  return out;
+}
+
+torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row_scales, torch::Tensor row_sums) {
+  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8 && weight.is_contiguous(), "weight must be contiguous int8");
+  const int64_t M = x.size(0), K = x.size(1), N = row_scales.numel();
+  TORCH_CHECK(weight.size(0) == (N + kTileRows - 1) / kTileRows * kTileRows, "weight rows must be out_features padded to ", kTileRows);
+  TORCH_CHECK(weight.size(1) == K && K % 32 == 0, "weight has ", weight.size(1), " columns, x has ", K, " (need a multiple of 32)");
+  TORCH_CHECK(row_scales.scalar_type() == torch::kFloat32 && row_scales.numel() == N && row_scales.is_contiguous(), "row_scales: float32 (N,)");
+  TORCH_CHECK(row_sums.scalar_type() == torch::kInt32 && row_sums.numel() == N && row_sums.is_contiguous(), "row_sums: int32 (N,)");
+  auto out = torch::empty({M, N}, x.options());
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+  std::vector<uint8_t> xh(M * K), xl(M * K);
+  std::vector<float> xs(M);
+  quantize_tokens(x.data_ptr<float>(), M, K, xh.data(), xl.data(), xs.data());
+  const int8_t* w = weight.data_ptr<int8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 64, [&](int64_t begin, int64_t end) {
+    rows_w8(w, row_scales.data_ptr<float>(), row_sums.data_ptr<int32_t>(), N, K, xh.data(), xl.data(), xs.data(), M, o,
+            begin * kTileRows, std::min(end * kTileRows, N));
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_with_vnni", &compiled_with_vnni);
+  m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });
+  m.def("matmul_w4", &matmul_w4);
+  m.def("matmul_w8", &matmul_w8);
+}

@@ -1,0 +1,78 @@
+"""Build (once per machine) and load TAP's own C++ CPU kernels (csrc/tap_cpu_int4.cpp).
+
+The extension is compiled on first use with torch's cpp_extension (ninja + the system C++
+compiler, ``-march=native``) into torch's extension cache, so every machine gets code for its
+own CPU. It is optional: without a compiler, on a CPU without AVX-512 VNNI, or with
+``TAP_NATIVE_KERNELS=0``, :func:`native_kernels` returns None with the reason in
+:func:`native_unavailable_reason`, and the runtime uses torch's packed kernels instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["native_kernels", "native_unavailable_reason", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("csrc") / "tap_cpu_int4.cpp"
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_log = logging.getLogger(__name__)
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _module_name() -> str:
+    # One build per source, CPU and torch: a home directory shared by different machines must
+    # not hand one CPU's -march=native code to another.
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), _cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
+        digest.update(part)
+    return f"tap_cpu_int4_{digest.hexdigest()[:12]}"
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    return load(_module_name(), [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def native_kernels() -> ModuleType | None:
+    """The compiled extension, or None when it cannot be used here (reason logged once)."""
+    if "module" not in _state:
+        module, reason = None, None
+        if os.environ.get("TAP_NATIVE_KERNELS", "1") == "0":
+            reason = "disabled by TAP_NATIVE_KERNELS=0"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            reason = f"the native kernels are x86-64 only (this is {platform.machine()})"
+        else:
+            try:
+                module = _build()
+            except Exception as error:  # no compiler, no ninja, a failed build: all mean "not here"
+                reason = f"building {SOURCE.name} failed: {type(error).__name__}: {str(error).strip()[:300]}"
+            else:
+                if not module.compiled_with_vnni():
+                    module, reason = None, "this CPU lacks AVX-512 VNNI"
+        _state["module"], _state["reason"] = module, reason
+        if reason:
+            _log.info("TAP native CPU kernels unavailable: %s; using torch's packed kernels", reason)
+    return _state["module"]  # type: ignore[return-value]
+
+
+def native_unavailable_reason() -> str | None:
+    native_kernels()
+    return _state["reason"]  # type: ignore[return-value]

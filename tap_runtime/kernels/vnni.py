@@ -1,0 +1,201 @@
+"""TAP's own CPU kernels (AVX-512 VNNI): 4-bit planes and 8-bit rows times 15-bit activations.
+
+torch's CPU int4 kernel widens every weight to bfloat16 and reads several rows as separate
+streams; on 2 Zen 4 cores it moves about 16 GB/s of weights. These kernels multiply the 4-bit
+codes by integer activations with VNNI dot products and store each tile of rows as one
+contiguous stream, which measured about 2x faster for planes and the output head
+(scripts/bench_kernels.py). Activations are quantized when a call starts: per block of 64 inputs
+for planes, per token for rows, to 15 bits, so the result is closer to float32 than the bfloat16
+activations of torch's kernel (relative error ~1e-4 against ~3e-3).
+
+Layouts are made at load time from the portable planes; shapes the kernels do not take (group
+sizes or widths that are not multiples of 64, rows not a multiple of 32 wide) fall back to
+torch's packed kernel, plane by plane. Many tokens at once (prefill) go to a dense bfloat16
+GEMM on a transient unpacked copy, as in :mod:`.cpu`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import unpack_int4
+from ..pages import page_out
+from ..planes import Plane, RowQuantized
+from .cpu import CpuPackedKernel, _PackedPlane, _PackedRows
+from .native import native_kernels
+
+__all__ = ["CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
+
+BLOCK = 64  # inputs per activation scale, and per 32 bytes of packed plane
+_ROW_CHUNK = 32  # inputs per 32-byte chunk of an int8 row
+_DENSE_ROWS_CHUNK = 16384  # rows of the head unpacked at a time for many-token calls
+
+
+def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
+    pad = (-tensor.shape[0]) % multiple
+    return F.pad(tensor, (0, 0, 0, pad), value=value) if pad else tensor
+
+
+def tile_plane_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:
+    """Codes (out, in) in [0, 15] -> uint8 (out padded to ``tile``, in // 2) in the kernel's layout.
+
+    Rows go in tiles of ``tile``; within a tile, for each block of 64 inputs, each row's 32 bytes
+    follow the previous row's. Byte t of a block holds input t (low nibble) and t + 32 (high).
+    """
+    codes = _pad_rows(codes.to(torch.uint8), tile, 8)
+    rows, cols = codes.shape
+    split = codes.view(rows // tile, tile, cols // BLOCK, 2, BLOCK // 2)
+    packed = split[:, :, :, 0] | (split[:, :, :, 1] << 4)  # (tiles, tile, blocks, 32)
+    return packed.permute(0, 2, 1, 3).reshape(rows, cols // 2).contiguous()
+
+
+def untile_plane_codes(packed: torch.Tensor, in_features: int, tile: int) -> torch.Tensor:
+    """Inverse of :func:`tile_plane_codes` (padded rows included)."""
+    rows = packed.shape[0]
+    blocks = packed.view(rows // tile, in_features // BLOCK, tile, BLOCK // 2)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=3)  # (tiles, blocks, tile, 2, 32)
+    return codes.permute(0, 2, 1, 3, 4).reshape(rows, in_features)
+
+
+def tile_rows(qweight: torch.Tensor, tile: int) -> torch.Tensor:
+    """int8 rows (out, in) -> (out padded to ``tile``, in): each tile's rows interleaved by 32 bytes."""
+    qweight = _pad_rows(qweight, tile, 0)
+    rows, cols = qweight.shape
+    return qweight.view(rows // tile, tile, cols // _ROW_CHUNK, _ROW_CHUNK).permute(0, 2, 1, 3).reshape(rows, cols).contiguous()
+
+
+def untile_rows(tiled: torch.Tensor, tile: int) -> torch.Tensor:
+    rows, cols = tiled.shape
+    return tiled.view(rows // tile, cols // _ROW_CHUNK, tile, _ROW_CHUNK).permute(0, 2, 1, 3).reshape(rows, cols)
+
+
+@dataclass
+class TiledPlane:
+    weight: torch.Tensor  # uint8 (out padded to the tile, in // 2), see tile_plane_codes
+    scales: torch.Tensor  # float16 (out, groups)
+    zeros: torch.Tensor  # float16 (out, groups), implied zeros materialised
+    group_size: int
+    out_features: int
+
+
+@dataclass
+class TiledRows:
+    weight: torch.Tensor  # int8 (out padded to the tile, in), see tile_rows
+    scales: torch.Tensor  # float32 (out,)
+    code_sums: torch.Tensor  # int32 (out,): the kernel's activation offset is taken back with these
+    out_features: int
+
+
+class CpuVnniKernel(CpuPackedKernel):
+    """Planes and rows through TAP's VNNI kernels, other shapes through torch's packed kernels.
+
+    ``dense_min_tokens``: from this many tokens in one call on, planes and rows are unpacked to a
+    transient bfloat16 matrix and multiplied densely (crossover measured by
+    scripts/bench_kernels.py).
+    """
+
+    name = "cpu-vnni"
+
+    def __init__(self, dense_min_tokens: int | None = 64, native: ModuleType | None = None):
+        super().__init__()
+        self.native = native if native is not None else native_kernels()
+        if self.native is None:
+            raise RuntimeError("the native CPU kernels are not available on this machine")
+        self.tile = int(self.native.tile_rows())
+        self.vnni_dense_min_tokens = dense_min_tokens
+
+    # --- 4-bit planes -------------------------------------------------------------------------
+    def takes_plane(self, plane: Plane) -> bool:
+        in_features = plane.qweight.shape[1] * 2
+        return plane.spec.group_size % BLOCK == 0 and in_features % plane.spec.group_size == 0
+
+    def prepare_plane(self, plane: Plane):
+        if not self.takes_plane(plane):
+            return super().prepare_plane(plane)
+        codes = unpack_int4(plane.qweight)
+        return TiledPlane(
+            tile_plane_codes(codes, self.tile),
+            plane.scales.to(torch.float16).contiguous(),
+            plane.zeros_or_implied().to(torch.float16).contiguous(),
+            plane.spec.group_size,
+            codes.shape[0],
+        )
+
+    def dequantize_plane(self, prepared) -> torch.Tensor:
+        if type(prepared) is _PackedPlane:
+            return super().dequantize_plane(prepared)
+        in_features = prepared.weight.shape[1] * 2
+        codes = untile_plane_codes(prepared.weight, in_features, self.tile)[: prepared.out_features].to(torch.float32)
+        groups = in_features // prepared.group_size
+        codes = codes.view(prepared.out_features, groups, prepared.group_size)
+        scales = prepared.scales.to(torch.float32).unsqueeze(-1)
+        shift = (prepared.zeros.to(torch.float32) * prepared.scales.to(torch.float32)).unsqueeze(-1)
+        return codes.mul_(scales).sub_(shift).view(prepared.out_features, in_features).to(torch.bfloat16)
+
+    def matmul_plane(self, x: torch.Tensor, prepared) -> torch.Tensor:
+        if type(prepared) is _PackedPlane:
+            return super().matmul_plane(x, prepared)
+        if self.vnni_dense_min_tokens is not None and x.shape[0] >= self.vnni_dense_min_tokens:
+            return torch.mm(x.to(torch.bfloat16), self.dequantize_plane(prepared).t())
+        return self.native.matmul_w4(
+            x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, True
+        )
+
+    def fuse_planes(self, parts: list):
+        if all(type(p) is _PackedPlane for p in parts):
+            return super().fuse_planes(parts)
+        if not all(type(p) is TiledPlane for p in parts):
+            return None
+        if len({p.group_size for p in parts}) != 1 or len({p.weight.shape[1] for p in parts}) != 1:
+            return None
+        if any(p.out_features % self.tile for p in parts):
+            return None  # padded rows between the parts
+        weight = torch.cat([p.weight for p in parts])
+        fused = TiledPlane(
+            weight,
+            torch.cat([p.scales for p in parts]),
+            torch.cat([p.zeros for p in parts]),
+            parts[0].group_size,
+            sum(p.out_features for p in parts),
+        )
+        views, offset = [], 0
+        for p in parts:
+            rows = slice(offset, offset + p.out_features)
+            views.append(TiledPlane(weight[rows], fused.scales[rows], fused.zeros[rows], p.group_size, p.out_features))
+            offset += p.out_features
+        return fused, views
+
+    # --- 8-bit rows (output head) ---------------------------------------------------------------
+    def prepare_rows(self, rows: RowQuantized):
+        if rows.qweight.shape[1] % _ROW_CHUNK:
+            return super().prepare_rows(rows)
+        prepared = TiledRows(
+            tile_rows(rows.qweight, self.tile),
+            rows.scales.to(torch.float32).contiguous(),
+            rows.qweight.sum(dim=1, dtype=torch.int32),
+            rows.qweight.shape[0],
+        )
+        # The rows usually view the mapped shard (or a tied embedding's mapping): the tiled copy
+        # replaces them, so their pages can go; an embedding lookup faults back only its rows.
+        page_out(rows.qweight)
+        return prepared
+
+    def matmul_rows(self, x: torch.Tensor, prepared) -> torch.Tensor:
+        if type(prepared) is _PackedRows:
+            return super().matmul_rows(x, prepared)
+        if self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens:
+            return self.native.matmul_w8(x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.code_sums)
+        # Many tokens: unpack the head a slice of rows at a time and multiply densely.
+        x16 = x.to(torch.bfloat16)
+        out = torch.empty(x.shape[0], prepared.out_features, dtype=torch.float32)
+        for start in range(0, prepared.out_features, _DENSE_ROWS_CHUNK):
+            stop = min(start + _DENSE_ROWS_CHUNK, prepared.out_features)
+            tile_start, tile_stop = start // self.tile * self.tile, -(-stop // self.tile) * self.tile
+            codes = untile_rows(prepared.weight[tile_start:tile_stop], self.tile)[start - tile_start : stop - tile_start]
+            weight = (codes.to(torch.float32) * prepared.scales[start:stop].unsqueeze(-1)).to(torch.bfloat16)
+            out[:, start:stop] = torch.mm(x16, weight.t())
+        return out

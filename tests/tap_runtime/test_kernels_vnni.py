@@ -1,0 +1,172 @@
+"""TAP's VNNI CPU kernels (kernels/vnni.py, kernels/native.py): layouts, numerics, fallbacks."""
+
+import pytest
+import torch
+
+from tap_convert.quantize import quantize_rows, quantize_tiers
+from tap_runtime.errors import InvalidConfigError
+from tap_runtime.format import PlaneSpec
+from tap_runtime.kernels import ReferenceKernel, native, select_kernel
+from tap_runtime.kernels.cpu import _PackedPlane, _PackedRows
+from tap_runtime.kernels.native import native_kernels
+from tap_runtime.kernels.vnni import (
+    CpuVnniKernel,
+    TiledPlane,
+    TiledRows,
+    tile_plane_codes,
+    tile_rows,
+    untile_plane_codes,
+    untile_rows,
+)
+
+needs_native = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b).norm() / b.norm())
+
+
+def _plane(shape, group_size=64, symmetric=False, seed=0):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+    (plane,) = quantize_tiers(weight, (PlaneSpec(4, group_size, symmetric),))
+    return plane
+
+
+@pytest.mark.parametrize("rows", [4, 10, 37])
+def test_plane_layout_round_trips_with_padding(rows):
+    codes = torch.randint(0, 16, (rows, 192), generator=torch.Generator().manual_seed(rows), dtype=torch.uint8)
+    tiled = tile_plane_codes(codes, 4)
+    assert tiled.shape == (-(-rows // 4) * 4, 96)
+    back = untile_plane_codes(tiled, 192, 4)
+    assert torch.equal(back[:rows], codes)
+    assert torch.all(back[rows:] == 8)  # padded rows carry the zero code
+
+
+def test_plane_layout_puts_a_tiles_rows_in_one_stream():
+    codes = torch.zeros(4, 64, dtype=torch.uint8)
+    codes[1, 0], codes[1, 32] = 3, 5  # row 1, inputs 0 and 32 share byte 0 of row 1's 32 bytes
+    tiled = tile_plane_codes(codes, 4).flatten()
+    assert tiled[32] == 3 | (5 << 4) and int(tiled.count_nonzero()) == 1
+
+
+def test_row_layout_round_trips():
+    q = torch.randint(-127, 128, (13, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    tiled = tile_rows(q, 4)
+    assert tiled.shape == (16, 96)
+    assert torch.equal(untile_rows(tiled, 4)[:13], q)
+
+
+@needs_native
+@pytest.mark.parametrize("tokens", [1, 5, 100], ids=lambda t: f"m{t}")
+@pytest.mark.parametrize(
+    "shape,group_size,symmetric",
+    [((100, 576), 64, False), ((37, 256), 128, True), ((64, 640), 64, True)],
+    ids=["576-g64-asym", "37rows-g128-sym", "640-g64-sym"],
+)
+def test_plane_product_matches_reference(shape, group_size, symmetric, tokens):
+    plane = _plane(shape, group_size, symmetric)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(1))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    kernel = CpuVnniKernel(dense_min_tokens=64)
+    prepared = kernel.prepare_plane(plane)
+    assert type(prepared) is TiledPlane
+    got = kernel.matmul_plane(x, prepared)
+    assert got.shape == expected.shape
+    if tokens < 64:
+        # 15-bit activations: far closer to float32 than torch's bfloat16 activations (~3e-3).
+        assert got.dtype == torch.float32 and _relative_error(got, expected) < 5e-4
+    else:
+        assert _relative_error(got, expected) < 1e-2  # dense bfloat16 path
+
+
+@needs_native
+def test_eight_bit_activations_are_available_and_coarser():
+    plane = _plane((128, 512))
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(plane)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    args = (prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
+    wide = _relative_error(kernel.native.matmul_w4(x, *args, True), expected)
+    narrow = _relative_error(kernel.native.matmul_w4(x, *args, False), expected)
+    assert wide < 5e-4 < narrow < 5e-2
+
+
+@needs_native
+def test_zero_input_gives_zero_output():
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(_plane((16, 128)))
+    out = kernel.matmul_plane(torch.zeros(1, 128), prepared)
+    assert torch.equal(out, torch.zeros(1, 16))
+
+
+@needs_native
+def test_shapes_the_kernel_does_not_take_fall_back_to_torchs():
+    kernel = CpuVnniKernel()
+    plane = _plane((40, 96), group_size=32)
+    prepared = kernel.prepare_plane(plane)
+    assert type(prepared) is _PackedPlane
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(3))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    assert _relative_error(kernel.matmul_plane(x, prepared), expected) < 1e-2
+    rows = quantize_rows(torch.randn(8, 48))  # 48 inputs: not a multiple of 32
+    assert type(kernel.prepare_rows(rows)) is _PackedRows
+
+
+@needs_native
+def test_kernel_checks_its_arguments():
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(_plane((16, 128)))
+    with pytest.raises(RuntimeError, match="input columns"):
+        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, True)
+
+
+@needs_native
+@pytest.mark.parametrize("tokens", [1, 3, 100], ids=lambda t: f"m{t}")
+@pytest.mark.parametrize("shape", [(1000, 576), (33, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_row_product_matches_reference(shape, tokens):
+    rows = quantize_rows(torch.randn(*shape, generator=torch.Generator().manual_seed(4)))
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(5))
+    expected = ReferenceKernel().matmul_rows(x, ReferenceKernel().prepare_rows(rows))
+    kernel = CpuVnniKernel(dense_min_tokens=64)
+    prepared = kernel.prepare_rows(rows)
+    assert type(prepared) is TiledRows
+    got = kernel.matmul_rows(x, prepared)
+    assert got.shape == expected.shape
+    assert _relative_error(got, expected) < (5e-4 if tokens < 64 else 1e-2)
+
+
+@needs_native
+def test_fused_planes_equal_their_parts_and_share_storage():
+    kernel = CpuVnniKernel()
+    parts = [kernel.prepare_plane(_plane((rows, 256), seed=rows)) for rows in (64, 16, 16)]
+    fused, views = kernel.fuse_planes(parts)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
+    separate = torch.cat([kernel.matmul_plane(x, p) for p in parts], dim=-1)
+    assert torch.allclose(kernel.matmul_plane(x, fused), separate, rtol=0, atol=1e-6)
+    for view, part in zip(views, parts):
+        assert view.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+        assert torch.allclose(kernel.matmul_plane(x, view), kernel.matmul_plane(x, part), rtol=0, atol=1e-6)
+    padded = [kernel.prepare_plane(_plane((rows, 256))) for rows in (10, 16)]
+    assert kernel.fuse_planes(padded) is None  # padding rows would sit between the parts
+
+
+def test_disabled_native_kernels_fall_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("TAP_NATIVE_KERNELS", "0")
+    assert native.native_kernels() is None
+    assert "TAP_NATIVE_KERNELS=0" in native.native_unavailable_reason()
+    assert select_kernel("auto", "cpu").name in ("cpu-packed", "reference")
+    with pytest.raises(InvalidConfigError, match="cpu-vnni.*TAP_NATIVE_KERNELS=0"):
+        select_kernel("cpu-vnni", "cpu")
+
+
+def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+
+    def no_compiler():
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setattr(native, "_build", no_compiler)
+    assert native.native_kernels() is None
+    assert "c++: command not found" in native.native_unavailable_reason()
