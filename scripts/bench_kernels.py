@@ -1,8 +1,11 @@
-"""Per-matmul timings of the CPU kernel paths, to place the int4 / dense-unpack crossover.
+"""Per-matmul timings of the CPU kernel paths: TAP's VNNI kernels against torch's, and the
+dense-unpack crossover for many-token calls.
 
-For real layer shapes (SmolLM2, gemma-3-270m) and token counts from decode (1) to prefill (512):
-torch's packed int4 kernel, the unpack-to-bfloat16 + dense GEMM path, and a float32 matmul,
-plus the error of the dense path against the reference kernel. Medians of --repeats.
+For real layer shapes (SmolLM2, gemma-3-270m, Qwen2.5-1.5B) and token counts from decode (1) to
+prefill (512): torch's packed int4 kernel, TAP's VNNI kernel, the unpack-to-bfloat16 + dense
+GEMM path and a float32 matmul, with each path's error against the reference kernel. Then the
+8-bit output head at one token: torch's int8 op against TAP's. Weight GB/s is plane bytes over
+time at one token. Every path alternates in the same process; medians of --repeats.
 
     python scripts/bench_kernels.py --threads 2
 """
@@ -16,11 +19,20 @@ import time
 import torch
 
 from bench_common import environment
-from tap_convert.quantize import quantize_tiers
+from tap_convert.quantize import quantize_rows, quantize_tiers
 from tap_runtime.format import PlaneSpec
-from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel
+from tap_runtime.kernels import CpuPackedKernel, CpuVnniKernel, ReferenceKernel
+from tap_runtime.kernels.native import native_kernels, native_unavailable_reason
 
-SHAPES = {"smollm2 up": (1536, 576), "smollm2 down": (576, 1536), "gemma up": (2048, 640), "smollm2 k": (192, 576)}
+SHAPES = {
+    "smollm2 gate+up": (3072, 576),
+    "smollm2 down": (576, 1536),
+    "gemma gate+up": (4096, 640),
+    "qwen1.5b gate+up": (17920, 1536),
+    "qwen1.5b down": (1536, 8960),
+    "qwen1.5b qkv": (2048, 1536),
+}
+HEADS = {"smollm2 head": (49152, 576), "gemma head": (262144, 640), "qwen1.5b head": (151936, 1536)}
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -33,27 +45,53 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected).norm() / expected.norm())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--tokens", default="1,8,32,64,128,256,512")
+    parser.add_argument("--tokens", default="1,4,16,32,64,128,512")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dense, packed, reference = CpuPackedKernel(dense_min_tokens=1), CpuPackedKernel(dense_min_tokens=None), ReferenceKernel()
-    print(f"# bench_kernels; {environment()}; ms per matmul, median of {args.repeats}")
-    print(f"{'shape':14s} {'tokens':>6s} {'int4 ms':>8s} {'dense ms':>8s} {'fp32 ms':>8s} {'dense rel err':>13s}")
+    if native_kernels() is None:
+        raise SystemExit(f"TAP's native kernels are unavailable here: {native_unavailable_reason()}")
+    torch_int4, reference = CpuPackedKernel(dense_min_tokens=None), ReferenceKernel()
+    vnni, dense = CpuVnniKernel(dense_min_tokens=None), CpuVnniKernel(dense_min_tokens=1)
+    print(f"# bench_kernels; {environment()}; ms per matmul, median of {args.repeats}; 4-bit g64 asymmetric planes")
+    print(f"{'shape':17s} {'tokens':>6s} {'torch int4':>10s} {'TAP vnni':>9s} {'dense bf16':>10s} {'fp32':>8s} "
+          f"{'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s} {'err dense':>9s}")
     for label, (out_features, in_features) in SHAPES.items():
         weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
         (plane,) = quantize_tiers(weight, (PlaneSpec(4, 64, False),))
-        prepared, expected_weight = dense.prepare_plane(plane), reference.prepare_plane(plane)
+        packed, tiled, expected_weight = torch_int4.prepare_plane(plane), vnni.prepare_plane(plane), reference.prepare_plane(plane)
+        plane_gb = out_features * in_features / 2 / 1e9
         for tokens in map(int, args.tokens.split(",")):
             x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1))
             expected = reference.matmul_plane(x, expected_weight)
-            error = float((dense.matmul_plane(x, prepared) - expected).norm() / expected.norm())
-            print(f"{label:14s} {tokens:6d} {_median_ms(lambda: packed.matmul_plane(x, prepared), args.repeats):8.3f} "
-                  f"{_median_ms(lambda: dense.matmul_plane(x, prepared), args.repeats):8.3f} "
-                  f"{_median_ms(lambda: x @ weight.t(), args.repeats):8.3f} {error:13.4f}")
+            times = {
+                "torch": _median_ms(lambda: torch_int4.matmul_plane(x, packed), args.repeats),
+                "vnni": _median_ms(lambda: vnni.matmul_plane(x, tiled), args.repeats),
+                "dense": _median_ms(lambda: dense.matmul_plane(x, tiled), args.repeats),
+                "fp32": _median_ms(lambda: x @ weight.t(), args.repeats),
+            }
+            bandwidth = (f"{plane_gb / times['torch'] * 1e3:10.1f} {plane_gb / times['vnni'] * 1e3:9.1f}" if tokens == 1 else f"{'':10s} {'':9s}")
+            print(f"{label:17s} {tokens:6d} {times['torch']:10.3f} {times['vnni']:9.3f} {times['dense']:10.3f} {times['fp32']:8.3f} "
+                  f"{times['torch'] / times['vnni']:12.2f} {bandwidth} {_error(torch_int4.matmul_plane(x, packed), expected):9.1e} "
+                  f"{_error(vnni.matmul_plane(x, tiled), expected):9.1e} {_error(dense.matmul_plane(x, tiled), expected):9.1e}")
+    print(f"\n{'head (int8 rows)':17s} {'tokens':>6s} {'torch int8':>10s} {'TAP vnni':>9s} {'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s}")
+    for label, (rows_count, in_features) in HEADS.items():
+        rows = quantize_rows(torch.randn(rows_count, in_features, generator=torch.Generator().manual_seed(2)))
+        packed, tiled = torch_int4.prepare_rows(rows), vnni.prepare_rows(rows)
+        x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(3))
+        expected = reference.matmul_rows(x, reference.prepare_rows(rows))
+        t_torch = _median_ms(lambda: torch_int4.matmul_rows(x, packed), max(3, args.repeats // 4))
+        t_vnni = _median_ms(lambda: vnni.matmul_rows(x, tiled), max(3, args.repeats // 4))
+        gb = rows_count * in_features / 1e9
+        print(f"{label:17s} {1:6d} {t_torch:10.3f} {t_vnni:9.3f} {t_torch / t_vnni:12.2f} {gb / t_torch * 1e3:10.1f} {gb / t_vnni * 1e3:9.1f} "
+              f"{_error(torch_int4.matmul_rows(x, packed), expected):9.1e} {_error(vnni.matmul_rows(x, tiled), expected):9.1e}")
 
 
 if __name__ == "__main__":

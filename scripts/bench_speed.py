@@ -30,7 +30,9 @@ from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock
 
 ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
-        "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+        "tap-base-torch", "tap-budget-torch", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+# -torch rows load with kernel="cpu-packed": torch's int4/int8 ops instead of TAP's VNNI kernels
+# (the default where the CPU has them), to show what the kernels alone change.
 # -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand);
 # tap-budget, the default routing, holds the routed share at the fitted one (10% by default) on any text.
 # TAP rows decode through TapModel.generate (the lean loop where the architecture has one); the
@@ -117,8 +119,9 @@ def run_row(row: str, args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         weight_bytes = _directory_bytes(args.model) * (1 if dtype == torch.float32 else 0.5)
         extra = {}
+        kernel_name = None
     else:
-        tap = tap_runtime.load(args.tap, memory_efficient=row.endswith("-lowmem"))
+        tap = tap_runtime.load(args.tap, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto")
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),
             "tap-top": ("fixed", tap.table.tiers[-1]),
@@ -127,11 +130,16 @@ def run_row(row: str, args) -> dict:
             "tap-learned-eager": ("learned", None),
             "tap-base-lowmem": ("fixed", tap.table.tiers[0]),
             "tap-learned-lowmem": ("learned", None),
+            "tap-base-torch": ("fixed", tap.table.tiers[0]),
+            "tap-budget-torch": ("budget", None),
         }[row]
         tap.set_routing(mode[0], tier=mode[1])
         model = tap.model
         weight_bytes = tap.checkpoint.total_bytes
         extra = {"tap": tap}
+        from tap_runtime.layers import TapLinear
+
+        kernel_name = next(m.kernel.name for m in model.modules() if isinstance(m, TapLinear))
     load_rss = _vm_hwm_bytes()
     ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
     prompt = ids[: args.prompt_tokens].unsqueeze(0)
@@ -182,6 +190,7 @@ def run_row(row: str, args) -> dict:
         "weight_bytes": int(weight_bytes),
         "avg_weight_bits": statistics.median(bits) if bits else (32.0 if row == "hf-fp32" else 16.0),
         "decode_path": decode_path,
+        "kernel": kernel_name,
     }
 
 
@@ -240,7 +249,8 @@ def main() -> None:
     for r in results:
         if r.get("decode_path"):
             path = {"fast": "the lean static-cache loop (tap_runtime.decode)", "eager": "transformers generate"}.get(r["decode_path"], r["decode_path"])
-            print(f"# {r['row']}: decode through {path}")
+            kernel = f", kernel {r['kernel']}" if r.get("kernel") else ""
+            print(f"# {r['row']}: decode through {path}{kernel}")
     print(f"{'row':17s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill tok/s':>13s} {'x fp32':>7s} "
           f"{'peak RSS MiB':>12s} {'load MiB':>8s} {'weights MB':>10s} {'x fp16':>7s} {'avg bits':>8s}")
     for r in results:

@@ -33,6 +33,7 @@ __all__ = ["CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "unti
 BLOCK = 64  # inputs per activation scale, and per 32 bytes of packed plane
 _ROW_CHUNK = 32  # inputs per 32-byte chunk of an int8 row
 _DENSE_ROWS_CHUNK = 16384  # rows of the head unpacked at a time for many-token calls
+_PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multiple of any tile)
 
 
 def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
@@ -173,16 +174,21 @@ class CpuVnniKernel(CpuPackedKernel):
     def prepare_rows(self, rows: RowQuantized):
         if rows.qweight.shape[1] % _ROW_CHUNK:
             return super().prepare_rows(rows)
-        prepared = TiledRows(
-            tile_rows(rows.qweight, self.tile),
-            rows.scales.to(torch.float32).contiguous(),
-            rows.qweight.sum(dim=1, dtype=torch.int32),
-            rows.qweight.shape[0],
-        )
-        # The rows usually view the mapped shard (or a tied embedding's mapping): the tiled copy
-        # replaces them, so their pages can go; an embedding lookup faults back only its rows.
-        page_out(rows.qweight)
-        return prepared
+        qweight = rows.qweight
+        count, width = qweight.shape
+        tiled = torch.empty((-(-count // self.tile) * self.tile, width), dtype=torch.int8)
+        code_sums = torch.empty(count, dtype=torch.int32)
+        # A slice of rows at a time, handing each slice's pages back once copied: the rows usually
+        # view the mapped shard (or a tied embedding's mapping), and the head is the largest
+        # tensor (233 MB on Qwen2.5-1.5B), so copying it whole would hold both at once. An
+        # embedding lookup afterwards faults back only the rows it reads.
+        for start in range(0, count, _PREPARE_ROWS_CHUNK):
+            stop = min(start + _PREPARE_ROWS_CHUNK, count)
+            part = qweight[start:stop]
+            tiled[start : start + -(-(stop - start) // self.tile) * self.tile] = tile_rows(part, self.tile)
+            code_sums[start:stop] = part.sum(dim=1, dtype=torch.int32)
+            page_out(part)
+        return TiledRows(tiled, rows.scales.to(torch.float32).contiguous(), code_sums, count)
 
     def matmul_rows(self, x: torch.Tensor, prepared) -> torch.Tensor:
         if type(prepared) is _PackedRows:
