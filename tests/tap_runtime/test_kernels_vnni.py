@@ -93,6 +93,19 @@ def test_eight_bit_activations_are_available_and_coarser():
 
 
 @needs_native
+@pytest.mark.parametrize("shape,group_size", [((37, 256), 128), ((64, 640), 64)])
+def test_dense_unpack_is_the_reference_plane_in_bfloat16(shape, group_size):
+    plane = _plane(shape, group_size)
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(plane)
+    expected = ReferenceKernel().prepare_plane(plane).to(torch.bfloat16)
+    assert torch.equal(kernel.dequantize_plane(prepared), expected)
+    scratch = kernel._scratch(expected.shape)
+    assert torch.equal(kernel.dequantize_plane(prepared, scratch), expected)
+    assert kernel._scratch(expected.shape).data_ptr() == scratch.data_ptr()  # reused, not reallocated
+
+
+@needs_native
 def test_zero_input_gives_zero_output():
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(_plane((16, 128)))

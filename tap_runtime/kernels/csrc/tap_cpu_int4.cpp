@@ -241,6 +241,48 @@ void rows_w8(const int8_t* weight, const float* row_scales, const int32_t* row_s
     }
   }
 }
+
+// float32 -> bfloat16, round to nearest even (as torch's .to(torch.bfloat16) for finite values).
+inline __m256i to_bfloat16(__m512 v) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+#endif
+}
+
+// Tiles [tile_begin, tile_end) of a 4-bit plane -> bfloat16 rows (q - zero) * scale of out (N, K).
+void dequantize_tiles(const uint8_t* weight, const at::Half* scales, const at::Half* zeros, int64_t N, int64_t K,
+                      int64_t group_size, uint16_t* out, int64_t tile_begin, int64_t tile_end) {
+  const int64_t blocks = K / kBlock, groups = K / group_size, blocks_per_group = group_size / kBlock;
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t n = t * kTileRows + r;
+      if (n >= N) break;
+      const at::Half* srow = scales + n * groups;
+      const at::Half* zrow = zeros + n * groups;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float s = static_cast<float>(srow[b / blocks_per_group]);
+        const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * static_cast<float>(zrow[b / blocks_per_group]));
+        const uint8_t* src = weight + t * kTileRows * (K / 2) + (b * kTileRows + r) * 32;
+        uint16_t* dst = out + n * K + b * kBlock;
+        for (int half = 0; half < 2; ++half) {
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * half));
+          const __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+          // byte t of the block: input t (low nibble), input t + 32 (high nibble)
+          const __m512 wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), scale, shift);
+          const __m512 wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), scale, shift);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * half), to_bfloat16(wl));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 + 16 * half), to_bfloat16(wh));
+        }
+      }
+    }
+  }
+}
 #endif
 
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
@@ -300,6 +342,29 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
   return out;
 }
 
+// A tiled 4-bit plane as a dense bfloat16 (N, K) matrix, written into `out` (reused by the
+// caller between calls, so many-token calls do not page-fault a fresh matrix each time).
+torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, torch::Tensor out) {
+  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  const int64_t N = scales.size(0), K = weight.size(1) * 2;
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.size(0) == (N + kTileRows - 1) / kTileRows * kTileRows,
+              "weight must be a contiguous tiled uint8 plane");
+  TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
+              scales.size(1) == K / group_size && zeros.sizes() == scales.sizes(), "scales/zeros: contiguous float16 (N, groups)");
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.size(0) == N && out.size(1) == K, "out: contiguous bfloat16 (N, K)");
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* z = zeros.data_ptr<at::Half>();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
+    dequantize_tiles(w, s, z, N, K, group_size, o, begin, end);
+  });
+#endif
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -307,4 +372,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });
   m.def("matmul_w4", &matmul_w4);
   m.def("matmul_w8", &matmul_w8);
+  m.def("dequantize_w4", &dequantize_w4);
 }
