@@ -59,7 +59,7 @@ def load_tap_and_windows(args):
 
     import tap_runtime
 
-    tap = tap_runtime.load(args.tap)
+    tap = tap_runtime.load(args.tap, kernel=getattr(args, "kernel", "auto"))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
     return tap, tokenizer, eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)

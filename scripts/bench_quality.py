@@ -47,14 +47,15 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kernel", default="auto", help="tap_runtime.load's kernel (reference: float32 dequantized weights)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-routing row")
-    parser.add_argument("--rows", default=None, help="comma list; 'budget' alone runs only the budget row")
+    parser.add_argument("--rows", default=None, help="comma list of budget / top; each alone runs only that row (and its random twin)")
     parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     set_threads(args.threads)
 
-    tap = tap_runtime.load(args.tap)
+    tap = tap_runtime.load(args.tap, kernel=args.kernel)
     reference_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
@@ -97,7 +98,10 @@ def main() -> None:
             return rows[label]
 
         wanted = set(args.rows.split(",")) if args.rows else None
-        if wanted is None or wanted - {"budget"}:
+        if wanted is not None and "top" in wanted:
+            tap.set_routing("fixed", tier=tap.table.tiers[-1])
+            run(f"tap all tokens tier {tap.table.tiers[-1]}")
+        if wanted is None or wanted - {"budget", "top"}:
             tap.set_routing("learned")
             learned = run("tap learned routing")
             top = tap.table.tiers[-1]
