@@ -33,6 +33,7 @@ from .native import native_kernels
 __all__ = ["CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
 
 BLOCK = 64  # inputs per activation scale, and per 32 bytes of packed plane
+CHUNK_BLOCKS = 16  # blocks per chunk of the plane layout (the C++ kernel's kChunkBlocks)
 _ROW_CHUNK = 32  # inputs per 32-byte chunk of an int8 row
 _DENSE_ROWS_CHUNK = 16384  # rows of the head unpacked at a time for many-token calls
 _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multiple of any tile)
@@ -43,25 +44,39 @@ def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, 0, pad), value=value) if pad else tensor
 
 
+def _chunks(blocks: int):
+    """(first block, block count) of each chunk of CHUNK_BLOCKS blocks."""
+    return [(start, min(CHUNK_BLOCKS, blocks - start)) for start in range(0, blocks, CHUNK_BLOCKS)]
+
+
 def tile_plane_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:
     """Codes (out, in) in [0, 15] -> uint8 (out padded to ``tile``, in // 2) in the kernel's layout.
 
-    Rows go in tiles of ``tile``; within a tile, for each block of 64 inputs, each row's 32 bytes
-    follow the previous row's. Byte t of a block holds input t (low nibble) and t + 32 (high).
+    Inputs go in chunks of 16 blocks of 64, one chunk after the other; within a chunk, rows go in
+    tiles of ``tile``; within a tile, for each block, each row's 32 bytes follow the previous
+    row's. Byte t of a block holds input t (low nibble) and t + 32 (high nibble).
     """
     codes = _pad_rows(codes.to(torch.uint8), tile, 8)
     rows, cols = codes.shape
     split = codes.view(rows // tile, tile, cols // BLOCK, 2, BLOCK // 2)
     packed = split[:, :, :, 0] | (split[:, :, :, 1] << 4)  # (tiles, tile, blocks, 32)
-    return packed.permute(0, 2, 1, 3).reshape(rows, cols // 2).contiguous()
+    pieces = [packed[:, :, start : start + count].permute(0, 2, 1, 3).reshape(-1) for start, count in _chunks(cols // BLOCK)]
+    return torch.cat(pieces).view(rows, cols // 2)
 
 
 def untile_plane_codes(packed: torch.Tensor, in_features: int, tile: int) -> torch.Tensor:
     """Inverse of :func:`tile_plane_codes` (padded rows included)."""
     rows = packed.shape[0]
-    blocks = packed.view(rows // tile, in_features // BLOCK, tile, BLOCK // 2)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=3)  # (tiles, blocks, tile, 2, 32)
-    return codes.permute(0, 2, 1, 3, 4).reshape(rows, in_features)
+    flat = packed.reshape(-1)
+    codes = torch.empty(rows, in_features, dtype=torch.uint8)
+    offset = 0
+    for start, count in _chunks(in_features // BLOCK):
+        size = rows * count * (BLOCK // 2)
+        chunk = flat[offset : offset + size].view(rows // tile, count, tile, BLOCK // 2)
+        offset += size
+        split = torch.stack((chunk & 0x0F, chunk >> 4), dim=3)  # (tiles, count, tile, 2, 32)
+        codes[:, start * BLOCK : (start + count) * BLOCK] = split.permute(0, 2, 1, 3, 4).reshape(rows, count * BLOCK)
+    return codes
 
 
 def tile_rows(qweight: torch.Tensor, tile: int) -> torch.Tensor:
@@ -78,11 +93,21 @@ def untile_rows(tiled: torch.Tensor, tile: int) -> torch.Tensor:
 
 @dataclass
 class TiledPlane:
-    weight: torch.Tensor  # uint8 (out padded to the tile, in // 2), see tile_plane_codes
-    scales: torch.Tensor  # float16 (out, groups)
+    """Rows [first_row, first_row + out_features) of a stored plane: the whole plane, or one
+    projection's rows of a stacked q/k/v or gate/up plane (the chunked layout interleaves rows
+    of all projections, so a view keeps the stored plane and its first row)."""
+
+    weight: torch.Tensor  # uint8 (rows padded to the tile, in // 2), see tile_plane_codes
+    scales: torch.Tensor  # float16 (out, groups), this view's rows
     zeros: torch.Tensor  # float16 (out, groups), implied zeros materialised
     group_size: int
     out_features: int
+    first_row: int = 0
+
+    def codes(self, tile: int) -> torch.Tensor:
+        """This view's codes (out_features, in_features)."""
+        codes = untile_plane_codes(self.weight, self.weight.shape[1] * 2, tile)
+        return codes[self.first_row : self.first_row + self.out_features]
 
 
 @dataclass
@@ -136,7 +161,7 @@ class CpuVnniKernel(CpuPackedKernel):
         shape = (prepared.out_features, prepared.weight.shape[1] * 2)
         if out is None:
             out = torch.empty(shape, dtype=torch.bfloat16)
-        return self.native.dequantize_w4(prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, out)
+        return self.native.dequantize_w4(prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, prepared.first_row, out)
 
     def _scratch(self, shape: tuple[int, int]) -> torch.Tensor:
         """A reused bfloat16 buffer for many-token calls: a fresh matrix per call would be
@@ -153,7 +178,8 @@ class CpuVnniKernel(CpuPackedKernel):
             weight = self.dequantize_plane(prepared, self._scratch((prepared.out_features, prepared.weight.shape[1] * 2)))
             return torch.mm(x.to(torch.bfloat16), weight.t())
         return self.native.matmul_w4(
-            x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, True
+            x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, True,
+            prepared.first_row,
         )
 
     def fuse_planes(self, parts: list):
@@ -165,7 +191,8 @@ class CpuVnniKernel(CpuPackedKernel):
             return None
         if any(p.out_features % self.tile for p in parts):
             return None  # padded rows between the parts
-        weight = torch.cat([p.weight for p in parts])
+        # The chunked layout interleaves rows across a chunk, so stacking re-lays the codes out.
+        weight = tile_plane_codes(torch.cat([p.codes(self.tile) for p in parts]), self.tile)
         fused = TiledPlane(
             weight,
             torch.cat([p.scales for p in parts]),
@@ -176,7 +203,7 @@ class CpuVnniKernel(CpuPackedKernel):
         views, offset = [], 0
         for p in parts:
             rows = slice(offset, offset + p.out_features)
-            views.append(TiledPlane(weight[rows], fused.scales[rows], fused.zeros[rows], p.group_size, p.out_features))
+            views.append(TiledPlane(weight, fused.scales[rows], fused.zeros[rows], p.group_size, p.out_features, offset))
             offset += p.out_features
         return fused, views
 

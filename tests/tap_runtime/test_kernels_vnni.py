@@ -32,12 +32,12 @@ def _plane(shape, group_size=64, symmetric=False, seed=0):
     return plane
 
 
-@pytest.mark.parametrize("rows", [4, 10, 37])
-def test_plane_layout_round_trips_with_padding(rows):
-    codes = torch.randint(0, 16, (rows, 192), generator=torch.Generator().manual_seed(rows), dtype=torch.uint8)
+@pytest.mark.parametrize("rows,width", [(4, 192), (10, 192), (37, 192), (12, 64 * 37)])
+def test_plane_layout_round_trips_with_padding(rows, width):
+    codes = torch.randint(0, 16, (rows, width), generator=torch.Generator().manual_seed(rows), dtype=torch.uint8)
     tiled = tile_plane_codes(codes, 4)
-    assert tiled.shape == (-(-rows // 4) * 4, 96)
-    back = untile_plane_codes(tiled, 192, 4)
+    assert tiled.shape == (-(-rows // 4) * 4, width // 2)
+    back = untile_plane_codes(tiled, width, 4)
     assert torch.equal(back[:rows], codes)
     assert torch.all(back[rows:] == 8)  # padded rows carry the zero code
 
@@ -60,8 +60,8 @@ def test_row_layout_round_trips():
 @pytest.mark.parametrize("tokens", [1, 5, 100], ids=lambda t: f"m{t}")
 @pytest.mark.parametrize(
     "shape,group_size,symmetric",
-    [((100, 576), 64, False), ((37, 256), 128, True), ((64, 640), 64, True)],
-    ids=["576-g64-asym", "37rows-g128-sym", "640-g64-sym"],
+    [((100, 576), 64, False), ((37, 256), 128, True), ((64, 640), 64, True), ((24, 64 * 37), 64, False), ((8, 64 * 36), 128, True)],
+    ids=["576-g64-asym", "37rows-g128-sym", "640-g64-sym", "3-chunks-g64", "3-chunks-g128"],
 )
 def test_plane_product_matches_reference(shape, group_size, symmetric, tokens):
     plane = _plane(shape, group_size, symmetric)
@@ -87,13 +87,13 @@ def test_eight_bit_activations_are_available_and_coarser():
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2))
     expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
     args = (prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
-    wide = _relative_error(kernel.native.matmul_w4(x, *args, True), expected)
-    narrow = _relative_error(kernel.native.matmul_w4(x, *args, False), expected)
+    wide = _relative_error(kernel.native.matmul_w4(x, *args, True, 0), expected)
+    narrow = _relative_error(kernel.native.matmul_w4(x, *args, False, 0), expected)
     assert wide < 5e-4 < narrow < 5e-2
 
 
 @needs_native
-@pytest.mark.parametrize("shape,group_size", [((37, 256), 128), ((64, 640), 64)])
+@pytest.mark.parametrize("shape,group_size", [((37, 256), 128), ((64, 640), 64), ((12, 64 * 37), 64)])
 def test_dense_unpack_is_the_reference_plane_in_bfloat16(shape, group_size):
     plane = _plane(shape, group_size)
     kernel = CpuVnniKernel()
@@ -131,7 +131,9 @@ def test_kernel_checks_its_arguments():
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(_plane((16, 128)))
     with pytest.raises(RuntimeError, match="input columns"):
-        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, True)
+        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, True, 0)
+    with pytest.raises(RuntimeError, match="tile-aligned view"):
+        kernel.native.matmul_w4(torch.zeros(1, 128), prepared.weight, prepared.scales, prepared.zeros, 64, True, 4)
 
 
 @needs_native
@@ -152,14 +154,16 @@ def test_row_product_matches_reference(shape, tokens):
 @needs_native
 def test_fused_planes_equal_their_parts_and_share_storage():
     kernel = CpuVnniKernel()
-    parts = [kernel.prepare_plane(_plane((rows, 256), seed=rows)) for rows in (64, 16, 16)]
+    width = 64 * 20  # two chunks of the layout
+    parts = [kernel.prepare_plane(_plane((rows, width), seed=rows)) for rows in (64, 16, 16)]
     fused, views = kernel.fuse_planes(parts)
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
-    separate = torch.cat([kernel.matmul_plane(x, p) for p in parts], dim=-1)
-    assert torch.allclose(kernel.matmul_plane(x, fused), separate, rtol=0, atol=1e-6)
-    for view, part in zip(views, parts):
-        assert view.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
-        assert torch.allclose(kernel.matmul_plane(x, view), kernel.matmul_plane(x, part), rtol=0, atol=1e-6)
+    for tokens in (1, 20):  # the kernel, and the dense unpack of each view
+        x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(6))
+        separate = torch.cat([kernel.matmul_plane(x, p) for p in parts], dim=-1)
+        assert torch.allclose(kernel.matmul_plane(x, fused), separate, rtol=0, atol=1e-5)
+        for view, part in zip(views, parts):
+            assert view.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+            assert torch.allclose(kernel.matmul_plane(x, view), kernel.matmul_plane(x, part), rtol=0, atol=1e-5)
     padded = [kernel.prepare_plane(_plane((rows, 256))) for rows in (10, 16)]
     assert kernel.fuse_planes(padded) is None  # padding rows would sit between the parts
 

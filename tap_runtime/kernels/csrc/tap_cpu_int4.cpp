@@ -11,9 +11,10 @@
 // from float32 by the activation rounding only (relative ~1e-4 at 15 bits).
 //
 // Layouts (made by tap_runtime/kernels/vnni.py): rows in tiles of kTileRows, padded. 4-bit plane:
-// for each block of 64 inputs, each row of the tile has 32 bytes, byte t = input t (low nibble)
-// and t + 32 (high nibble); float16 scales and zero points (rows, groups) as on disk. int8 rows:
-// for each 32 inputs, each row of the tile has its 32 bytes.
+// chunks of 16 blocks of 64 inputs, one after the other; within a chunk, tiles one after the other;
+// within a tile, for each block, each row's 32 bytes, byte t = input t (low nibble) and t + 32
+// (high nibble). Scales and zero points stay float16 (rows, groups) as on disk. int8 rows: tiles
+// one after the other; within a tile, for each 32 inputs, each row's 32 bytes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -30,6 +31,10 @@ constexpr int64_t kBlock = 64;
 // each other, so a tile is one contiguous stream. Four rows read as four separate streams ran at
 // half the memory speed of one stream on Zen 4 (the hardware prefetcher tracks them poorly).
 constexpr int kTileRows = TILE_ROWS;
+// 4-bit planes are stored in chunks of 16 blocks (1,024 inputs): a chunk's activations (2 KiB at
+// 15 bits) stay in L1 while its weights stream past. With Qwen2.5-1.5B's 8,960-input down
+// projection in one piece (17.5 KiB of activations per tile), the weights ran at half speed.
+constexpr int64_t kChunkBlocks = 16;
 
 bool compiled_with_vnni() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
@@ -104,37 +109,33 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, uint8_t* high, uint8_
   }
 }
 
-// Per-block multipliers (weight scale x activation scale) and the zero-point term of one row.
-inline float prepare_row(const at::Half* srow, const at::Half* zrow, int64_t groups, int64_t blocks_per_group,
-                         const float* xs, const float* xsum, float* row_scale, float* row_zero, float* block_scale) {
-  int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) {
-    _mm256_storeu_ps(row_scale + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g))));
-    _mm256_storeu_ps(row_zero + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + g))));
-  }
-  for (; g < groups; ++g) { row_scale[g] = static_cast<float>(srow[g]); row_zero[g] = static_cast<float>(zrow[g]); }
+// Per-block multipliers (weight scale x activation scale) of blocks [b0, b0 + count) of one row,
+// and those blocks' zero-point term.
+inline float prepare_blocks(const at::Half* srow, const at::Half* zrow, int64_t b0, int64_t count, int64_t blocks_per_group,
+                            const float* xs, const float* xsum, float* block_scale) {
   if (blocks_per_group == 1) {
     __m256 total = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= groups; b += 8) {
-      const __m256 s = _mm256_loadu_ps(row_scale + b);
-      _mm256_storeu_ps(block_scale + b, _mm256_mul_ps(s, _mm256_loadu_ps(xs + b)));
-      total = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_loadu_ps(row_zero + b)), _mm256_loadu_ps(xsum + b), total);
+    int64_t j = 0;
+    for (; j + 8 <= count; j += 8) {
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + b0 + j)));
+      const __m256 zero = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + b0 + j)));
+      _mm256_storeu_ps(block_scale + j, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + b0 + j)));
+      total = _mm256_fmadd_ps(_mm256_mul_ps(scale, zero), _mm256_loadu_ps(xsum + b0 + j), total);
     }
     float rest = horizontal_sum(total);
-    for (; b < groups; ++b) {
-      block_scale[b] = row_scale[b] * xs[b];
-      rest += row_scale[b] * row_zero[b] * xsum[b];
+    for (; j < count; ++j) {
+      const float scale = _cvtsh_ss(srow[b0 + j].x), zero = _cvtsh_ss(zrow[b0 + j].x);
+      block_scale[j] = scale * xs[b0 + j];
+      rest += scale * zero * xsum[b0 + j];
     }
     return rest;
   }
   float total = 0.f;
-  for (int64_t gi = 0, b = 0; gi < groups; ++gi) {
-    const float s = row_scale[gi], sz = row_scale[gi] * row_zero[gi];
-    for (int64_t j = 0; j < blocks_per_group; ++j, ++b) {
-      block_scale[b] = s * xs[b];
-      total += sz * xsum[b];
-    }
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t g = (b0 + j) / blocks_per_group;
+    const float scale = _cvtsh_ss(srow[g].x), zero = _cvtsh_ss(zrow[g].x);
+    block_scale[j] = scale * xs[b0 + j];
+    total += scale * zero * xsum[b0 + j];
   }
   return total;
 }
@@ -142,8 +143,8 @@ inline float prepare_row(const at::Half* srow, const at::Half* zrow, int64_t gro
 // R rows from n0, one token. Wide=true: activations carry 15 bits as a signed high byte and a
 // low byte in [0, 127], two VNNI dot products each; Wide=false: 8 bits, one dot product.
 template <int R, bool Wide>
-inline void tile_w4(const uint8_t* weight, int64_t K, const int8_t* xh, const int8_t* xl, const float* block_scale,
-                    int64_t blocks, float* acc_out) {
+inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, const float* block_scale,
+                    int64_t blocks, int64_t scale_stride, float* acc_out) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -167,33 +168,48 @@ inline void tile_w4(const uint8_t* weight, int64_t K, const int8_t* xh, const in
         dot = _mm256_dpbusd_epi32(dot, w_low, l_low);
         dot = _mm256_dpbusd_epi32(dot, w_high, l_high);
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * blocks + b), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) acc_out[r] = horizontal_sum(acc[r]);
 }
 
+// Where tile `tile`'s bytes for chunk `chunk` start in a plane of `padded_rows` rows (see the
+// layout note at the top).
+inline const uint8_t* chunk_tile(const uint8_t* weight, int64_t padded_rows, int64_t blocks, int64_t chunk, int64_t tile) {
+  const int64_t b0 = chunk * kChunkBlocks;
+  const int64_t count = std::min(kChunkBlocks, blocks - b0);
+  return weight + 32 * (padded_rows * b0 + tile * kTileRows * count);
+}
+
+// Rows [row_begin, row_end) of a view starting at tile first_tile of the stored plane, for all M
+// tokens, a chunk of input blocks at a time (so the chunk's activations stay in L1 while the
+// weights stream past), accumulating into out.
 template <bool Wide>
-void rows_w4(const uint8_t* weight, const at::Half* scales, const at::Half* zeros, int64_t N, int64_t K,
-             int64_t group_size, const int8_t* xh, const int8_t* xl, const float* xs, const float* xsum, int64_t M,
-             float* out, int64_t row_begin, int64_t row_end) {
+void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
+             int64_t N, int64_t K, int64_t group_size, const int8_t* xh, const int8_t* xl, const float* xs,
+             const float* xsum, int64_t M, float* out, int64_t row_begin, int64_t row_end) {
   const int64_t blocks = K / kBlock;
   const int64_t groups = K / group_size;
   const int64_t blocks_per_group = group_size / kBlock;
+  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
   constexpr int R = kTileRows;
-  std::vector<float> block_scale(R * blocks), row_scale(groups), row_zero(groups);
-  for (int64_t n0 = row_begin; n0 < row_end; n0 += R) {
-    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - n0));
-    for (int64_t m = 0; m < M; ++m) {
-      float offset[R], dots[R];
-      for (int r = 0; r < rows; ++r)
-        offset[r] = prepare_row(scales + (n0 + r) * groups, zeros + (n0 + r) * groups, groups, blocks_per_group,
-                                xs + m * blocks, xsum + m * blocks, row_scale.data(), row_zero.data(),
-                                block_scale.data() + r * blocks);
-      const int8_t* xhr = xh + m * K;
-      const int8_t* xlr = Wide ? xl + m * K : nullptr;
-      tile_w4<R, Wide>(weight + n0 * (K / 2), K, xhr, xlr, block_scale.data(), blocks, dots);
-      for (int r = 0; r < rows; ++r) out[m * N + n0 + r] = dots[r] - offset[r];
+  float block_scale[R * kChunkBlocks];
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b0 = c * kChunkBlocks, count = std::min(kChunkBlocks, blocks - b0);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += R) {
+      const int rows = static_cast<int>(std::min<int64_t>(R, row_end - n0));
+      const uint8_t* tile = chunk_tile(weight, padded_rows, blocks, c, first_tile + n0 / R);
+      for (int64_t m = 0; m < M; ++m) {
+        float offset[R] = {}, dots[R];
+        for (int r = 0; r < rows; ++r)
+          offset[r] = prepare_blocks(scales + (n0 + r) * groups, zeros + (n0 + r) * groups, b0, count, blocks_per_group,
+                                     xs + m * blocks, xsum + m * blocks, block_scale + r * kChunkBlocks);
+        tile_w4<R, Wide>(tile, xh + m * K + b0 * kBlock, Wide ? xl + m * K + b0 * kBlock : nullptr, block_scale, count,
+                         kChunkBlocks, dots);
+        float* o = out + m * N + n0;
+        for (int r = 0; r < rows; ++r) o[r] = (c == 0 ? 0.f : o[r]) + dots[r] - offset[r];
+      }
     }
   }
 }
@@ -254,9 +270,11 @@ inline __m256i to_bfloat16(__m512 v) {
 #endif
 }
 
-// Tiles [tile_begin, tile_end) of a 4-bit plane -> bfloat16 rows (q - zero) * scale of out (N, K).
-void dequantize_tiles(const uint8_t* weight, const at::Half* scales, const at::Half* zeros, int64_t N, int64_t K,
-                      int64_t group_size, uint16_t* out, int64_t tile_begin, int64_t tile_end) {
+// Rows of tiles [tile_begin, tile_end) of a view (from tile first_tile of a stored plane of
+// padded_rows rows) -> bfloat16 (q - zero) * scale into out (N, K).
+void dequantize_tiles(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales,
+                      const at::Half* zeros, int64_t N, int64_t K, int64_t group_size, uint16_t* out, int64_t tile_begin,
+                      int64_t tile_end) {
   const int64_t blocks = K / kBlock, groups = K / group_size, blocks_per_group = group_size / kBlock;
   const __m128i low_mask = _mm_set1_epi8(0x0F);
   for (int64_t t = tile_begin; t < tile_end; ++t) {
@@ -266,9 +284,10 @@ void dequantize_tiles(const uint8_t* weight, const at::Half* scales, const at::H
       const at::Half* srow = scales + n * groups;
       const at::Half* zrow = zeros + n * groups;
       for (int64_t b = 0; b < blocks; ++b) {
-        const float s = static_cast<float>(srow[b / blocks_per_group]);
-        const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * static_cast<float>(zrow[b / blocks_per_group]));
-        const uint8_t* src = weight + t * kTileRows * (K / 2) + (b * kTileRows + r) * 32;
+        const int64_t c = b / kChunkBlocks, j = b - c * kChunkBlocks;
+        const float s = _cvtsh_ss(srow[b / blocks_per_group].x);
+        const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * _cvtsh_ss(zrow[b / blocks_per_group].x));
+        const uint8_t* src = chunk_tile(weight, padded_rows, blocks, c, first_tile + t) + (j * kTileRows + r) * 32;
         uint16_t* dst = out + n * K + b * kBlock;
         for (int half = 0; half < 2; ++half) {
           const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * half));
@@ -285,14 +304,17 @@ void dequantize_tiles(const uint8_t* weight, const at::Half* scales, const at::H
 }
 #endif
 
+// x (M, K) times the rows [first_row, first_row + N) of a stored plane (a view into a stacked
+// q/k/v or gate/up plane, or the whole plane with first_row 0).
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
-                        int64_t group_size, bool wide) {
+                        int64_t group_size, bool wide, int64_t first_row) {
   TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
   const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
   TORCH_CHECK(weight.size(1) * 2 == K, "weight has ", weight.size(1) * 2, " input columns, x has ", K);
-  TORCH_CHECK(weight.size(0) == (N + kTileRows - 1) / kTileRows * kTileRows, "weight rows must be out_features padded to ", kTileRows);
+  TORCH_CHECK(weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
+              "rows [", first_row, ", ", first_row + N, ") are not a tile-aligned view of a plane of ", weight.size(0), " rows");
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
               "scales and zeros must be contiguous float16");
@@ -309,10 +331,11 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   float* o = out.data_ptr<float>();
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
     const int64_t row_begin = begin * kTileRows, row_end = std::min(end * kTileRows, N);
+    const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
     if (wide)
-      rows_w4<true>(w, s, z, N, K, group_size, xq.data(), xl.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+      rows_w4<true>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), xl.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
     else
-      rows_w4<false>(w, s, z, N, K, group_size, xq.data(), nullptr, xs.data(), xsum.data(), M, o, row_begin, row_end);
+      rows_w4<false>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), nullptr, xs.data(), xsum.data(), M, o, row_begin, row_end);
   });
 #endif
   return out;
@@ -344,11 +367,13 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
 
 // A tiled 4-bit plane as a dense bfloat16 (N, K) matrix, written into `out` (reused by the
 // caller between calls, so many-token calls do not page-fault a fresh matrix each time).
-torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, torch::Tensor out) {
+torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, int64_t first_row,
+                            torch::Tensor out) {
   TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
   const int64_t N = scales.size(0), K = weight.size(1) * 2;
-  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.size(0) == (N + kTileRows - 1) / kTileRows * kTileRows,
-              "weight must be a contiguous tiled uint8 plane");
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.size(0) % kTileRows == 0 &&
+              first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
+              "weight must be a contiguous tiled uint8 plane holding rows [first_row, first_row + N)");
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
               scales.size(1) == K / group_size && zeros.sizes() == scales.sizes(), "scales/zeros: contiguous float16 (N, groups)");
@@ -359,7 +384,7 @@ torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::T
   const at::Half* z = zeros.data_ptr<at::Half>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
-    dequantize_tiles(w, s, z, N, K, group_size, o, begin, end);
+    dequantize_tiles(w, weight.size(0), first_row / kTileRows, s, z, N, K, group_size, o, begin, end);
   });
 #endif
   return out;
