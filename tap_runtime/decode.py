@@ -156,12 +156,14 @@ class DirectDecodeLayer:
     packed (not memory-efficient mode's lazily read planes, not offloaded ones) and stacked.
     """
 
-    __slots__ = ("qkv", "o_proj", "gate_up", "down_proj", "routing")
+    __slots__ = ("qkv", "o_proj", "gate_up", "down_proj", "routing", "coarse_base")
 
     def __init__(self, qkv: list, o_proj, gate_up: list, down_proj):
         # qkv / gate_up: [FusedProjection] when stacked, else the modules one by one.
         self.qkv, self.o_proj, self.gate_up, self.down_proj = qkv, o_proj, gate_up, down_proj
         self.routing = o_proj.routing
+        # The kernel's rule for a token that reads the base plane alone (see CpuVnniKernel).
+        self.coarse_base = bool(getattr(o_proj.kernel, "coarse_base", False))
 
     @classmethod
     def build(cls, layer: nn.Module, qkv: FusedProjection | None, gate_up: FusedProjection | None) -> "DirectDecodeLayer | None":
@@ -199,23 +201,22 @@ class DirectDecodeLayer:
         return used
 
     @staticmethod
-    def plane_product(flat: torch.Tensor, plane) -> torch.Tensor:
+    def plane_product(flat: torch.Tensor, plane, wide: bool = True) -> torch.Tensor:
         """(1, in) float32 times one packed plane, straight into the kernel's op (TAP's VNNI
-        kernel answers in float32, torch's int4 op in bfloat16)."""
+        kernel answers in float32, with 15- or 8-bit activations; torch's int4 op in bfloat16)."""
         if type(plane) is TiledPlane:
-            return native_kernels().matmul_w4(flat, plane.weight, plane.scales, plane.zeros, plane.group_size, True, plane.first_row)
+            return native_kernels().matmul_w4(flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide, plane.first_row)
         out = _INT4_MM(aligned(flat.to(torch.bfloat16)), plane.packed, plane.group_size, plane.scale_and_zero)
         return out[:, : plane.out_features] if out.shape[-1] != plane.out_features else out
 
-    @classmethod
-    def project(cls, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         """run_planes for one token (x: (1, in) in the compute dtype), without the wrappers."""
         flat = x.to(torch.float32).contiguous()
-        out = cls.plane_product(flat, planes[0])
+        out = self.plane_product(flat, planes[0], wide=used > 1 or not self.coarse_base)
         if used > 1:
             out = out.to(torch.float32)
             for plane in planes[1:used]:
-                out += cls.plane_product(flat, plane)
+                out += self.plane_product(flat, plane)
         if bias is not None:
             out = out + bias
         return out.to(x.dtype).reshape(1, 1, out_features)

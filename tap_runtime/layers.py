@@ -67,7 +67,6 @@ def run_planes(
     for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add)."""
     leading = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    out = kernel.matmul_plane(flat, _packed(prepared[0]))
     # Planes below min_tier serve every token; the router decides only above it.
     work = [(plane_index, ALL_TOKENS) for plane_index in range(1, always_planes)]
     if routing is not None:
@@ -76,6 +75,12 @@ def run_planes(
             if indices is None:
                 break  # planes nest: nobody above this one either
             work.append((plane_index, indices))
+    base_product = getattr(kernel, "matmul_base", None)
+    if base_product is not None:
+        # Kernels that can spend fewer activation bits on a token that reads the base plane alone.
+        out = base_product(flat, _packed(prepared[0]), alone=not work)
+    else:
+        out = kernel.matmul_plane(flat, _packed(prepared[0]))
     if work:
         # Residual planes are small corrections: add them in float32.
         out = out.to(torch.float32)

@@ -203,7 +203,7 @@ def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(conv
     assert all(isinstance(d, DirectDecodeLayer) for d in decoder.direct)
     calls = []
     original = DirectDecodeLayer.project
-    monkeypatch.setattr(DirectDecodeLayer, "project", staticmethod(lambda *a: calls.append(a[2]) or original(*a)))
+    monkeypatch.setattr(DirectDecodeLayer, "project", lambda self, *a: calls.append(a[2]) or original(self, *a))
     tap.set_routing("fixed", tier=8)
     ids = tap.encode(PROMPT)
     decoder.generate(ids, 3, eos_token_id=[])

@@ -106,6 +106,20 @@ def test_dense_unpack_is_the_reference_plane_in_bfloat16(shape, group_size):
 
 
 @needs_native
+def test_base_plane_alone_takes_eight_bit_activations_only_when_asked():
+    plane = _plane((64, 512))
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(7))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    coarse, fine = CpuVnniKernel(coarse_base=True), CpuVnniKernel()
+    prepared = coarse.prepare_plane(plane)
+    alone = coarse.matmul_base(x, prepared, alone=True)
+    assert 5e-4 < _relative_error(alone, expected) < 5e-2
+    # A token that also reads a residual plane keeps 15 bits, and so does a kernel told not to.
+    assert torch.equal(coarse.matmul_base(x, prepared, alone=False), coarse.matmul_plane(x, prepared))
+    assert torch.equal(fine.matmul_base(x, prepared, alone=True), fine.matmul_plane(x, prepared))
+
+
+@needs_native
 def test_zero_input_gives_zero_output():
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(_plane((16, 128)))
