@@ -205,7 +205,7 @@ class DirectDecodeLayer:
         """(1, in) float32 times one packed plane, straight into the kernel's op (TAP's VNNI
         kernel answers in float32, with 15- or 8-bit activations; torch's int4 op in bfloat16)."""
         if type(plane) is TiledPlane:
-            return native_kernels().matmul_w4(flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide, plane.first_row)
+            return native_kernels().matmul_w4(flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide, plane.first_row, plane.out_features)
         out = _INT4_MM(aligned(flat.to(torch.bfloat16)), plane.packed, plane.group_size, plane.scale_and_zero)
         return out[:, : plane.out_features] if out.shape[-1] != plane.out_features else out
 

@@ -79,6 +79,33 @@ def untile_plane_codes(packed: torch.Tensor, in_features: int, tile: int) -> tor
     return codes
 
 
+def tile_group_params(params: torch.Tensor, tile: int, group_size: int) -> torch.Tensor:
+    """float16 scales or zeros (out, groups) -> (out padded to ``tile``, groups) in the planes'
+    chunk and tile order: within each chunk's tile, each row's groups of that chunk."""
+    params = _pad_rows(params.to(torch.float16), tile, 0)
+    rows, groups = params.shape
+    per_block = group_size // BLOCK
+    pieces = []
+    for start, count in _chunks(groups * per_block):
+        first, width = start // per_block, count // per_block
+        pieces.append(params[:, first : first + width].reshape(-1))  # rows in order = tiles in order
+    return torch.cat(pieces).view(rows, groups)
+
+
+def untile_group_params(tiled: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`tile_group_params` (padded rows included)."""
+    rows, groups = tiled.shape
+    per_block = group_size // BLOCK
+    flat = tiled.reshape(-1)
+    params = torch.empty(rows, groups, dtype=tiled.dtype)
+    offset = 0
+    for start, count in _chunks(groups * per_block):
+        first, width = start // per_block, count // per_block
+        params[:, first : first + width] = flat[offset : offset + rows * width].view(rows, width)
+        offset += rows * width
+    return params
+
+
 def tile_rows(qweight: torch.Tensor, tile: int) -> torch.Tensor:
     """int8 rows (out, in) -> (out padded to ``tile``, in): each tile's rows interleaved by 32 bytes."""
     qweight = _pad_rows(qweight, tile, 0)
@@ -98,16 +125,24 @@ class TiledPlane:
     of all projections, so a view keeps the stored plane and its first row)."""
 
     weight: torch.Tensor  # uint8 (rows padded to the tile, in // 2), see tile_plane_codes
-    scales: torch.Tensor  # float16 (out, groups), this view's rows
-    zeros: torch.Tensor  # float16 (out, groups), implied zeros materialised
+    scales: torch.Tensor  # float16 (rows padded, groups), see tile_group_params
+    zeros: torch.Tensor  # float16, as scales; implied zeros materialised
     group_size: int
     out_features: int
     first_row: int = 0
 
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.first_row : self.first_row + self.out_features]
+
     def codes(self, tile: int) -> torch.Tensor:
         """This view's codes (out_features, in_features)."""
-        codes = untile_plane_codes(self.weight, self.weight.shape[1] * 2, tile)
-        return codes[self.first_row : self.first_row + self.out_features]
+        return self._rows(untile_plane_codes(self.weight, self.weight.shape[1] * 2, tile))
+
+    def row_scales(self) -> torch.Tensor:
+        return self._rows(untile_group_params(self.scales, self.group_size))
+
+    def row_zeros(self) -> torch.Tensor:
+        return self._rows(untile_group_params(self.zeros, self.group_size))
 
 
 @dataclass
@@ -145,17 +180,19 @@ class CpuVnniKernel(CpuPackedKernel):
     # --- 4-bit planes -------------------------------------------------------------------------
     def takes_plane(self, plane: Plane) -> bool:
         in_features = plane.qweight.shape[1] * 2
-        return plane.spec.group_size % BLOCK == 0 and in_features % plane.spec.group_size == 0
+        group_size = plane.spec.group_size
+        return group_size % BLOCK == 0 and (CHUNK_BLOCKS * BLOCK) % group_size == 0 and in_features % group_size == 0
 
     def prepare_plane(self, plane: Plane):
         if not self.takes_plane(plane):
             return super().prepare_plane(plane)
         codes = unpack_int4(plane.qweight)
+        group_size = plane.spec.group_size
         return TiledPlane(
             tile_plane_codes(codes, self.tile),
-            plane.scales.to(torch.float16).contiguous(),
-            plane.zeros_or_implied().to(torch.float16).contiguous(),
-            plane.spec.group_size,
+            tile_group_params(plane.scales, self.tile, group_size),
+            tile_group_params(plane.zeros_or_implied(), self.tile, group_size),
+            group_size,
             codes.shape[0],
         )
 
@@ -184,7 +221,7 @@ class CpuVnniKernel(CpuPackedKernel):
             return torch.mm(x.to(torch.bfloat16), weight.t())
         return self.native.matmul_w4(
             x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, True,
-            prepared.first_row,
+            prepared.first_row, prepared.out_features,
         )
 
     def matmul_base(self, x: torch.Tensor, prepared, alone: bool) -> torch.Tensor:
@@ -194,7 +231,7 @@ class CpuVnniKernel(CpuPackedKernel):
         ):
             return self.native.matmul_w4(
                 x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, False,
-                prepared.first_row,
+                prepared.first_row, prepared.out_features,
             )
         return self.matmul_plane(x, prepared)
 
@@ -209,17 +246,13 @@ class CpuVnniKernel(CpuPackedKernel):
             return None  # padded rows between the parts
         # The chunked layout interleaves rows across a chunk, so stacking re-lays the codes out.
         weight = tile_plane_codes(torch.cat([p.codes(self.tile) for p in parts]), self.tile)
-        fused = TiledPlane(
-            weight,
-            torch.cat([p.scales for p in parts]),
-            torch.cat([p.zeros for p in parts]),
-            parts[0].group_size,
-            sum(p.out_features for p in parts),
-        )
+        group_size = parts[0].group_size
+        scales = tile_group_params(torch.cat([p.row_scales() for p in parts]), self.tile, group_size)
+        zeros = tile_group_params(torch.cat([p.row_zeros() for p in parts]), self.tile, group_size)
+        fused = TiledPlane(weight, scales, zeros, group_size, sum(p.out_features for p in parts))
         views, offset = [], 0
         for p in parts:
-            rows = slice(offset, offset + p.out_features)
-            views.append(TiledPlane(weight, fused.scales[rows], fused.zeros[rows], p.group_size, p.out_features, offset))
+            views.append(TiledPlane(weight, scales, zeros, group_size, p.out_features, offset))
             offset += p.out_features
         return fused, views
 

@@ -13,8 +13,10 @@ from tap_runtime.kernels.vnni import (
     CpuVnniKernel,
     TiledPlane,
     TiledRows,
+    tile_group_params,
     tile_plane_codes,
     tile_rows,
+    untile_group_params,
     untile_plane_codes,
     untile_rows,
 )
@@ -47,6 +49,14 @@ def test_plane_layout_puts_a_tiles_rows_in_one_stream():
     codes[1, 0], codes[1, 32] = 3, 5  # row 1, inputs 0 and 32 share byte 0 of row 1's 32 bytes
     tiled = tile_plane_codes(codes, 4).flatten()
     assert tiled[32] == 3 | (5 << 4) and int(tiled.count_nonzero()) == 1
+
+
+@pytest.mark.parametrize("group_size,groups", [(64, 37), (128, 18), (1024, 3)])
+def test_group_parameter_layout_round_trips(group_size, groups):
+    params = torch.randn(10, groups, generator=torch.Generator().manual_seed(groups)).half()
+    tiled = tile_group_params(params, 4, group_size)
+    assert tiled.shape == (12, groups)
+    assert torch.equal(untile_group_params(tiled, group_size)[:10], params)
 
 
 def test_row_layout_round_trips():
@@ -87,8 +97,8 @@ def test_eight_bit_activations_are_available_and_coarser():
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2))
     expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
     args = (prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
-    wide = _relative_error(kernel.native.matmul_w4(x, *args, True, 0), expected)
-    narrow = _relative_error(kernel.native.matmul_w4(x, *args, False, 0), expected)
+    wide = _relative_error(kernel.native.matmul_w4(x, *args, True, 0, 128), expected)
+    narrow = _relative_error(kernel.native.matmul_w4(x, *args, False, 0, 128), expected)
     assert wide < 5e-4 < narrow < 5e-2
 
 
@@ -145,9 +155,9 @@ def test_kernel_checks_its_arguments():
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(_plane((16, 128)))
     with pytest.raises(RuntimeError, match="input columns"):
-        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, True, 0)
+        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, True, 0, 16)
     with pytest.raises(RuntimeError, match="tile-aligned view"):
-        kernel.native.matmul_w4(torch.zeros(1, 128), prepared.weight, prepared.scales, prepared.zeros, 64, True, 4)
+        kernel.native.matmul_w4(torch.zeros(1, 128), prepared.weight, prepared.scales, prepared.zeros, 64, True, 4, 16)
 
 
 @needs_native

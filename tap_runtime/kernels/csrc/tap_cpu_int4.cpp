@@ -13,7 +13,8 @@
 // Layouts (made by tap_runtime/kernels/vnni.py): rows in tiles of kTileRows, padded. 4-bit plane:
 // chunks of 16 blocks of 64 inputs, one after the other; within a chunk, tiles one after the other;
 // within a tile, for each block, each row's 32 bytes, byte t = input t (low nibble) and t + 32
-// (high nibble). Scales and zero points stay float16 (rows, groups) as on disk. int8 rows: tiles
+// (high nibble). float16 scales and zero points follow the same chunk and tile order: within a
+// chunk's tile, each row's groups of that chunk. int8 rows: tiles
 // one after the other; within a tile, for each 32 inputs, each row's 32 bytes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -109,35 +110,44 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, uint8_t* high, uint8_
   }
 }
 
-// Per-block multipliers (weight scale x activation scale) of blocks [b0, b0 + count) of one row,
-// and those blocks' zero-point term.
-inline float prepare_blocks(const at::Half* srow, const at::Half* zrow, int64_t b0, int64_t count, int64_t blocks_per_group,
+// Per-block multipliers (weight scale x activation scale) of one row's blocks in one chunk, and
+// those blocks' zero-point term. srow / zrow: the row's scales and zeros for this chunk (group j
+// of the chunk at index j); xs / xsum: the chunk's activation scales and sums.
+inline float prepare_blocks(const at::Half* srow, const at::Half* zrow, int64_t count, int64_t blocks_per_group,
                             const float* xs, const float* xsum, float* block_scale) {
   if (blocks_per_group == 1) {
     __m256 total = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= count; j += 8) {
-      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + b0 + j)));
-      const __m256 zero = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + b0 + j)));
-      _mm256_storeu_ps(block_scale + j, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + b0 + j)));
-      total = _mm256_fmadd_ps(_mm256_mul_ps(scale, zero), _mm256_loadu_ps(xsum + b0 + j), total);
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + j)));
+      const __m256 zero = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + j)));
+      _mm256_storeu_ps(block_scale + j, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + j)));
+      total = _mm256_fmadd_ps(_mm256_mul_ps(scale, zero), _mm256_loadu_ps(xsum + j), total);
     }
     float rest = horizontal_sum(total);
     for (; j < count; ++j) {
-      const float scale = _cvtsh_ss(srow[b0 + j].x), zero = _cvtsh_ss(zrow[b0 + j].x);
-      block_scale[j] = scale * xs[b0 + j];
-      rest += scale * zero * xsum[b0 + j];
+      const float scale = _cvtsh_ss(srow[j].x), zero = _cvtsh_ss(zrow[j].x);
+      block_scale[j] = scale * xs[j];
+      rest += scale * zero * xsum[j];
     }
     return rest;
   }
   float total = 0.f;
   for (int64_t j = 0; j < count; ++j) {
-    const int64_t g = (b0 + j) / blocks_per_group;
+    const int64_t g = j / blocks_per_group;
     const float scale = _cvtsh_ss(srow[g].x), zero = _cvtsh_ss(zrow[g].x);
-    block_scale[j] = scale * xs[b0 + j];
-    total += scale * zero * xsum[b0 + j];
+    block_scale[j] = scale * xs[j];
+    total += scale * zero * xsum[j];
   }
   return total;
+}
+
+// Where row r of tile `tile`'s scales (or zeros) for chunk `chunk` start: the group parameters
+// follow the weights' chunk and tile order, so a tile's are read with its weights.
+inline int64_t chunk_params(int64_t padded_rows, int64_t blocks, int64_t blocks_per_group, int64_t chunk, int64_t tile, int r) {
+  const int64_t b0 = chunk * kChunkBlocks;
+  const int64_t count = std::min(kChunkBlocks, blocks - b0) / blocks_per_group;
+  return padded_rows * (b0 / blocks_per_group) + (tile * kTileRows + r) * count;
 }
 
 // R rows from n0, one token. Wide=true: activations carry 15 bits as a signed high byte and a
@@ -203,8 +213,11 @@ void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, con
       for (int64_t m = 0; m < M; ++m) {
         float offset[R] = {}, dots[R];
         for (int r = 0; r < rows; ++r)
-          offset[r] = prepare_blocks(scales + (n0 + r) * groups, zeros + (n0 + r) * groups, b0, count, blocks_per_group,
-                                     xs + m * blocks, xsum + m * blocks, block_scale + r * kChunkBlocks);
+        {
+          const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + n0 / R, r);
+          offset[r] = prepare_blocks(scales + at, zeros + at, count, blocks_per_group, xs + m * blocks + b0,
+                                     xsum + m * blocks + b0, block_scale + r * kChunkBlocks);
+        }
         tile_w4<R, Wide>(tile, xh + m * K + b0 * kBlock, Wide ? xl + m * K + b0 * kBlock : nullptr, block_scale, count,
                          kChunkBlocks, dots);
         float* o = out + m * N + n0;
@@ -281,12 +294,11 @@ void dequantize_tiles(const uint8_t* weight, int64_t padded_rows, int64_t first_
     for (int r = 0; r < kTileRows; ++r) {
       const int64_t n = t * kTileRows + r;
       if (n >= N) break;
-      const at::Half* srow = scales + n * groups;
-      const at::Half* zrow = zeros + n * groups;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t c = b / kChunkBlocks, j = b - c * kChunkBlocks;
-        const float s = _cvtsh_ss(srow[b / blocks_per_group].x);
-        const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * _cvtsh_ss(zrow[b / blocks_per_group].x));
+        const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + t, r) + j / blocks_per_group;
+        const float s = _cvtsh_ss(scales[at].x);
+        const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * _cvtsh_ss(zeros[at].x));
         const uint8_t* src = chunk_tile(weight, padded_rows, blocks, c, first_tile + t) + (j * kTileRows + r) * 32;
         uint16_t* dst = out + n * K + b * kBlock;
         for (int half = 0; half < 2; ++half) {
@@ -307,18 +319,20 @@ void dequantize_tiles(const uint8_t* weight, int64_t padded_rows, int64_t first_
 // x (M, K) times the rows [first_row, first_row + N) of a stored plane (a view into a stacked
 // q/k/v or gate/up plane, or the whole plane with first_row 0).
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
-                        int64_t group_size, bool wide, int64_t first_row) {
+                        int64_t group_size, bool wide, int64_t first_row, int64_t N) {
   TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
-  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(weight.size(1) * 2 == K, "weight has ", weight.size(1) * 2, " input columns, x has ", K);
   TORCH_CHECK(weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
               "rows [", first_row, ", ", first_row + N, ") are not a tile-aligned view of a plane of ", weight.size(0), " rows");
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
               "scales and zeros must be contiguous float16");
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group_size && zeros.sizes() == scales.sizes(), "scales/zeros shape");
+  TORCH_CHECK(kChunkBlocks * kBlock % group_size == 0, "group size must divide ", kChunkBlocks * kBlock);
+  TORCH_CHECK(scales.numel() == weight.size(0) * (K / group_size) && zeros.sizes() == scales.sizes(),
+              "scales/zeros must hold every stored row's groups, in the chunked layout");
   auto out = torch::empty({M, N}, x.options());
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   const int64_t blocks = K / kBlock;
@@ -369,15 +383,17 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
 // caller between calls, so many-token calls do not page-fault a fresh matrix each time).
 torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, int64_t first_row,
                             torch::Tensor out) {
+  const int64_t N = out.size(0);
   TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
-  const int64_t N = scales.size(0), K = weight.size(1) * 2;
+  const int64_t K = weight.size(1) * 2;
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.size(0) % kTileRows == 0 &&
               first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
               "weight must be a contiguous tiled uint8 plane holding rows [first_row, first_row + N)");
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
-              scales.size(1) == K / group_size && zeros.sizes() == scales.sizes(), "scales/zeros: contiguous float16 (N, groups)");
-  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.size(0) == N && out.size(1) == K, "out: contiguous bfloat16 (N, K)");
+              scales.numel() == weight.size(0) * (K / group_size) && zeros.sizes() == scales.sizes() && kChunkBlocks * kBlock % group_size == 0,
+              "scales/zeros: contiguous float16, every stored row's groups in the chunked layout");
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(1) == K, "out: contiguous bfloat16 (N, K)");
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const at::Half* s = scales.data_ptr<at::Half>();
