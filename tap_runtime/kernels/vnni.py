@@ -79,6 +79,18 @@ def untile_plane_codes(packed: torch.Tensor, in_features: int, tile: int) -> tor
     return codes
 
 
+def _stack_chunks(parts: list[torch.Tensor], rows: list[int], blocks: int, blocks_per_item: int, item_size: int) -> torch.Tensor:
+    """Stack chunked-layout tensors of whole tiles: chunk by chunk, each part's chunk in turn.
+    Items are ``item_size`` elements per row, one per ``blocks_per_item`` blocks."""
+    flats = [part.reshape(-1) for part in parts]
+    pieces = []
+    for start, count in _chunks(blocks):
+        first, width = start // blocks_per_item * item_size, count // blocks_per_item * item_size
+        for flat, part_rows in zip(flats, rows):
+            pieces.append(flat[part_rows * first : part_rows * (first + width)])
+    return torch.cat(pieces)
+
+
 def tile_group_params(params: torch.Tensor, tile: int, group_size: int) -> torch.Tensor:
     """float16 scales or zeros (out, groups) -> (out padded to ``tile``, groups) in the planes'
     chunk and tile order: within each chunk's tile, each row's groups of that chunk."""
@@ -242,13 +254,17 @@ class CpuVnniKernel(CpuPackedKernel):
             return None
         if len({p.group_size for p in parts}) != 1 or len({p.weight.shape[1] for p in parts}) != 1:
             return None
-        if any(p.out_features % self.tile for p in parts):
-            return None  # padded rows between the parts
-        # The chunked layout interleaves rows across a chunk, so stacking re-lays the codes out.
-        weight = tile_plane_codes(torch.cat([p.codes(self.tile) for p in parts]), self.tile)
+        if any(p.out_features % self.tile or p.first_row or p.weight.shape[0] != p.out_features for p in parts):
+            return None  # padded rows between the parts, or parts that are views already
+        # Each chunk of the stack is the parts' chunks one after the other (whole tiles each), so
+        # stacking copies byte ranges: nothing is unpacked, and the only new memory is the stack.
         group_size = parts[0].group_size
-        scales = tile_group_params(torch.cat([p.row_scales() for p in parts]), self.tile, group_size)
-        zeros = tile_group_params(torch.cat([p.row_zeros() for p in parts]), self.tile, group_size)
+        blocks = parts[0].weight.shape[1] * 2 // BLOCK
+        rows = [p.weight.shape[0] for p in parts]
+        weight = _stack_chunks([p.weight for p in parts], rows, blocks, 1, BLOCK // 2).view(sum(rows), -1)
+        per_block = group_size // BLOCK
+        scales = _stack_chunks([p.scales for p in parts], rows, blocks, per_block, 1).view(sum(rows), -1)
+        zeros = _stack_chunks([p.zeros for p in parts], rows, blocks, per_block, 1).view(sum(rows), -1)
         fused = TiledPlane(weight, scales, zeros, group_size, sum(p.out_features for p in parts))
         views, offset = [], 0
         for p in parts:
