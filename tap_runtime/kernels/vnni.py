@@ -143,19 +143,6 @@ class TiledPlane:
     out_features: int
     first_row: int = 0
 
-    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[self.first_row : self.first_row + self.out_features]
-
-    def codes(self, tile: int) -> torch.Tensor:
-        """This view's codes (out_features, in_features)."""
-        return self._rows(untile_plane_codes(self.weight, self.weight.shape[1] * 2, tile))
-
-    def row_scales(self) -> torch.Tensor:
-        return self._rows(untile_group_params(self.scales, self.group_size))
-
-    def row_zeros(self) -> torch.Tensor:
-        return self._rows(untile_group_params(self.zeros, self.group_size))
-
 
 @dataclass
 class TiledRows:
