@@ -33,22 +33,43 @@ class ChannelMeanSquare:
 class InputSecondMoment(ChannelMeanSquare):
     """Mean of x x^T over calibration inputs: the layer-input Hessian GPTQ compensates with.
 
-    Its diagonal is the channel mean square, so it serves wherever that does.
+    Its diagonal is the channel mean square, so it serves wherever that does. The first
+    position of every window is also summed on its own (inputs shaped (batch, seq, features)),
+    so the sequence's first token can be weighted up: see :meth:`hessian_with_first_weighted`.
     """
 
     def __init__(self, in_features: int):
         super().__init__(in_features)
         self.sum_outer = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.sum_outer_first = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.num_first = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
-        flat = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+        inputs = inputs.detach()
+        flat = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
         super().add_batch(flat)
         self.sum_outer += (flat.t() @ flat).to(torch.float64)
+        if inputs.dim() >= 3:
+            first = inputs.reshape(-1, inputs.shape[-2], inputs.shape[-1])[:, 0].to(torch.float32)
+            self.sum_outer_first += (first.t() @ first).to(torch.float64)
+            self.num_first += first.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         """(in_features, in_features) float32."""
         return (self.sum_outer / max(self.num_tokens, 1)).to(torch.float32)
+
+    def hessian_with_first_weighted(self, first_weight: float) -> torch.Tensor:
+        """The Hessian with each window's first position counted ``first_weight`` times.
+
+        A sequence's first token is the attention sink: every later query attends to it, so
+        an error in its key or value reaches every position. Its inputs are a handful of
+        directions, and GPTQ weighted towards them makes the quantized projection nearly
+        exact there at little cost elsewhere.
+        """
+        extra = (first_weight - 1.0) * self.sum_outer_first
+        count = self.num_tokens + (first_weight - 1.0) * self.num_first
+        return ((self.sum_outer + extra) / max(count, 1)).to(torch.float32)
 
 
 def token_log_frequency(token_ids: torch.Tensor, vocab_size: int, held_out: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-samples", type=int, default=defaults.router_samples)
     parser.add_argument("--scheme", choices=["auto", "asymmetric", "symmetric"], default=defaults.scheme,
                         help="base-plane scheme: auto (lowest measured error per layer, default) or one for all")
+    parser.add_argument("--no-sink-weighting", action="store_true",
+                        help="do not weight the first token up in the key/value projections' Hessians (ablation)")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
                         help="what the router learns to predict: layer_error (default) or loss_impact")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         router_samples=args.router_samples,
         router_target=args.router_target,
         scheme=args.scheme,
+        sink_weighting=not args.no_sink_weighting,
         base_model=args.base_model,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,

@@ -18,7 +18,7 @@ from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, colle
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.stats import InputSecondMoment, token_log_frequency
 from calibration.thresholds import fit_router, tier_shares
-from tap_runtime.architectures import get_architecture
+from tap_runtime.architectures import ArchitectureSpec, get_architecture
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.format import (
     EMBEDDING_BITS,
@@ -72,6 +72,9 @@ class ConvertOptions:
     router_samples: int = 32
     router_target: str = "layer_error"
     scheme: str = "auto"
+    # Weight each window's first token by the window length in the key/value projections'
+    # Hessians (the attention sink); off only for ablations.
+    sink_weighting: bool = True
     base_model: str | None = None  # Hub id of the source, for the model card when converting a local copy
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -98,6 +101,11 @@ class ConvertOptions:
             raise InvalidConfigError(f"--router-target {self.router_target!r} is unknown; expected one of {list(ROUTER_TARGETS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
             raise InvalidConfigError("--num-samples, --router-samples and --batch-size must be positive.")
+
+
+def is_key_value_projection(site: LinearSite, spec: ArchitectureSpec) -> bool:
+    """Whether ``site`` makes attention keys or values (its first-token error reaches every later token)."""
+    return any(site.name.endswith("." + name) for name in spec.key_value_projections)
 
 
 def choose_group_size(in_features: int, preferred: int) -> int | None:
@@ -196,7 +204,11 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         site_stats = stats[site.name]
         weight = linear_weight(site)
         full = isinstance(site_stats, InputSecondMoment)
-        second_moment = site_stats.hessian if full else site_stats.mean_square
+        sink_weight = windows.shape[1] if full and options.sink_weighting and is_key_value_projection(site, spec) else None
+        if sink_weight:
+            second_moment = site_stats.hessian_with_first_weighted(sink_weight)
+        else:
+            second_moment = site_stats.hessian if full else site_stats.mean_square
         errors = scheme_errors(weight, group_sizes[site.name], second_moment, site_stats.mean_square)
         scheme, scheme_reason = choose_scheme(errors, options.scheme)
         specs = _plane_specs(options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric")
@@ -221,7 +233,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             weight_layout=site.layout,
             method=method,
             sensitivity=sensitivity,
-            reason=f"base plane {scheme}: {scheme_reason}",
+            reason=f"base plane {scheme}: {scheme_reason}"
+            + (f"; first token weighted x{sink_weight} in the Hessian (attention sink)" if sink_weight else ""),
             scheme=scheme,
             scheme_errors={k: round(v, 8) for k, v in errors.items()},
         )
@@ -298,6 +311,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "num_parameters": int(num_parameters),
             "fp16_bytes": int(num_parameters * 2),
             "bos_prepended": bos is not None,
+            "sink_weight": int(windows.shape[1]) if options.sink_weighting else None,
             "target_bits": options.target_bits,
             "expected_avg_weight_bits": round(average_bits(policies, shares), 4),
             "promoted_linears": sorted(n for n, p in policies.items() if p.min_tier != options.tiers[0]),

@@ -24,6 +24,9 @@ class ArchitectureSpec:
     input_norm: name of the norm a decoder layer applies to its input before attention; the
         router's error estimate reads the token through it.
     needs_bos: every sequence must start with BOS (Gemma degrades badly without it).
+    key_value_projections: names, inside a decoder layer, of the linears that make attention
+        keys and values; the converter weights the sequence's first token up in their Hessian
+        (every later token reads that token's key and value: the attention sink).
     """
 
     family: str
@@ -32,3 +35,4 @@ class ArchitectureSpec:
     attention: str = "self_attn"
     input_norm: str = "input_layernorm"
     needs_bos: bool = False
+    key_value_projections: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")

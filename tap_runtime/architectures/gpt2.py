@@ -8,4 +8,5 @@ SPEC = ArchitectureSpec(
     decoder_layers="transformer.h",
     attention="attn",
     input_norm="ln_1",
+    key_value_projections=("attn.c_attn",),  # q, k and v in one Conv1D
 )

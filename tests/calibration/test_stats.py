@@ -1,6 +1,6 @@
 import torch
 
-from calibration.stats import ChannelMeanSquare, token_log_frequency
+from calibration.stats import ChannelMeanSquare, InputSecondMoment, token_log_frequency
 
 
 def test_channel_mean_square_accumulates_over_batches():
@@ -25,3 +25,21 @@ def test_held_out_tokens_are_left_out_of_the_counts():
     table = token_log_frequency(everything, vocab_size=3, held_out=torch.tensor([2, 2]))
     direct = token_log_frequency(torch.tensor([0, 0, 1, 2]), vocab_size=3)
     assert torch.allclose(table, direct)
+
+
+def test_first_position_weighting_counts_each_window_start_that_many_times():
+    stats = InputSecondMoment(3)
+    batch = torch.randn(2, 5, 3)
+    stats.add_batch(batch)
+    assert stats.num_first == 2
+    assert torch.allclose(stats.hessian_with_first_weighted(1.0), stats.hessian)
+    # Weight 4: the two first positions appear four times each among 10 + 2 * 3 rows.
+    rows = torch.cat([batch.reshape(-1, 3)] + [batch[:, 0]] * 3)
+    assert torch.allclose(stats.hessian_with_first_weighted(4.0), rows.t() @ rows / rows.shape[0], atol=1e-6)
+
+
+def test_flat_inputs_have_no_first_position():
+    stats = InputSecondMoment(3)
+    stats.add_batch(torch.randn(7, 3))
+    assert stats.num_first == 0
+    assert torch.allclose(stats.hessian_with_first_weighted(100.0), stats.hessian)

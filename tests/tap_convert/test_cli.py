@@ -40,6 +40,8 @@ def test_parser_defaults_are_the_documented_ones():
     assert (args.calib, args.tiers, args.num_samples, args.seq_len, args.high_precision_share) == (
         "wikitext", (4, 8), 128, 512, 0.1
     )
+    assert not args.no_sink_weighting
+    assert build_parser().parse_args(["model", "--out", "o", "--no-sink-weighting"]).no_sink_weighting
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "--out", "o", "--tiers", "four"])
 

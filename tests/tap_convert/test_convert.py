@@ -42,6 +42,22 @@ def test_gpt2_conv1d_layers_are_quantized_with_their_layout(converted_factory):
     assert c_attn.bias
 
 
+def test_key_and_value_projections_weight_the_first_token(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    table = RoutingTable.from_json(converted_factory("llama") / ROUTING_FILE)
+    assert table.calibration.extra["sink_weight"] == 64  # the calibration window length
+    for kind in ("k_proj", "v_proj"):
+        assert "first token weighted x64" in table.linear[f"model.layers.0.self_attn.{kind}"].reason
+    for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        assert "first token" not in table.linear[f"model.layers.0.{kind}"].reason
+    gpt2 = RoutingTable.from_json(converted_factory("gpt2") / ROUTING_FILE)
+    assert "first token weighted" in gpt2.linear["transformer.h.0.attn.c_attn"].reason
+    # Switched off (the ablation), nothing is weighted and the key planes differ.
+    options = ConvertOptions(calib=str(calibration_text_file), sink_weighting=False, **FAST_CONVERT)
+    off = convert(str(tiny_model_factory("llama")), tmp_path / "off", options)
+    assert off.calibration.extra["sink_weight"] is None
+    assert not any("first token" in p.reason for p in off.linear.values())
+
+
 def test_group_size_falls_back_to_a_divisor():
     assert choose_group_size(576, 128) == 64
     assert choose_group_size(640, 128) == 128
