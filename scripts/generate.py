@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
-    parser.add_argument("--routing", choices=["learned", "fixed", "random"], default="learned")
+    parser.add_argument("--routing", choices=["budget", "learned", "fixed", "random"], default="budget",
+                        help="budget (the runtime's default: holds the converted share), learned (fixed thresholds), ...")
     parser.add_argument("--tier", type=int, default=None, help="the tier for --routing fixed")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
     parser.add_argument("--threads", type=int, default=None)
