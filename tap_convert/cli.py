@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base-plane scheme: auto (lowest measured error per layer, default) or one for all")
     parser.add_argument("--no-sink-weighting", action="store_true",
                         help="do not weight the first token up in the key/value projections' Hessians (ablation)")
+    parser.add_argument("--no-column-scales", action="store_true",
+                        help="plain per-row int8 embedding/head rows, without per-column scales (ablation)")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
                         help="what the router learns to predict: layer_error (default) or loss_impact")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         router_target=args.router_target,
         scheme=args.scheme,
         sink_weighting=not args.no_sink_weighting,
+        column_scales=not args.no_column_scales,
         base_model=args.base_model,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,

@@ -41,6 +41,7 @@ from tap_runtime.format import (
 from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites, linear_weight, output_head
 from tap_runtime.planes import dequantize_planes
 
+from .column_scales import choose_column_scales
 from .gptq import gptq_rows, gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
@@ -75,6 +76,9 @@ class ConvertOptions:
     # Weight each window's first token by the window length in the key/value projections'
     # Hessians (the attention sink); off only for ablations.
     sink_weighting: bool = True
+    # Per-column scales on the 8-bit embedding/head rows where they lower the rows' error;
+    # off only for ablations.
+    column_scales: bool = True
     base_model: str | None = None  # Hub id of the source, for the model card when converting a local copy
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -285,7 +289,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         if policies[site.name].bias:
             writer.add_tensor(f"{site.name}.bias", site.module.bias.detach().to(torch.float32))
 
-    embeddings, handled = _add_embeddings(model, writer, None if head_moment is None else head_moment.hessian)
+    embeddings, handled = _add_embeddings(
+        model, writer, None if head_moment is None else head_moment.hessian, options.column_scales
+    )
     handled |= {f"{site.name}.{suffix}" for site in quantized_sites for suffix in ("weight", "bias")}
     for name, tensor in model.state_dict().items():
         if name in handled:
@@ -357,41 +363,78 @@ def _is_tied_duplicate(model, name: str) -> bool:
 
 
 def _add_embeddings(
-    model, writer: CheckpointWriter, head_hessian: torch.Tensor | None = None
+    model, writer: CheckpointWriter, head_hessian: torch.Tensor | None = None, column_scaled: bool = True
 ) -> tuple[dict[str, EmbeddingPolicy], set[str]]:
     """Quantize every embedding and the output head to 8-bit rows; returns policies and handled keys.
 
     With ``head_hessian`` (the second moment of the final hidden states) the head's rows are
-    error-compensated (GPTQ) for the logits; a tied embedding stores those same rows.
+    error-compensated (GPTQ) for the logits; a tied embedding stores those same rows. With
+    ``column_scaled`` each matrix gets the column scales that lower its rows' error, if any do.
     """
     policies: dict[str, EmbeddingPolicy] = {}
     handled: set[str] = set()
     head = output_head(model)
     tied_target = head[2] if head is not None else None
+    exponents: dict[str, float] = {}
     for name, embedding in iter_embeddings(model):
         compensate = head_hessian is not None and name == tied_target
-        _add_rows(writer, name, embedding.weight, head_hessian if compensate else None)
+        exponents[name] = _add_rows(writer, name, embedding.weight, head_hessian if compensate else None, column_scaled)
         policies[name] = EmbeddingPolicy(
-            name, embedding.num_embeddings, embedding.embedding_dim, EMBEDDING_BITS, method="gptq" if compensate else "rtn"
+            name,
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            EMBEDDING_BITS,
+            method="gptq" if compensate else "rtn",
+            column_scale_exponent=exponents[name],
         )
         handled.add(f"{name}.weight")
     if head is not None:
         name, module, tied_to = head
         rows, dim = module.weight.shape
         if tied_to is None:
-            _add_rows(writer, name, module.weight, head_hessian)
+            exponent = _add_rows(writer, name, module.weight, head_hessian, column_scaled, head_only=True)
+        else:
+            exponent = exponents[tied_to]
         method = "gptq" if head_hessian is not None else "rtn"
-        policies[name] = EmbeddingPolicy(name, rows, dim, EMBEDDING_BITS, role="head", tied_to=tied_to, method=method)
+        policies[name] = EmbeddingPolicy(
+            name, rows, dim, EMBEDDING_BITS, role="head", tied_to=tied_to, method=method, column_scale_exponent=exponent
+        )
         handled.add(f"{name}.weight")
         if getattr(module, "bias", None) is not None:
             raise InvalidConfigError(f"{name}: output heads with a bias are not supported yet.")
     return policies, handled
 
 
-def _add_rows(writer: CheckpointWriter, name: str, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> None:
+def _add_rows(
+    writer: CheckpointWriter,
+    name: str,
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    column_scaled: bool,
+    head_only: bool = False,
+) -> float:
+    """Write one row-quantized matrix; returns its column-scale exponent (0: none).
+
+    An embedding's exponent is chosen on its weight-space error (what a lookup feels, tied or
+    not); a head that is only a head chooses on its output error under ``hessian``.
+    """
+    weight = weight.detach().to(torch.float32)
+    exponent, column_scales = 0.0, None
+    if column_scaled:
+        exponent, column_scales, errors = choose_column_scales(weight, hessian if head_only else None)
+        _log.info("%s column scales: exponent %s (row error %s)", name, exponent,
+                  {a: f"{e:.2e}" for a, e in errors.items()})
+    if column_scales is not None:
+        weight = weight / column_scales
+        if hessian is not None:
+            # The same output error in the scaled coordinates: x . w == (x * c) . (w / c).
+            hessian = hessian * column_scales.unsqueeze(0) * column_scales.unsqueeze(1)
     rows = quantize_rows(weight) if hessian is None else gptq_rows(weight, hessian)
     writer.add_tensor(embedding_tensor_name(name, "qweight"), rows.qweight)
     writer.add_tensor(embedding_tensor_name(name, "scales"), rows.scales)
+    if column_scales is not None:
+        writer.add_tensor(embedding_tensor_name(name, "column_scales"), column_scales.contiguous())
+    return exponent
 
 
 def _checkpoint_config(config, tiers: tuple[int, ...]) -> dict[str, Any]:

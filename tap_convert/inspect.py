@@ -69,7 +69,10 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         lines.append(f"  {name:48s} {policy.in_features:>5d}x{policy.out_features:<5d} {policy.method:4s} {planes:10s} {errors}{promoted}")
     for name, embedding in table.embeddings.items():
         tied = f" (tied to {embedding.tied_to})" if embedding.tied_to else ""
-        lines.append(f"  {name:48s} {embedding.role} {embedding.num_embeddings}x{embedding.embedding_dim} 8-bit rows{tied}")
+        columns = f", column scales rms^{embedding.column_scale_exponent:g}" if embedding.column_scaled else ""
+        lines.append(
+            f"  {name:48s} {embedding.role} {embedding.num_embeddings}x{embedding.embedding_dim} 8-bit rows{tied}{columns}"
+        )
     lines.append(f"  kept in float32: {len(table.kept)} tensors (norms, biases, ...)")
     lines += ["", "base-plane scheme with the lowest measured error, per module kind (log is measured, not runnable):"]
     for kind, wins in scheme_wins(table).items():

@@ -65,8 +65,10 @@ __all__ = [
     "RoutingTable",
 ]
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+# 2: an embedding or head may carry per-column scales (``column_scales``); a version-1 runtime
+# would ignore them and compute wrong rows, so it must refuse. Version 1 checkpoints still load.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 QUANT_METHOD = "tap"
 
 CONFIG_FILE = "config.json"
@@ -100,8 +102,11 @@ EMBEDDING_BITS = 8
 # 2**(bits-1) for every group (see PlaneSpec.fields).
 PLANE_FIELDS = ("qweight", "scales", "zeros")
 # Tensor fields of an 8-bit embedding or output head. qweight: int8 (num_embeddings,
-# embedding_dim); scales: float16 (num_embeddings,); the row dequantizes as q * scale.
-EMBEDDING_FIELDS = ("qweight", "scales")
+# embedding_dim); scales: float16 (num_embeddings,); column_scales: float32 (embedding_dim,),
+# only where the policy says ``column_scale_exponent`` != 0. Row v dequantizes as
+# q[v] * scale[v] (* column_scales). Column scales even out the columns before per-row rounding:
+# a head folds them into its input, an embedding multiplies the looked-up row.
+EMBEDDING_FIELDS = ("qweight", "scales", "column_scales")
 # float32 (vocab_size,): log of the smoothed unigram frequency of each token id in calibration.
 ROUTER_TOKEN_LOG_FREQUENCY = "token_log_frequency"
 
@@ -332,13 +337,25 @@ class EmbeddingPolicy:
     # ``gptq``: rows error-compensated for the head's output on the final hidden states (the
     # head, or the embedding a head is tied to); ``rtn``: round to nearest.
     method: str = "rtn"
+    # alpha in column_scales = (column RMS)**alpha, chosen by the converter; 0: no column scales.
+    column_scale_exponent: float = 0.0
 
     @property
     def num_weights(self) -> int:
         return self.num_embeddings * self.embedding_dim
 
+    @property
+    def column_scaled(self) -> bool:
+        return self.column_scale_exponent != 0.0
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The tensor fields this matrix stores (a tied head reads its embedding's)."""
+        return EMBEDDING_FIELDS if self.column_scaled else EMBEDDING_FIELDS[:2]
+
     def stored_bits_per_weight(self) -> float:
-        return self.bits + 16.0 / self.embedding_dim
+        column_bits = 32.0 / self.num_embeddings if self.column_scaled else 0.0
+        return self.bits + 16.0 / self.embedding_dim + column_bits
 
     @classmethod
     def from_dict(cls, name: str, data: dict, path: str | Path) -> "EmbeddingPolicy":
@@ -357,6 +374,7 @@ class EmbeddingPolicy:
             role=role,
             tied_to=tied if isinstance(tied, str) else None,
             method=str(data.get("method", "rtn")),  # absent in checkpoints written before it existed
+            column_scale_exponent=float(data.get("column_scale_exponent", 0.0)),  # format 2 on
         )
 
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from .format import (
-    EMBEDDING_FIELDS,
     EmbeddingPolicy,
     LinearPolicy,
     embedding_tensor_suffix,
@@ -176,6 +175,22 @@ class TapLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, tiers={list(self.policy.tiers)}"
 
 
+def _register_rows(module: nn.Module, policy: EmbeddingPolicy) -> None:
+    """Empty row tensors under the checkpoint's names, for transformers' loader to fill."""
+    shapes = {
+        "qweight": ((policy.num_embeddings, policy.embedding_dim), torch.int8),
+        "scales": ((policy.num_embeddings,), torch.float16),
+        "column_scales": ((policy.embedding_dim,), torch.float32),
+    }
+    for field_name in policy.fields:
+        shape, dtype = shapes[field_name]
+        module.register_parameter(embedding_tensor_suffix(field_name), _frozen(torch.empty(shape, dtype=dtype)))
+
+
+def _read_rows(module: nn.Module, policy: EmbeddingPolicy) -> RowQuantized:
+    return RowQuantized(*(getattr(module, embedding_tensor_suffix(f)).data for f in policy.fields))
+
+
 class TapEmbedding(nn.Module):
     """An 8-bit row-wise embedding. ``output_scale`` carries e.g. Gemma's sqrt(hidden) factor."""
 
@@ -186,17 +201,11 @@ class TapEmbedding(nn.Module):
         self.embedding_dim = policy.embedding_dim
         self.padding_idx = padding_idx
         self.output_scale = output_scale
-        self.register_parameter(
-            embedding_tensor_suffix("qweight"),
-            _frozen(torch.empty(policy.num_embeddings, policy.embedding_dim, dtype=torch.int8)),
-        )
-        self.register_parameter(
-            embedding_tensor_suffix("scales"), _frozen(torch.empty(policy.num_embeddings, dtype=torch.float16))
-        )
+        _register_rows(self, policy)
         self.compute_dtype = torch.float32
 
     def rows(self) -> RowQuantized:
-        return RowQuantized(*(getattr(self, embedding_tensor_suffix(f)).data for f in EMBEDDING_FIELDS))
+        return _read_rows(self, self.policy)
 
     def prepare(self, compute_dtype: torch.dtype) -> None:
         self.compute_dtype = compute_dtype
@@ -205,13 +214,19 @@ class TapEmbedding(nn.Module):
         rows = self.rows()
         # Gather first, then dequantize: only the looked-up rows are ever widened.
         out = rows.qweight[input_ids].to(torch.float32) * rows.scales[input_ids].to(torch.float32).unsqueeze(-1)
+        if rows.column_scales is not None:
+            out = out * rows.column_scales
         if self.output_scale is not None:
             out = out * self.output_scale
         return out.to(self.compute_dtype)
 
 
 class TapHead(nn.Module):
-    """An 8-bit output head; when tied it reads the embedding's rows instead of its own."""
+    """An 8-bit output head; when tied it reads the embedding's rows instead of its own.
+
+    Column scales, where the rows carry them, multiply the head's input (x * c) . q_v == x . (q_v * c),
+    so the kernel only ever sees plain per-row int8 codes.
+    """
 
     def __init__(self, policy: EmbeddingPolicy, tied_embedding: TapEmbedding | None = None):
         super().__init__()
@@ -225,34 +240,34 @@ class TapHead(nn.Module):
             # Forward reads codes and scales from the embedding itself, so both stay in step.
             self.weight = tied_embedding.weight
         else:
-            self.register_parameter(
-                embedding_tensor_suffix("qweight"),
-                _frozen(torch.empty(policy.num_embeddings, policy.embedding_dim, dtype=torch.int8)),
-            )
-            self.register_parameter(
-                embedding_tensor_suffix("scales"), _frozen(torch.empty(policy.num_embeddings, dtype=torch.float16))
-            )
+            _register_rows(self, policy)
         self.kernel: Kernel | None = None
         self._prepared = None
+        self._column_scales: torch.Tensor | None = None
 
     def rows(self) -> RowQuantized:
         if self._tied:
             return self._tied[0].rows()
-        return RowQuantized(*(getattr(self, embedding_tensor_suffix(f)).data for f in EMBEDDING_FIELDS))
+        return _read_rows(self, self.policy)
 
     def prepare(self, kernel: Kernel) -> None:
         rows = self.rows()
+        self._column_scales = rows.column_scales
+        codes = RowQuantized(rows.qweight, rows.scales)
         try:
-            self._prepared = kernel.prepare_rows(rows)
+            self._prepared = kernel.prepare_rows(codes)
             self.kernel = kernel
         except ValueError:
             # Shapes the packed kernel cannot take (in_features % 16 != 0) use the reference.
             self.kernel = ReferenceKernel(getattr(kernel, "device", None))
-            self._prepared = self.kernel.prepare_rows(rows)
+            self._prepared = self.kernel.prepare_rows(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             raise RuntimeError("TapHead used before prepare(); load the model with tap_runtime.load()")
         leading = x.shape[:-1]
-        out = self.kernel.matmul_rows(x.reshape(-1, self.in_features), self._prepared)
+        x = x.reshape(-1, self.in_features)
+        if self._column_scales is not None:
+            x = x * self._column_scales.to(device=x.device, dtype=x.dtype)
+        out = self.kernel.matmul_rows(x, self._prepared)
         return out.to(x.dtype).reshape(*leading, self.out_features)

@@ -42,11 +42,12 @@ class Plane:
 class RowQuantized:
     """An 8-bit row-wise matrix (embedding or output head).
 
-    qweight: int8 (rows, cols); scales: float16 (rows,).
+    qweight: int8 (rows, cols); scales: float16 (rows,); column_scales: float32 (cols,) or None.
     """
 
     qweight: torch.Tensor
     scales: torch.Tensor
+    column_scales: torch.Tensor | None = None
 
 
 def dequantize_plane(plane: Plane, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,4 +71,7 @@ def dequantize_planes(planes: list[Plane] | tuple[Plane, ...], count: int, dtype
 
 
 def dequantize_rows(matrix: RowQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return matrix.qweight.to(dtype) * matrix.scales.to(dtype).unsqueeze(-1)
+    weight = matrix.qweight.to(dtype) * matrix.scales.to(dtype).unsqueeze(-1)
+    if matrix.column_scales is not None:
+        weight = weight * matrix.column_scales.to(dtype)
+    return weight

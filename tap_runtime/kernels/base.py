@@ -32,7 +32,10 @@ class Kernel(Protocol):
         """x (tokens, in_features) @ plane.T -> (tokens, out_features) in the kernel's dtype."""
 
     def prepare_rows(self, rows: RowQuantized) -> Any:
-        """Convert an 8-bit row-wise matrix (out_features, in_features) to the kernel's layout."""
+        """Convert an 8-bit row-wise matrix (out_features, in_features) to the kernel's layout.
+
+        ``rows.column_scales`` is always None here: the head folds column scales into its input.
+        """
 
     def matmul_rows(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
         """x (tokens, in_features) @ rows.T -> (tokens, out_features) in the kernel's dtype."""

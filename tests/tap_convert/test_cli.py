@@ -42,6 +42,8 @@ def test_parser_defaults_are_the_documented_ones():
     )
     assert not args.no_sink_weighting
     assert build_parser().parse_args(["model", "--out", "o", "--no-sink-weighting"]).no_sink_weighting
+    assert not args.no_column_scales
+    assert build_parser().parse_args(["model", "--out", "o", "--no-column-scales"]).no_column_scales
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "--out", "o", "--tiers", "four"])
 

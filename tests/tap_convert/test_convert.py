@@ -117,3 +117,48 @@ def test_target_bits_promotes_layers_and_the_runtime_honours_it(tiny_model_facto
     tap.set_routing("fixed", tier=4)
     tap.router.route_layer(module.policy.layer_index, x.unsqueeze(0))
     assert torch.allclose(module(x), dense)  # promoted: tier 8 even when routed to the base
+
+
+def test_outlier_embedding_columns_get_column_scales(tiny_model_factory, calibration_text_file, tmp_path):
+    import shutil
+
+    import tap_runtime
+    from safetensors import safe_open
+
+    shutil.copytree(tiny_model_factory("llama"), tmp_path / "source")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "source"))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :2] *= 40.0  # a few columns set every row's int8 range
+    model.save_pretrained(str(tmp_path / "source"))
+    embedding = model.model.embed_tokens.weight.detach().clone()
+
+    def converted(name: str, column_scales: bool):
+        options = ConvertOptions(calib=str(calibration_text_file), group_size=32, column_scales=column_scales, **FAST_CONVERT)
+        table = convert(str(tmp_path / "source"), tmp_path / name, options)
+        return table, tap_runtime.load(tmp_path / name)
+
+    table, tap = converted("scaled", True)
+    policy = table.embeddings["model.embed_tokens"]
+    assert policy.column_scale_exponent > 0
+    assert table.embeddings["lm_head"].column_scale_exponent == policy.column_scale_exponent  # tied: same rows
+    assert table.format_version == 2
+    with safe_open(str(tmp_path / "scaled" / table.shards[0].file_name), "pt") as shard:
+        assert shard.get_tensor("model.embed_tokens.weight_column_scales").shape == (embedding.shape[1],)
+
+    plain_table, plain = converted("plain", False)
+    assert plain_table.embeddings["model.embed_tokens"].column_scale_exponent == 0.0
+    ids = torch.arange(embedding.shape[0])
+
+    def lookup_error(loaded) -> float:
+        with torch.no_grad():
+            return float((loaded.model.get_input_embeddings()(ids) - embedding).pow(2).sum() / embedding.pow(2).sum())
+
+    assert lookup_error(tap) < lookup_error(plain) / 4
+    # The head folds the same column scales into its input: it computes x . dequantized rows.
+    head = tap.model.get_output_embeddings()
+    x = torch.randn(3, embedding.shape[1])
+    from tap_runtime.planes import dequantize_rows
+
+    with torch.no_grad():
+        expected = x @ dequantize_rows(head.rows()).t()
+        assert torch.allclose(head(x), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))

@@ -21,6 +21,7 @@ from tap_runtime.format import (
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "routing_table.json"
+GOLDEN_V1 = Path(__file__).parent / "golden" / "routing_table_v1.json"
 
 
 def sample_table() -> RoutingTable:
@@ -67,6 +68,23 @@ def test_manifest_matches_golden_json():
     assert json.loads(sample_table().to_json()) == json.loads(GOLDEN.read_text())
 
 
+def test_version_1_tables_still_read():
+    # Version 1 had no column scales: its embeddings read back with exponent 0 (none).
+    table = RoutingTable.from_json(GOLDEN_V1)
+    assert table == replace(sample_table(), format_version=1)
+    assert not any(e.column_scaled for e in table.embeddings.values())
+
+
+def test_column_scaled_embedding_stores_its_scales():
+    plain = EmbeddingPolicy("model.embed_tokens", 320, 64)
+    scaled = replace(plain, column_scale_exponent=0.5)
+    assert plain.fields == ("qweight", "scales")
+    assert scaled.fields == ("qweight", "scales", "column_scales")
+    # One float32 per column, spread over the rows.
+    assert scaled.stored_bits_per_weight() - plain.stored_bits_per_weight() == pytest.approx(32 / 320)
+    assert embedding_tensor_name("model.embed_tokens", "column_scales") == "model.embed_tokens.weight_column_scales"
+
+
 def test_round_trip(tmp_path):
     path = tmp_path / "tap_routing.json"
     path.write_text(sample_table().to_json())
@@ -78,7 +96,7 @@ def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
     data["format_version"] = 99
     path = tmp_path / "tap_routing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1\]"):
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2\]"):
         RoutingTable.from_json(path)
 
 
