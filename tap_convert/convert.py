@@ -284,8 +284,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
 
     for site in quantized_sites:
         for plane_index, plane in enumerate(planes[site.name]):
-            for field_name in plane.spec.fields:
-                writer.add_tensor(plane_tensor_name(site.name, plane_index, field_name), getattr(plane, field_name))
+            for field_name, tensor in plane.stored_tensors().items():
+                writer.add_tensor(plane_tensor_name(site.name, plane_index, field_name), tensor)
         if policies[site.name].bias:
             writer.add_tensor(f"{site.name}.bias", site.module.bias.detach().to(torch.float32))
 

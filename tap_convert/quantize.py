@@ -45,7 +45,8 @@ def _candidate(groups: torch.Tensor, ratio: float, spec: PlaneSpec) -> tuple[tor
         zeros = -low / scales
     # Round to the stored precision before choosing codes, so the codes fit what is stored.
     scales = scales.to(torch.float16).to(torch.float32).clamp_min(_MIN_SCALE)
-    zeros = zeros.to(torch.float16).to(torch.float32)
+    if not spec.symmetric:
+        zeros = spec.round_zeros(zeros)
     return scales, zeros
 
 

@@ -39,7 +39,7 @@ def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tup
     shapes = {
         "qweight": ((policy.out_features, policy.in_features // 2), torch.uint8),
         "scales": ((policy.out_features, groups), torch.float16),
-        "zeros": ((policy.out_features, groups), torch.float16),
+        "zeros": ((policy.out_features, groups), spec.zero_dtype),
     }
     return {name: shapes[name] for name in spec.fields}
 
@@ -146,7 +146,7 @@ class TapLinear(nn.Module):
                 p.spec,
                 p.qweight,
                 p.scales.to(torch.float16),
-                None if p.zeros is None else p.zeros.to(torch.float16),
+                None if p.zeros is None else p.spec.decode_zeros(p.zeros),
             )
             for p in self.planes()
         ]

@@ -34,7 +34,8 @@ def plane_bytes(policy: LinearPolicy) -> int:
     total = 0
     for spec in policy.planes:
         groups = policy.in_features // spec.group_size
-        total += policy.out_features * policy.in_features // 2 + policy.out_features * groups * 2 * (len(spec.fields) - 1)
+        zero_bytes = 0 if spec.symmetric else spec.zero_bits // 8
+        total += policy.out_features * policy.in_features // 2 + policy.out_features * groups * (2 + zero_bytes)
     return total
 
 

@@ -23,13 +23,21 @@ class Plane:
     qweight: uint8 (out_features, in_features // 2), packed codes.
     scales:  float16 (out_features, in_features // group_size).
     zeros:   float16 (out_features, in_features // group_size), in code units; None for a
-             symmetric plane, whose zero is ``spec.implied_zero``.
+             symmetric plane, whose zero is ``spec.implied_zero``. In memory always float16;
+             on disk as ``spec.zero_bits`` says (see :meth:`stored_tensors`).
     """
 
     spec: PlaneSpec
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Field name -> the tensor as the checkpoint stores it (zero points encoded)."""
+        stored = {name: getattr(self, name) for name in self.spec.fields}
+        if "zeros" in stored:
+            stored["zeros"] = self.spec.encode_zeros(stored["zeros"])
+        return stored
 
     def zeros_or_implied(self) -> torch.Tensor:
         """(out_features, groups) zero points, materialising the implied ones."""

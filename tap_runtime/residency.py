@@ -85,7 +85,7 @@ class LazyPlane:
             fields = {name: handle.get_tensor(key).clone() for name, key in self.tensor_names.items()}
         fields["scales"] = fields["scales"].to(torch.float16)
         if "zeros" in fields:
-            fields["zeros"] = fields["zeros"].to(torch.float16)
+            fields["zeros"] = self.spec.decode_zeros(fields["zeros"])
         return Plane(self.spec, **fields)
 
     def resolve(self) -> Any:

@@ -23,9 +23,9 @@ def test_relative_output_error_full_and_diagonal_agree_for_white_inputs():
 
 def test_expected_bits_count_the_routed_share():
     policy = _policy("a", 64, {"4": 0.1, "8": 0.001})
-    assert expected_bits(policy, SHARES) == pytest.approx(4.5 + 0.1 * 4.25)
+    assert expected_bits(policy, SHARES) == pytest.approx(4.375 + 0.1 * 4.25)  # zeros: a byte per group
     promoted = LinearPolicy(**{**policy.__dict__, "min_tier": 8})
-    assert expected_bits(promoted, SHARES) == pytest.approx(8.75)
+    assert expected_bits(promoted, SHARES) == pytest.approx(8.625)
 
 
 def test_allocation_promotes_the_best_gain_per_bit_within_budget():

@@ -3,6 +3,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from tap_runtime.errors import CorruptCheckpointError, FormatVersionError
 from tap_runtime.format import (
@@ -69,9 +70,14 @@ def test_manifest_matches_golden_json():
 
 
 def test_version_1_tables_still_read():
-    # Version 1 had no column scales: its embeddings read back with exponent 0 (none).
+    # Version 1 had no column scales and stored float16 zero points: its embeddings read back
+    # with exponent 0 (none), its planes with 16-bit zeros.
     table = RoutingTable.from_json(GOLDEN_V1)
-    assert table == replace(sample_table(), format_version=1)
+    expected = sample_table()
+    linear = {
+        n: replace(p, planes=tuple(replace(spec, zero_bits=16) for spec in p.planes)) for n, p in expected.linear.items()
+    }
+    assert table == replace(expected, format_version=1, linear=linear)
     assert not any(e.column_scaled for e in table.embeddings.values())
 
 
@@ -83,6 +89,20 @@ def test_column_scaled_embedding_stores_its_scales():
     # One float32 per column, spread over the rows.
     assert scaled.stored_bits_per_weight() - plain.stored_bits_per_weight() == pytest.approx(32 / 320)
     assert embedding_tensor_name("model.embed_tokens", "column_scales") == "model.embed_tokens.weight_column_scales"
+
+
+def test_zero_points_are_stored_as_uint8_eighths():
+    spec = PlaneSpec(4, 64, False)
+    zeros = torch.tensor([[-9.0, -8.0, 0.03, 7.5, 7.4375, 15.0, 23.875, 30.0]])
+    rounded = spec.round_zeros(zeros)
+    assert rounded.tolist() == [[-8.0, -8.0, 0.0, 7.5, 7.5, 15.0, 23.875, 23.875]]  # eighths, clamped
+    stored = spec.encode_zeros(rounded)
+    assert stored.dtype == torch.uint8
+    assert torch.equal(spec.decode_zeros(stored).to(torch.float32), rounded)
+    legacy = PlaneSpec(4, 64, False, zero_bits=16)
+    assert legacy.encode_zeros(zeros).dtype == torch.float16
+    # A byte per zero instead of two: 4 + (16 + 8) / 64 bits per weight.
+    assert spec.stored_bits_per_weight() == 4 + 24 / 64 and legacy.stored_bits_per_weight() == 4 + 32 / 64
 
 
 def test_round_trip(tmp_path):
@@ -136,8 +156,8 @@ def test_tensor_names():
 
 def test_bits_account_for_scales_and_zeros():
     policy = sample_table().linear["model.layers.0.mlp.up_proj"]
-    assert policy.bits_at_tier(4) == pytest.approx(4.5)  # 4 + (scale + zero) * 16 / 64
-    assert policy.bits_at_tier(8) == pytest.approx(8.75)  # + 4 + scale * 16 / 64
+    assert policy.bits_at_tier(4) == pytest.approx(4.375)  # 4 + (16-bit scale + 8-bit zero) / 64
+    assert policy.bits_at_tier(8) == pytest.approx(8.625)  # + 4 + scale * 16 / 64
 
 
 def test_quantization_config_entry():

@@ -17,8 +17,8 @@ def _linear(kernel, tiers=(4, 8), bias=True):
     policy = LinearPolicy("layer", 64, 48, bias, 0, tiers, specs)
     module = TapLinear(policy)
     for index, plane in enumerate(planes):
-        for field_name in plane.spec.fields:
-            getattr(module, plane_tensor_suffix(index, field_name)).data = getattr(plane, field_name)
+        for field_name, tensor in plane.stored_tensors().items():
+            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
     bias_tensor = torch.randn(48, generator=generator) if bias else None
     if bias:
         module.bias.data = bias_tensor

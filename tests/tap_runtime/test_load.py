@@ -177,3 +177,48 @@ def test_residual_stream_runs_in_the_requested_dtype(converted_factory, dtype):
         out = tap(_ids(), output_hidden_states=True)
     assert {h.dtype for h in out.hidden_states} == {dtype}
     assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
+
+
+def test_format_1_checkpoint_with_float16_zeros_still_loads(tiny_model_factory, calibration_text_file, tmp_path):
+    """Checkpoints written before format 2 (float16 zero points, no column scales) load unchanged."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from tap_convert import ConvertOptions, convert
+    from tap_runtime.checkpoint import file_sha256
+    from tap_runtime.format import ROUTING_FILE, SAFETENSORS_METADATA
+
+    from ..conftest import FAST_CONVERT
+
+    source = tmp_path / "v2"
+    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, column_scales=False, **FAST_CONVERT)
+    table = convert(str(tiny_model_factory("llama")), source, options)
+    legacy = tmp_path / "v1"
+    shutil.copytree(source, legacy)
+    shards = []
+    for shard in table.shards:
+        tensors = load_file(str(legacy / shard.file_name))
+        for name, tensor in tensors.items():
+            if name.endswith("_zeros"):
+                assert tensor.dtype == torch.uint8  # format 2 stores eighths
+                tensors[name] = (tensor.to(torch.float32) / 8 - 8).to(torch.float16)
+        save_file(tensors, str(legacy / shard.file_name), metadata=SAFETENSORS_METADATA)
+        path = legacy / shard.file_name
+        shards.append(replace(shard, sha256=file_sha256(path), num_bytes=path.stat().st_size))
+    linear = {
+        name: replace(policy, planes=tuple(replace(spec, zero_bits=16) for spec in policy.planes))
+        for name, policy in table.linear.items()
+    }
+    (legacy / ROUTING_FILE).write_text(replace(table, format_version=1, linear=linear, shards=tuple(shards)).to_json())
+    config = json.loads((legacy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    (legacy / "config.json").write_text(json.dumps(config))
+
+    ids = _ids()
+    current, old = tap_runtime.load(source), tap_runtime.load(legacy)
+    assert old.table.format_version == 1
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, current(ids).logits)
