@@ -93,7 +93,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 
 Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())});
 promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
-embeddings/heads at 8 bits: {len(table.embeddings)}; tensors kept in float32: {len(table.kept)}.
+embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept in float32: {len(table.kept)}.
 
 ## Router
 
