@@ -42,7 +42,7 @@ from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites,
 from tap_runtime.planes import dequantize_planes
 
 from .column_scales import choose_column_scales
-from .gptq import gptq_rows, gptq_tiers
+from .gptq import GPTQ_ORDERS, gptq_rows, gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
 from .schemes import SCHEME_CHOICES, choose_scheme, scheme_errors
@@ -79,6 +79,9 @@ class ConvertOptions:
     # Per-column scales on the 8-bit embedding/head rows where they lower the rows' error;
     # off only for ablations.
     column_scales: bool = True
+    # GPTQ's column order: "activation" (strongest input channels first, static groups) or
+    # "column" (left to right, the order of format 2's first checkpoints).
+    gptq_order: str = "activation"
     base_model: str | None = None  # Hub id of the source, for the model card when converting a local copy
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -101,6 +104,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--target-bits must be between 4 and 16; got {self.target_bits}.")
         if self.scheme not in SCHEME_CHOICES:
             raise InvalidConfigError(f"--scheme {self.scheme!r} is unknown; expected one of {list(SCHEME_CHOICES)}.")
+        if self.gptq_order not in GPTQ_ORDERS:
+            raise InvalidConfigError(f"--gptq-order {self.gptq_order!r} is unknown; expected one of {list(GPTQ_ORDERS)}.")
         if self.router_target not in ROUTER_TARGETS:
             raise InvalidConfigError(f"--router-target {self.router_target!r} is unknown; expected one of {list(ROUTER_TARGETS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
@@ -218,7 +223,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         specs = _plane_specs(options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric")
         if options.method == "gptq" and full:
             method = "gptq"
-            planes[site.name] = gptq_tiers(weight, specs, second_moment)
+            planes[site.name] = gptq_tiers(weight, specs, second_moment, options.gptq_order)
         else:
             method = "rtn"
             planes[site.name] = quantize_tiers(weight, specs, importance=site_stats.mean_square)
@@ -318,6 +323,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "fp16_bytes": int(num_parameters * 2),
             "bos_prepended": bos is not None,
             "sink_weight": int(windows.shape[1]) if options.sink_weighting else None,
+            "gptq_order": options.gptq_order if options.method == "gptq" else None,
             "target_bits": options.target_bits,
             "expected_avg_weight_bits": round(average_bits(policies, shares), 4),
             "promoted_linears": sorted(n for n, p in policies.items() if p.min_tier != options.tiers[0]),

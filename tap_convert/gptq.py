@@ -1,10 +1,12 @@
 """Error-compensated plane quantization (GPTQ, Frantar et al. 2022) on the layer-input Hessian.
 
-Columns are quantized left to right; each column's rounding error is spread over the columns
+Columns are quantized one at a time; each column's rounding error is spread over the columns
 not yet quantized, in proportion to the inverse Hessian of the layer inputs, so the layer
-*output* error on calibration activations shrinks rather than each weight's own error. Group
-scales and zeros are chosen when a group starts, from the weights as updated so far, with the
-same per-group clip search as :func:`tap_convert.quantize.quantize_plane`.
+*output* error on calibration activations shrinks rather than each weight's own error. By
+default the most strongly used input channels go first (act-order), with every group's scale
+and zero fixed before the pass; ``order="column"`` goes left to right and chooses a group's
+scale when the group starts, from the weights as updated so far. Both use the same per-group
+clip search as :func:`tap_convert.quantize.quantize_plane`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from tap_runtime.planes import Plane, RowQuantized, dequantize_plane
 
 from .quantize import CLIP_RATIOS, _candidate
 
-__all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING"]
+__all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING", "GPTQ_ORDERS"]
 
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it, as in the GPTQ reference code
 _BLOCK = 128
+# Column orders gptq_plane knows; "activation" (act-order with static groups) is the default.
+GPTQ_ORDERS = ("activation", "column")
 
 
 def _group_parameters(groups: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,43 +60,66 @@ def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor) -> torch.
     raise ValueError("layer-input Hessian is not positive definite even after damping x 1e5")
 
 
-def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor) -> Plane:
+def _static_group_parameters(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's scale and zero, chosen up front from the weights before any compensation."""
+    group_size = spec.group_size
+    params = [
+        _group_parameters(weight[:, start : start + group_size], spec, importance[start : start + group_size])
+        for start in range(0, weight.shape[1], group_size)
+    ]
+    return torch.stack([s for s, _ in params], dim=1), torch.stack([z for _, z in params], dim=1)
+
+
+def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, order: str = "activation") -> Plane:
     """Quantize (out_features, in_features) ``weight`` into one plane, compensating with ``hessian``.
 
     Args:
         weight: float (out_features, in_features); in_features % group_size == 0.
         spec: the plane's bits, group size and symmetry.
         hessian: (in_features, in_features) mean of x x^T over calibration inputs.
+        order: ``"activation"`` quantizes the most strongly used input channels first (the
+            Hessian's diagonal, descending), so their errors are spread over the weaker channels
+            still free to absorb them; group scales are then fixed up front from the weights
+            (static groups), because the groups no longer start in column order. ``"column"``
+            goes left to right and chooses each group's scale when the group starts.
     Returns:
         a :class:`Plane` (same layout as ``quantize_plane``).
     """
+    if order not in GPTQ_ORDERS:
+        raise ValueError(f"GPTQ order {order!r} is unknown; expected one of {list(GPTQ_ORDERS)}")
     weight = weight.detach().to(torch.float32).clone()
     out_features, in_features = weight.shape
     hessian = hessian.to(torch.float32)
     dead = torch.diag(hessian) == 0
     weight[:, dead] = 0.0
-    factor = _inverse_hessian_factor(hessian, dead)
     importance = torch.diag(hessian).clamp_min(0)
     importance = importance + importance.mean() * 1e-3 + 1e-12
     group_size = spec.group_size
     num_groups = in_features // group_size
-    scales = torch.zeros(out_features, num_groups)
-    zeros = torch.zeros(out_features, num_groups)
+    if order == "activation":
+        scales, zeros = _static_group_parameters(weight, spec, importance)
+        permutation = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+    else:
+        scales, zeros = torch.zeros(out_features, num_groups), torch.zeros(out_features, num_groups)
+        permutation = torch.arange(in_features)
+    # Work in the processing order: weight columns and the Hessian permuted alike.
+    weight = weight[:, permutation]
+    factor = _inverse_hessian_factor(hessian[permutation][:, permutation], dead[permutation])
+    original_columns = permutation.tolist()
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     max_code = 2**spec.bits - 1
-    block = max(_BLOCK // group_size, 1) * group_size  # blocks hold whole groups
+    block = max(_BLOCK // group_size, 1) * group_size  # column order: blocks hold whole groups
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
         block_weight = weight[:, start:end].clone()
         block_errors = torch.zeros_like(block_weight)
         block_factor = factor[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % group_size == 0:
-                group = column // group_size
+            column = original_columns[start + i]
+            group = column // group_size
+            if order == "column" and column % group_size == 0:
                 s, z = _group_parameters(block_weight[:, i : i + group_size], spec, importance[column : column + group_size])
                 scales[:, group], zeros[:, group] = s, z
-            group = column // group_size
             s, z = scales[:, group], zeros[:, group]
             q = torch.clamp(torch.round(block_weight[:, i] / s + z), 0, max_code)
             codes[:, column] = q.to(torch.uint8)
@@ -108,12 +135,14 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor) -> 
     )
 
 
-def gptq_tiers(weight: torch.Tensor, specs: tuple[PlaneSpec, ...] | list[PlaneSpec], hessian: torch.Tensor) -> list[Plane]:
+def gptq_tiers(
+    weight: torch.Tensor, specs: tuple[PlaneSpec, ...] | list[PlaneSpec], hessian: torch.Tensor, order: str = "activation"
+) -> list[Plane]:
     """Nested planes, each error-compensated: plane k quantizes what planes 0..k-1 left."""
     remainder = weight.detach().to(torch.float32)
     planes: list[Plane] = []
     for spec in specs:
-        plane = gptq_plane(remainder, spec, hessian)
+        plane = gptq_plane(remainder, spec, hessian, order)
         planes.append(plane)
         remainder = remainder - dequantize_plane(plane)
     return planes

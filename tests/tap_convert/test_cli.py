@@ -44,6 +44,8 @@ def test_parser_defaults_are_the_documented_ones():
     assert build_parser().parse_args(["model", "--out", "o", "--no-sink-weighting"]).no_sink_weighting
     assert not args.no_column_scales
     assert build_parser().parse_args(["model", "--out", "o", "--no-column-scales"]).no_column_scales
+    assert args.gptq_order == "activation"
+    assert build_parser().parse_args(["model", "--out", "o", "--gptq-order", "column"]).gptq_order == "column"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "--out", "o", "--tiers", "four"])
 

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tap_convert import ConvertOptions, convert
 from tap_convert.convert import choose_group_size
 from tap_runtime.checkpoint import file_sha256
-from tap_runtime.errors import CalibrationDataError, UnsupportedArchitectureError
+from tap_runtime.errors import CalibrationDataError, InvalidConfigError, UnsupportedArchitectureError
 from tap_runtime.format import ROUTING_FILE, RoutingTable
 
 from ..conftest import FAST_CONVERT
@@ -56,6 +56,16 @@ def test_key_and_value_projections_weight_the_first_token(converted_factory, tin
     off = convert(str(tiny_model_factory("llama")), tmp_path / "off", options)
     assert off.calibration.extra["sink_weight"] is None
     assert not any("first token" in p.reason for p in off.linear.values())
+
+
+def test_gptq_order_is_recorded_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    default = RoutingTable.from_json(converted_factory("llama") / ROUTING_FILE)
+    assert default.calibration.extra["gptq_order"] == "activation"
+    options = ConvertOptions(calib=str(calibration_text_file), gptq_order="column", **FAST_CONVERT)
+    column = convert(str(tiny_model_factory("llama")), tmp_path / "column", options)
+    assert column.calibration.extra["gptq_order"] == "column"
+    with pytest.raises(InvalidConfigError, match=r"--gptq-order 'random' is unknown; expected one of \['activation', 'column'\]"):
+        ConvertOptions(gptq_order="random").validate()
 
 
 def test_group_size_falls_back_to_a_divisor():

@@ -102,3 +102,54 @@ def test_weighting_the_first_position_makes_the_sink_token_nearly_exact():
     first, rest = inputs[:, 0], inputs[:, 1:].reshape(-1, in_features)
     assert sqnr_db(first @ weight.t(), first @ weighted.t()) > sqnr_db(first @ weight.t(), first @ plain.t()) + 6.0
     assert sqnr_db(rest @ weight.t(), rest @ weighted.t()) > sqnr_db(rest @ weight.t(), rest @ plain.t()) - 1.0
+
+
+def _skewed_problem(seed=0):
+    """Inputs whose channel strengths vary widely and are shuffled across the groups, as real
+    layer inputs' are: the case act-order exists for."""
+    generator = torch.Generator().manual_seed(seed)
+    in_features = 128
+    strengths = torch.logspace(-1, 1, in_features)[torch.randperm(in_features, generator=generator)]
+    mixing = torch.eye(in_features) + torch.randn(in_features, in_features, generator=generator) * 0.1
+    inputs = (torch.randn(4096, in_features, generator=generator) @ mixing) * strengths
+    weight = torch.randn(96, in_features, generator=generator) * 0.05
+    moment = InputSecondMoment(in_features)
+    moment.add_batch(inputs)
+    return weight, inputs, moment
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_activation_order_lowers_the_output_error_of_column_order(symmetric):
+    weight, inputs, moment = _skewed_problem()
+    spec = PlaneSpec(4, 32, symmetric)
+    reference = inputs @ weight.t()
+    by_activation = sqnr_db(reference, inputs @ dequantize_plane(gptq_plane(weight, spec, moment.hessian, "activation")).t())
+    by_column = sqnr_db(reference, inputs @ dequantize_plane(gptq_plane(weight, spec, moment.hessian, "column")).t())
+    assert by_activation > by_column + 0.3
+
+
+def test_activation_order_keeps_codes_in_their_own_columns_and_groups():
+    """Permuting the work must not permute the result: a weight whose columns already lie on one
+    plane's grid comes back exactly, whatever order the columns were visited in."""
+    generator = torch.Generator().manual_seed(3)
+    spec = PlaneSpec(4, 32, False)
+    codes = torch.randint(0, 16, (24, 96), generator=generator).float()
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # every group spans the whole grid
+    scales = (torch.rand(24, 3, generator=generator) * 0.01 + 0.005).to(torch.float16).float().repeat_interleave(32, dim=1)
+    weight = (codes - 8) * scales
+    hessian = torch.diag(torch.logspace(-2, 2, 96)[torch.randperm(96, generator=generator)])
+    plane = gptq_plane(weight, spec, hessian, "activation")
+    assert (dequantize_plane(plane) - weight).abs().max() < 1e-3 * scales.min()
+
+
+def test_gptq_tiers_pass_their_order_on_and_reject_unknown_orders():
+    weight, inputs, moment = _skewed_problem(seed=1)
+    specs = (PlaneSpec(4, 32, False), PlaneSpec(4, 32, True))
+    column = gptq_tiers(weight, specs, moment.hessian, "column")
+    assert torch.equal(column[0].qweight, gptq_plane(weight, specs[0], moment.hessian, "column").qweight)
+    activation = gptq_tiers(weight, specs, moment.hessian)  # the default
+    assert torch.equal(activation[0].qweight, gptq_plane(weight, specs[0], moment.hessian, "activation").qweight)
+    reference = inputs @ weight.t()
+    assert sqnr_db(reference, inputs @ dequantize_planes(activation, 2).t()) > sqnr_db(reference, inputs @ dequantize_planes(activation, 1).t()) + 10
+    with pytest.raises(ValueError, match="order 'random' is unknown"):
+        gptq_plane(weight, specs[0], moment.hessian, "random")
