@@ -29,8 +29,11 @@ import torch
 from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock
 
-ROWS = ("hf-fp32", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
-        "tap-base-torch", "tap-budget-torch", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+ROWS = ("hf-fp32", "hf-fp32-heap", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
+        "tap-base-torch", "tap-budget-torch", "tap-budget-noheap", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+# tap_runtime.load keeps freed heap memory for the next layer's activations (pages.keep_freed_heap);
+# -noheap loads without that, and hf-fp32-heap gives HF fp32 the same allocator setting, so the
+# setting's share of a ratio can be read off.
 # -torch rows load with kernel="cpu-packed": torch's int4/int8 ops instead of TAP's VNNI kernels
 # (the default where the CPU has them), to show what the kernels alone change.
 # -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand);
@@ -115,13 +118,20 @@ def run_row(row: str, args) -> dict:
         ids = torch.tensor(tokenizer(heldout_text("wikitext"), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
         return run_llama_cpp_row(row, args, ids)
     if row.startswith("hf-"):
-        dtype = torch.float32 if row == "hf-fp32" else torch.bfloat16
+        dtype = torch.bfloat16 if row == "hf-bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        if row.endswith("-heap"):
+            from tap_runtime.pages import keep_freed_heap
+
+            keep_freed_heap()
         weight_bytes = _directory_bytes(args.model) * (1 if dtype == torch.float32 else 0.5)
         extra = {}
         kernel_name = None
     else:
-        tap = tap_runtime.load(args.tap, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto")
+        tap = tap_runtime.load(
+            args.tap, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
+            keep_freed_memory=not row.endswith("-noheap"),
+        )
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),
             "tap-top": ("fixed", tap.table.tiers[-1]),
@@ -132,6 +142,7 @@ def run_row(row: str, args) -> dict:
             "tap-learned-lowmem": ("learned", None),
             "tap-base-torch": ("fixed", tap.table.tiers[0]),
             "tap-budget-torch": ("budget", None),
+            "tap-budget-noheap": ("budget", None),
         }[row]
         tap.set_routing(mode[0], tier=mode[1])
         model = tap.model
@@ -188,7 +199,7 @@ def run_row(row: str, args) -> dict:
         "rss_after_load_bytes": load_rss,
         "rss_after_imports_bytes": args.import_rss,
         "weight_bytes": int(weight_bytes),
-        "avg_weight_bits": statistics.median(bits) if bits else (32.0 if row == "hf-fp32" else 16.0),
+        "avg_weight_bits": statistics.median(bits) if bits else (16.0 if row == "hf-bf16" else 32.0),
         "decode_path": decode_path,
         "kernel": kernel_name,
     }

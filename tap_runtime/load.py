@@ -13,7 +13,7 @@ from .kernels import KERNEL_NAMES
 from .errors import InvalidConfigError
 from .model import TapModel
 from .offload import offloaded_linears, plan_device_map, plane_bytes
-from .pages import return_freed_heap
+from .pages import keep_freed_heap, return_freed_heap
 
 __all__ = ["load"]
 
@@ -64,6 +64,7 @@ def load(
     offload_to_cpu: bool = False,
     device_map: dict[str, Any] | str | None = None,
     max_gpu_memory_mb: float | None = None,
+    keep_freed_memory: bool = True,
 ) -> TapModel:
     """Load a TAP checkpoint.
 
@@ -86,6 +87,9 @@ def load(
             fills the GPU in layer order up to ``max_gpu_memory_mb``.
         max_gpu_memory_mb: MiB of packed decoder-layer planes kept on the GPU under ``"auto"``;
             default 80% of the GPU's free memory less the checkpoint's other tensors.
+        keep_freed_memory: after loading, have glibc serve activations from its heap and keep
+            freed heap memory for the next layer (:func:`tap_runtime.pages.keep_freed_heap`),
+            so a prefill does not fault its temporaries in afresh in every layer. Process-wide.
     Returns:
         a :class:`TapModel`; its ``.model`` is a regular transformers model.
     Example:
@@ -126,4 +130,6 @@ def load(
     except (OSError, ValueError):
         tokenizer = None
     return_freed_heap()  # transient unpacked codes from packing, freed but still resident
+    if keep_freed_memory:
+        keep_freed_heap()
     return TapModel(model, tokenizer, checkpoint)

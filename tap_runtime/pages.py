@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-__all__ = ["page_out", "return_freed_heap"]
+__all__ = ["page_out", "return_freed_heap", "keep_freed_heap", "MAX_HEAP_BLOCK_BYTES"]
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 _libc = None
@@ -68,3 +68,29 @@ def return_freed_heap() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+# glibc's ceiling for the mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+MAX_HEAP_BLOCK_BYTES = 32 * 2**20
+
+
+def keep_freed_heap(max_block_bytes: int = MAX_HEAP_BLOCK_BYTES) -> bool:
+    """Serve blocks up to ``max_block_bytes`` from glibc's heap and keep freed heap memory there.
+
+    A many-token pass (prefill) allocates and frees large activations in every layer. Above
+    glibc's mmap threshold each one is a fresh mapping that the kernel faults in and zeroes page
+    by page; from the heap, the next layer reuses the same pages. The price: RSS stays near its
+    high-water mark after a pass instead of falling back. Process-wide; returns False (and
+    changes nothing) where glibc is not the allocator.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    block = min(int(max_block_bytes), MAX_HEAP_BLOCK_BYTES)
+    # Trim only above 1 GiB of free heap top: below that, freed activations stay for reuse.
+    return bool(mallopt(_M_MMAP_THRESHOLD, block)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
