@@ -30,10 +30,10 @@ from bench_common import environment, heldout_text
 from tap_runtime.metrics import FirstTokenClock
 
 ROWS = ("hf-fp32", "hf-fp32-heap", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
-        "tap-base-torch", "tap-budget-torch", "tap-budget-noheap", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
-# tap_runtime.load keeps freed heap memory for the next layer's activations (pages.keep_freed_heap);
-# -noheap loads without that, and hf-fp32-heap gives HF fp32 the same allocator setting, so the
-# setting's share of a ratio can be read off.
+        "tap-base-torch", "tap-budget-torch", "tap-budget-heap", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+# -heap rows set glibc to keep freed heap memory for the next layer's activations
+# (pages.keep_freed_heap; tap_runtime.load(keep_freed_memory=True), off by default), for HF fp32
+# and TAP alike, so the setting's share of a ratio can be read off.
 # -torch rows load with kernel="cpu-packed": torch's int4/int8 ops instead of TAP's VNNI kernels
 # (the default where the CPU has them), to show what the kernels alone change.
 # -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand);
@@ -130,7 +130,7 @@ def run_row(row: str, args) -> dict:
     else:
         tap = tap_runtime.load(
             args.tap, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
-            keep_freed_memory=not row.endswith("-noheap"),
+            keep_freed_memory=row.endswith("-heap"),
         )
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),
@@ -142,7 +142,7 @@ def run_row(row: str, args) -> dict:
             "tap-learned-lowmem": ("learned", None),
             "tap-base-torch": ("fixed", tap.table.tiers[0]),
             "tap-budget-torch": ("budget", None),
-            "tap-budget-noheap": ("budget", None),
+            "tap-budget-heap": ("budget", None),
         }[row]
         tap.set_routing(mode[0], tier=mode[1])
         model = tap.model

@@ -64,7 +64,7 @@ def load(
     offload_to_cpu: bool = False,
     device_map: dict[str, Any] | str | None = None,
     max_gpu_memory_mb: float | None = None,
-    keep_freed_memory: bool = True,
+    keep_freed_memory: bool = False,
 ) -> TapModel:
     """Load a TAP checkpoint.
 
@@ -90,6 +90,8 @@ def load(
         keep_freed_memory: after loading, have glibc serve activations from its heap and keep
             freed heap memory for the next layer (:func:`tap_runtime.pages.keep_freed_heap`),
             so a prefill does not fault its temporaries in afresh in every layer. Process-wide.
+            Off by default: on Qwen2.5-1.5B it made 512-token prefill 6-10% faster but decode
+            4-8% slower (scripts/bench_speed.py rows tap-budget / tap-budget-heap).
     Returns:
         a :class:`TapModel`; its ``.model`` is a regular transformers model.
     Example:

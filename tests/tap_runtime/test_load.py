@@ -224,12 +224,12 @@ def test_format_1_checkpoint_with_float16_zeros_still_loads(tiny_model_factory, 
         assert torch.equal(old(ids).logits, current(ids).logits)
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["default", "off"])
-def test_load_keeps_freed_heap_for_activations_unless_told_not_to(converted_factory, monkeypatch, keep):
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "asked"])
+def test_load_keeps_freed_heap_for_activations_only_when_asked(converted_factory, monkeypatch, keep):
     import sys
 
     load_module = sys.modules["tap_runtime.load"]  # the package re-exports the function under this name
     calls = []
     monkeypatch.setattr(load_module, "keep_freed_heap", lambda: calls.append(True) or True)
-    tap_runtime.load(converted_factory("llama"), **({} if keep else {"keep_freed_memory": False}))
+    tap_runtime.load(converted_factory("llama"), **({"keep_freed_memory": True} if keep else {}))
     assert calls == ([True] if keep else [])
