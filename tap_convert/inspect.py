@@ -95,6 +95,8 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
     lines.append(f"  {calibration.num_samples} windows x {calibration.seq_len} tokens (seed {calibration.seed}), "
                  f"{calibration.router_samples} router windows, {calibration.seconds:.0f} s")
     lines.append(f"  source model {calibration.extra.get('source_model')}")
+    if calibration.extra.get("gptq_order"):
+        lines.append(f"  GPTQ column order: {calibration.extra['gptq_order']}")
     ok = all(status == "ok" for _, _, status in files)
     lines += ["", "all files verified" if ok else "SOME FILES FAILED VERIFICATION"]
     return "\n".join(lines), ok

@@ -58,7 +58,7 @@ def test_inspect_reports_and_verifies(converted_factory, capsys):
     report = capsys.readouterr().out
     assert "all files verified" in report and "tiers [4, 8]" in report
     assert "model.layers.1.mlp.down_proj" in report and "signal loss_gradient" in report
-    assert "calibration:" in report
+    assert "calibration:" in report and "GPTQ column order: activation" in report
     assert "base-plane scheme with the lowest measured error" in report and "down_proj" in report
 
 
