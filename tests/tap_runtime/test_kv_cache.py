@@ -59,7 +59,10 @@ def test_int8_cache_logits_stay_close_to_the_float_cache(converted_factory, mode
     # whose float rounding differs with the machine and thread count (up to 2.5e-3 seen on 16 cores).
     torch.testing.assert_close(logits["float"], eager, rtol=1e-3, atol=1e-2)
     difference = (logits["int8"] - logits["float"]).abs().max() / logits["float"].abs().max()
-    assert 0 < difference < 0.05
+    # A random tiny model's logits are nearly flat, so this ratio moves with the conversion: the
+    # tiny gemma gave 0.014 with column-order GPTQ and 0.057 with act-order. On real gemma the
+    # int8 cache adds the same KL under both (0.0062 and 0.0056, scripts/bench_kv_cache.py).
+    assert 0 < difference < 0.1
 
 
 def test_generate_with_an_int8_cache_and_its_refusals(converted_factory):
