@@ -69,6 +69,8 @@ def test_kept_heap_reuses_freed_activations_instead_of_faulting_them_in():
         return int(done.stdout.strip().splitlines()[-1])
 
     default = faults("default")
-    if default < 10 * 5120:  # 10 passes of 40 MiB are 102,400 pages when nothing is reused
+    # 10 passes of 40 MiB are 102,400 pages when nothing is reused; glibc's adaptive threshold
+    # reuses some of them, more or less depending on what ran in the process before.
+    if default < 1000:
         pytest.skip(f"this allocator already reuses freed blocks ({default} page faults)")
     assert faults("keep") < default / 20
