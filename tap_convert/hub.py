@@ -42,6 +42,12 @@ def _figure(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _gptq_order(table: RoutingTable) -> str:
+    """The GPTQ column order for the card's method line ("" for tables written before it was recorded)."""
+    order = table.calibration.extra.get("gptq_order")
+    return f"; GPTQ in {order} order" if order else ""
+
+
 def _methods(table: RoutingTable) -> dict[str, int]:
     counts: dict[str, int] = {}
     for policy in table.linear.values():
@@ -91,7 +97,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 |---|---|
 {bits_rows}
 
-Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())});
+Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)});
 promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
 embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept in float32: {len(table.kept)}.
 

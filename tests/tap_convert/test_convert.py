@@ -105,6 +105,7 @@ def test_model_card_front_matter_and_figures(converted_factory):
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "  - tap\n" in card
     assert "base_model:" not in card  # converted from a local directory, not a Hub repo
     assert "| hidden_norm | " in card and "tier-8" in card
+    assert "by gptq; GPTQ in activation order)" in card
 
 
 def test_target_bits_promotes_layers_and_the_runtime_honours_it(tiny_model_factory, calibration_text_file, tmp_path):
