@@ -1,10 +1,12 @@
-"""What format 2's storage choices cost or save, measured on a real model's weights.
+"""What the format's storage choices cost or save, measured on a real model's weights.
 
 Three measurements, none of which read evaluation text:
 1. The embedding's 8-bit rows: relative round-to-nearest error for each column-scale exponent
    (what the converter chooses from, ``tap_convert/column_scales.py``).
 2. Asymmetric 4-bit planes (groups of 64, importance-free clip search) of every linear in one
-   decoder layer: plane error with float16 zero points, one-byte eighths (format 2) and integers.
+   decoder layer: plane error with float16 zero points, one-byte eighths (format 2), integers,
+   and eighths with 8-bit log-coded scales (format 3); then the symmetric residual plane of what
+   the format-3 base plane left, with float16 and with 8-bit scales.
 3. With ``--tap`` checkpoints: the stored head rows' logit error and embedding error against the
    source, on the final hidden states of a few calibration windows.
 
@@ -48,8 +50,8 @@ def _read(names: dict[str, str], key: str) -> torch.Tensor:
 def _plane_error(weight: torch.Tensor, spec: PlaneSpec, integer_zeros: bool) -> float:
     original = quantize_module._candidate
 
-    def integer(groups, ratio, plane_spec):
-        scales, zeros = original(groups, ratio, plane_spec)
+    def integer(groups, ratio, plane_spec, reference=None):
+        scales, zeros = original(groups, ratio, plane_spec, reference)
         return scales, torch.clamp(torch.round(zeros), 0, 2**plane_spec.bits - 1)
 
     quantize_module._candidate = integer if integer_zeros else original
@@ -58,6 +60,17 @@ def _plane_error(weight: torch.Tensor, spec: PlaneSpec, integer_zeros: bool) -> 
     finally:
         quantize_module._candidate = original
     return float((dequantize_plane(plane) - weight).pow(2).sum() / weight.pow(2).sum())
+
+
+def _residual_errors(weight: torch.Tensor) -> tuple[float, float]:
+    """Relative error of tier 8 (format-3 base plus a residual with float16, then 8-bit, scales)."""
+    base = quantize_module.quantize_plane(weight, PlaneSpec(4, 64, False))
+    remainder = weight - dequantize_plane(base)
+    errors = []
+    for scale_bits in (16, 8):
+        residual = quantize_module.quantize_plane(remainder, PlaneSpec(4, 64, True, scale_bits=scale_bits))
+        errors.append(float((remainder - dequantize_plane(residual)).pow(2).sum() / weight.pow(2).sum()))
+    return errors[0], errors[1]
 
 
 def _stored_rows(checkpoint: str, name: str) -> torch.Tensor:
@@ -88,17 +101,22 @@ def main() -> None:
     for alpha, error in errors.items():
         print(f"{alpha:8.2f}  {error:.3e}{'  (chosen)' if alpha == exponent else ''}")
 
-    print(f"\n# layer {args.layer}: asymmetric 4-bit g64 plane error by zero-point storage (ratio to float16)")
-    print(f"{'linear':28s} {'float16':>10s} {'eighths':>10s} {'integer':>10s}")
+    print(f"\n# layer {args.layer}: asymmetric 4-bit g64 plane error by zero-point and scale storage "
+          "(ratio to float16 scales and zeros); tier-8 residual error by scale storage")
+    print(f"{'linear':28s} {'float16':>10s} {'eighths':>10s} {'integer':>10s} {'8b scales':>10s} "
+          f"{'t8 f16 sc':>10s} {'t8 8b sc':>10s}")
     prefix = f".layers.{args.layer}."
     for key in sorted(k for k in names if prefix in k and k.endswith("proj.weight")):
         weight = _read(names, key)
         errors = [
-            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=16), False),
-            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=8), False),
-            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=16), True),
+            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=16, scale_bits=16), False),
+            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=8, scale_bits=16), False),
+            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=16, scale_bits=16), True),
+            _plane_error(weight, PlaneSpec(4, 64, False, zero_bits=8, scale_bits=8), False),
         ]
-        print(f"{key.split(prefix)[1]:28s} {errors[0]:10.3e} {errors[1] / errors[0]:10.4f} {errors[2] / errors[0]:10.4f}")
+        tier8_f16, tier8_8bit = _residual_errors(weight)
+        ratios = " ".join(f"{e / errors[0]:10.4f}" for e in errors[1:])
+        print(f"{key.split(prefix)[1]:28s} {errors[0]:10.3e} {ratios} {tier8_f16:10.3e} {tier8_8bit / tier8_f16:10.4f}")
 
     if not args.tap:
         return

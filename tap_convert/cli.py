@@ -9,7 +9,7 @@ import sys
 from tap_runtime.errors import TapError
 from tap_runtime.format import ROUTER_TARGETS
 
-from .convert import ConvertOptions, convert
+from .convert import SCALE_BITS_CHOICES, ConvertOptions, convert
 from .gptq import GPTQ_ORDERS
 from .push import push_to_hub
 from .writer import DEFAULT_MAX_SHARD_BYTES
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain per-row int8 embedding/head rows, without per-column scales (ablation)")
     parser.add_argument("--gptq-order", choices=list(GPTQ_ORDERS), default=defaults.gptq_order,
                         help="GPTQ's column order: activation (strongest input channels first, default) or column")
+    parser.add_argument("--scale-bits", type=int, choices=list(SCALE_BITS_CHOICES), default=defaults.scale_bits,
+                        help="group scales as 8-bit log codes (default) or float16, as format 2 stored them")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
                         help="what the router learns to predict: layer_error (default) or loss_impact")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         sink_weighting=not args.no_sink_weighting,
         column_scales=not args.no_column_scales,
         gptq_order=args.gptq_order,
+        scale_bits=args.scale_bits,
         base_model=args.base_model,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,

@@ -50,11 +50,12 @@ from .sketch import error_sketches
 from .quantize import quantize_rows, quantize_tiers
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 
-__all__ = ["ConvertOptions", "convert", "choose_group_size"]
+__all__ = ["ConvertOptions", "convert", "choose_group_size", "SCALE_BITS_CHOICES"]
 
 _log = logging.getLogger(__name__)
 _MIN_GROUP_SIZE = 32
 METHODS = ("gptq", "rtn")
+SCALE_BITS_CHOICES = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class ConvertOptions:
     # GPTQ's column order: "activation" (strongest input channels first, static groups) or
     # "column" (left to right, the order of format 2's first checkpoints).
     gptq_order: str = "activation"
+    # How group scales are stored: 8 (uint8 log codes under a per-plane reference, format 3) or
+    # 16 (float16, as format 2 stored them; for ablations).
+    scale_bits: int = 8
     base_model: str | None = None  # Hub id of the source, for the model card when converting a local copy
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -106,6 +110,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--scheme {self.scheme!r} is unknown; expected one of {list(SCHEME_CHOICES)}.")
         if self.gptq_order not in GPTQ_ORDERS:
             raise InvalidConfigError(f"--gptq-order {self.gptq_order!r} is unknown; expected one of {list(GPTQ_ORDERS)}.")
+        if self.scale_bits not in SCALE_BITS_CHOICES:
+            raise InvalidConfigError(f"--scale-bits {self.scale_bits!r} is unknown; expected one of {list(SCALE_BITS_CHOICES)}.")
         if self.router_target not in ROUTER_TARGETS:
             raise InvalidConfigError(f"--router-target {self.router_target!r} is unknown; expected one of {list(ROUTER_TARGETS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
@@ -130,10 +136,12 @@ def choose_group_size(in_features: int, preferred: int) -> int | None:
     return None
 
 
-def _plane_specs(tiers: tuple[int, ...], group_size: int, base_symmetric: bool = False) -> tuple[PlaneSpec, ...]:
+def _plane_specs(
+    tiers: tuple[int, ...], group_size: int, base_symmetric: bool = False, scale_bits: int = 8
+) -> tuple[PlaneSpec, ...]:
     # The base plane's scheme is chosen per layer; residuals are centred, hence symmetric.
     return tuple(
-        PlaneSpec(bits=PLANE_BITS, group_size=group_size, symmetric=base_symmetric if i == 0 else True)
+        PlaneSpec(bits=PLANE_BITS, group_size=group_size, symmetric=base_symmetric if i == 0 else True, scale_bits=scale_bits)
         for i in range(len(tiers))
     )
 
@@ -220,7 +228,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             second_moment = site_stats.hessian if full else site_stats.mean_square
         errors = scheme_errors(weight, group_sizes[site.name], second_moment, site_stats.mean_square)
         scheme, scheme_reason = choose_scheme(errors, options.scheme)
-        specs = _plane_specs(options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric")
+        specs = _plane_specs(
+            options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric", scale_bits=options.scale_bits
+        )
         if options.method == "gptq" and full:
             method = "gptq"
             planes[site.name] = gptq_tiers(weight, specs, second_moment, options.gptq_order)

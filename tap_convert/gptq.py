@@ -17,7 +17,7 @@ from tap_runtime.format import PlaneSpec
 from tap_runtime.packing import pack_int4
 from tap_runtime.planes import Plane, RowQuantized, dequantize_plane
 
-from .quantize import CLIP_RATIOS, _candidate
+from .quantize import CLIP_RATIOS, _candidate, scale_reference_for
 
 __all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING", "GPTQ_ORDERS"]
 
@@ -27,13 +27,15 @@ _BLOCK = 128
 GPTQ_ORDERS = ("activation", "column")
 
 
-def _group_parameters(groups: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_parameters(
+    groups: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor, reference: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best clip ratio per row for one group. groups: (out, group_size); importance: (group_size,)."""
     groups3 = groups.unsqueeze(1)  # (out, 1, group_size)
     max_code = 2**spec.bits - 1
     best = None
     for ratio in CLIP_RATIOS:
-        scales, zeros = _candidate(groups3, ratio, spec)
+        scales, zeros = _candidate(groups3, ratio, spec, reference)
         codes = torch.clamp(torch.round(groups3 / scales + zeros), 0, max_code)
         err = (((codes - zeros) * scales - groups3) ** 2 * importance).sum(dim=-1, keepdim=True)
         if best is None:
@@ -60,11 +62,13 @@ def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor) -> torch.
     raise ValueError("layer-input Hessian is not positive definite even after damping x 1e5")
 
 
-def _static_group_parameters(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_group_parameters(
+    weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor, reference: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every group's scale and zero, chosen up front from the weights before any compensation."""
     group_size = spec.group_size
     params = [
-        _group_parameters(weight[:, start : start + group_size], spec, importance[start : start + group_size])
+        _group_parameters(weight[:, start : start + group_size], spec, importance[start : start + group_size], reference)
         for start in range(0, weight.shape[1], group_size)
     ]
     return torch.stack([s for s, _ in params], dim=1), torch.stack([z for _, z in params], dim=1)
@@ -96,8 +100,11 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, ord
     importance = importance + importance.mean() * 1e-3 + 1e-12
     group_size = spec.group_size
     num_groups = in_features // group_size
+    # From the weights before compensation: in column order a later group may want a larger
+    # scale than this allows and is clipped a little more (the largest code is the reference).
+    reference = scale_reference_for(weight, spec)
     if order == "activation":
-        scales, zeros = _static_group_parameters(weight, spec, importance)
+        scales, zeros = _static_group_parameters(weight, spec, importance, reference)
         permutation = torch.argsort(torch.diag(hessian), descending=True, stable=True)
     else:
         scales, zeros = torch.zeros(out_features, num_groups), torch.zeros(out_features, num_groups)
@@ -118,7 +125,9 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, ord
             column = original_columns[start + i]
             group = column // group_size
             if order == "column" and column % group_size == 0:
-                s, z = _group_parameters(block_weight[:, i : i + group_size], spec, importance[column : column + group_size])
+                s, z = _group_parameters(
+                    block_weight[:, i : i + group_size], spec, importance[column : column + group_size], reference
+                )
                 scales[:, group], zeros[:, group] = s, z
             s, z = scales[:, group], zeros[:, group]
             q = torch.clamp(torch.round(block_weight[:, i] / s + z), 0, max_code)
@@ -132,6 +141,7 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, ord
         qweight=pack_int4(codes),
         scales=scales.to(torch.float16).contiguous(),
         zeros=None if spec.symmetric else zeros.to(torch.float16).contiguous(),
+        scale_reference=reference,
     )
 
 

@@ -48,6 +48,13 @@ def _gptq_order(table: RoutingTable) -> str:
     return f"; GPTQ in {order} order" if order else ""
 
 
+def scale_storage(table: RoutingTable) -> str:
+    """How the planes' group scales are stored, in words (for inspect and the model card)."""
+    kinds = {spec.scale_bits for policy in table.linear.values() for spec in policy.planes}
+    words = {8: "8-bit log codes under a float32 reference per plane", 16: "float16"}
+    return " and ".join(words[k] for k in sorted(kinds)) or "none"
+
+
 def _methods(table: RoutingTable) -> dict[str, int]:
     counts: dict[str, int] = {}
     for policy in table.linear.values():
@@ -97,7 +104,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 |---|---|
 {bits_rows}
 
-Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)});
+Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)}; group scales as {scale_storage(table)});
 promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
 embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept in float32: {len(table.kept)}.
 

@@ -15,6 +15,8 @@ from tap_runtime.checkpoint import read_checkpoint, verify_files
 from tap_runtime.errors import TapError
 from tap_runtime.format import RoutingTable
 
+from .hub import scale_storage
+
 __all__ = ["inspect_checkpoint", "scheme_wins", "token_tier_shares", "plot_precision_map"]
 
 
@@ -97,6 +99,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
     lines.append(f"  source model {calibration.extra.get('source_model')}")
     if calibration.extra.get("gptq_order"):
         lines.append(f"  GPTQ column order: {calibration.extra['gptq_order']}")
+    lines.append(f"  group scales: {scale_storage(table)}")
     ok = all(status == "ok" for _, _, status in files)
     lines += ["", "all files verified" if ok else "SOME FILES FAILED VERIFICATION"]
     return "\n".join(lines), ok

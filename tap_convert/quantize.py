@@ -15,7 +15,7 @@ from tap_runtime.format import PlaneSpec
 from tap_runtime.packing import pack_int4
 from tap_runtime.planes import Plane, RowQuantized, dequantize_plane
 
-__all__ = ["CLIP_RATIOS", "quantize_plane", "quantize_tiers", "quantize_rows", "sqnr_db"]
+__all__ = ["CLIP_RATIOS", "scale_reference_for", "quantize_plane", "quantize_tiers", "quantize_rows", "sqnr_db"]
 
 # Candidate clipping ratios of the group range; 1.0 is plain min/max round-to-nearest.
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -26,28 +26,50 @@ def _codes_for(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return torch.clamp(torch.round(groups / scales + zeros), 0, max_code)
 
 
-def _candidate(groups: torch.Tensor, ratio: float, spec: PlaneSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros (float16-rounded, as stored) for one clip ratio. Shapes (out, groups, 1)."""
+def _unclipped_scales(groups: torch.Tensor, spec: PlaneSpec) -> torch.Tensor:
+    """Each group's scale at clip ratio 1 (the largest any ratio gives). groups: (..., group_size)."""
+    if spec.symmetric:
+        return groups.abs().amax(dim=-1, keepdim=True) / (2 ** (spec.bits - 1) - 1)
+    return (groups.amax(dim=-1, keepdim=True) - groups.amin(dim=-1, keepdim=True)) / (2**spec.bits - 1)
+
+
+def scale_reference_for(weight: torch.Tensor, spec: PlaneSpec) -> torch.Tensor | None:
+    """The plane's scale reference (see PlaneSpec.scale_bits): the largest unclipped group scale
+    of ``weight`` (out, in); None where scales are stored as float16."""
+    groups = weight.detach().to(torch.float32).reshape(weight.shape[0], -1, spec.group_size)
+    return spec.scale_reference(_unclipped_scales(groups, spec).max())
+
+
+def _candidate(
+    groups: torch.Tensor, ratio: float, spec: PlaneSpec, reference: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros (rounded as stored) for one clip ratio. Shapes (out, groups, 1).
+
+    ``reference``: the plane's scale reference when ``spec.scale_bits`` is 8.
+    """
     max_code = 2**spec.bits - 1
     if spec.symmetric:
         mid = 2 ** (spec.bits - 1)
         absmax = groups.abs().amax(dim=-1, keepdim=True) * ratio
         scales = (absmax / (mid - 1)).clamp_min(_MIN_SCALE)
         zeros = torch.full_like(scales, float(mid))
-    else:
-        low = groups.amin(dim=-1, keepdim=True)
-        high = groups.amax(dim=-1, keepdim=True)
-        # Shrink the range about its centre: the clipped range still covers the bulk of the group.
-        centre = (high + low) / 2
-        half = (high - low) / 2 * ratio
-        low = centre - half
+        scales = spec.round_scales(scales, reference).clamp_min(_MIN_SCALE)
+        return scales, zeros
+    low = groups.amin(dim=-1, keepdim=True)
+    high = groups.amax(dim=-1, keepdim=True)
+    # Shrink the range about its centre: the clipped range still covers the bulk of the group.
+    centre = (high + low) / 2
+    half = (high - low) / 2 * ratio
+    if spec.scale_bits == 16:
         scales = (2 * half / max_code).clamp_min(_MIN_SCALE)
-        zeros = -low / scales
-    # Round to the stored precision before choosing codes, so the codes fit what is stored.
-    scales = scales.to(torch.float16).to(torch.float32).clamp_min(_MIN_SCALE)
-    if not spec.symmetric:
-        zeros = spec.round_zeros(zeros)
-    return scales, zeros
+        zeros = -(centre - half) / scales
+        # Round to the stored precision before choosing codes, so the codes fit what is stored.
+        scales = spec.round_scales(scales, reference).clamp_min(_MIN_SCALE)
+    else:
+        # A log-coded scale may move by up to 1.1%: keep the code range centred on the group's.
+        scales = spec.round_scales((2 * half / max_code).clamp_min(_MIN_SCALE), reference).clamp_min(_MIN_SCALE)
+        zeros = max_code / 2 - centre / scales
+    return scales, spec.round_zeros(zeros)
 
 
 def quantize_plane(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor | None = None) -> Plane:
@@ -79,10 +101,11 @@ def quantize_plane(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tens
         # Keep every channel in play: a channel unseen in calibration may still see tokens later.
         channel_weight = channel_weight + channel_weight.mean() * 1e-3 + 1e-12
     max_code = 2**spec.bits - 1
+    reference = scale_reference_for(weight, spec)
     best_err = None
     best_scales = best_zeros = None
     for ratio in CLIP_RATIOS:
-        scales, zeros = _candidate(groups, ratio, spec)
+        scales, zeros = _candidate(groups, ratio, spec, reference)
         codes = _codes_for(groups, scales, zeros, max_code)
         err = (((codes - zeros) * scales - groups) ** 2 * channel_weight).sum(dim=-1, keepdim=True)
         if best_err is None:
@@ -98,6 +121,7 @@ def quantize_plane(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tens
         qweight=pack_int4(codes.reshape(out_features, in_features)),
         scales=best_scales.squeeze(-1).to(torch.float16).contiguous(),
         zeros=None if spec.symmetric else best_zeros.squeeze(-1).to(torch.float16).contiguous(),
+        scale_reference=reference,
     )
 
 

@@ -68,9 +68,11 @@ __all__ = [
 ]
 
 # 2: an embedding or head may carry per-column scales (``column_scales``), and zero points are
-# uint8 eighths (PlaneSpec.zero_bits); a version-1 runtime would misread both, so it must refuse. Version 1 checkpoints still load.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
+# uint8 eighths (PlaneSpec.zero_bits); a version-1 runtime would misread both, so it must refuse.
+# 3: group scales may be uint8 log codes under a per-plane float32 ``scale_reference``
+# (PlaneSpec.scale_bits), which a version-2 runtime would read as float16. Versions 1-2 still load.
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3})
 QUANT_METHOD = "tap"
 
 CONFIG_FILE = "config.json"
@@ -99,11 +101,12 @@ PLANE_BITS = 4  # every plane, base or residual, is 4-bit; a tier adds planes
 EMBEDDING_BITS = 8
 
 # Tensor fields of one plane. qweight: uint8 (out_features, in_features // 2), two 4-bit codes
-# per byte, low nibble first. scales: float16 (out_features, in_features // group_size); zeros:
-# the same shape, uint8 eighths (float16 in format 1, see PlaneSpec.zero_bits);
-# the plane dequantizes as (q - zero) * scale. Symmetric planes store no zeros: zero is
-# 2**(bits-1) for every group (see PlaneSpec.fields).
-PLANE_FIELDS = ("qweight", "scales", "zeros")
+# per byte, low nibble first. scales: (out_features, in_features // group_size), uint8 log codes
+# under scale_reference, float32 (1,) (float16 scales and no reference up to format 2, see
+# PlaneSpec.scale_bits); zeros: the same shape, uint8 eighths (float16 in format 1, see
+# PlaneSpec.zero_bits); the plane dequantizes as (q - zero) * scale. Symmetric planes store no
+# zeros: zero is 2**(bits-1) for every group (see PlaneSpec.fields).
+PLANE_FIELDS = ("qweight", "scales", "zeros", "scale_reference")
 # Tensor fields of an 8-bit embedding or output head. qweight: int8 (num_embeddings,
 # embedding_dim); scales: float16 (num_embeddings,); column_scales: float32 (embedding_dim,),
 # only where the policy says ``column_scale_exponent`` != 0. Row v dequantizes as
@@ -216,21 +219,35 @@ def _get(data: dict, key: str, kind: type | tuple[type, ...], path: str | Path, 
 class PlaneSpec:
     """How one 4-bit plane is quantized: group-wise scales, with or without zero points.
 
-    ``zero_bits`` says how stored zero points are encoded: 8 (format 2) is uint8 in eighths of
+    ``zero_bits`` says how stored zero points are encoded: 8 (format 2 on) is uint8 in eighths of
     a code step, zero = stored / 8 - 8, covering [-8, 23.875]; 16 (format 1) is float16.
     Eighths change a plane's error by under 0.5% against float16 zeros (measured on gemma-3
     and SmolLM2 layers) and halve their bytes; integer zero points would cost 9-30%.
+
+    ``scale_bits`` says how group scales are stored: 8 (format 3) is a uint8 code c per group,
+    scale = float16(reference * 2**(-c / 32)), one float32 reference per plane (the largest
+    scale the plane can need); 16 (formats 1-2) is float16. Steps of 2**(1/32) keep every scale
+    within 1.1% of the one asked for over a 250x range below the reference (groups needing less
+    take the smallest code), and the codes are chosen before the weights are rounded, so the
+    rounding compensates. Like K-quants' quantized block scales, this halves the bytes of scales.
     """
 
     bits: int
     group_size: int
     symmetric: bool
     zero_bits: int = 8
+    scale_bits: int = 8
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The tensors stored for this plane: symmetric planes have an implied zero point."""
-        return PLANE_FIELDS[:2] if self.symmetric else PLANE_FIELDS
+        """The tensors stored for this plane: symmetric planes have an implied zero point,
+        float16 scales need no reference."""
+        names = ["qweight", "scales"]
+        if not self.symmetric:
+            names.append("zeros")
+        if self.scale_bits == 8:
+            names.append("scale_reference")
+        return tuple(names)
 
     @property
     def implied_zero(self) -> float:
@@ -239,6 +256,10 @@ class PlaneSpec:
     @property
     def zero_dtype(self) -> torch.dtype:
         return torch.uint8 if self.zero_bits == 8 else torch.float16
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.scale_bits == 8 else torch.float16
 
     def round_zeros(self, zeros: torch.Tensor) -> torch.Tensor:
         """Zero points rounded to what is stored (float32), so codes are chosen against them."""
@@ -260,26 +281,78 @@ class PlaneSpec:
             return stored.to(torch.float16)
         return (stored.to(torch.float32) / _ZERO_STEPS_PER_CODE - _ZERO_OFFSET).to(torch.float16)
 
+    def scale_reference(self, largest_scale: torch.Tensor | float) -> torch.Tensor | None:
+        """The plane's float32 (1,) reference for the largest scale it may need; None for float16 scales."""
+        if self.scale_bits == 16:
+            return None
+        return torch.as_tensor(largest_scale, dtype=torch.float32).reshape(1).clamp_min(_MIN_SCALE_REFERENCE)
+
+    def scale_grid(self, reference: torch.Tensor) -> torch.Tensor:
+        """float16 (256,): the scale each code stands for, largest (code 0) first."""
+        codes = torch.arange(_SCALE_CODES, dtype=torch.float32)
+        return (reference.to(torch.float32).reshape(1) * torch.exp2(-codes / _SCALE_STEPS_PER_OCTAVE)).to(torch.float16)
+
+    def round_scales(self, scales: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """Scales rounded to what is stored (float32), so codes are chosen against them."""
+        if self.scale_bits == 16:
+            return scales.to(torch.float16).to(torch.float32)
+        return self.decode_scales(self._scale_codes(scales, reference), reference).to(torch.float32)
+
+    def _scale_codes(self, scales: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        ratio = scales.to(torch.float32) / reference.to(torch.float32)
+        codes = torch.round(-torch.log2(ratio.clamp_min(1e-30)) * _SCALE_STEPS_PER_OCTAVE)
+        return torch.clamp(codes, 0, _SCALE_CODES - 1).to(torch.uint8)
+
+    def encode_scales(self, scales: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """float16 scales already on the plane's grid -> the stored tensor.
+
+        Looked up in the grid itself (the nearest of its values), so a scale decodes back to
+        exactly the float16 value the converter rounded against, even where float16 loses digits.
+        """
+        if self.scale_bits == 16:
+            return scales.to(torch.float16)
+        descending = self.scale_grid(reference).to(torch.float32)
+        ascending = descending.flip(0)
+        values = scales.to(torch.float32).contiguous()
+        upper = torch.searchsorted(ascending, values).clamp(max=_SCALE_CODES - 1)
+        lower = (upper - 1).clamp_min(0)
+        nearer_lower = (values - ascending[lower]).abs() <= (ascending[upper] - values).abs()
+        index = torch.where(nearer_lower, lower, upper)
+        return (_SCALE_CODES - 1 - index).to(torch.uint8)
+
+    def decode_scales(self, stored: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """The stored tensor -> float16 scales."""
+        if self.scale_bits == 16:
+            return stored.to(torch.float16)
+        return self.scale_grid(reference)[stored.to(torch.int64)]
+
     def stored_bits_per_weight(self) -> float:
-        """Bits per weight including the float16 scale (and zero, if stored) of each group."""
+        """Bits per weight including each group's scale (and zero, if stored)."""
         zero_bits = 0 if self.symmetric else self.zero_bits
-        return self.bits + (16.0 + zero_bits) / self.group_size
+        return self.bits + (self.scale_bits + zero_bits) / self.group_size
 
     @classmethod
     def from_dict(cls, data: dict, path: str | Path, where: str) -> "PlaneSpec":
         zero_bits = data.get("zero_bits", 16)  # absent in format 1, which stored float16 zeros
         if zero_bits not in (8, 16):
             raise CorruptCheckpointError(f"{path}: '{where}zero_bits' is {zero_bits!r}; expected 8 or 16. Convert again.")
+        scale_bits = data.get("scale_bits", 16)  # absent up to format 2, which stored float16 scales
+        if scale_bits not in (8, 16):
+            raise CorruptCheckpointError(f"{path}: '{where}scale_bits' is {scale_bits!r}; expected 8 or 16. Convert again.")
         return cls(
             bits=_get(data, "bits", int, path, where),
             group_size=_get(data, "group_size", int, path, where),
             symmetric=_get(data, "symmetric", bool, path, where),
             zero_bits=zero_bits,
+            scale_bits=scale_bits,
         )
 
 
 _ZERO_STEPS_PER_CODE = 8
 _ZERO_OFFSET = 8.0
+_SCALE_STEPS_PER_OCTAVE = 32
+_SCALE_CODES = 256
+_MIN_SCALE_REFERENCE = 1e-30
 
 
 @dataclass(frozen=True)

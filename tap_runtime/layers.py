@@ -38,8 +38,9 @@ def _plane_shapes(policy: LinearPolicy, plane_index: int) -> dict[str, tuple[tup
     groups = policy.in_features // spec.group_size
     shapes = {
         "qweight": ((policy.out_features, policy.in_features // 2), torch.uint8),
-        "scales": ((policy.out_features, groups), torch.float16),
+        "scales": ((policy.out_features, groups), spec.scale_dtype),
         "zeros": ((policy.out_features, groups), spec.zero_dtype),
+        "scale_reference": ((1,), torch.float32),
     }
     return {name: shapes[name] for name in spec.fields}
 
@@ -121,9 +122,9 @@ class TapLinear(nn.Module):
         self._prepared: list = []
 
     def planes(self) -> list[Plane]:
-        """The portable planes as loaded (available until :meth:`prepare` releases them)."""
+        """The portable planes as loaded, decoded (available until :meth:`prepare` releases them)."""
         return [
-            Plane(spec, **{f: getattr(self, plane_tensor_suffix(i, f)).data for f in spec.fields})
+            Plane.from_stored(spec, {f: getattr(self, plane_tensor_suffix(i, f)).data for f in spec.fields})
             for i, spec in enumerate(self.policy.planes)
         ]
 
@@ -140,16 +141,7 @@ class TapLinear(nn.Module):
         packed now; plane i >= always_planes is read from ``residual_sources[i]`` (shard file,
         field -> tensor name) and packed when a routed token first needs it.
         """
-        # transformers may have cast the float16 scales to the model dtype; back to what was stored.
-        planes = [
-            Plane(
-                p.spec,
-                p.qweight,
-                p.scales.to(torch.float16),
-                None if p.zeros is None else p.spec.decode_zeros(p.zeros),
-            )
-            for p in self.planes()
-        ]
+        planes = self.planes()
         self.kernel = kernel
         if residual_cache is None:
             self._prepared = [kernel.prepare_plane(p) for p in planes]

@@ -23,21 +23,43 @@ class Plane:
     qweight: uint8 (out_features, in_features // 2), packed codes.
     scales:  float16 (out_features, in_features // group_size).
     zeros:   float16 (out_features, in_features // group_size), in code units; None for a
-             symmetric plane, whose zero is ``spec.implied_zero``. In memory always float16;
-             on disk as ``spec.zero_bits`` says (see :meth:`stored_tensors`).
+             symmetric plane, whose zero is ``spec.implied_zero``.
+    scale_reference: float32 (1,), the reference of 8-bit scale codes; None for float16 scales.
+    Scales and zeros are float16 in memory and on disk as ``spec.scale_bits`` and
+    ``spec.zero_bits`` say (see :meth:`stored_tensors` and :meth:`from_stored`).
     """
 
     spec: PlaneSpec
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
+    scale_reference: torch.Tensor | None = None
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """Field name -> the tensor as the checkpoint stores it (zero points encoded)."""
+        """Field name -> the tensor as the checkpoint stores it (scales and zero points encoded)."""
         stored = {name: getattr(self, name) for name in self.spec.fields}
+        stored["scales"] = self.spec.encode_scales(self.scales, self.scale_reference)
         if "zeros" in stored:
             stored["zeros"] = self.spec.encode_zeros(stored["zeros"])
         return stored
+
+    @classmethod
+    def from_stored(cls, spec: PlaneSpec, stored: dict[str, torch.Tensor]) -> "Plane":
+        """The plane from its stored tensors (field name -> tensor), scales and zeros decoded.
+
+        Float scales are taken back to float16 first: a loader may have cast them to its dtype.
+        """
+        reference = stored.get("scale_reference")
+        if reference is not None:
+            reference = reference.to(torch.float32)
+        zeros = stored.get("zeros")
+        return cls(
+            spec,
+            stored["qweight"],
+            spec.decode_scales(stored["scales"], reference),
+            None if zeros is None else spec.decode_zeros(zeros),
+            reference,
+        )
 
     def zeros_or_implied(self) -> torch.Tensor:
         """(out_features, groups) zero points, materialising the implied ones."""

@@ -83,10 +83,7 @@ class LazyPlane:
 
         with safe_open(str(self.shard), framework="pt") as handle:
             fields = {name: handle.get_tensor(key).clone() for name, key in self.tensor_names.items()}
-        fields["scales"] = fields["scales"].to(torch.float16)
-        if "zeros" in fields:
-            fields["zeros"] = self.spec.decode_zeros(fields["zeros"])
-        return Plane(self.spec, **fields)
+        return Plane.from_stored(self.spec, fields)
 
     def resolve(self) -> Any:
         return self.cache.get(self)

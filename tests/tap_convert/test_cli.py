@@ -46,6 +46,8 @@ def test_parser_defaults_are_the_documented_ones():
     assert build_parser().parse_args(["model", "--out", "o", "--no-column-scales"]).no_column_scales
     assert args.gptq_order == "activation"
     assert build_parser().parse_args(["model", "--out", "o", "--gptq-order", "column"]).gptq_order == "column"
+    assert args.scale_bits == 8
+    assert build_parser().parse_args(["model", "--out", "o", "--scale-bits", "16"]).scale_bits == 16
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "--out", "o", "--tiers", "four"])
 
@@ -59,6 +61,7 @@ def test_inspect_reports_and_verifies(converted_factory, capsys):
     assert "all files verified" in report and "tiers [4, 8]" in report
     assert "model.layers.1.mlp.down_proj" in report and "signal loss_gradient" in report
     assert "calibration:" in report and "GPTQ column order: activation" in report
+    assert "group scales: 8-bit log codes under a float32 reference per plane" in report
     assert "base-plane scheme with the lowest measured error" in report and "down_proj" in report
 
 

@@ -2,13 +2,14 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tap_convert import ConvertOptions, convert
 from tap_convert.convert import choose_group_size
 from tap_runtime.checkpoint import file_sha256
 from tap_runtime.errors import CalibrationDataError, InvalidConfigError, UnsupportedArchitectureError
-from tap_runtime.format import ROUTING_FILE, RoutingTable
+from tap_runtime.format import FORMAT_VERSION, ROUTING_FILE, RoutingTable
 
 from ..conftest import FAST_CONVERT
 
@@ -68,6 +69,35 @@ def test_gptq_order_is_recorded_and_validated(converted_factory, tiny_model_fact
         ConvertOptions(gptq_order="random").validate()
 
 
+def test_scale_storage_is_recorded_validated_and_read_back(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    """Format 3 stores group scales as uint8 codes with one float32 reference per plane; float16
+    scales stay available (``scale_bits=16``) and load to the same kind of model."""
+    import tap_runtime
+
+    directory = converted_factory("llama")
+    table = RoutingTable.from_json(directory / ROUTING_FILE)
+    assert {spec.scale_bits for p in table.linear.values() for spec in p.planes} == {8}
+    name = "model.layers.0.mlp.up_proj"
+    with safe_open(str(directory / table.shards[0].file_name), "pt") as shard:
+        assert shard.get_tensor(f"{name}.weight_scales").dtype == torch.uint8
+        assert shard.get_tensor(f"{name}.residual1_scales").dtype == torch.uint8
+        assert shard.get_tensor(f"{name}.weight_scale_reference").dtype == torch.float32
+    options = ConvertOptions(calib=str(calibration_text_file), scale_bits=16, **FAST_CONVERT)
+    wide = convert(str(tiny_model_factory("llama")), tmp_path / "wide", options)
+    assert {spec.scale_bits for p in wide.linear.values() for spec in p.planes} == {16}
+    with safe_open(str(tmp_path / "wide" / wide.shards[0].file_name), "pt") as shard:
+        assert shard.get_tensor(f"{name}.weight_scales").dtype == torch.float16
+        assert f"{name}.weight_scale_reference" not in shard.keys()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        narrow_logits, wide_logits = tap_runtime.load(directory)(ids).logits, tap_runtime.load(tmp_path / "wide")(ids).logits
+    # Same model, scales within 1.1% of each other: the outputs agree closely, but not exactly.
+    assert torch.allclose(narrow_logits, wide_logits, atol=0.05 * wide_logits.abs().max())
+    assert not torch.equal(narrow_logits, wide_logits)
+    with pytest.raises(InvalidConfigError, match=r"--scale-bits 4 is unknown; expected one of \[8, 16\]"):
+        ConvertOptions(scale_bits=4).validate()
+
+
 def test_group_size_falls_back_to_a_divisor():
     assert choose_group_size(576, 128) == 64
     assert choose_group_size(640, 128) == 128
@@ -105,7 +135,7 @@ def test_model_card_front_matter_and_figures(converted_factory):
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "  - tap\n" in card
     assert "base_model:" not in card  # converted from a local directory, not a Hub repo
     assert "| hidden_norm | " in card and "tier-8" in card
-    assert "by gptq; GPTQ in activation order)" in card
+    assert "by gptq; GPTQ in activation order; group scales as 8-bit log codes under a float32 reference per plane)" in card
 
 
 def test_target_bits_promotes_layers_and_the_runtime_honours_it(tiny_model_factory, calibration_text_file, tmp_path):
@@ -152,7 +182,7 @@ def test_outlier_embedding_columns_get_column_scales(tiny_model_factory, calibra
     policy = table.embeddings["model.embed_tokens"]
     assert policy.column_scale_exponent > 0
     assert table.embeddings["lm_head"].column_scale_exponent == policy.column_scale_exponent  # tied: same rows
-    assert table.format_version == 2
+    assert table.format_version == FORMAT_VERSION
     with safe_open(str(tmp_path / "scaled" / table.shards[0].file_name), "pt") as shard:
         assert shard.get_tensor("model.embed_tokens.weight_column_scales").shape == (embedding.shape[1],)
 

@@ -5,7 +5,7 @@ from calibration.stats import InputSecondMoment
 from tap_convert.gptq import gptq_plane, gptq_rows, gptq_tiers
 from tap_convert.quantize import quantize_plane, quantize_rows, quantize_tiers, sqnr_db
 from tap_runtime.format import PlaneSpec
-from tap_runtime.planes import dequantize_plane, dequantize_planes
+from tap_runtime.planes import Plane, dequantize_plane, dequantize_planes
 
 
 def _problem(in_features=128, out_features=64, tokens=2048, seed=0):
@@ -132,7 +132,7 @@ def test_activation_order_keeps_codes_in_their_own_columns_and_groups():
     """Permuting the work must not permute the result: a weight whose columns already lie on one
     plane's grid comes back exactly, whatever order the columns were visited in."""
     generator = torch.Generator().manual_seed(3)
-    spec = PlaneSpec(4, 32, False)
+    spec = PlaneSpec(4, 32, False, scale_bits=16)  # float16 scales: the grid below is exactly storable
     codes = torch.randint(0, 16, (24, 96), generator=generator).float()
     codes[:, ::32], codes[:, 1::32] = 0, 15  # every group spans the whole grid
     scales = (torch.rand(24, 3, generator=generator) * 0.01 + 0.005).to(torch.float16).float().repeat_interleave(32, dim=1)
@@ -153,3 +153,16 @@ def test_gptq_tiers_pass_their_order_on_and_reject_unknown_orders():
     assert sqnr_db(reference, inputs @ dequantize_planes(activation, 2).t()) > sqnr_db(reference, inputs @ dequantize_planes(activation, 1).t()) + 10
     with pytest.raises(ValueError, match="order 'random' is unknown"):
         gptq_plane(weight, specs[0], moment.hessian, "random")
+
+
+@pytest.mark.parametrize("order", ["activation", "column"])
+def test_log_coded_scales_keep_the_output_error_and_store_exactly(order):
+    """Scale codes are fixed before the weights are rounded (or, in column order, when the group
+    starts), so GPTQ compensates against the scales that are stored."""
+    weight, inputs, moment = _skewed_problem(seed=1)
+    reference = inputs @ weight.t()
+    narrow = gptq_plane(weight, PlaneSpec(4, 32, False), moment.hessian, order)
+    wide = gptq_plane(weight, PlaneSpec(4, 32, False, scale_bits=16), moment.hessian, order)
+    assert sqnr_db(reference, inputs @ dequantize_plane(narrow).t()) > sqnr_db(reference, inputs @ dequantize_plane(wide).t()) - 0.1
+    restored = Plane.from_stored(narrow.spec, narrow.stored_tensors())
+    assert torch.equal(dequantize_plane(restored), dequantize_plane(narrow))

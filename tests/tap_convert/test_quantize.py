@@ -3,7 +3,7 @@ import torch
 
 from tap_convert.quantize import quantize_plane, quantize_rows, quantize_tiers, sqnr_db
 from tap_runtime.format import PlaneSpec
-from tap_runtime.planes import dequantize_plane, dequantize_planes, dequantize_rows
+from tap_runtime.planes import Plane, dequantize_plane, dequantize_planes, dequantize_rows
 
 
 def _weight(out_features=96, in_features=256, dtype=torch.float32, seed=0):
@@ -77,3 +77,28 @@ def test_rows_quantize_to_int8_with_high_sqnr():
     rows = quantize_rows(weight)
     assert rows.qweight.dtype == torch.int8 and rows.scales.shape == (500,)
     assert sqnr_db(weight, dequantize_rows(rows)) > 38.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_log_coded_scales_cost_almost_nothing_and_store_exactly(symmetric):
+    """8-bit log-coded scales (format 3) move each scale by at most 1.1%; the codes are chosen
+    against the stored scales, so the plane stays as good as with float16 scales."""
+    weight = _weight(in_features=512, seed=4)
+    narrow = quantize_plane(weight, PlaneSpec(4, 64, symmetric))
+    wide = quantize_plane(weight, PlaneSpec(4, 64, symmetric, scale_bits=16))
+    assert sqnr_db(weight, dequantize_plane(narrow)) > sqnr_db(weight, dequantize_plane(wide)) - 0.05
+    stored = narrow.stored_tensors()
+    assert stored["scales"].dtype == torch.uint8 and stored["scale_reference"].dtype == torch.float32
+    # The largest group's unclipped scale is the reference: nothing needs a larger code.
+    assert narrow.scales.float().max() <= stored["scale_reference"] * (1 + 1e-3)
+    # What is stored decodes to exactly the plane the converter measured.
+    assert torch.equal(dequantize_plane(Plane.from_stored(narrow.spec, stored)), dequantize_plane(narrow))
+
+
+def test_residual_plane_keeps_its_gain_with_log_coded_scales():
+    weight = _weight(seed=5)
+    errors = {}
+    for scale_bits in (8, 16):
+        specs = (PlaneSpec(4, 64, False, scale_bits=scale_bits), PlaneSpec(4, 64, True, scale_bits=scale_bits))
+        errors[scale_bits] = sqnr_db(weight, dequantize_planes(quantize_tiers(weight, specs), 2))
+    assert errors[8] > errors[16] - 0.1

@@ -23,6 +23,7 @@ from tap_runtime.format import (
 
 GOLDEN = Path(__file__).parent / "golden" / "routing_table.json"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "routing_table_v1.json"
+GOLDEN_V2 = Path(__file__).parent / "golden" / "routing_table_v2.json"
 
 
 def sample_table() -> RoutingTable:
@@ -75,10 +76,21 @@ def test_version_1_tables_still_read():
     table = RoutingTable.from_json(GOLDEN_V1)
     expected = sample_table()
     linear = {
-        n: replace(p, planes=tuple(replace(spec, zero_bits=16) for spec in p.planes)) for n, p in expected.linear.items()
+        n: replace(p, planes=tuple(replace(spec, zero_bits=16, scale_bits=16) for spec in p.planes))
+        for n, p in expected.linear.items()
     }
     assert table == replace(expected, format_version=1, linear=linear)
     assert not any(e.column_scaled for e in table.embeddings.values())
+
+
+def test_version_2_tables_still_read_with_float16_scales():
+    table = RoutingTable.from_json(GOLDEN_V2)
+    expected = sample_table()
+    linear = {
+        n: replace(p, planes=tuple(replace(spec, scale_bits=16) for spec in p.planes)) for n, p in expected.linear.items()
+    }
+    assert table == replace(expected, format_version=2, linear=linear)
+    assert all(spec.fields[-1] != "scale_reference" for p in table.linear.values() for spec in p.planes)
 
 
 def test_column_scaled_embedding_stores_its_scales():
@@ -99,10 +111,46 @@ def test_zero_points_are_stored_as_uint8_eighths():
     stored = spec.encode_zeros(rounded)
     assert stored.dtype == torch.uint8
     assert torch.equal(spec.decode_zeros(stored).to(torch.float32), rounded)
-    legacy = PlaneSpec(4, 64, False, zero_bits=16)
+    legacy = PlaneSpec(4, 64, False, zero_bits=16, scale_bits=16)
     assert legacy.encode_zeros(zeros).dtype == torch.float16
-    # A byte per zero instead of two: 4 + (16 + 8) / 64 bits per weight.
-    assert spec.stored_bits_per_weight() == 4 + 24 / 64 and legacy.stored_bits_per_weight() == 4 + 32 / 64
+    # A byte per zero instead of two: 4 + (8 + 8) / 64 bits per weight (format 3's scales are a
+    # byte too), 4 + (16 + 16) / 64 for format 1.
+    assert spec.stored_bits_per_weight() == 4 + 16 / 64 and legacy.stored_bits_per_weight() == 4 + 32 / 64
+
+
+def test_scales_are_stored_as_uint8_log_codes_under_a_reference():
+    spec = PlaneSpec(4, 64, True)
+    assert spec.fields == ("qweight", "scales", "scale_reference") and spec.scale_dtype == torch.uint8
+    reference = spec.scale_reference(0.02)
+    assert reference.dtype == torch.float32 and reference.shape == (1,)
+    wanted = torch.tensor([[0.02, 0.0199, 0.01, 0.0001, 0.00005, 0.5]])
+    rounded = spec.round_scales(wanted, reference)
+    # Steps of 2**(1/32): every scale within 1.1% of the one asked for, down to reference / 250;
+    # below that the smallest code, above the reference the largest.
+    relative = (rounded[0, :4] / wanted[0, :4] - 1).abs()
+    assert relative.max() <= 2 ** (1 / 64) - 1 + 1e-3
+    assert rounded[0, 4] == pytest.approx(0.02 * 2 ** (-255 / 32), rel=1e-3)
+    assert rounded[0, 5] == pytest.approx(0.02, rel=1e-3)
+    stored = spec.encode_scales(rounded.to(torch.float16), reference)
+    assert stored.dtype == torch.uint8 and stored[0, 0] == 0 and stored[0, 2] == 32  # half: one octave
+    # Decoding gives back exactly the float16 values the codes were chosen against.
+    assert torch.equal(spec.decode_scales(stored, reference), rounded.to(torch.float16))
+    # Where float16 runs out of digits (subnormals), codes still round-trip to the same value.
+    tiny = PlaneSpec(4, 64, True).scale_reference(1e-5)
+    grid = spec.scale_grid(tiny)
+    assert torch.equal(spec.decode_scales(spec.encode_scales(grid, tiny), tiny), grid)
+    legacy = PlaneSpec(4, 64, True, scale_bits=16)
+    assert legacy.scale_reference(0.02) is None and legacy.fields == ("qweight", "scales")
+    assert legacy.encode_scales(wanted, None).dtype == torch.float16
+
+
+def test_unknown_scale_bits_are_refused(tmp_path):
+    data = json.loads(sample_table().to_json())
+    data["linear"]["model.layers.0.mlp.up_proj"]["planes"][0]["scale_bits"] = 4
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match="scale_bits' is 4; expected 8 or 16"):
+        RoutingTable.from_json(path)
 
 
 def test_round_trip(tmp_path):
@@ -116,7 +164,7 @@ def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
     data["format_version"] = 99
     path = tmp_path / "tap_routing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2\]"):
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3\]"):
         RoutingTable.from_json(path)
 
 
@@ -156,8 +204,8 @@ def test_tensor_names():
 
 def test_bits_account_for_scales_and_zeros():
     policy = sample_table().linear["model.layers.0.mlp.up_proj"]
-    assert policy.bits_at_tier(4) == pytest.approx(4.375)  # 4 + (16-bit scale + 8-bit zero) / 64
-    assert policy.bits_at_tier(8) == pytest.approx(8.625)  # + 4 + scale * 16 / 64
+    assert policy.bits_at_tier(4) == pytest.approx(4.25)  # 4 + (8-bit scale + 8-bit zero) / 64
+    assert policy.bits_at_tier(8) == pytest.approx(8.375)  # + 4 + 8-bit scale / 64
 
 
 def test_quantization_config_entry():

@@ -224,6 +224,54 @@ def test_format_1_checkpoint_with_float16_zeros_still_loads(tiny_model_factory, 
         assert torch.equal(old(ids).logits, current(ids).logits)
 
 
+def test_format_2_checkpoint_with_float16_scales_still_loads(tiny_model_factory, calibration_text_file, tmp_path):
+    """Format 2 stored float16 group scales and no reference; its tables say nothing of scale_bits."""
+    import json
+    import shutil
+
+    from tap_convert import ConvertOptions, convert
+    from tap_runtime.format import ROUTING_FILE
+
+    from ..conftest import FAST_CONVERT
+
+    source = tmp_path / "wide"
+    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, scale_bits=16, **FAST_CONVERT)
+    convert(str(tiny_model_factory("llama")), source, options)
+    legacy = tmp_path / "v2"
+    shutil.copytree(source, legacy)
+    data = json.loads((legacy / ROUTING_FILE).read_text())
+    data["format_version"] = 2
+    for policy in data["linear"].values():
+        for spec in policy["planes"]:
+            del spec["scale_bits"]
+    (legacy / ROUTING_FILE).write_text(json.dumps(data, indent=2))
+    config = json.loads((legacy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 2
+    (legacy / "config.json").write_text(json.dumps(config))
+
+    ids = _ids()
+    current, old = tap_runtime.load(source), tap_runtime.load(legacy)
+    assert old.table.format_version == 2
+    assert {spec.scale_bits for p in old.table.linear.values() for spec in p.planes} == {16}
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, current(ids).logits)
+
+
+def test_scale_codes_decode_the_same_whatever_the_load_dtype(converted_factory):
+    """The float32 scale reference must reach the decoder as stored, also when transformers
+    loads the model in bfloat16 (a bfloat16 reference would move every scale by up to 0.4%)."""
+    directory = converted_factory("llama")
+    planes = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        tap = tap_runtime.load(directory, dtype=dtype, keep_portable=True)
+        module = tap.model.get_submodule("model.layers.0.mlp.up_proj")
+        planes[dtype] = module.planes()
+    for wide, narrow in zip(planes[torch.float32], planes[torch.bfloat16]):
+        assert wide.scale_reference.dtype == narrow.scale_reference.dtype == torch.float32
+        assert torch.equal(wide.scale_reference, narrow.scale_reference)
+        assert torch.equal(wide.scales, narrow.scales)
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["default", "asked"])
 def test_load_keeps_freed_heap_for_activations_only_when_asked(converted_factory, monkeypatch, keep):
     import sys
