@@ -30,12 +30,12 @@ DeviceMap = dict[str, Any]
 
 
 def plane_bytes(policy: LinearPolicy) -> int:
-    """Bytes of one linear's planes as stored: 4-bit codes plus float16 scales (and zeros)."""
+    """Bytes of one linear's planes as stored: 4-bit codes plus group scales (and zeros)."""
     total = 0
     for spec in policy.planes:
         groups = policy.in_features // spec.group_size
         zero_bytes = 0 if spec.symmetric else spec.zero_bits // 8
-        total += policy.out_features * policy.in_features // 2 + policy.out_features * groups * (2 + zero_bytes)
+        total += policy.out_features * policy.in_features // 2 + policy.out_features * groups * (spec.scale_bits // 8 + zero_bytes)
     return total
 
 
