@@ -17,7 +17,7 @@ from tap_runtime.format import PlaneSpec
 from tap_runtime.packing import pack_int4
 from tap_runtime.planes import Plane, RowQuantized, dequantize_plane
 
-from .quantize import CLIP_RATIOS, _candidate, scale_reference_for
+from .quantize import _candidate, clip_ratios, scale_reference_for
 
 __all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING", "GPTQ_ORDERS"]
 
@@ -34,7 +34,7 @@ def _group_parameters(
     groups3 = groups.unsqueeze(1)  # (out, 1, group_size)
     max_code = 2**spec.bits - 1
     best = None
-    for ratio in CLIP_RATIOS:
+    for ratio in clip_ratios(spec):
         scales, zeros = _candidate(groups3, ratio, spec, reference)
         codes = torch.clamp(torch.round(groups3 / scales + zeros), 0, max_code)
         err = (((codes - zeros) * scales - groups3) ** 2 * importance).sum(dim=-1, keepdim=True)

@@ -42,6 +42,7 @@ __all__ = [
     "TIER_CHOICES",
     "PLANE_BITS",
     "PLANE_FIELDS",
+    "SCALE_CODE_STEPS_PER_OCTAVE",
     "EMBEDDING_FIELDS",
     "EMBEDDING_BITS",
     "ROUTER_TOKEN_LOG_FREQUENCY",
@@ -290,7 +291,7 @@ class PlaneSpec:
     def scale_grid(self, reference: torch.Tensor) -> torch.Tensor:
         """float16 (256,): the scale each code stands for, largest (code 0) first."""
         codes = torch.arange(_SCALE_CODES, dtype=torch.float32)
-        return (reference.to(torch.float32).reshape(1) * torch.exp2(-codes / _SCALE_STEPS_PER_OCTAVE)).to(torch.float16)
+        return (reference.to(torch.float32).reshape(1) * torch.exp2(-codes / SCALE_CODE_STEPS_PER_OCTAVE)).to(torch.float16)
 
     def round_scales(self, scales: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """Scales rounded to what is stored (float32), so codes are chosen against them."""
@@ -300,7 +301,7 @@ class PlaneSpec:
 
     def _scale_codes(self, scales: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         ratio = scales.to(torch.float32) / reference.to(torch.float32)
-        codes = torch.round(-torch.log2(ratio.clamp_min(1e-30)) * _SCALE_STEPS_PER_OCTAVE)
+        codes = torch.round(-torch.log2(ratio.clamp_min(1e-30)) * SCALE_CODE_STEPS_PER_OCTAVE)
         return torch.clamp(codes, 0, _SCALE_CODES - 1).to(torch.uint8)
 
     def encode_scales(self, scales: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
@@ -350,7 +351,7 @@ class PlaneSpec:
 
 _ZERO_STEPS_PER_CODE = 8
 _ZERO_OFFSET = 8.0
-_SCALE_STEPS_PER_OCTAVE = 32
+SCALE_CODE_STEPS_PER_OCTAVE = 32
 _SCALE_CODES = 256
 _MIN_SCALE_REFERENCE = 1e-30
 

@@ -102,3 +102,16 @@ def test_residual_plane_keeps_its_gain_with_log_coded_scales():
         specs = (PlaneSpec(4, 64, False, scale_bits=scale_bits), PlaneSpec(4, 64, True, scale_bits=scale_bits))
         errors[scale_bits] = sqnr_db(weight, dequantize_planes(quantize_tiers(weight, specs), 2))
     assert errors[8] > errors[16] - 0.1
+
+
+def test_clip_search_walks_the_stored_scale_grid_one_code_at_a_time():
+    """With log-coded scales the candidates are consecutive codes below the unclipped scale."""
+    from tap_convert.quantize import CLIP_RATIOS, _candidate, clip_ratios, scale_reference_for
+
+    spec = PlaneSpec(4, 64, True)
+    assert clip_ratios(PlaneSpec(4, 64, True, scale_bits=16)) == CLIP_RATIOS
+    group = _weight(out_features=1, in_features=64, seed=6).reshape(1, 1, 64)
+    reference = scale_reference_for(group.reshape(1, 64), spec) * 4  # leave codes above and below
+    codes = [int(spec.encode_scales(_candidate(group, r, spec, reference)[0].reshape(1).half(), reference)) for r in clip_ratios(spec)]
+    assert codes == list(range(codes[0], codes[0] + len(codes))) and len(codes) == 17
+    assert min(clip_ratios(spec)) == pytest.approx(min(CLIP_RATIOS), abs=0.01)
