@@ -27,6 +27,20 @@ from bench_common import environment, eval_windows, heldout_text, set_threads
 from tap_runtime.metrics import weight_bits_read
 
 
+def share_for_bits(table, bits: float) -> float:
+    """The routed share at which a two-tier checkpoint reads ``bits`` average weight bits:
+    every token reads each linear's base planes, a routed one also its residual plane."""
+    if len(table.tiers) != 2:
+        raise SystemExit(f"--budget-bits needs a two-tier checkpoint; this one has tiers {list(table.tiers)}")
+    total = sum(p.num_weights for p in table.linear.values())
+    low, high = table.tiers
+    base = sum(p.bits_at_tier(low) * p.num_weights for p in table.linear.values()) / total
+    extra = sum((p.bits_at_tier(high) - p.bits_at_tier(low)) * p.num_weights for p in table.linear.values()) / total
+    if not base < bits <= base + extra:
+        raise SystemExit(f"--budget-bits {bits} is outside ({base:.3f}, {base + extra:.3f}], the bits this checkpoint can read")
+    return (bits - base) / extra
+
+
 def _stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int, int]:
     """(sum NLL, sum KL vs reference, top-1 agreements with reference, count) over one window."""
     log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
@@ -50,6 +64,9 @@ def main() -> None:
     parser.add_argument("--kernel", default="auto", help="tap_runtime.load's kernel (reference: float32 dequantized weights)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-routing row")
     parser.add_argument("--rows", default=None, help="comma list of budget / top; each alone runs only that row (and its random twin)")
+    parser.add_argument("--budget-bits", type=float, default=None,
+                        help="add a budget-routing row (and its random twin) at the share that reads this many "
+                             "average weight bits (two-tier checkpoints); the share is arithmetic, not fitted")
     parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -118,6 +135,12 @@ def main() -> None:
             shares = tuple(budget["share_above_base"] / 4**k for k in range(len(tap.table.tiers) - 1))
             tap.set_routing("random", shares=shares, seed=args.seed)
             run("tap random routing, budget's share")
+        if args.budget_bits is not None:
+            share = share_for_bits(tap.table, args.budget_bits)
+            tap.set_routing("budget", shares=(share,))
+            run(f"tap budget routing at {args.budget_bits:g} bits")
+            tap.set_routing("random", shares=(share,), seed=args.seed)
+            run(f"tap random routing at {args.budget_bits:g} bits")
         tap.set_routing()
 
     fp32_ppl = rows["fp32"]["ppl"]
