@@ -75,3 +75,39 @@ def environment() -> str:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+def add_layer_hessian_arguments(parser) -> None:
+    """The options of the layer-level benchmarks (calibration Hessians of a few decoder layers)."""
+    parser.add_argument("--model", required=True, help="the fp32 source model directory")
+    parser.add_argument("--layers", default="3,12", help="comma list of decoder layer indices")
+    parser.add_argument("--calib", default="wikitext")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def layer_hessians(args):
+    """(sites, stats): the linears of ``args.layers`` and their calibration input statistics
+    (Hessians included), from ``args.windows`` windows of the calibration text, never the
+    evaluation text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibration.capture import collect_input_stats
+    from calibration.data import load_calibration_text, make_windows, tokenize_text
+    from tap_convert.convert import _tokenizer_adds_bos
+    from tap_runtime.architectures import get_architecture
+    from tap_runtime.modeling import iter_linear_sites
+
+    set_threads(args.threads)
+    layers = {int(i) for i in args.layers.split(",")}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    spec = get_architecture(config.model_type)
+    text = load_calibration_text(args.calib)
+    bos = tokenizer.bos_token_id if (spec.needs_bos or _tokenizer_adds_bos(tokenizer)) else None
+    windows = make_windows(tokenize_text(tokenizer, text), args.windows, args.seq_len, 0, bos, source=text.source)
+    sites = [s for s in iter_linear_sites(model, spec) if s.layer_index in layers]
+    return sites, collect_input_stats(model, sites, windows, 4, progress=False, hessians=True)

@@ -15,19 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from bench_common import environment, set_threads
-from calibration.capture import collect_input_stats
-from calibration.data import load_calibration_text, make_windows, tokenize_text
+from bench_common import add_layer_hessian_arguments, environment, layer_hessians
 from tap_convert import gptq
-from tap_convert.convert import _plane_specs, _tokenizer_adds_bos, choose_group_size
+from tap_convert.convert import _plane_specs, choose_group_size
 from tap_convert.policy import relative_output_error
 from tap_convert.quantize import CLIP_RATIOS, clip_ratios
 from tap_convert.schemes import choose_scheme, scheme_errors
-from tap_runtime.architectures import get_architecture
-from tap_runtime.modeling import iter_linear_sites, linear_weight
+from tap_runtime.modeling import linear_weight
 from tap_runtime.planes import dequantize_planes
 
 # label -> (scale bits, clip-ratio chooser)
@@ -50,25 +44,10 @@ def _tiers(weight, hessian, group_size, symmetric, scale_bits, ratios):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the fp32 source model directory")
-    parser.add_argument("--layers", default="3,12", help="comma list of decoder layer indices")
-    parser.add_argument("--calib", default="wikitext")
-    parser.add_argument("--windows", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    add_layer_hessian_arguments(parser)
     args = parser.parse_args()
-    set_threads(args.threads)
-    layers = {int(i) for i in args.layers.split(",")}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    spec = get_architecture(config.model_type)
-    text = load_calibration_text(args.calib)
-    bos = tokenizer.bos_token_id if (spec.needs_bos or _tokenizer_adds_bos(tokenizer)) else None
-    windows = make_windows(tokenize_text(tokenizer, text), args.windows, args.seq_len, 0, bos, source=text.source)
-    sites = [s for s in iter_linear_sites(model, spec) if s.layer_index in layers]
-    stats = collect_input_stats(model, sites, windows, 4, progress=False, hessians=True)
+    sites, stats = layer_hessians(args)
+    layers = {site.layer_index for site in sites}
     print(f"# bench_scale_storage: {args.model}, layers {sorted(layers)}, {args.windows} {args.calib} calibration windows")
     print(f"# {environment()}")
     print(f"{'linear':42s} " + " ".join(f"{label + ' t' + str(t):>22s}" for label in VARIANTS for t in (4, 8)))
