@@ -6,7 +6,8 @@ Qwen2.5-1.5B's), converts them on the spot (round-to-nearest, short calibration 
 text) and measures, all in one run and on the same GPU:
   * the CUDA kernel against the reference kernel and the CPU kernel (logits, max relative error);
   * decode tokens/s (batch 1, 32-token prompt, --new-tokens greedy) and prefill tokens/s for
-    HF bf16 and TAP (base tier only, learned routing, all tokens top tier);
+    HF bf16 and TAP (base tier only, budget routing (the default), learned routing, all tokens
+    top tier);
   * the same with offload_to_cpu: half (tap-offload-half) or all (tap-offload-all) of the
     decoder planes in pinned host memory, copied in per linear as it runs;
   * energy per generated token from NVML's total-energy counter (EnergyMonitor), with the idle
@@ -111,6 +112,7 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
             tap.set_routing("random", shares=(0.1,) * (len(tap.table.tiers) - 1))
         else:
             mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]),
+                    "tap-budget": ("budget", None),
                     "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None),
                     "tap-offload-half": ("learned", None), "tap-offload-all": ("learned", None)}[row]
             tap.set_routing(mode[0], tier=mode[1])
@@ -176,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="directory with a tokenizer (e.g. models/smollm2)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--rows", default="hf-bf16,tap-base,tap-learned,tap-learned-eager,tap-random10,tap-top")
+    parser.add_argument("--rows", default="hf-bf16,tap-base,tap-budget,tap-learned,tap-learned-eager,tap-random10,tap-top")
     parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
