@@ -88,10 +88,10 @@ def add_layer_hessian_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2)
 
 
-def layer_hessians(args):
+def layer_hessians(args, calib: str | None = None):
     """(sites, stats): the linears of ``args.layers`` and their calibration input statistics
-    (Hessians included), from ``args.windows`` windows of the calibration text, never the
-    evaluation text."""
+    (Hessians included), from ``args.windows`` windows of the calibration text (``calib``, default
+    ``args.calib``), never the evaluation text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calibration.capture import collect_input_stats
@@ -106,7 +106,7 @@ def layer_hessians(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     spec = get_architecture(config.model_type)
-    text = load_calibration_text(args.calib)
+    text = load_calibration_text(calib or args.calib)
     bos = tokenizer.bos_token_id if (spec.needs_bos or _tokenizer_adds_bos(tokenizer)) else None
     windows = make_windows(tokenize_text(tokenizer, text), args.windows, args.seq_len, 0, bos, source=text.source)
     sites = [s for s in iter_linear_sites(model, spec) if s.layer_index in layers]
