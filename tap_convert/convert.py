@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from tap_runtime.format import (
     FORMAT_VERSION,
     PLANE_BITS,
     ROUTER_TARGETS,
-    ROUTER_TOKEN_LOG_FREQUENCY,
     TIER_CHOICES,
     CalibrationInfo,
     EmbeddingPolicy,
@@ -34,11 +33,11 @@ from tap_runtime.format import (
     PlaneSpec,
     RoutingTable,
     embedding_tensor_name,
-    error_sketch_name,
+    encode_token_log_frequency,
     plane_tensor_name,
     quantization_config_dict,
 )
-from tap_runtime.modeling import LinearSite, iter_embeddings, iter_linear_sites, linear_weight, output_head
+from tap_runtime.modeling import LinearSite, decoder_layers, iter_embeddings, iter_linear_sites, linear_weight, output_head
 from tap_runtime.planes import dequantize_planes
 
 from .column_scales import choose_column_scales
@@ -46,7 +45,7 @@ from .gptq import GPTQ_ORDERS, gptq_rows, gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
 from .schemes import SCHEME_CHOICES, choose_scheme, scheme_errors
-from .sketch import error_sketches
+from .sketch import error_sketch_sites, error_sketches
 from .quantize import quantize_rows, quantize_tiers
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 
@@ -262,9 +261,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         policies = allocate_min_tiers(policies, shares, options.target_bits)
     timings["quantize_seconds"] = time.perf_counter() - tick
 
-    sketches = error_sketches(
-        model, spec, quantized_sites, stats, lambda site: linear_weight(site) - dequantize_planes(planes[site.name], policies[site.name].always_planes)
-    )
+    sketch_sites = error_sketch_sites(quantized_sites, stats, len(decoder_layers(model, spec)))
+    sketches = error_sketches(sketch_sites, planes, policies, text_config.hidden_size)
     tick = time.perf_counter()
     signals = collect_token_signals(
         model,
@@ -295,6 +293,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     router = fit_router(
         signals, log_frequency, tuple(options.tiers), options.high_precision_share, target=options.router_target
     )
+    # The runtime derives the sketches from these sites' stored planes (format 4).
+    router = replace(router, error_sketch_sites=sketch_sites)
     timings["fit_seconds"] = time.perf_counter() - tick
 
     for site in quantized_sites:
@@ -311,9 +311,11 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     for name, tensor in model.state_dict().items():
         if name in handled:
             continue
-        reason = kept[name].reason if name in kept else "norm, bias or other small tensor, kept in float32"
-        kept.setdefault(name, KeptTensor(name, 32, reason))
-        writer.add_tensor(name, tensor.to(torch.float32))
+        stored = kept_tensor_storage(tensor)
+        bits = torch.finfo(stored.dtype).bits
+        reason = kept[name].reason if name in kept else f"norm, bias or other small tensor, kept in float{bits}"
+        kept.setdefault(name, KeptTensor(name, bits, reason))
+        writer.add_tensor(name, stored)
 
     num_parameters = sum(t.numel() for n, t in model.state_dict().items() if not _is_tied_duplicate(model, n))
     calibration = CalibrationInfo(
@@ -367,10 +369,19 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     return writer.finish(
         config_dict,
         table,
-        {ROUTER_TOKEN_LOG_FREQUENCY: log_frequency, **{error_sketch_name(i): s for i, s in enumerate(sketches)}},
+        encode_token_log_frequency(log_frequency),
         save_extra_files,
         lambda written, total: render_model_card(written, total),
     )
+
+
+def kept_tensor_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 where that holds every value exactly (norms of bfloat16-trained models do: their 8
+    significant bits fit float16's 11 inside its range), else float32: lossless either way."""
+    values = tensor.detach().to(torch.float32)
+    if values.is_floating_point() and torch.equal(values.to(torch.float16).to(torch.float32), values):
+        return values.to(torch.float16)
+    return values
 
 
 def _is_tied_duplicate(model, name: str) -> bool:

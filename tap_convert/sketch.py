@@ -1,25 +1,22 @@
-"""Low-rank sketches of each layer's base-tier error, for the router's error-estimate signal.
+"""Which linears make up each layer's error sketch, and the sketches the router is fitted on.
 
 For the linears that read a decoder layer's input norm (q/k/v, GPT-2's c_attn), the squared
-output error a token x suffers on the base tier is sum_m ||x E_m^T||^2 = x^T G x with
-G = sum_m E_m^T E_m. Keeping G's top eigenpairs gives P = V_r sqrt(L_r) with ||x P||^2 ~ x^T G x,
-so the router can estimate, per token and before the layer runs, how much the base tier
-would cost it (DP-LLM's error estimator, in its simplest form).
+output error a token x suffers on the base tier is about sum_m ||x R_m^T||^2, with R_m the plane
+routing would add. :func:`tap_runtime.sketch.residual_error_sketch` turns that into a low-rank
+sketch; the checkpoint (format 4) records only the sites, and the runtime derives the same
+sketches from the same stored planes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
-from tap_runtime.architectures import ArchitectureSpec
-from tap_runtime.modeling import LinearSite, decoder_layers
+from tap_runtime.format import LinearPolicy
+from tap_runtime.modeling import LinearSite
+from tap_runtime.planes import Plane, dequantize_plane
+from tap_runtime.sketch import SKETCH_RANK, residual_error_sketch
 
-__all__ = ["SKETCH_RANK", "error_sketches", "input_norm_sites"]
-
-SKETCH_RANK = 32
+__all__ = ["SKETCH_RANK", "error_sketch_sites", "error_sketches", "input_norm_sites"]
 
 
 def input_norm_sites(sites: list[LinearSite], stats: dict[str, object]) -> dict[int, list[LinearSite]]:
@@ -34,29 +31,27 @@ def input_norm_sites(sites: list[LinearSite], stats: dict[str, object]) -> dict[
     return grouped
 
 
+def error_sketch_sites(sites: list[LinearSite], stats: dict[str, object], num_layers: int) -> tuple[tuple[str, ...], ...]:
+    """Per decoder layer, the names of the linears its error sketch is made of (RouterSpec.error_sketch_sites)."""
+    grouped = input_norm_sites(sites, stats)
+    return tuple(tuple(site.name for site in grouped.get(i, [])) for i in range(num_layers))
+
+
 def error_sketches(
-    model: nn.Module,
-    spec: ArchitectureSpec,
-    sites: list[LinearSite],
-    stats: dict[str, object],
-    base_error: Callable[[LinearSite], torch.Tensor],
+    sketch_sites: tuple[tuple[str, ...], ...],
+    planes: dict[str, list[Plane]],
+    policies: dict[str, LinearPolicy],
+    hidden_size: int,
     rank: int = SKETCH_RANK,
 ) -> list[torch.Tensor]:
-    """One (hidden_size, rank) float16 sketch per decoder layer; ``base_error(site)`` is W - W_base."""
-    layers = decoder_layers(model, spec)
-    grouped = input_norm_sites(sites, stats)
+    """One float32 (hidden_size, <= rank) sketch per layer, from each site's next plane above its
+    always-read ones: exactly what the runtime derives from the stored planes."""
     sketches = []
-    for layer_index in range(len(layers)):
-        group = grouped.get(layer_index, [])
-        if not group:
-            hidden = model.config.get_text_config().hidden_size
-            sketches.append(torch.zeros(hidden, 1, dtype=torch.float16))
-            continue
-        errors = [base_error(site).to(torch.float64) for site in group]
-        gram = sum(error.t() @ error for error in errors)
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
-        keep = min(rank, eigenvalues.numel())
-        top_values = eigenvalues[-keep:].clamp_min(0)
-        # float16 halves the bytes; the estimate only ranks tokens, three digits are plenty.
-        sketches.append((eigenvectors[:, -keep:] * top_values.sqrt()).to(torch.float16).contiguous())
+    for names in sketch_sites:
+        residuals = [
+            dequantize_plane(planes[n][policies[n].always_planes])
+            for n in names
+            if policies[n].always_planes < len(planes[n])
+        ]
+        sketches.append(residual_error_sketch(residuals, policies[names[0]].in_features if names else hidden_size, rank))
     return sketches

@@ -31,6 +31,7 @@ from .format import (
     ROUTING_FILE,
     RoutingTable,
     check_format_version,
+    decode_token_log_frequency,
 )
 
 __all__ = [
@@ -183,7 +184,8 @@ def read_checkpoint(directory: str | os.PathLike, verify: bool = True) -> Checkp
 
 
 def read_router_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """The router's tensors (token log-frequency table), read without executing anything."""
+    """The router's tensors (the float32 token log-frequency table, and up to format 3 the error
+    sketches), read without executing anything."""
     path = Path(directory) / ROUTER_TENSORS_FILE
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: file missing; expected the router tensors. Convert again.")
@@ -192,8 +194,6 @@ def read_router_tensors(directory: Path) -> dict[str, torch.Tensor]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
         raise CorruptCheckpointError(f"{path}: unreadable safetensors file ({exc}); convert again.") from exc
-    if ROUTER_TOKEN_LOG_FREQUENCY not in tensors:
-        raise CorruptCheckpointError(
-            f"{path}: missing tensor '{ROUTER_TOKEN_LOG_FREQUENCY}'; expected it in every TAP router file."
-        )
+    # Format 4 stores the table as palette codes; hand every caller the float32 table.
+    tensors[ROUTER_TOKEN_LOG_FREQUENCY] = decode_token_log_frequency(tensors, path)
     return tensors

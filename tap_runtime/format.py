@@ -47,6 +47,10 @@ __all__ = [
     "EMBEDDING_BITS",
     "ROUTER_TOKEN_LOG_FREQUENCY",
     "error_sketch_name",
+    "ROUTER_TOKEN_LOG_FREQUENCY_CODES",
+    "ROUTER_TOKEN_LOG_FREQUENCY_PALETTE",
+    "encode_token_log_frequency",
+    "decode_token_log_frequency",
     "ALL_SIGNALS",
     "RUNTIME_SIGNALS",
     "PER_LAYER_SIGNALS",
@@ -72,8 +76,12 @@ __all__ = [
 # uint8 eighths (PlaneSpec.zero_bits); a version-1 runtime would misread both, so it must refuse.
 # 3: group scales may be uint8 log codes under a per-plane float32 ``scale_reference``
 # (PlaneSpec.scale_bits), which a version-2 runtime would read as float16. Versions 1-2 still load.
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3})
+# 4: the router's error sketches are derived from the residual planes at load
+# (RouterSpec.error_sketch_sites, tap_runtime.sketch) instead of stored, and the token
+# log-frequency table is stored as uint8 codes into a palette; a version-3 runtime would find
+# neither tensor it expects. Versions 1-3 still load.
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4})
 QUANT_METHOD = "tap"
 
 CONFIG_FILE = "config.json"
@@ -114,13 +122,54 @@ PLANE_FIELDS = ("qweight", "scales", "zeros", "scale_reference")
 # q[v] * scale[v] (* column_scales). Column scales even out the columns before per-row rounding:
 # a head folds them into its input, an embedding multiplies the looked-up row.
 EMBEDDING_FIELDS = ("qweight", "scales", "column_scales")
-# float32 (vocab_size,): log of the smoothed unigram frequency of each token id in calibration.
+# The log of the smoothed unigram frequency of each token id in calibration, (vocab_size,).
+# Up to format 3: float32 under ROUTER_TOKEN_LOG_FREQUENCY. Format 4: uint8 codes into a
+# float32 palette of at most 256 values. The values are logs of integer counts, so a few hundred
+# distinct ones cover a vocabulary (167 for SmolLM2's 49,152 ids): the palette is exact then,
+# and otherwise the 256 evenly spaced values nearest each (see encode_token_log_frequency).
 ROUTER_TOKEN_LOG_FREQUENCY = "token_log_frequency"
+ROUTER_TOKEN_LOG_FREQUENCY_CODES = "token_log_frequency_codes"
+ROUTER_TOKEN_LOG_FREQUENCY_PALETTE = "token_log_frequency_palette"
+_PALETTE_SIZE = 256
+
+
+def encode_token_log_frequency(log_frequency: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The format-4 router tensors for a (vocab_size,) log-frequency table."""
+    values = log_frequency.to(torch.float32).reshape(-1)
+    palette = torch.unique(values)
+    if palette.numel() > _PALETTE_SIZE:
+        palette = torch.linspace(float(values.min()), float(values.max()), _PALETTE_SIZE)
+    codes = torch.bucketize(values, palette).clamp(max=palette.numel() - 1)
+    below = (codes - 1).clamp_min(0)
+    # bucketize gives the first palette entry >= value; the one below may be nearer.
+    nearer_below = (values - palette[below]).abs() < (palette[codes] - values).abs()
+    codes = torch.where(nearer_below, below, codes)
+    return {ROUTER_TOKEN_LOG_FREQUENCY_CODES: codes.to(torch.uint8).contiguous(), ROUTER_TOKEN_LOG_FREQUENCY_PALETTE: palette.contiguous()}
+
+
+def decode_token_log_frequency(tensors: dict[str, torch.Tensor], path: str | Path) -> torch.Tensor:
+    """The float32 (vocab_size,) table from either storage (format <= 3 or 4); ``path`` names the file."""
+    if ROUTER_TOKEN_LOG_FREQUENCY in tensors:
+        return tensors[ROUTER_TOKEN_LOG_FREQUENCY].to(torch.float32)
+    if ROUTER_TOKEN_LOG_FREQUENCY_CODES not in tensors or ROUTER_TOKEN_LOG_FREQUENCY_PALETTE not in tensors:
+        raise CorruptCheckpointError(
+            f"{path}: missing tensor '{ROUTER_TOKEN_LOG_FREQUENCY}' (or '{ROUTER_TOKEN_LOG_FREQUENCY_CODES}' with "
+            f"'{ROUTER_TOKEN_LOG_FREQUENCY_PALETTE}'); expected one of them in every TAP router file. Convert again."
+        )
+    codes, palette = tensors[ROUTER_TOKEN_LOG_FREQUENCY_CODES], tensors[ROUTER_TOKEN_LOG_FREQUENCY_PALETTE]
+    if codes.dtype != torch.uint8 or palette.dim() != 1 or codes.numel() and int(codes.max()) >= palette.numel():
+        raise CorruptCheckpointError(
+            f"{path}: '{ROUTER_TOKEN_LOG_FREQUENCY_CODES}' ({codes.dtype}) does not index "
+            f"'{ROUTER_TOKEN_LOG_FREQUENCY_PALETTE}' ({palette.numel()} values); expected uint8 codes below the "
+            f"palette's length. The file is corrupt; convert again."
+        )
+    return palette.to(torch.float32)[codes.long()]
 
 
 def error_sketch_name(layer_index: int) -> str:
-    """float16 (hidden_size, rank) per decoder layer: P with ||x P||^2 ~ sum_m ||x E_m^T||^2 over
-    the base-tier errors E_m of the linears that read the layer's input norm (q/k/v, GPT-2's c_attn).
+    """float16 (hidden_size, rank) per decoder layer, stored up to format 3 (format 4 derives it,
+    see RouterSpec.error_sketch_sites): P with ||x P||^2 ~ sum_m ||x E_m^T||^2 over the base-tier
+    errors E_m of the linears that read the layer's input norm (q/k/v, GPT-2's c_attn).
     """
     return f"error_sketch.{layer_index}"
 
@@ -527,6 +576,10 @@ class RouterSpec:
     # runtime turn any share (or TAPConfig's importance quantiles) into per-layer thresholds.
     # Empty in checkpoints written before it existed.
     score_percentiles: tuple[tuple[float, ...], ...] = ()
+    # Format 4: per decoder layer, the linears whose next plane (the first one above their
+    # always-read planes) makes up the layer's error sketch (tap_runtime.sketch). Empty up to
+    # format 3, whose sketches are stored tensors (error_sketch_name).
+    error_sketch_sites: tuple[tuple[str, ...], ...] = ()
 
     def thresholds_for_quantiles(self, quantiles: list[float] | tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
         """Per-layer thresholds sending tokens whose score quantile is >= quantiles[k] to tier k+1."""
@@ -560,6 +613,7 @@ class RouterSpec:
             fit=data.get("fit", {}),
             excluded_signals=data.get("excluded_signals", {}),
             score_percentiles=tuple(tuple(float(v) for v in row) for row in data.get("score_percentiles", [])),
+            error_sketch_sites=tuple(tuple(str(n) for n in row) for row in data.get("error_sketch_sites", [])),
         )
 
 
@@ -714,6 +768,15 @@ class RoutingTable:
                 raise CorruptCheckpointError(
                     f"{path}: a router threshold row has {len(row)} entries; expected "
                     f"{len(tiers) - 1} (one per tier above the base), all numbers."
+                )
+        sketch_sites = table.router.error_sketch_sites
+        if sketch_sites:
+            unknown = [n for row in sketch_sites for n in row if n not in linear]
+            if len(sketch_sites) != table.num_layers or unknown:
+                raise CorruptCheckpointError(
+                    f"{path}: router.error_sketch_sites lists {len(sketch_sites)} layers"
+                    + (f" and linears {unknown[:3]} the table does not have" if unknown else "")
+                    + f"; expected {table.num_layers} layers of the table's own linears. Convert the model again."
                 )
         return table
 

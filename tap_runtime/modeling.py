@@ -21,6 +21,8 @@ from .format import plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_F
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
 from .pages import page_out, return_freed_heap
+from .planes import dequantize_plane
+from .sketch import residual_error_sketch
 from .offload import OffloadSummary, attach_offload_hooks, plane_bytes, to_host
 from .residency import ResidualPlaneCache, shard_of_every_tensor
 from .router import TokenRouter
@@ -204,7 +206,9 @@ def prepare_model(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     kernel = select_kernel(kernel_name, device)
     sketches = None
-    if "error_estimate" in table.router.signals:
+    if "error_estimate" in table.router.signals and table.router.error_sketch_sites:
+        sketches = derive_error_sketches(model, table)
+    elif "error_estimate" in table.router.signals:
         missing = [error_sketch_name(i) for i in range(table.num_layers) if error_sketch_name(i) not in router_tensors]
         if missing:
             raise CorruptCheckpointError(
@@ -277,6 +281,30 @@ def prepare_model(
     model.tap_router = router
     model.tap_residual_cache = residual_cache
     return router
+
+
+def derive_error_sketches(model: nn.Module, table: RoutingTable) -> list[torch.Tensor]:
+    """Format 4: each layer's error sketch from its linears' next planes, as loaded (see
+    :mod:`tap_runtime.sketch`); the converter fitted the router on the very same computation."""
+    modules = dict(model.named_modules())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    sketches = []
+    for layer_index, names in enumerate(table.router.error_sketch_sites):
+        residuals = []
+        for name in names:
+            module = modules.get(name)
+            if not isinstance(module, TapLinear):
+                raise CorruptCheckpointError(
+                    f"{ROUTING_FILE}: router.error_sketch_sites names {name!r} for layer {layer_index}, which is not "
+                    f"a TAP linear of this model; the routing table comes from another conversion. Convert again."
+                )
+            planes = module.planes()
+            above = module.policy.always_planes
+            if above < len(planes):
+                residuals.append(dequantize_plane(planes[above]))
+        hidden_size = modules[names[0]].in_features if names else config.hidden_size
+        sketches.append(residual_error_sketch(residuals, hidden_size))
+    return sketches
 
 
 def _detach_from_files(model: nn.Module) -> None:

@@ -9,7 +9,14 @@ from tap_convert import ConvertOptions, convert
 from tap_convert.convert import choose_group_size
 from tap_runtime.checkpoint import file_sha256
 from tap_runtime.errors import CalibrationDataError, InvalidConfigError, UnsupportedArchitectureError
-from tap_runtime.format import FORMAT_VERSION, ROUTING_FILE, RoutingTable
+from tap_runtime.format import (
+    FORMAT_VERSION,
+    ROUTER_TENSORS_FILE,
+    ROUTER_TOKEN_LOG_FREQUENCY_CODES,
+    ROUTER_TOKEN_LOG_FREQUENCY_PALETTE,
+    ROUTING_FILE,
+    RoutingTable,
+)
 
 from ..conftest import FAST_CONVERT
 
@@ -22,8 +29,15 @@ def test_routing_table_records_policy_router_provenance_and_checksums(converted_
     policy = table.linear["model.layers.1.mlp.down_proj"]
     assert policy.layer_index == 1 and [p.symmetric for p in policy.planes] == [False, True]
     assert table.embeddings["lm_head"].tied_to == "model.embed_tokens"
-    assert "model.norm.weight" in table.kept and table.kept["model.norm.weight"].tier == 32
+    # A fresh model's norms are ones: float16 holds them exactly, so that is how they are kept.
+    assert "model.norm.weight" in table.kept and table.kept["model.norm.weight"].tier == 16
     assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate")
+    # Format 4: each layer's sketch is q/k/v's next planes, derived at load, not stored.
+    assert table.router.error_sketch_sites == tuple(
+        tuple(f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv") for i in range(2)
+    )
+    with safe_open(str(directory / ROUTER_TENSORS_FILE), framework="pt") as handle:
+        assert set(handle.keys()) == {ROUTER_TOKEN_LOG_FREQUENCY_CODES, ROUTER_TOKEN_LOG_FREQUENCY_PALETTE}
     assert set(table.router.fit["single_signal_auc"]) == {
         "hidden_norm", "attention_received", "position", "token_frequency", "predictive_entropy", "error_estimate",
         "loss_gradient",
@@ -203,3 +217,14 @@ def test_outlier_embedding_columns_get_column_scales(tiny_model_factory, calibra
     with torch.no_grad():
         expected = x @ dequantize_rows(head.rows()).t()
         assert torch.allclose(head(x), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+def test_kept_tensors_are_float16_only_where_that_is_exact():
+    from tap_convert.convert import kept_tensor_storage
+
+    bfloat16_norm = (torch.randn(64) + 1).to(torch.bfloat16).to(torch.float32)
+    assert kept_tensor_storage(bfloat16_norm).dtype == torch.float16
+    assert torch.equal(kept_tensor_storage(bfloat16_norm).to(torch.float32), bfloat16_norm)
+    full = torch.tensor([1.0, 1.0 + 2.0**-20])  # beyond float16's 11 significant bits
+    assert kept_tensor_storage(full).dtype == torch.float32
+    assert kept_tensor_storage(torch.tensor([70000.0])).dtype == torch.float32  # beyond float16's range

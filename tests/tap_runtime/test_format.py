@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 from tap_runtime.errors import CorruptCheckpointError, FormatVersionError
 from tap_runtime.format import (
     FORMAT_VERSION,
+    ROUTER_TOKEN_LOG_FREQUENCY_CODES,
+    ROUTER_TOKEN_LOG_FREQUENCY_PALETTE,
     CalibrationInfo,
     EmbeddingPolicy,
     KeptTensor,
@@ -16,7 +19,9 @@ from tap_runtime.format import (
     RouterSpec,
     RoutingTable,
     ShardInfo,
+    decode_token_log_frequency,
     embedding_tensor_name,
+    encode_token_log_frequency,
     plane_tensor_name,
     quantization_config_dict,
 )
@@ -24,6 +29,7 @@ from tap_runtime.format import (
 GOLDEN = Path(__file__).parent / "golden" / "routing_table.json"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "routing_table_v1.json"
 GOLDEN_V2 = Path(__file__).parent / "golden" / "routing_table_v2.json"
+GOLDEN_V3 = Path(__file__).parent / "golden" / "routing_table_v3.json"
 
 
 def sample_table() -> RoutingTable:
@@ -58,6 +64,7 @@ def sample_table() -> RoutingTable:
             tier_shares={"8": 0.1},
             fit={"holdout": {"auc": 0.6}},
             excluded_signals={"attention_received": "needs later tokens"},
+            error_sketch_sites=(("model.layers.0.mlp.up_proj",),),
         ),
         calibration=CalibrationInfo("wikitext", "bundled", 8, 64, 0, 5000, 4, 1.5, {"fp16_bytes": 100}),
         shards=(ShardInfo("model-00001-of-00001.safetensors", "ab" * 32, 1234),),
@@ -79,7 +86,7 @@ def test_version_1_tables_still_read():
         n: replace(p, planes=tuple(replace(spec, zero_bits=16, scale_bits=16) for spec in p.planes))
         for n, p in expected.linear.items()
     }
-    assert table == replace(expected, format_version=1, linear=linear)
+    assert table == replace(expected, format_version=1, linear=linear, router=replace(expected.router, error_sketch_sites=()))
     assert not any(e.column_scaled for e in table.embeddings.values())
 
 
@@ -89,8 +96,54 @@ def test_version_2_tables_still_read_with_float16_scales():
     linear = {
         n: replace(p, planes=tuple(replace(spec, scale_bits=16) for spec in p.planes)) for n, p in expected.linear.items()
     }
-    assert table == replace(expected, format_version=2, linear=linear)
+    assert table == replace(expected, format_version=2, linear=linear, router=replace(expected.router, error_sketch_sites=()))
     assert all(spec.fields[-1] != "scale_reference" for p in table.linear.values() for spec in p.planes)
+
+
+def test_version_3_tables_still_read_with_stored_sketches():
+    # Format 3 stored the error sketches as tensors: its router names no sketch sites.
+    table = RoutingTable.from_json(GOLDEN_V3)
+    expected = sample_table()
+    assert table == replace(expected, format_version=3, router=replace(expected.router, error_sketch_sites=()))
+
+
+@pytest.mark.parametrize(
+    "sites, complaint",
+    [((("model.layers.0.mlp.gate_proj",),), "linears ['model.layers.0.mlp.gate_proj']"), ((), None), ((("model.layers.0.mlp.up_proj",), ()), "lists 2 layers")],
+)
+def test_error_sketch_sites_must_be_the_tables_own_linears(tmp_path, sites, complaint):
+    table = sample_table()
+    path = tmp_path / "tap_routing.json"
+    path.write_text(replace(table, router=replace(table.router, error_sketch_sites=sites)).to_json())
+    if complaint is None:
+        assert RoutingTable.from_json(path).router.error_sketch_sites == ()
+        return
+    with pytest.raises(CorruptCheckpointError, match=re.escape(complaint)) as caught:
+        RoutingTable.from_json(path)
+    assert str(path) in str(caught.value)
+
+
+def test_token_log_frequency_palette_is_exact_for_count_logs():
+    counts = torch.tensor([0, 0, 3, 1, 1200, 3, 0, 7], dtype=torch.float64)
+    table = torch.log((counts + 1) / (counts.sum() + counts.numel())).to(torch.float32)
+    stored = encode_token_log_frequency(table)
+    assert stored[ROUTER_TOKEN_LOG_FREQUENCY_CODES].dtype == torch.uint8
+    assert stored[ROUTER_TOKEN_LOG_FREQUENCY_PALETTE].numel() == 5  # distinct counts 0, 1, 3, 7, 1200
+    assert torch.equal(decode_token_log_frequency(stored, "router.safetensors"), table)
+
+
+def test_token_log_frequency_palette_rounds_to_nearest_beyond_256_values():
+    table = torch.linspace(-20.0, -2.0, 5000) + 0.001 * torch.sin(torch.arange(5000.0))
+    decoded = decode_token_log_frequency(encode_token_log_frequency(table), "router.safetensors")
+    step = 18.0 / 255
+    assert (decoded - table).abs().max() <= step / 2 + 1e-4
+
+
+def test_token_log_frequency_codes_out_of_palette_are_refused():
+    stored = encode_token_log_frequency(torch.tensor([-3.0, -5.0, -5.0]))
+    stored[ROUTER_TOKEN_LOG_FREQUENCY_CODES][0] = 9
+    with pytest.raises(CorruptCheckpointError, match="router.safetensors.*does not index"):
+        decode_token_log_frequency(stored, "router.safetensors")
 
 
 def test_column_scaled_embedding_stores_its_scales():
@@ -164,7 +217,7 @@ def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
     data["format_version"] = 99
     path = tmp_path / "tap_routing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3\]"):
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4\]"):
         RoutingTable.from_json(path)
 
 

@@ -257,6 +257,75 @@ def test_format_2_checkpoint_with_float16_scales_still_loads(tiny_model_factory,
         assert torch.equal(old(ids).logits, current(ids).logits)
 
 
+def test_runtime_derives_the_sketches_the_router_was_fitted_on(tiny_model_factory, calibration_text_file, tmp_path, monkeypatch):
+    """Format 4 stores no sketches: the runtime's, from the stored planes, must be the converter's own."""
+    import sys
+
+    from tap_convert import ConvertOptions, convert
+
+    from ..conftest import FAST_CONVERT
+
+    convert_module = sys.modules["tap_convert.convert"]
+    fitted = []
+    original = convert_module.error_sketches
+    monkeypatch.setattr(convert_module, "error_sketches", lambda *a, **k: fitted.extend(original(*a, **k)) or list(fitted))
+    directory = tmp_path / "tap"
+    convert(str(tiny_model_factory("llama")), directory, ConvertOptions(calib=str(calibration_text_file), **FAST_CONVERT))
+    tap = tap_runtime.load(directory)
+    assert len(fitted) == len(tap.router.error_sketches) == 2
+    for converter_side, runtime_side in zip(fitted, tap.router.error_sketches):
+        assert converter_side.abs().sum() > 0
+        torch.testing.assert_close(runtime_side, converter_side, rtol=1e-5, atol=1e-7)
+
+
+def test_format_3_checkpoint_with_stored_sketches_still_loads(tiny_model_factory, calibration_text_file, tmp_path):
+    """Format 3 stored float16 error sketches and a float32 token log-frequency table."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from tap_convert import ConvertOptions, convert
+    from tap_runtime.checkpoint import file_sha256, read_router_tensors
+    from tap_runtime.format import ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, SAFETENSORS_METADATA, error_sketch_name
+
+    from ..conftest import FAST_CONVERT
+
+    source = tmp_path / "v4"
+    table = convert(str(tiny_model_factory("llama")), source, ConvertOptions(calib=str(calibration_text_file), **FAST_CONVERT))
+    current = tap_runtime.load(source)
+    legacy = tmp_path / "v3"
+    shutil.copytree(source, legacy)
+    stored = [s.to(torch.float16) for s in current.router.error_sketches]
+    frequency = read_router_tensors(source)[ROUTER_TOKEN_LOG_FREQUENCY]
+    save_file(
+        {ROUTER_TOKEN_LOG_FREQUENCY: frequency, **{error_sketch_name(i): s for i, s in enumerate(stored)}},
+        str(legacy / ROUTER_TENSORS_FILE),
+        metadata=SAFETENSORS_METADATA,
+    )
+    shards = tuple(
+        replace(shard, sha256=file_sha256(legacy / shard.file_name), num_bytes=(legacy / shard.file_name).stat().st_size)
+        for shard in table.shards
+    )
+    old_table = replace(table, format_version=3, router=replace(table.router, error_sketch_sites=()), shards=shards)
+    (legacy / ROUTING_FILE).write_text(old_table.to_json())
+    config = json.loads((legacy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 3
+    (legacy / "config.json").write_text(json.dumps(config))
+
+    old = tap_runtime.load(legacy)
+    assert old.table.format_version == 3 and not old.table.router.error_sketch_sites
+    for kept, sketch in zip(stored, old.router.error_sketches):
+        assert torch.equal(sketch, kept)
+    assert torch.equal(old.router.token_log_frequency, current.router.token_log_frequency)
+    ids = _ids()
+    for tap in (old, current):
+        tap.set_routing("fixed", tier=8)
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, current(ids).logits)
+
+
 def test_scale_codes_decode_the_same_whatever_the_load_dtype(converted_factory):
     """The float32 scale reference must reach the decoder as stored, also when transformers
     loads the model in bfloat16 (a bfloat16 reference would move every scale by up to 0.4%)."""
