@@ -55,6 +55,14 @@ def scale_storage(table: RoutingTable) -> str:
     return " and ".join(words[k] for k in sorted(kinds)) or "none"
 
 
+def kept_storage(table: RoutingTable) -> str:
+    """How many unquantized tensors are stored at which precision, in words (inspect, model card)."""
+    counts: dict[int, int] = {}
+    for kept in table.kept.values():
+        counts[kept.tier] = counts.get(kept.tier, 0) + 1
+    return ", ".join(f"{n} in float{bits}" for bits, n in sorted(counts.items())) or "none"
+
+
 def _methods(table: RoutingTable) -> dict[str, int]:
     counts: dict[str, int] = {}
     for policy in table.linear.values():
@@ -98,7 +106,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 |---|---|
 | this checkpoint (all shards) | {checkpoint_bytes:,} |
 | source model in fp16 | {fp16_bytes:,} |
-| ratio | {ratio:.3f} |
+| ratio | {ratio:.4f} |
 
 | stored bits per weight | value |
 |---|---|
@@ -106,7 +114,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 
 Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)}; group scales as {scale_storage(table)});
 promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
-embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept in float32: {len(table.kept)}.
+embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept unquantized: {kept_storage(table)} (float16 only where exact).
 
 ## Router
 

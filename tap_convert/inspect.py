@@ -15,7 +15,7 @@ from tap_runtime.checkpoint import read_checkpoint, verify_files
 from tap_runtime.errors import TapError
 from tap_runtime.format import RoutingTable
 
-from .hub import scale_storage
+from .hub import kept_storage, scale_storage
 
 __all__ = ["inspect_checkpoint", "scheme_wins", "token_tier_shares", "plot_precision_map"]
 
@@ -60,7 +60,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         "files (sha256 and size checked against the routing table):",
     ]
     lines += [f"  {name:40s} {size:>14,d}  {status}" for name, size, status in files]
-    lines.append(f"  total {total:,} bytes" + (f" = {total / fp16:.1%} of fp16 ({fp16:,})" if fp16 else ""))
+    lines.append(f"  total {total:,} bytes" + (f" = {total / fp16:.2%} of fp16 ({fp16:,})" if fp16 else ""))
     lines += ["", "stored bits per weight:"]
     lines += [f"  {k.replace('_', ' ')}: {v:.3f}" for k, v in table.weight_bits_summary().items()]
     lines += ["", "per-layer policy (relative output error per tier, from calibration):"]
@@ -75,7 +75,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         lines.append(
             f"  {name:48s} {embedding.role} {embedding.num_embeddings}x{embedding.embedding_dim} 8-bit rows{tied}{columns}"
         )
-    lines.append(f"  kept in float32: {len(table.kept)} tensors (norms, biases, ...)")
+    lines.append(f"  kept unquantized (norms, biases, ...): {kept_storage(table)}")
     lines += ["", "base-plane scheme with the lowest measured error, per module kind (log is measured, not runnable):"]
     for kind, wins in scheme_wins(table).items():
         lines.append(f"  {kind:12s} " + ", ".join(f"{scheme} {count}" for scheme, count in wins.items()))

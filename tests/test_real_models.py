@@ -35,7 +35,7 @@ def test_real_model_converts_to_half_size_and_tier8_keeps_quality(name, tmp_path
         pytest.skip(f"{source} missing: python scripts/fetch_models.py {name}")
     table = convert(str(source), tmp_path / "tap", ConvertOptions(num_samples=16, router_samples=8, progress=False))
     size = sum(s.num_bytes for s in table.shards)
-    assert size <= 0.55 * table.calibration.extra["fp16_bytes"]
+    assert size <= 0.52 * table.calibration.extra["fp16_bytes"]  # the target for tiers 4/8
     tap = tap_runtime.load(tmp_path / "tap")
     text = tap.generate("The capital of France is", max_new_tokens=8)
     assert text.metrics.new_tokens > 0
