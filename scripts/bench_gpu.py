@@ -111,10 +111,13 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
             # at the design point (10% of tokens per layer on the top tier) to time that cost.
             tap.set_routing("random", shares=(0.1,) * (len(tap.table.tiers) - 1))
         else:
+            # A "-fast" row is the same routing through the lean loop (host-side routing, no
+            # graph), for comparison with the default on CUDA, the captured graph step.
+            mode_row = row.removesuffix("-fast")
             mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]),
                     "tap-budget": ("budget", None),
                     "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None),
-                    "tap-offload-half": ("learned", None), "tap-offload-all": ("learned", None)}[row]
+                    "tap-offload-half": ("learned", None), "tap-offload-all": ("learned", None)}[mode_row]
             tap.set_routing(mode[0], tier=mode[1])
         model = tap.model
     prompt, long_input = prompt.to("cuda"), long_input.to("cuda")
@@ -125,14 +128,17 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
             if tap is not None:
                 # TapModel.generate: the lean loop (or transformers' generate for the -eager row).
                 eager = row.endswith("-eager")
+                path = "eager" if eager else "fast" if row.endswith("-fast") else "auto"
                 done = tap.generate(
-                    input_ids=prompt, max_new_tokens=args.new_tokens, decode="eager" if eager else "auto",
+                    input_ids=prompt, max_new_tokens=args.new_tokens, decode=path,
                     **({"min_new_tokens": args.new_tokens} if eager else {"eos_token_id": []}),
                 )
                 torch.cuda.synchronize()
                 reading = monitor.end_window(row)
                 decode_rate = done.metrics.decode_tokens_per_second
                 decode_path = done.metrics.extra["decode_path"]
+                if decode_path == "graph":
+                    decode_path += f" ({done.metrics.extra['graph_branches']} branches)"
             else:
                 clock = FirstTokenClock()
                 model.generate(
@@ -178,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="directory with a tokenizer (e.g. models/smollm2)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--rows", default="hf-bf16,tap-base,tap-budget,tap-learned,tap-learned-eager,tap-random10,tap-top")
+    parser.add_argument("--rows", default="hf-bf16,tap-base,tap-budget,tap-learned,tap-top,tap-base-fast,tap-budget-fast,tap-learned-eager,tap-random10")
     parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from .checkpoint import Checkpoint
 from .decode import FastDecoder, fast_decode_unsupported
+from .graph_decode import GraphDecoder, graph_decode_unsupported
 from .kv_cache import KV_CACHE_KINDS
 from .errors import InvalidConfigError
 from .layers import TapLinear
@@ -22,8 +23,9 @@ from .router import DEFAULT_ROUTING, TokenRouter
 
 __all__ = ["TapModel", "Generation", "DECODE_PATHS"]
 
-# auto: the lean loop (tap_runtime.decode) when it supports the request, else transformers'.
-DECODE_PATHS = ("auto", "fast", "eager")
+# auto: on CUDA the captured graph step (tap_runtime.graph_decode) when it supports the request,
+# else the lean loop (tap_runtime.decode) when that does, else transformers' generate.
+DECODE_PATHS = ("auto", "graph", "fast", "eager")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class TapModel:
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self._fast_decoder: FastDecoder | None = None
+        self._graph_decoder: GraphDecoder | None = None
 
     @property
     def router(self) -> TokenRouter:
@@ -114,9 +117,12 @@ class TapModel:
             prompt: text; with ``chat=True`` it is wrapped in the tokenizer's chat template.
             input_ids: (1, seq) ids instead of a prompt.
             max_new_tokens: upper bound on new tokens.
-            decode: ``auto`` (the lean static-cache loop when the model and options allow it, else
-                transformers' ``generate``), ``fast`` (the lean loop or an error saying why not),
-                ``eager`` (always transformers' ``generate``; for debugging and comparison).
+            decode: ``auto`` (on CUDA the graph step when the request allows it, else the lean
+                static-cache loop when the model and options allow it, else transformers'
+                ``generate``), ``graph`` (greedy decode steps replayed as one CUDA graph with the
+                routing decided on the GPU; on the CPU the same step runs eagerly, for checking),
+                ``fast`` (the lean loop or an error saying why not), ``eager`` (always
+                transformers' ``generate``; for debugging and comparison).
             kv_cache: ``float`` (the compute dtype) or ``int8`` (per-vector dynamic scales, 27% of
                 float32's bytes; the lean loop only, see :mod:`tap_runtime.kv_cache`).
             generate_kwargs: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
@@ -135,10 +141,21 @@ class TapModel:
         generate_kwargs.setdefault("do_sample", False)
         if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id)
-        why_not = fast_decode_unsupported(self.model, input_ids.shape[0], generate_kwargs, input_ids.shape[1] + max_new_tokens)
+        max_length = input_ids.shape[1] + max_new_tokens
+        why_not = fast_decode_unsupported(self.model, input_ids.shape[0], generate_kwargs, max_length)
         if decode == "fast" and why_not is not None:
             raise InvalidConfigError(f"decode='fast' cannot run this request: {why_not}. Use decode='auto' or 'eager'.")
-        path = "eager" if decode == "eager" or why_not is not None else "fast"
+        why_not_graph = None
+        if decode == "graph" or (decode == "auto" and device.type == "cuda"):
+            why_not_graph = graph_decode_unsupported(self.model, self.router, generate_kwargs, max_length, kv_cache)
+            if input_ids.shape[0] != 1 and why_not_graph is None:
+                why_not_graph = f"batch {input_ids.shape[0]}: the graph step decodes one sequence"
+        if decode == "graph" and why_not_graph is not None:
+            raise InvalidConfigError(f"decode='graph' cannot run this request: {why_not_graph}. Use decode='auto' or 'fast'.")
+        if decode == "graph" or (decode == "auto" and device.type == "cuda" and why_not_graph is None):
+            path = "graph"
+        else:
+            path = "eager" if decode == "eager" or why_not is not None else "fast"
         if kv_cache not in KV_CACHE_KINDS:
             raise InvalidConfigError(f"kv_cache={kv_cache!r} is unknown; expected one of {list(KV_CACHE_KINDS)}.")
         if kv_cache != "float" and path == "eager":
@@ -150,7 +167,12 @@ class TapModel:
         self.router.begin_sequence()
         self.router.reset_counts()
         with PeakMemory() as memory:
-            if path == "fast":
+            if path == "graph":
+                if self._graph_decoder is None:
+                    self._graph_decoder = GraphDecoder(self.model)
+                result = self._graph_decoder.generate(input_ids, max_new_tokens, **generate_kwargs)
+                new_ids, start, first, end = result.token_ids, result.start, result.first_token_time, result.end
+            elif path == "fast":
                 if self._fast_decoder is None:
                     self._fast_decoder = FastDecoder(self.model, kv_cache=kv_cache)
                 self._fast_decoder.use_kv_cache(kv_cache)
@@ -175,9 +197,12 @@ class TapModel:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         metrics = self._metrics(input_ids.shape[1], len(new_ids), start, first, end, memory)
         metrics.extra["decode_path"] = path
-        if path == "fast":
+        if path in ("fast", "graph"):
+            decoder = self._fast_decoder if path == "fast" else self._graph_decoder.fast
             metrics.extra["kv_cache"] = kv_cache
-            metrics.extra["kv_cache_bytes"] = self._fast_decoder.cache.nbytes
+            metrics.extra["kv_cache_bytes"] = decoder.cache.nbytes
+        if path == "graph":
+            metrics.extra["graph_branches"] = self._graph_decoder.branch_mode
         if why_not is not None:
             metrics.extra["fast_decode_unavailable"] = why_not
         return Generation(text=text, token_ids=new_ids, metrics=metrics)
