@@ -5,11 +5,15 @@ them from the host is the bottleneck, and the eager router makes it worse: it re
 score back to the host (one sync per layer) to choose which planes run. Here the whole step
 (embedding, every layer's score and tier, the base planes, attention over a static cache, the
 head, the greedy pick and the budget thresholds' update) is captured once as a CUDA graph and
-replayed per token. Each residual plane runs inside a conditional node whose flag the step
-computed on the device (CUDA >= 12.4, ``CUDAGraph.begin_capture_to_if_node``), so a token the
-router keeps on the base tier still skips that plane's reads. Where the torch build lacks
-conditional nodes, the residual product runs for every token and is multiplied by the flag
-(branch mode ``masked``): no sync, but tier-8 bytes read every step.
+replayed per token. A token the router keeps on the base tier must still skip the residual
+planes' reads, so each residual product is one of (``GraphDecoder(residual=...)``):
+
+- ``conditional``: torch's packed kernel inside a conditional graph node keyed on the flag the
+  step computed on the device (CUDA >= 12.4 and torch's ``CUDAGraph.begin_capture_to_if_node``,
+  which torch 2.11 lacks);
+- ``gated``: a Triton kernel that reads the flag itself and returns at once when it is unset
+  (:mod:`tap_runtime.kernels.gated`), where torch has no conditional nodes;
+- ``masked``: the product for every token, times the flag: no sync, but tier-8 bytes every step.
 
 The step is plain tensor code, so it also runs eagerly with Python branches (branch mode
 ``eager``, any device): that is how the tests check on the CPU that it decodes and routes
@@ -28,11 +32,13 @@ import torch.nn.functional as F
 
 from .decode import DecodeResult, FastDecoder, fast_decode_unsupported
 from .errors import InvalidConfigError
+from .kernels.gated import gated_kernel_available, gated_plane_add
 from .layers import TapLinear
 from .router import BUDGET_STEP, TokenRouter
 
 __all__ = [
     "GRAPH_ROUTING_MODES",
+    "RESIDUAL_MODES",
     "GraphDecoder",
     "DeviceRouter",
     "DecodeStep",
@@ -45,6 +51,9 @@ _log = logging.getLogger(__name__)
 # Routing modes whose decode decision is a pure function of the token, its position and the
 # layer input (random and top-k routing draw or rank on the host).
 GRAPH_ROUTING_MODES = ("learned", "budget", "fixed")
+# How a routed token's residual planes run (GraphDecoder(residual=...)); auto: conditional nodes
+# where torch has them, else the flag-reading Triton kernel, else masked (eager on the CPU).
+RESIDUAL_MODES = ("auto", "conditional", "gated", "masked", "eager")
 
 
 def conditional_nodes_available() -> bool:
@@ -112,6 +121,12 @@ class _ConditionalBranches:
 
     def any_true(self, flags: list[torch.Tensor]) -> bool:
         raise InvalidConfigError("a kernel that reads the routing choice on the host cannot be captured")
+
+
+class _GatedBranches(_ConditionalBranches):
+    """Inside capture: the plane's product is a kernel that reads the flag itself (Triton)."""
+
+    mode = "gated"
 
 
 class _MaskedBranches(_ConditionalBranches):
@@ -232,6 +247,9 @@ class DecodeStep:
         self.picked = torch.zeros(cache.max_length, dtype=torch.long, device=device)
         self.key_positions = torch.arange(cache.max_length, device=device)
         self.branches = _EagerBranches()
+        # True: residual planes go through the flag-reading kernel (kernels/gated.py), eagerly too.
+        self.gated = False
+        self._portable: dict[tuple[int, int], object] = {}
 
     def state(self) -> list[torch.Tensor]:
         """Every buffer a step changes besides the cache (whose unread slots do not matter)."""
@@ -259,10 +277,30 @@ class DecodeStep:
             for plane in planes[1:always]:
                 out += kernel.matmul_plane(flat, plane)
             for index in range(always, len(planes)):
-                self.branches.add_if(flags[index - 1], out, lambda plane=planes[index]: kernel.matmul_plane(flat, plane))
+                if self.gated:
+                    gated_plane_add(flags[index - 1], flat, self.portable_plane(module, index), out)
+                else:
+                    self.branches.add_if(flags[index - 1], out, lambda plane=planes[index]: kernel.matmul_plane(flat, plane))
         if module.bias is not None:
             out = out + module.bias
         return out.to(x.dtype).reshape(1, 1, module.out_features)
+
+    def portable_plane(self, module, index: int):
+        """The plane in its portable layout on the module's device (the gated kernel reads it):
+        the CUDA kernel keeps one for prefill; otherwise the loaded planes (keep_portable)."""
+        key = (id(module), index)
+        if key not in self._portable:
+            plane = getattr(module._prepared[index], "portable", None)
+            if plane is None:
+                try:
+                    plane = module.planes()[index]
+                except AttributeError:
+                    raise InvalidConfigError(
+                        "the gated residual kernel needs the planes' portable layout: load on CUDA with the "
+                        "default dense prefill, or with keep_portable=True"
+                    ) from None
+            self._portable[key] = plane
+        return self._portable[key]
 
     def run(self) -> None:
         decoder, router, cache = self.decoder, self.router, self.cache
@@ -281,6 +319,8 @@ class DecodeStep:
             normed = F.rms_norm(hidden, shape, norm.weight, norm.variance_epsilon) if direct_norms else norm.forward(hidden)
             tier = router.tier_index(index, hidden, normed)
             flags = [tier >= level for level in range(1, len(router.router.tiers))]
+            if self.gated:
+                flags = [flag.to(torch.int32) for flag in flags]
             query = self.linear(attention.q_proj, normed, flags).view(1, 1, heads, head_dim).transpose(1, 2)
             key = self.linear(attention.k_proj, normed, flags).view(1, 1, kv_heads, head_dim).transpose(1, 2)
             value = self.linear(attention.v_proj, normed, flags).view(1, 1, kv_heads, head_dim).transpose(1, 2)
@@ -322,17 +362,35 @@ class GraphDecoder:
     """Greedy decode with the step captured as a CUDA graph (``capture=True``, CUDA only) or run
     eagerly (``capture=False``, any device). Prefill is the lean loop's forward."""
 
-    def __init__(self, model: torch.nn.Module, capture: bool | None = None):
+    def __init__(self, model: torch.nn.Module, capture: bool | None = None, residual: str = "auto"):
         self.model = model
         self.fast = FastDecoder(model)
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise InvalidConfigError(f"CUDA graph capture needs a CUDA device; the model is on {self.device}")
+        if residual not in RESIDUAL_MODES:
+            raise InvalidConfigError(f"residual={residual!r} is unknown; expected one of {list(RESIDUAL_MODES)}.")
+        if residual == "auto":
+            residual = self._default_residual()
+        if residual == "conditional" and not conditional_nodes_available():
+            raise InvalidConfigError(f"residual='conditional' needs CUDA graph conditional nodes, which torch {torch.__version__} lacks")
+        if residual == "gated" and not gated_kernel_available(self.device):
+            raise InvalidConfigError(f"residual='gated' needs Triton for device {self.device}")
+        # How a residual plane runs for a routed token: a conditional graph node, the flag-reading
+        # kernel, the product times the flag, or (eager, CPU) a Python branch.
+        self.residual = residual
         self.branch_mode = "eager"
         self._graph = None
         self._step: DecodeStep | None = None
         self._captured_for = None
+
+    def _default_residual(self) -> str:
+        if not self.capture:
+            return "eager"
+        if conditional_nodes_available():
+            return "conditional"
+        return "gated" if gated_kernel_available(self.device) else "masked"
 
     def _prepare(self, router: TokenRouter) -> DecodeStep:
         """Build (and capture) the step for the current cache and routing mode, once each."""
@@ -344,11 +402,12 @@ class GraphDecoder:
             tensor.zero_()  # masked slots must hold numbers: 0 x NaN would leak into attention
         device_router = DeviceRouter(router, self.fast.config.hidden_size, self.device)
         step = DecodeStep(self.fast, device_router, self.device)
+        step.gated = self.residual == "gated"
         self._graph = None
         if self.capture:
             self._graph = self._capture(step)
         else:
-            self.branch_mode = "eager"
+            self.branch_mode = "gated" if step.gated else "eager"
         self._step, self._captured_for = step, key
         return step
 
@@ -363,7 +422,7 @@ class GraphDecoder:
         torch.cuda.current_stream().wait_stream(side)
         for tensor, value in zip(step.state(), saved):
             tensor.copy_(value)
-        kinds = [_ConditionalBranches, _MaskedBranches] if conditional_nodes_available() else [_MaskedBranches]
+        kinds = {"conditional": [_ConditionalBranches, _MaskedBranches], "gated": [_GatedBranches]}.get(self.residual, [_MaskedBranches])
         for kind in kinds:
             graph = torch.cuda.CUDAGraph()
             step.branches = kind(graph)

@@ -245,6 +245,10 @@ class TapHead(nn.Module):
     def prepare(self, kernel: Kernel) -> None:
         rows = self.rows()
         self._column_scales = rows.column_scales
+        device = getattr(kernel, "device", None)
+        if self._column_scales is not None and device is not None:
+            # Beside the kernel's rows: a per-call host-to-device copy would cost a sync per token.
+            self._column_scales = self._column_scales.to(device)
         codes = RowQuantized(rows.qweight, rows.scales)
         try:
             self._prepared = kernel.prepare_rows(codes)

@@ -100,6 +100,11 @@ def test_requests_the_step_cannot_take_are_refused_with_a_reason(converted_facto
         tap.generate(PROMPT, max_new_tokens=4, decode="graph", do_sample=True)
     with pytest.raises(InvalidConfigError, match="CUDA"):
         GraphDecoder(tap.model, capture=True)
+    with pytest.raises(InvalidConfigError, match="residual"):
+        GraphDecoder(tap.model, capture=False, residual="sometimes")
+    if not conditional_nodes_available():
+        with pytest.raises(InvalidConfigError, match="conditional nodes"):
+            GraphDecoder(tap.model, capture=False, residual="conditional")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
