@@ -113,12 +113,18 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
         else:
             # A "-fast" row is the same routing through the lean loop (host-side routing, no
             # graph), for comparison with the default on CUDA, the captured graph step.
-            mode_row = row.removesuffix("-fast")
+            mode_row = row.removesuffix("-fast").removesuffix("-masked")
             mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]),
                     "tap-budget": ("budget", None),
                     "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None),
                     "tap-offload-half": ("learned", None), "tap-offload-all": ("learned", None)}[mode_row]
             tap.set_routing(mode[0], tier=mode[1])
+        if row.endswith("-masked"):
+            # The graph step with every residual product run and multiplied by the routing flag:
+            # what the step costs when a routed plane cannot be skipped on the device.
+            from tap_runtime.graph_decode import GraphDecoder
+
+            tap._graph_decoder = GraphDecoder(tap.model, residual="masked")
         model = tap.model
     prompt, long_input = prompt.to("cuda"), long_input.to("cuda")
     decode, prefill, joules, bits = [], [], [], []
