@@ -112,20 +112,31 @@ def test_requests_the_step_cannot_take_are_refused_with_a_reason(converted_facto
 @pytest.mark.parametrize("routing", ROUTINGS, ids=lambda r: f"{r[0]}{r[1] or ''}")
 def test_cuda_graph_replay_matches_the_eager_step(converted_factory, model_type, routing):
     """Captured once, replayed per token: the eager step's tokens, counts and thresholds, and a
-    second sequence through the same graph starts again from the fitted state."""
+    second sequence through the same graph starts again from the fitted state. Then the masked
+    fallback, which must decide the same."""
     tap = tap_runtime.load(converted_factory(model_type), device="cuda", dtype=torch.bfloat16)
     tap.set_routing(routing[0], tier=routing[1])
     ids = tap.encode(PROMPT).to("cuda")
-    expected = _graph(tap, ids, 24, capture=False)
     decoder = GraphDecoder(tap.model, capture=True)
+    # The same arithmetic run eagerly: the flag-reading kernel where the graph uses it, else
+    # torch's kernel behind a Python branch (as inside a conditional node or times the flag).
+    eager = GraphDecoder(tap.model, capture=False, residual="gated" if decoder.residual == "gated" else "eager")
+    expected = _graph(tap, ids, 24, decoder=eager)
     first = _graph(tap, ids, 24, decoder=decoder)
-    assert decoder.branch_mode == ("conditional" if conditional_nodes_available() else "masked")
+    assert decoder.branch_mode == decoder.residual
+    assert decoder.residual == ("conditional" if conditional_nodes_available() else "gated")
     again = _graph(tap, ids, 24, decoder=decoder)
     for got in (first, again):
         assert got[0] == expected[0]
         assert torch.equal(got[1], expected[1])
         if routing[0] == "budget":
             torch.testing.assert_close(torch.tensor(got[2]), torch.tensor(expected[2]), rtol=0, atol=1e-9)
+    if decoder.residual == "gated":
+        expected = _graph(tap, ids, 24, decoder=GraphDecoder(tap.model, capture=False, residual="eager"))
+    masked = GraphDecoder(tap.model, capture=True, residual="masked")
+    got = _graph(tap, ids, 24, decoder=masked)
+    assert masked.branch_mode == "masked"
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
