@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .decode import DecodeResult, FastDecoder, fast_decode_unsupported
 from .errors import InvalidConfigError
 from .kernels.gated import gated_kernel_available, gated_plane_add
+from .kernels.route import route_kernel_available, route_token
 from .layers import TapLinear
 from .router import BUDGET_STEP, TokenRouter
 
@@ -175,6 +176,48 @@ class DeviceRouter:
             self.frequency = router.token_log_frequency.to(device=device, dtype=torch.float32)
         self.input_norms = router.input_norms
         self._static = torch.zeros((), dtype=f64, device=device)
+        self.fused = False
+
+    def use_fused_kernel(self) -> None:
+        """Decide each layer with one Triton kernel (kernels/route.py) instead of ~20 tensor ops."""
+        if self.mode == "fixed":
+            return  # nothing to score: the tier is a constant
+        f64 = torch.float64
+        self.params = torch.tensor(
+            [
+                [self.slopes.get("hidden_norm", [0.0] * self.num_layers)[layer],
+                 self.slopes.get("error_estimate", [0.0] * self.num_layers)[layer],
+                 self.offsets[layer], self.steps[layer], 1.0 / math.sqrt(self.hidden_size)]
+                for layer in range(self.num_layers)
+            ],
+            dtype=f64,
+            device=self.device,
+        )
+        if self.sketches is not None:
+            # The kernel reads a power-of-two rank; zero columns add nothing to the energy.
+            padded = []
+            for sketch in self.sketches:
+                rank = sketch.shape[1]
+                wanted = 1 << max(rank - 1, 0).bit_length()
+                padded.append(torch.nn.functional.pad(sketch, (0, wanted - rank)).contiguous() if wanted != rank else sketch.contiguous())
+            self.padded_sketches = padded
+        self.flag_buffer = torch.zeros(self.num_layers, self.thresholds.shape[1], dtype=torch.int32, device=self.device)
+        self.scores = torch.zeros(self.num_layers, dtype=f64, device=self.device)
+        self.fused = True
+
+    def flags(self, layer: int, hidden: torch.Tensor, normed: torch.Tensor, as_int: bool) -> list[torch.Tensor]:
+        """One 0-dim flag per residual plane: nonzero when the token reads it in this layer."""
+        if self.fused:
+            route_token(
+                hidden, normed, self.padded_sketches[layer] if self.sketches is not None else None, self.static_score,
+                self.params[layer], self.thresholds[layer], self.shares, self.counts[layer], self.flag_buffer[layer],
+                self.scores[layer], "hidden_norm" in self.slopes, self.mode == "budget",
+            )
+            flags = list(self.flag_buffer[layer])
+            return flags if as_int else [flag.to(torch.bool) for flag in flags]
+        tier = self.tier_index(layer, hidden, normed)
+        flags = [tier >= level for level in range(1, len(self.router.tiers))]
+        return [flag.to(torch.int32) for flag in flags] if as_int else flags
 
     # ----- host <-> device state, once per sequence ---------------------------------------------
     def load_state(self) -> None:
@@ -317,10 +360,7 @@ class DecodeStep:
             norm = layer.input_layernorm
             # .forward: the norm's hook would route on the host; the device router does it here.
             normed = F.rms_norm(hidden, shape, norm.weight, norm.variance_epsilon) if direct_norms else norm.forward(hidden)
-            tier = router.tier_index(index, hidden, normed)
-            flags = [tier >= level for level in range(1, len(router.router.tiers))]
-            if self.gated:
-                flags = [flag.to(torch.int32) for flag in flags]
+            flags = router.flags(index, hidden, normed, as_int=self.gated)
             query = self.linear(attention.q_proj, normed, flags).view(1, 1, heads, head_dim).transpose(1, 2)
             key = self.linear(attention.k_proj, normed, flags).view(1, 1, kv_heads, head_dim).transpose(1, 2)
             value = self.linear(attention.v_proj, normed, flags).view(1, 1, kv_heads, head_dim).transpose(1, 2)
@@ -362,7 +402,7 @@ class GraphDecoder:
     """Greedy decode with the step captured as a CUDA graph (``capture=True``, CUDA only) or run
     eagerly (``capture=False``, any device). Prefill is the lean loop's forward."""
 
-    def __init__(self, model: torch.nn.Module, capture: bool | None = None, residual: str = "auto"):
+    def __init__(self, model: torch.nn.Module, capture: bool | None = None, residual: str = "auto", fused_router: bool | None = None):
         self.model = model
         self.fast = FastDecoder(model)
         self.device = next(model.parameters()).device
@@ -380,6 +420,13 @@ class GraphDecoder:
         # How a residual plane runs for a routed token: a conditional graph node, the flag-reading
         # kernel, the product times the flag, or (eager, CPU) a Python branch.
         self.residual = residual
+        # The router as one kernel per layer (kernels/route.py): by default wherever the step is
+        # captured and Triton runs.
+        if fused_router is None:
+            fused_router = self.capture and route_kernel_available(self.device)
+        if fused_router and not route_kernel_available(self.device):
+            raise InvalidConfigError(f"fused_router=True needs Triton for device {self.device}")
+        self.fused_router = fused_router
         self.branch_mode = "eager"
         self._graph = None
         self._step: DecodeStep | None = None
@@ -401,6 +448,8 @@ class GraphDecoder:
         for tensor in self.fast.cache.keys + self.fast.cache.values:
             tensor.zero_()  # masked slots must hold numbers: 0 x NaN would leak into attention
         device_router = DeviceRouter(router, self.fast.config.hidden_size, self.device)
+        if self.fused_router:
+            device_router.use_fused_kernel()
         step = DecodeStep(self.fast, device_router, self.device)
         step.gated = self.residual == "gated"
         self._graph = None
