@@ -113,7 +113,7 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
         else:
             # A "-fast" row is the same routing through the lean loop (host-side routing, no
             # graph), for comparison with the default on CUDA, the captured graph step.
-            mode_row = row.removesuffix("-fast").removesuffix("-masked")
+            mode_row = row.removesuffix("-fast").removesuffix("-masked").removesuffix("-unfused")
             mode = {"tap-base": ("fixed", tap.table.tiers[0]), "tap-top": ("fixed", tap.table.tiers[-1]),
                     "tap-budget": ("budget", None),
                     "tap-learned": ("learned", None), "tap-learned-eager": ("learned", None),
@@ -125,6 +125,12 @@ def measure_row(row: str, model_dir: Path, tap_dir: Path, prompt: torch.Tensor, 
             from tap_runtime.graph_decode import GraphDecoder
 
             tap._graph_decoder = GraphDecoder(tap.model, residual="masked")
+        if row.endswith("-unfused"):
+            # The graph step with the router as plain tensor ops (about 20 kernels per layer)
+            # instead of the one-launch Triton kernel.
+            from tap_runtime.graph_decode import GraphDecoder
+
+            tap._graph_decoder = GraphDecoder(tap.model, fused_router=False)
         model = tap.model
     prompt, long_input = prompt.to("cuda"), long_input.to("cuda")
     decode, prefill, joules, bits = [], [], [], []
