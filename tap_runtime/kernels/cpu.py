@@ -44,6 +44,9 @@ _ALIGNMENT_BYTES = 64
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` itself if contiguous and 64-byte aligned, else an aligned contiguous copy."""
+    if torch.compiler.is_compiling():
+        # Traced code has no addresses; its fresh buffers come from torch's aligned allocator.
+        return tensor.contiguous()
     if tensor.is_contiguous() and tensor.data_ptr() % _ALIGNMENT_BYTES == 0:
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
