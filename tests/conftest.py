@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter for the Triton kernels' tests (tests/tap_runtime/test_kernels_gated.py,
+    # test_kernels_route.py): it must be on before anything imports Triton, which builds its
+    # language library for the interpreter or for GPUs at that moment. Inert without Triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
