@@ -1,15 +1,18 @@
 """What 8-bit activations on the base plane cost and buy: token-by-token quality and decode speed.
 
-TAP's VNNI kernel quantizes activations to 15 bits; with ``CpuVnniKernel.coarse_base`` it uses 8
-bits for a call whose tokens read the base plane alone (they already carry the 4-bit plane's
-error). This script measures both settings on the same checkpoint, in one process:
+TAP's VNNI kernel quantizes activations per block of 64 to 15 bits; with
+``CpuVnniKernel(base_wide_above=T)`` a call whose tokens read the base plane alone (they already
+carry the 4-bit plane's error) takes 8 bits in the blocks whose peak is at most T times their RMS
+(T = inf: every block 8 bits). This script measures 15 bits everywhere, 8 bits everywhere and each
+``--wide-above`` T on the same checkpoint, in one process:
 
 - quality: held-out windows fed one token at a time through the lean loop (so every product
   goes through the one-token kernel, as in decode), KL and perplexity against fp32, for the
   default routing and for every token on the base tier;
-- speed: decode tok/s (128 new tokens, default routing), the two settings alternated.
+- speed: decode tok/s (128 new tokens, default routing), the settings alternated;
+- how many blocks each T sends to 15 bits, counted on the same windows' base-only calls.
 
-    python scripts/bench_activation_bits.py --model models/smollm2 --tap models/smollm2-tap
+    python scripts/bench_activation_bits.py --model models/smollm2 --tap models/smollm2-tap --wide-above 4
 """
 
 from __future__ import annotations
@@ -23,16 +26,47 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench_common import environment, load_tap_and_windows, set_threads
-from tap_runtime.decode import FastDecoder
-from tap_runtime.kernels.vnni import CpuVnniKernel
+from tap_runtime.decode import DirectDecodeLayer, FastDecoder
+from tap_runtime.kernels.vnni import ALL_NARROW, ALL_WIDE, BLOCK, CpuVnniKernel
 
 
-def _set_coarse(tap, coarse: bool) -> None:
+def _kernels(tap) -> list[CpuVnniKernel]:
     kernels = {id(m.kernel): m.kernel for m in tap.model.modules() if isinstance(getattr(m, "kernel", None), CpuVnniKernel)}
     if not kernels:
         raise SystemExit("the checkpoint did not load with TAP's VNNI kernel (kernel 'cpu-vnni'); nothing to compare")
-    for kernel in kernels.values():
-        kernel.coarse_base = coarse
+    return list(kernels.values())
+
+
+def _set_wide_above(tap, wide_above: float) -> None:
+    for kernel in _kernels(tap):
+        kernel.base_wide_above = wide_above
+
+
+class _BlockCounter:
+    """Counts, for each threshold, the activation blocks of one-token base-only products that it
+    would send to 15 bits (the kernel's rule, recomputed in float32 on the products' inputs)."""
+
+    def __init__(self, thresholds: list[float]):
+        self.thresholds, self.wide, self.total = thresholds, [0] * len(thresholds), 0
+        self._original = DirectDecodeLayer.plane_product
+
+    def __enter__(self):
+        counter, original = self, self._original
+
+        def plane_product(flat, plane, wide_above=ALL_WIDE):
+            if wide_above != ALL_WIDE and flat.shape[-1] % BLOCK == 0:  # a base-only product
+                blocks = flat.float().reshape(-1, BLOCK)
+                peak_squared, mean_square = blocks.abs().amax(-1).square(), blocks.square().mean(-1)
+                counter.total += blocks.shape[0]
+                for i, threshold in enumerate(counter.thresholds):
+                    counter.wide[i] += int((peak_squared > threshold * threshold * mean_square).sum())
+            return original(flat, plane, wide_above)
+
+        DirectDecodeLayer.plane_product = staticmethod(plane_product)
+        return self
+
+    def __exit__(self, *exc):
+        DirectDecodeLayer.plane_product = staticmethod(self._original)
 
 
 def main() -> None:
@@ -46,11 +80,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--wide-above", type=float, nargs="*", default=[4.0],
+                        help="thresholds T to compare: blocks whose peak exceeds T x RMS keep 15 bits")
     args = parser.parse_args()
     set_threads(args.threads)
     started = time.perf_counter()
     tap, _, windows = load_tap_and_windows(args)
-    settings = {"8-bit on base-only calls": True, "15-bit everywhere (default)": False}
+    settings = {"15-bit everywhere (default)": ALL_WIDE, "8-bit on base-only calls": ALL_NARROW}
+    for threshold in args.wide_above:
+        settings[f"8-bit on base-only calls, 15-bit blocks above {threshold:g} x RMS"] = threshold
+    shares: dict[float, float] = {}
     rows = []
     if not args.skip_quality:
         reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -60,8 +99,8 @@ def main() -> None:
             fp32_nll = sum(-lp.gather(-1, w[1:, None]).sum().item() for lp, w in zip(reference_logprobs, windows))
             del reference
             for routing in (("budget", None), ("fixed", tap.table.tiers[0])):
-                for label, coarse in settings.items():
-                    _set_coarse(tap, coarse)
+                for label, wide_above in settings.items():
+                    _set_wide_above(tap, wide_above)
                     tap.set_routing(*routing)
                     decoder = FastDecoder(tap.model)
                     nll = kl = 0.0
@@ -74,12 +113,22 @@ def main() -> None:
                         kl += (ref.exp() * (ref - logprobs)).sum().item()
                     name = "default routing" if routing[0] == "budget" else f"every token tier {routing[1]}"
                     rows.append((name, label, math.exp((nll - fp32_nll) / count), kl / count))
+        if args.wide_above:
+            tap.set_routing()
+            _set_wide_above(tap, args.wide_above[0])  # any value but ALL_WIDE routes base-only calls to matmul_base
+            decoder = FastDecoder(tap.model)
+            with torch.inference_mode(), _BlockCounter(args.wide_above) as counter:
+                for window in windows:
+                    decoder._allocate(window.numel(), torch.float32, window.device)
+                    for s in range(window.numel()):
+                        decoder.forward(window[None, s : s + 1], s)
+            shares = {t: w / max(counter.total, 1) for t, w in zip(args.wide_above, counter.wide)}
     tap.set_routing()
     prompt = windows[0, :32].unsqueeze(0)
     rates: dict[str, list[float]] = {label: [] for label in settings}
     for _ in range(args.rounds):
-        for label, coarse in settings.items():
-            _set_coarse(tap, coarse)
+        for label, wide_above in settings.items():
+            _set_wide_above(tap, wide_above)
             tap.generate(input_ids=prompt, max_new_tokens=8, eos_token_id=[])  # warm-up
             done = tap.generate(input_ids=prompt, max_new_tokens=args.new_tokens, eos_token_id=[])
             rates[label].append(done.metrics.decode_tokens_per_second)
@@ -90,11 +139,16 @@ def main() -> None:
         print("|---|---|---|---|")
         for name, label, ratio, kl in rows:
             print(f"| {name} | {label} | {ratio:.4f} | {kl:.4f} |")
+    if shares:
+        print("\nblocks of base-only calls kept at 15 bits (default routing, same windows): "
+              + ", ".join(f"T = {t:g}: {share:.1%}" for t, share in shares.items()))
     medians = {label: statistics.median(r) for label, r in rates.items()}
-    coarse_label, fine_label = list(settings)  # ratio: 8-bit setting over the default
-    print(f"\ndecode tok/s, default routing, {args.new_tokens} new tokens, medians of {args.rounds} alternated rounds: "
-          + ", ".join(f"{label} {rate:.1f}" for label, rate in medians.items())
-          + f"; ratio {medians[coarse_label] / medians[fine_label]:.3f}")
+    default = medians["15-bit everywhere (default)"]
+    print(f"\ndecode tok/s, default routing, {args.new_tokens} new tokens, medians of {args.rounds} alternated rounds:")
+    print("| activations | tok/s | x 15-bit everywhere |")
+    print("|---|---|---|")
+    for label, rate in medians.items():
+        print(f"| {label} | {rate:.1f} | {rate / default:.3f} |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import InvalidConfigError
 from .kernels.cpu import aligned
 from .kernels.native import native_kernels
-from .kernels.vnni import TiledPlane
+from .kernels.vnni import ALL_WIDE, TiledPlane
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
 from .router import ALL_TOKENS
 
@@ -156,14 +156,16 @@ class DirectDecodeLayer:
     packed (not memory-efficient mode's lazily read planes, not offloaded ones) and stacked.
     """
 
-    __slots__ = ("qkv", "o_proj", "gate_up", "down_proj", "routing", "coarse_base")
+    __slots__ = ("qkv", "o_proj", "gate_up", "down_proj", "routing", "kernel")
 
     def __init__(self, qkv: list, o_proj, gate_up: list, down_proj):
         # qkv / gate_up: [FusedProjection] when stacked, else the modules one by one.
         self.qkv, self.o_proj, self.gate_up, self.down_proj = qkv, o_proj, gate_up, down_proj
         self.routing = o_proj.routing
-        # The kernel's rule for a token that reads the base plane alone (see CpuVnniKernel).
-        self.coarse_base = bool(getattr(o_proj.kernel, "coarse_base", False))
+        # Whose activation rule a token that reads the base plane alone follows (see
+        # CpuVnniKernel.base_wide_above); read at each call, so a change after the decoder was
+        # built takes effect.
+        self.kernel = o_proj.kernel
 
     @classmethod
     def build(cls, layer: nn.Module, qkv: FusedProjection | None, gate_up: FusedProjection | None) -> "DirectDecodeLayer | None":
@@ -201,18 +203,21 @@ class DirectDecodeLayer:
         return used
 
     @staticmethod
-    def plane_product(flat: torch.Tensor, plane, wide: bool = True) -> torch.Tensor:
+    def plane_product(flat: torch.Tensor, plane, wide_above: float = ALL_WIDE) -> torch.Tensor:
         """(1, in) float32 times one packed plane, straight into the kernel's op (TAP's VNNI
-        kernel answers in float32, with 15- or 8-bit activations; torch's int4 op in bfloat16)."""
+        kernel answers in float32, its activations at 15 or 8 bits per block as ``wide_above``
+        says; torch's int4 op in bfloat16)."""
         if type(plane) is TiledPlane:
-            return native_kernels().matmul_w4(flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide, plane.first_row, plane.out_features)
+            return native_kernels().matmul_w4(
+                flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide_above, plane.first_row, plane.out_features
+            )
         out = _INT4_MM(aligned(flat.to(torch.bfloat16)), plane.packed, plane.group_size, plane.scale_and_zero)
         return out[:, : plane.out_features] if out.shape[-1] != plane.out_features else out
 
     def project(self, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         """run_planes for one token (x: (1, in) in the compute dtype), without the wrappers."""
         flat = x.to(torch.float32).contiguous()
-        out = self.plane_product(flat, planes[0], wide=used > 1 or not self.coarse_base)
+        out = self.plane_product(flat, planes[0], ALL_WIDE if used > 1 else getattr(self.kernel, "base_wide_above", ALL_WIDE))
         if used > 1:
             out = out.to(torch.float32)
             for plane in planes[1:used]:

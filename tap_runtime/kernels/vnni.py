@@ -18,6 +18,7 @@ GEMM: at 512 tokens that is 2.4x a float32 matmul on Qwen2.5-1.5B's gate/up plan
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -30,13 +31,17 @@ from ..planes import Plane, RowQuantized
 from .cpu import CpuPackedKernel, _PackedPlane, _PackedRows
 from .native import native_kernels
 
-__all__ = ["CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
+__all__ = ["ALL_NARROW", "ALL_WIDE", "CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
 
 BLOCK = 64  # inputs per activation scale, and per 32 bytes of packed plane
 CHUNK_BLOCKS = 16  # blocks per chunk of the plane layout (the C++ kernel's kChunkBlocks)
 _ROW_CHUNK = 32  # inputs per 32-byte chunk of an int8 row
 _DENSE_ROWS_CHUNK = 16384  # rows of the head unpacked at a time for many-token calls
 _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multiple of any tile)
+# The native plane kernel's activation rule (its wide_above argument): a block of 64 activations
+# takes 15 bits where its peak exceeds wide_above times its RMS, else 8 bits.
+ALL_WIDE = 0.0  # every block 15 bits (a block's peak is never below its RMS)
+ALL_NARROW = math.inf  # every block 8 bits
 
 
 def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
@@ -162,13 +167,17 @@ class CpuVnniKernel(CpuPackedKernel):
 
     name = "cpu-vnni"
 
-    def __init__(self, dense_min_tokens: int | None = 16, native: ModuleType | None = None, coarse_base: bool = False):
+    def __init__(self, dense_min_tokens: int | None = 16, native: ModuleType | None = None, base_wide_above: float = ALL_WIDE):
         super().__init__()
-        # coarse_base: 8-bit activations (one dot product per weight byte, not two) for a call
-        # whose tokens read the base plane alone. Off by default: on SmolLM2, fed token by token,
-        # it raised the default routing's KL from 0.040 to 0.056 for 4% more decode speed
+        # base_wide_above: for a call whose tokens read the base plane alone, a block of 64
+        # activations keeps 15 bits where its peak exceeds this many times its RMS, and takes 8
+        # bits (one dot product per weight byte, not two) otherwise. ALL_WIDE (0, the default):
+        # 15 bits everywhere; ALL_NARROW (inf): 8 bits everywhere, which on SmolLM2, fed token by
+        # token, raised the default routing's KL from 0.040 to 0.056 for 4% more decode speed
         # (scripts/bench_activation_bits.py).
-        self.coarse_base = coarse_base
+        if not base_wide_above >= 0:
+            raise ValueError(f"base_wide_above must be >= 0 (0: all activations 15-bit, inf: all 8-bit), got {base_wide_above}")
+        self.base_wide_above = float(base_wide_above)
         self.native = native if native is not None else native_kernels()
         if self.native is None:
             raise RuntimeError("the native CPU kernels are not available on this machine")
@@ -219,18 +228,18 @@ class CpuVnniKernel(CpuPackedKernel):
             weight = self.dequantize_plane(prepared, self._scratch((prepared.out_features, prepared.weight.shape[1] * 2)))
             return torch.mm(x.to(torch.bfloat16), weight.t())
         return self.native.matmul_w4(
-            x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, True,
+            x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, ALL_WIDE,
             prepared.first_row, prepared.out_features,
         )
 
     def matmul_base(self, x: torch.Tensor, prepared, alone: bool) -> torch.Tensor:
         """The base plane's product; ``alone``: no token of this call reads a residual plane."""
-        if alone and self.coarse_base and type(prepared) is TiledPlane and (
+        if alone and self.base_wide_above != ALL_WIDE and type(prepared) is TiledPlane and (
             self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens
         ):
             return self.native.matmul_w4(
-                x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, False,
-                prepared.first_row, prepared.out_features,
+                x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
+                self.base_wide_above, prepared.first_row, prepared.out_features,
             )
         return self.matmul_plane(x, prepared)
 

@@ -213,3 +213,33 @@ def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(conv
     assert len(calls) == 2 * per_step and set(calls) == {2}
     lean = tap_runtime.load(converted_factory("llama", group_size=group_size), memory_efficient=True)
     assert all(d is None for d in FastDecoder(lean.model).direct)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+def test_lean_loop_follows_the_kernels_activation_rule_when_it_changes(wide_llama):
+    """A base-only step takes the kernel's current 8-/15-bit rule, even in a decoder built before
+    the rule changed (TapModel keeps its decoder between calls)."""
+    from tap_runtime.kernels.vnni import ALL_NARROW, ALL_WIDE, CpuVnniKernel
+
+    tap = tap_runtime.load(wide_llama)
+    down = tap.model.model.layers[0].mlp.down_proj
+    kernel = down.kernel
+    if not isinstance(kernel, CpuVnniKernel) or type(down._prepared[0]) is not TiledPlane:
+        pytest.skip("group size 32: torch's kernel, which has no 8-bit activation rule")
+    tap.set_routing("fixed", tier=4)  # every token base-only
+    ids = tap.encode(PROMPT)
+    decoder = FastDecoder(tap.model)
+    decoder._allocate(ids.shape[1] + 1, torch.float32, ids.device)
+
+    def last_step_logits():
+        with torch.inference_mode():
+            decoder.forward(ids[:, :-1], 0)
+            return decoder.forward(ids[:, -1:], ids.shape[1] - 1)
+
+    wide = last_step_logits()
+    kernel.base_wide_above = ALL_NARROW
+    narrow = last_step_logits()
+    kernel.base_wide_above = ALL_WIDE
+    assert not torch.equal(wide, narrow)
+    torch.testing.assert_close(narrow, wide, rtol=0.05, atol=0.05)  # 8-bit activations: close, not equal
+    assert torch.equal(last_step_logits(), wide)

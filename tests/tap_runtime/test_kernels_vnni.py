@@ -10,6 +10,8 @@ from tap_runtime.kernels import ReferenceKernel, native, select_kernel
 from tap_runtime.kernels.cpu import _PackedPlane, _PackedRows
 from tap_runtime.kernels.native import native_kernels
 from tap_runtime.kernels.vnni import (
+    ALL_NARROW,
+    ALL_WIDE,
     CpuVnniKernel,
     TiledPlane,
     TiledRows,
@@ -97,9 +99,61 @@ def test_eight_bit_activations_are_available_and_coarser():
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2))
     expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
     args = (prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
-    wide = _relative_error(kernel.native.matmul_w4(x, *args, True, 0, 128), expected)
-    narrow = _relative_error(kernel.native.matmul_w4(x, *args, False, 0, 128), expected)
+    wide = _relative_error(kernel.native.matmul_w4(x, *args, ALL_WIDE, 0, 128), expected)
+    narrow = _relative_error(kernel.native.matmul_w4(x, *args, ALL_NARROW, 0, 128), expected)
     assert wide < 5e-4 < narrow < 5e-2
+
+
+def _spiky_block(generator) -> torch.Tensor:
+    """64 activations whose peak is about 8x their RMS (an outlier channel)."""
+    block = torch.randn(64, generator=generator) * 0.5
+    block[5] = 30.0
+    return block
+
+
+def _flat_block(generator) -> torch.Tensor:
+    """64 activations of equal magnitude: peak == RMS."""
+    return torch.where(torch.rand(64, generator=generator) < 0.5, -1.0, 1.0) * 0.7
+
+
+@needs_native
+def test_mixed_activations_take_fifteen_bits_only_in_peaked_blocks():
+    plane = _plane((64, 512))
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(plane)
+    args = (prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
+    generator = torch.Generator().manual_seed(11)
+    spiky = torch.cat([_spiky_block(generator) for _ in range(8)]).unsqueeze(0)
+    flat = torch.cat([_flat_block(generator) for _ in range(8)]).unsqueeze(0)
+
+    def product(x, wide_above):
+        return kernel.native.matmul_w4(x, *args, wide_above, 0, 64)
+
+    # Every block above the threshold: exactly the all-15-bit product; none: exactly all-8-bit.
+    assert torch.equal(product(spiky, 4.0), product(spiky, ALL_WIDE))
+    assert torch.equal(product(flat, 4.0), product(flat, ALL_NARROW))
+    assert not torch.equal(product(spiky, ALL_NARROW), product(spiky, ALL_WIDE))
+    # A mix: each block follows its own rule. Blocks are independent terms of the sum, so the
+    # product is the 15-bit product of the spiky blocks plus the 8-bit one of the flat blocks.
+    is_spiky = torch.arange(8).repeat_interleave(64) % 2 == 0
+    mixed = torch.where(is_spiky, spiky, flat)
+    only_spiky, only_flat = torch.where(is_spiky, spiky, 0.0), torch.where(is_spiky, 0.0, flat)
+    expected = product(only_spiky, ALL_WIDE) + product(only_flat, ALL_NARROW)
+    torch.testing.assert_close(product(mixed, 4.0), expected, rtol=1e-5, atol=1e-5)
+    # and it is closer to float32 than 8 bits everywhere
+    reference = ReferenceKernel().matmul_plane(mixed, ReferenceKernel().prepare_plane(plane))
+    assert _relative_error(product(mixed, 4.0), reference) < _relative_error(product(mixed, ALL_NARROW), reference)
+
+
+@needs_native
+def test_kernel_rejects_a_negative_or_nan_threshold():
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(_plane((16, 128)))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(RuntimeError, match="wide_above"):
+            kernel.native.matmul_w4(torch.zeros(1, 128), prepared.weight, prepared.scales, prepared.zeros, 64, bad, 0, 16)
+        with pytest.raises(ValueError, match="base_wide_above"):
+            CpuVnniKernel(base_wide_above=bad)
 
 
 @needs_native
@@ -116,14 +170,16 @@ def test_dense_unpack_is_the_reference_plane_in_bfloat16(shape, group_size):
 
 
 @needs_native
-def test_base_plane_alone_takes_eight_bit_activations_only_when_asked():
+@pytest.mark.parametrize("wide_above", [ALL_NARROW, 10.0])
+def test_base_plane_alone_takes_eight_bit_activations_only_when_asked(wide_above):
     plane = _plane((64, 512))
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(7))
     expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
-    coarse, fine = CpuVnniKernel(coarse_base=True), CpuVnniKernel()
+    coarse, fine = CpuVnniKernel(base_wide_above=wide_above), CpuVnniKernel()
     prepared = coarse.prepare_plane(plane)
     alone = coarse.matmul_base(x, prepared, alone=True)
     assert 5e-4 < _relative_error(alone, expected) < 5e-2
+    assert torch.equal(alone, coarse.native.matmul_w4(x, prepared.weight, prepared.scales, prepared.zeros, 64, wide_above, 0, 64))
     # A token that also reads a residual plane keeps 15 bits, and so does a kernel told not to.
     assert torch.equal(coarse.matmul_base(x, prepared, alone=False), coarse.matmul_plane(x, prepared))
     assert torch.equal(fine.matmul_base(x, prepared, alone=True), fine.matmul_plane(x, prepared))
@@ -155,9 +211,9 @@ def test_kernel_checks_its_arguments():
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(_plane((16, 128)))
     with pytest.raises(RuntimeError, match="input columns"):
-        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, True, 0, 16)
+        kernel.native.matmul_w4(torch.zeros(1, 64), prepared.weight, prepared.scales, prepared.zeros, 64, ALL_WIDE, 0, 16)
     with pytest.raises(RuntimeError, match="tile-aligned view"):
-        kernel.native.matmul_w4(torch.zeros(1, 128), prepared.weight, prepared.scales, prepared.zeros, 64, True, 4, 16)
+        kernel.native.matmul_w4(torch.zeros(1, 128), prepared.weight, prepared.scales, prepared.zeros, 64, ALL_WIDE, 4, 16)
 
 
 @needs_native

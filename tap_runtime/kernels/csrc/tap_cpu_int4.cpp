@@ -6,7 +6,8 @@
 // u8 x s8 dot products, and each tile of rows is one contiguous stream.
 //
 // Activations are quantized when a call starts. matmul_w4: per block of 64 inputs, to 15 bits
-// (wide, two dot products per weight byte: signed high byte, low byte in [0, 127]) or to 8 bits.
+// (wide, two dot products per weight byte: signed high byte, low byte in [0, 127]) or to 8 bits,
+// for all blocks or per block by how peaked its values are (see quantize_blocks).
 // matmul_w8: per token, to 15 bits offset to unsigned. Integer sums are exact; the result differs
 // from float32 by the activation rounding only (relative ~1e-4 at 15 bits).
 //
@@ -19,6 +20,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -56,27 +58,37 @@ inline float horizontal_sum(__m256 v) {
 
 inline float horizontal_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 
-// x (M, K) float32 -> per block of 64: codes (int8 high bytes, and low bytes when wide), the
-// block's scale and the exact sum of its inputs (for the zero-point term).
-void quantize_blocks(const float* x, int64_t M, int64_t K, bool wide, int8_t* high, int8_t* low, float* scales,
-                     float* sums) {
+// x (M, K) float32 -> per block of 64: codes, the block's scale and the exact sum of its inputs
+// (for the zero-point term). A block whose peak exceeds `wide_above` times its RMS is quantized
+// to 15 bits (int8 high byte, low byte in [0, 127]; wide[block] = 1), the others to 8 bits in
+// the high byte (wide[block] = 0). wide_above 0 makes every block 15-bit (every block's peak is
+// at least its RMS); infinity makes every block 8-bit.
+void quantize_blocks(const float* x, int64_t M, int64_t K, float wide_above, int8_t* high, int8_t* low, float* scales,
+                     float* sums, uint8_t* wide) {
   const int64_t blocks = K / kBlock;
   const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   const __m512i low_bits = _mm512_set1_epi32(127);
+  const bool all_wide = wide_above <= 0.f, none_wide = std::isinf(wide_above);
+  // peak > wide_above * rms  <=>  peak^2 * 64 > wide_above^2 * sum of squares
+  const float limit = wide_above * wide_above / static_cast<float>(kBlock);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* src = x + m * K + b * kBlock;
-      __m512 v[4], amax = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+      __m512 v[4], amax = _mm512_setzero_ps(), total = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
       for (int i = 0; i < 4; ++i) {
         v[i] = _mm512_loadu_ps(src + 16 * i);
         amax = _mm512_max_ps(amax, _mm512_and_ps(v[i], sign_mask));
         total = _mm512_add_ps(total, v[i]);
+        squares = _mm512_fmadd_ps(v[i], v[i], squares);
       }
-      const float scale = horizontal_max(amax) / (wide ? 16383.f : 127.f);
+      const float peak = horizontal_max(amax);
+      bool is_wide = all_wide;
+      if (!all_wide && !none_wide) is_wide = peak * peak > limit * _mm512_reduce_add_ps(squares);
+      const float scale = peak / (is_wide ? 16383.f : 127.f);
       const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
       for (int i = 0; i < 4; ++i) {
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));  // round to nearest even
-        if (wide) {
+        if (is_wide) {
           // floor(q / 128) and q mod 128: q = 128 * high + low with low in [0, 127]
           _mm_storeu_si128(reinterpret_cast<__m128i*>(high + m * K + b * kBlock + 16 * i), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 7)));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(low + m * K + b * kBlock + 16 * i), _mm512_cvtepi32_epi8(_mm512_and_si512(q, low_bits)));
@@ -86,6 +98,7 @@ void quantize_blocks(const float* x, int64_t M, int64_t K, bool wide, int8_t* hi
       }
       scales[m * blocks + b] = scale;
       sums[m * blocks + b] = _mm512_reduce_add_ps(total);
+      wide[m * blocks + b] = is_wide ? 1 : 0;
     }
   }
 }
@@ -150,10 +163,13 @@ inline int64_t chunk_params(int64_t padded_rows, int64_t blocks, int64_t blocks_
   return padded_rows * (b0 / blocks_per_group) + (tile * kTileRows + r) * count;
 }
 
-// R rows from n0, one token. Wide=true: activations carry 15 bits as a signed high byte and a
-// low byte in [0, 127], two VNNI dot products each; Wide=false: 8 bits, one dot product.
-template <int R, bool Wide>
-inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, const float* block_scale,
+// R rows from n0, one token. Mode kWide: every block's activations carry 15 bits as a signed
+// high byte and a low byte in [0, 127], two VNNI dot products each; kNarrow: 8 bits, one dot
+// product; kMixed: per block, as wide[b] says.
+enum ActivationMode { kNarrow = 0, kWide = 1, kMixed = 2 };
+
+template <int R, int Mode>
+inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, const uint8_t* wide, const float* block_scale,
                     int64_t blocks, int64_t scale_stride, float* acc_out) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
@@ -161,24 +177,32 @@ inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, c
   for (int64_t b = 0; b < blocks; ++b) {
     const __m256i h_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + b * kBlock));
     const __m256i h_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + b * kBlock + 32));
-    __m256i l_low, l_high;
-    if constexpr (Wide) {
-      l_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + b * kBlock));
-      l_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + b * kBlock + 32));
-    }
+    const bool block_wide = Mode == kWide || (Mode == kMixed && wide[b]);
+    if (block_wide) {
+      const __m256i l_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + b * kBlock));
+      const __m256i l_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + b * kBlock + 32));
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
-      const __m256i w_low = _mm256_and_si256(raw, low_mask);
-      const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
-      __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
-      dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
-      if constexpr (Wide) {
+      for (int r = 0; r < R; ++r) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
+        const __m256i w_low = _mm256_and_si256(raw, low_mask);
+        const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
+        dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
         dot = _mm256_slli_epi32(dot, 7);
         dot = _mm256_dpbusd_epi32(dot, w_low, l_low);
         dot = _mm256_dpbusd_epi32(dot, w_high, l_high);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
+        const __m256i w_low = _mm256_and_si256(raw, low_mask);
+        const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
+        dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) acc_out[r] = horizontal_sum(acc[r]);
@@ -195,9 +219,9 @@ inline const uint8_t* chunk_tile(const uint8_t* weight, int64_t padded_rows, int
 // Rows [row_begin, row_end) of a view starting at tile first_tile of the stored plane, for all M
 // tokens, a chunk of input blocks at a time (so the chunk's activations stay in L1 while the
 // weights stream past), accumulating into out.
-template <bool Wide>
+template <int Mode>
 void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
-             int64_t N, int64_t K, int64_t group_size, const int8_t* xh, const int8_t* xl, const float* xs,
+             int64_t N, int64_t K, int64_t group_size, const int8_t* xh, const int8_t* xl, const uint8_t* wide, const float* xs,
              const float* xsum, int64_t M, float* out, int64_t row_begin, int64_t row_end) {
   const int64_t blocks = K / kBlock;
   const int64_t groups = K / group_size;
@@ -218,8 +242,8 @@ void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, con
           offset[r] = prepare_blocks(scales + at, zeros + at, count, blocks_per_group, xs + m * blocks + b0,
                                      xsum + m * blocks + b0, block_scale + r * kChunkBlocks);
         }
-        tile_w4<R, Wide>(tile, xh + m * K + b0 * kBlock, Wide ? xl + m * K + b0 * kBlock : nullptr, block_scale, count,
-                         kChunkBlocks, dots);
+        tile_w4<R, Mode>(tile, xh + m * K + b0 * kBlock, Mode != kNarrow ? xl + m * K + b0 * kBlock : nullptr,
+                         wide + m * blocks + b0, block_scale, count, kChunkBlocks, dots);
         float* o = out + m * N + n0;
         for (int r = 0; r < rows; ++r) o[r] = (c == 0 ? 0.f : o[r]) + dots[r] - offset[r];
       }
@@ -318,8 +342,10 @@ void dequantize_tiles(const uint8_t* weight, int64_t padded_rows, int64_t first_
 
 // x (M, K) times the rows [first_row, first_row + N) of a stored plane (a view into a stacked
 // q/k/v or gate/up plane, or the whole plane with first_row 0).
+// wide_above: activations per block of 64 at 15 bits where the block's peak exceeds this many
+// times its RMS, else at 8 bits (0: all 15-bit; infinity: all 8-bit).
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
-                        int64_t group_size, bool wide, int64_t first_row, int64_t N) {
+                        int64_t group_size, double wide_above, int64_t first_row, int64_t N) {
   TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
@@ -328,6 +354,7 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   TORCH_CHECK(weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
               "rows [", first_row, ", ", first_row + N, ") are not a tile-aligned view of a plane of ", weight.size(0), " rows");
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
+  TORCH_CHECK(!std::isnan(wide_above) && wide_above >= 0, "wide_above must be >= 0 (0: every block 15-bit; inf: every block 8-bit)");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
               "scales and zeros must be contiguous float16");
   TORCH_CHECK(kChunkBlocks * kBlock % group_size == 0, "group size must divide ", kChunkBlocks * kBlock);
@@ -336,9 +363,12 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   auto out = torch::empty({M, N}, x.options());
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   const int64_t blocks = K / kBlock;
-  std::vector<int8_t> xq(M * K), xl(wide ? M * K : 0);
+  const float threshold = static_cast<float>(wide_above);
+  const int mode = threshold <= 0.f ? kWide : (std::isinf(threshold) ? kNarrow : kMixed);
+  std::vector<int8_t> xq(M * K), xl(mode != kNarrow ? M * K : 0);
   std::vector<float> xs(M * blocks), xsum(M * blocks);
-  quantize_blocks(x.data_ptr<float>(), M, K, wide, xq.data(), xl.data(), xs.data(), xsum.data());
+  std::vector<uint8_t> wide(M * blocks);
+  quantize_blocks(x.data_ptr<float>(), M, K, threshold, xq.data(), xl.data(), xs.data(), xsum.data(), wide.data());
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const at::Half* s = scales.data_ptr<at::Half>();
   const at::Half* z = zeros.data_ptr<at::Half>();
@@ -346,10 +376,12 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
     const int64_t row_begin = begin * kTileRows, row_end = std::min(end * kTileRows, N);
     const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
-    if (wide)
-      rows_w4<true>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), xl.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+    if (mode == kWide)
+      rows_w4<kWide>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), xl.data(), wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+    else if (mode == kNarrow)
+      rows_w4<kNarrow>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), nullptr, wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
     else
-      rows_w4<false>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), nullptr, xs.data(), xsum.data(), M, o, row_begin, row_end);
+      rows_w4<kMixed>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), xl.data(), wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
   });
 #endif
   return out;
