@@ -17,6 +17,7 @@ tokens on the top tier; the same base / learned rows loaded in memory-efficient 
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import statistics
 import subprocess
@@ -31,6 +32,10 @@ from tap_runtime.metrics import FirstTokenClock
 
 ROWS = ("hf-fp32", "hf-fp32-heap", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
         "tap-base-torch", "tap-budget-torch", "tap-budget-heap", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
+# Optional rows (not run by default): tap-base / tap-budget with -a8 (8-bit activations on every
+# base-only product) or -amix (8 bits per block of 64 unless the block's peak exceeds
+# 4 x its RMS), see CpuVnniKernel.base_wide_above.
+ACTIVATION_SUFFIXES = {"-a8": math.inf, "-amix": 4.0}
 # -heap rows set glibc to keep freed heap memory for the next layer's activations
 # (pages.keep_freed_heap; tap_runtime.load(keep_freed_memory=True), off by default), for HF fp32
 # and TAP alike, so the setting's share of a ratio can be read off.
@@ -128,6 +133,8 @@ def run_row(row: str, args) -> dict:
         extra = {}
         kernel_name = None
     else:
+        wide_above = next((v for suffix, v in ACTIVATION_SUFFIXES.items() if row.endswith(suffix)), None)
+        row_kind = row[: row.rindex("-")] if wide_above is not None else row
         tap = tap_runtime.load(
             args.tap, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
             keep_freed_memory=row.endswith("-heap"),
@@ -143,8 +150,16 @@ def run_row(row: str, args) -> dict:
             "tap-base-torch": ("fixed", tap.table.tiers[0]),
             "tap-budget-torch": ("budget", None),
             "tap-budget-heap": ("budget", None),
-        }[row]
+        }[row_kind]
         tap.set_routing(mode[0], tier=mode[1])
+        if wide_above is not None:
+            from tap_runtime.kernels.vnni import CpuVnniKernel
+
+            kernels = {id(m.kernel): m.kernel for m in tap.model.modules() if isinstance(getattr(m, "kernel", None), CpuVnniKernel)}
+            if not kernels:
+                raise SystemExit(f"{row}: the checkpoint did not load with TAP's VNNI kernel")
+            for kernel in kernels.values():
+                kernel.base_wide_above = wide_above
         model = tap.model
         weight_bytes = tap.checkpoint.total_bytes
         extra = {"tap": tap}
