@@ -1,8 +1,11 @@
 """In-process A/B timings, where this machine's drift between runs would swamp the difference.
 
-Decode: the lean loop's direct path (int4 op called from the loop, ``torch.rms_norm``) against
-its module path (every projection through TapLinear / FusedProjection), alternated --rounds
-times in one process, default routing, --new-tokens greedy tokens from a fixed prompt.
+Decode: the lean loop's native steps (each layer's norms, rotary, cache write, attention and
+SiLU in the native module's fused calls), its direct path with those as torch operators (kernels
+called from the loop, ``torch.rms_norm``), and its module path (every projection through
+TapLinear / FusedProjection), alternated --rounds times in one process, default routing,
+--new-tokens greedy tokens from a fixed prompt. The native row is skipped where the model or
+machine does not take native steps.
 Prefill: one --prefill-tokens forward under each routing (base tier, learned, budget),
 alternated the same way, with the routed share each one used.
 
@@ -23,6 +26,14 @@ from bench_common import environment, heldout_text, set_threads
 PROMPT = "The history of the Roman Empire spans many centuries, and historians have long debated why it"
 
 
+def _first_difference(a: list[int], b: list[int]) -> str:
+    """Index of the first differing token, or "none"."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return str(index)
+    return "none" if len(a) == len(b) else str(min(len(a), len(b)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tap", required=True)
@@ -30,21 +41,37 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-prefill", action="store_true", help="decode rows only")
     args = parser.parse_args()
     set_threads(args.threads)
     tap = tap_runtime.load(args.tap)
     tap.generate(PROMPT, max_new_tokens=8)  # builds the lean loop
     decoder = tap._fast_decoder
-    direct_layers, direct_norms = list(decoder.direct), decoder.direct_norms
-    decode: dict[str, list[float]] = {"direct": [], "module": []}
+    direct_layers, direct_norms, native_steps = list(decoder.direct), decoder.direct_norms, decoder.native_steps
+    decode: dict[str, list[float]] = {"native": [], "direct": [], "module": []} if native_steps else {"direct": [], "module": []}
+    tokens: dict[str, list[int]] = {}
     for _ in range(args.rounds):
         for path in decode:
-            on = path == "direct"
+            on = path != "module"
             decoder.direct = direct_layers if on else [None] * len(direct_layers)
             decoder.direct_norms = direct_norms and on
+            decoder.native_steps = path == "native"
             done = tap.generate(PROMPT, max_new_tokens=args.new_tokens, eos_token_id=[])
             decode[path].append(done.metrics.decode_tokens_per_second)
-    decoder.direct, decoder.direct_norms = direct_layers, direct_norms
+            tokens[path] = done.token_ids
+    decoder.direct, decoder.direct_norms, decoder.native_steps = direct_layers, direct_norms, native_steps
+
+    print(f"# bench_decode_paths: {args.tap}; {args.rounds} alternated rounds; {environment()}")
+    for path, rates in decode.items():
+        same = sum(a == b for a, b in zip(tokens[path], tokens["direct"]))
+        print(f"decode {path:7s} median {statistics.median(rates):6.1f} tok/s  rounds {[round(r, 1) for r in rates]}  "
+              f"tokens equal to the direct path's: {same}/{len(tokens['direct'])} (first {_first_difference(tokens[path], tokens['direct'])})")
+    for path in decode:
+        if path != "direct":
+            ratios = [a / b for a, b in zip(decode[path], decode["direct"])]
+            print(f"decode {path} / direct: median ratio {statistics.median(ratios):.3f}")
+    if args.no_prefill:
+        return
 
     ids = tap.tokenizer(heldout_text("wikitext"), return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.prefill_tokens]
     modes = {"base tier": ("fixed", tap.table.tiers[0]), "learned": ("learned", None), "budget (default)": ("budget", None)}
@@ -63,11 +90,6 @@ def main() -> None:
                 shares[label] = 1.0 - float(counts[:, 0].sum()) / float(counts.sum())
     tap.set_routing()
 
-    print(f"# bench_decode_paths: {args.tap}; {args.rounds} alternated rounds; {environment()}")
-    for path, rates in decode.items():
-        print(f"decode {path:7s} median {statistics.median(rates):6.1f} tok/s  rounds {[round(r, 1) for r in rates]}")
-    ratios = [a / b for a, b in zip(decode["direct"], decode["module"])]
-    print(f"decode direct / module: median ratio {statistics.median(ratios):.3f}")
     for label, rates in prefill.items():
         print(f"prefill {label:17s} median {statistics.median(rates):6.1f} tok/s  share > base {shares[label]:.3f}  "
               f"rounds {[round(r) for r in rates]}")

@@ -48,6 +48,11 @@ _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 SAMPLING_OPTIONS = frozenset({"do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "seed"})
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous float32, without a dispatch when it already is."""
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+
+
 def _text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -216,7 +221,8 @@ class DirectDecodeLayer:
 
     def project(self, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         """run_planes for one token (x: (1, in) in the compute dtype), without the wrappers."""
-        flat = x.to(torch.float32).contiguous()
+        # dtype checks before .to(): each no-op .to() still costs a microsecond of dispatch.
+        flat = _float32(x)
         out = self.plane_product(flat, planes[0], ALL_WIDE if used > 1 else getattr(self.kernel, "base_wide_above", ALL_WIDE))
         if used > 1:
             out = out.to(torch.float32)
@@ -224,19 +230,27 @@ class DirectDecodeLayer:
                 out += self.plane_product(flat, plane)
         if bias is not None:
             out = out + bias
-        return out.to(x.dtype).reshape(1, 1, out_features)
+        return (out if out.dtype == x.dtype else out.to(x.dtype)).reshape(1, 1, out_features)
+
+    def stacked(self, parts: list, x: torch.Tensor) -> torch.Tensor | None:
+        """q/k/v or gate/up for one token as one (1, 1, total) output, from their stacked planes;
+        None when they are not stacked or their tiers differ."""
+        if len(parts) != 1 or not isinstance(parts[0], FusedProjection):
+            return None
+        fused = parts[0]
+        always = {m.policy.always_planes for m in fused.modules}
+        if len(always) != 1:
+            return None
+        used = self.planes_used(always.pop(), len(fused.prepared))
+        if used is None:
+            return None
+        return self.project(x.reshape(1, -1), fused.prepared, used, fused.bias, fused.out_features)
 
     def group(self, parts: list, x: torch.Tensor) -> list[torch.Tensor] | None:
         """q/k/v or gate/up for one token: one stacked matmul per plane, or one per module."""
         if len(parts) == 1 and isinstance(parts[0], FusedProjection):
-            fused = parts[0]
-            always = {m.policy.always_planes for m in fused.modules}
-            if len(always) != 1:
-                return None
-            used = self.planes_used(always.pop(), len(fused.prepared))
-            if used is None:
-                return None
-            return list(self.project(x.reshape(1, -1), fused.prepared, used, fused.bias, fused.out_features).split(fused.sizes, dim=-1))
+            out = self.stacked(parts, x)
+            return None if out is None else list(out.split(parts[0].sizes, dim=-1))
         outputs = [self.single(module, x) for module in parts]
         return None if any(o is None for o in outputs) else outputs
 
@@ -296,6 +310,24 @@ class FastDecoder:
         )
         # Decode steps (one token) skip the module wrappers where every plane is packed on the CPU.
         self.direct = [DirectDecodeLayer.build(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(self.layers, self.fused)]
+        # ... and, where the native module is built, run each layer's small operations fused
+        # (see _forward_native_step); False keeps the torch operators (for A/B and debugging).
+        self.native_steps = self._native_steps_supported()
+
+    def _native_steps_supported(self) -> bool:
+        """Llama-family layers (SiLU MLP, RMSNorms, rotate-half rotary) on the direct path, with
+        float32 norms on the CPU."""
+        if native_kernels() is None or self.gemma or not self.direct_norms or getattr(self.config, "hidden_act", None) != "silu":
+            return False
+        for layer, direct in zip(self.layers, self.direct):
+            attention = layer.self_attn
+            sizes = [m.out_features for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
+            if direct is None or sizes != [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2:
+                return False
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+                return False
+        return True
 
     @staticmethod
     def _rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,6 +384,8 @@ class FastDecoder:
         if router is not None:
             router.begin_forward(input_ids, positions.cpu())
         hidden = self.body.embed_tokens(input_ids)
+        if count == 1 and self.native_steps and hidden.dtype == torch.float32 and type(self.cache) is StaticKVCache:
+            return self._forward_native_step(hidden, positions, start, router)
         rotary = self._rotary(hidden, positions)
         masks = {window: self._mask(start, end, window, device) for window in set(self.windows)}
         cache = self.cache
@@ -419,6 +453,58 @@ class FastDecoder:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _forward_native_step(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, router) -> torch.Tensor:
+        """One decode token (hidden (1, 1, size) float32) with each layer's norms, rotary, cache
+        write, attention, SiLU and residual adds in four native calls around its four matmuls.
+
+        The torch operators in between cost about 8 ms of a 45 ms step on Qwen2.5-1.5B (some forty
+        calls per layer); the arithmetic is the same, in another summation order, so results match
+        the operator path to float32 rounding (tests/tap_runtime/test_decode.py).
+        """
+        native = native_kernels()
+        hidden = hidden.clone()  # updated in place below; the embedding's output may be shared
+        cos, sin = self.body.rotary_emb(hidden, positions)
+        cos, sin = cos.reshape(-1).to(torch.float32).contiguous(), sin.reshape(-1).to(torch.float32).contiguous()
+        cache = self.cache
+        pending = None  # the last layer's MLP output, added to hidden by the next norm
+        for index, layer, direct, (qkv, gate_up) in zip(range(len(self.layers)), self.layers, self.direct, self.fused):
+            attention, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+            normed = native.add_rms_norm(hidden, pending, norm.weight, norm.variance_epsilon)
+            if router is not None:
+                router.route_layer(index, hidden, normed)
+            projected = self._joined(direct, direct.qkv, qkv, (attention.q_proj, attention.k_proj, attention.v_proj), normed)
+            attended = native.attend_one(
+                projected, cos, sin, cache.keys[index], cache.values[index], start, 0,
+                self.num_heads, self.num_kv_heads, attention.scaling,
+            )
+            out = direct.single(attention.o_proj, attended)
+            if out is None:
+                out = attention.o_proj(attended.view(1, 1, -1))
+            norm = layer.post_attention_layernorm
+            normed = native.add_rms_norm(hidden, _float32(out), norm.weight, norm.variance_epsilon)
+            projected = self._joined(direct, direct.gate_up, gate_up, (mlp.gate_proj, mlp.up_proj), normed)
+            activated = native.silu_mul(projected)
+            pending = direct.single(mlp.down_proj, activated)
+            if pending is None:
+                pending = mlp.down_proj(activated.view(1, 1, -1))
+            pending = _float32(pending)
+        hidden += pending.view_as(hidden)
+        logits = self.model.lm_head(self.body.norm(hidden)).reshape(-1)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @staticmethod
+    def _joined(direct: DirectDecodeLayer, parts: list, fused: FusedProjection | None, modules: tuple, x: torch.Tensor) -> torch.Tensor:
+        """q/k/v or gate/up of one token as one float32 (1, total): stacked, else one by one."""
+        out = direct.stacked(parts, x)
+        if out is None:
+            pieces = direct.group(parts, x)
+            if pieces is None:
+                pieces = fused(x) if fused is not None else [m(x) for m in modules]
+            out = torch.cat(pieces, dim=-1)
+        return _float32(out)
 
     # ----- generation ----------------------------------------------------------------------
     def generate(

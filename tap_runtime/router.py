@@ -17,6 +17,7 @@ import torch
 
 from .errors import InvalidConfigError
 from .format import RouterSpec
+from .kernels.native import native_kernels
 
 __all__ = [
     "ROUTING_MODES",
@@ -370,6 +371,12 @@ class TokenRouter:
             score = self._static_scalar
         else:
             score = float(static[0]) if static is not None and static.numel() == 1 else self.spec.bias
+        native_features = self._native_decode_features(layer_index, hidden_states, normed)
+        if native_features is not None:
+            hidden_norm, error_estimate = native_features
+            slopes = self._slopes
+            score += slopes["hidden_norm"][layer_index] * hidden_norm + slopes["error_estimate"][layer_index] * error_estimate
+            return score + self._offsets[layer_index]
         for name, slopes in self._slopes.items():
             if name == "hidden_norm":
                 # log rms = log(||h|| / sqrt(hidden)), as hidden_norm_feature computes it.
@@ -384,6 +391,22 @@ class TokenRouter:
                 feature = math.log(max(float(torch.linalg.vector_norm(projected)) ** 2, 1e-20))
             score += slopes[layer_index] * feature
         return score + self._offsets[layer_index]
+
+    def _native_decode_features(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> tuple[float, float] | None:
+        """(hidden_norm, error_estimate) of one token in one native call (about 7 against 27
+        microseconds of torch operators), when the router uses exactly those two signals and
+        both vectors are contiguous float32 on the CPU; else None."""
+        if self._slopes.keys() != {"hidden_norm", "error_estimate"} or normed is None:
+            return None
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (hidden_states, normed)):
+            return None
+        native = native_kernels()
+        if native is None:
+            return None
+        sketch = self._float_sketch(layer_index, normed.device)
+        if not sketch.is_contiguous():
+            return None
+        return tuple(native.router_features(hidden_states, normed, sketch))
 
     def _float_sketch(self, layer_index: int, device: torch.device) -> torch.Tensor:
         cache = self.__dict__.setdefault("_float_sketches", {})

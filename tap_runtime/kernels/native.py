@@ -1,4 +1,5 @@
-"""Build (once per machine) and load TAP's own C++ CPU kernels (csrc/tap_cpu_int4.cpp).
+"""Build (once per machine) and load TAP's own C++ CPU kernels (csrc/tap_cpu_int4.cpp, with the
+decode step's fused small operations from csrc/tap_decode_ops.cpp in the same module).
 
 The extension is compiled on first use with torch's cpp_extension (ninja + the system C++
 compiler, ``-march=native``) into torch's extension cache, so every machine gets code for its
@@ -18,9 +19,10 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["native_kernels", "native_unavailable_reason", "SOURCE"]
+__all__ = ["native_kernels", "native_unavailable_reason", "SOURCE", "SOURCES"]
 
 SOURCE = Path(__file__).with_name("csrc") / "tap_cpu_int4.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("tap_decode_ops.cpp"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _log = logging.getLogger(__name__)
 _state: dict[str, object] = {}
@@ -40,7 +42,7 @@ def _module_name() -> str:
     # One build per source, CPU and torch: a home directory shared by different machines must
     # not hand one CPU's -march=native code to another.
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), _cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
         digest.update(part)
     return f"tap_cpu_int4_{digest.hexdigest()[:12]}"
 
@@ -48,7 +50,7 @@ def _module_name() -> str:
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    return load(_module_name(), [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    return load(_module_name(), [str(source) for source in SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def native_kernels() -> ModuleType | None:

@@ -243,3 +243,51 @@ def test_lean_loop_follows_the_kernels_activation_rule_when_it_changes(wide_llam
     assert not torch.equal(wide, narrow)
     torch.testing.assert_close(narrow, wide, rtol=0.05, atol=0.05)  # 8-bit activations: close, not equal
     assert torch.equal(last_step_logits(), wide)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("routing", [("learned", None), ("fixed", 8)])
+@pytest.mark.parametrize("group_size", [32, 64], ids=["g32-torch-kernel", "g64-vnni-kernel"])
+def test_native_steps_match_the_operator_path(converted_factory, model_type, routing, group_size, monkeypatch):
+    """Decode steps through the fused native operations give the torch operators' logits to
+    float32 rounding, and the same routing decisions, token for token."""
+    tap = tap_runtime.load(converted_factory(model_type, group_size=group_size))
+    tap.set_routing(routing[0], tier=routing[1])
+    decoder = FastDecoder(tap.model)
+    assert decoder.native_steps
+    native_steps = []
+    original = FastDecoder._forward_native_step
+    monkeypatch.setattr(FastDecoder, "_forward_native_step", lambda self, *a: native_steps.append(1) or original(self, *a))
+    ids = tap.encode(PROMPT)
+    following = [5, 17, 3, 99, 42, 7]  # teacher-forced tokens, so both paths see the same inputs
+    decoder._allocate(ids.shape[1] + len(following), torch.float32, ids.device)
+
+    def step_logits(native: bool):
+        decoder.native_steps = native
+        tap.router.reset_counts()
+        with torch.inference_mode():
+            decoder.forward(ids, 0)
+            logits = [decoder.forward(torch.tensor([[token]]), ids.shape[1] + i) for i, token in enumerate(following)]
+        return torch.stack(logits), tap.router.counts.clone()
+
+    operator_logits, operator_counts = step_logits(False)
+    assert not native_steps
+    native_logits, native_counts = step_logits(True)
+    assert len(native_steps) == len(following)
+    # TAP's VNNI kernel rounds each block of activations to 15 bits, so a float32 rounding
+    # difference in its input can move a product by one step (about 6e-5 here).
+    scale = float(operator_logits.abs().max())
+    torch.testing.assert_close(native_logits, operator_logits, rtol=1e-3, atol=1e-3 * scale)
+    assert torch.equal(native_counts, operator_counts)
+
+
+def test_native_steps_need_llama_family_layers_and_the_native_module(converted_factory, monkeypatch):
+    gemma = tap_runtime.load(converted_factory("gemma3_text"))
+    assert not FastDecoder(gemma.model).native_steps  # gelu MLP, four norms per layer: operator path
+    monkeypatch.setattr("tap_runtime.decode.native_kernels", lambda: None)
+    llama = tap_runtime.load(converted_factory("llama"))
+    decoder = FastDecoder(llama.model)
+    assert not decoder.native_steps
+    ids = llama.encode(PROMPT)
+    assert decoder.generate(ids, 6, eos_token_id=[]).token_ids == _eager_tokens(llama, ids, 6)

@@ -3,6 +3,7 @@ import torch
 
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.format import RouterSpec
+from tap_runtime.kernels.native import native_kernels
 from tap_runtime.router import ALL_TOKENS, TokenRouter, hidden_norm_feature
 
 
@@ -135,6 +136,34 @@ def test_single_token_fast_path_decides_as_the_batch_path():
                 expected[i] += 1
         assert tiers == expected and torch.equal(single.counts, batched.counts)
         assert 0 < sum(tiers) < 2 * hidden.shape[1]
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+def test_single_token_score_is_the_same_from_the_native_module(monkeypatch):
+    """Decode's one native call for both signals scores a token as the torch operators do."""
+    spec = RouterSpec(
+        signals=("hidden_norm", "error_estimate"),
+        normalisation={
+            "hidden_norm": {"transform": "log_rms", "layer_mean": [0.3], "layer_std": [1.5]},
+            "error_estimate": {"transform": "log_sketched_base_error", "layer_mean": [1.0], "layer_std": [2.0]},
+        },
+        weights={"hidden_norm": 1.3, "error_estimate": 0.8},
+        bias=-0.4,
+        thresholds=((0.1,),),
+        tier_shares={"8": 0.1},
+    )
+    router = TokenRouter(spec, (4, 8), 1, token_log_frequency=None, error_sketches=[torch.randn(32, 4).half()])
+    norm = torch.nn.LayerNorm(32)
+    hidden = _hidden(tokens=50, seed=4)
+    for t in range(hidden.shape[1]):
+        token = hidden[:, t : t + 1].contiguous()
+        normed = norm(token).detach()
+        assert router._native_decode_features(0, token, normed) is not None
+        native = router._decode_score(0, token, normed)
+        with monkeypatch.context() as patch:
+            patch.setattr("tap_runtime.router.native_kernels", lambda: None)
+            assert router._native_decode_features(0, token, normed) is None
+            assert native == pytest.approx(router._decode_score(0, token, normed), rel=1e-5, abs=1e-6)
 
 
 def test_budget_mode_holds_the_share_when_the_text_shifts():

@@ -440,7 +440,12 @@ torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::T
 
 }  // namespace
 
+namespace tap_decode {
+void register_ops(pybind11::module& m);  // tap_decode_ops.cpp: the decode step's small fused operations
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  tap_decode::register_ops(m);
   m.def("compiled_with_vnni", &compiled_with_vnni);
   m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });
   m.def("matmul_w4", &matmul_w4);

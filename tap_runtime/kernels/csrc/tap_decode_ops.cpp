@@ -1,0 +1,279 @@
+// The small per-layer operations of a one-token decode step, fused, for Llama-family layers.
+//
+// Why: at batch 1 on Qwen2.5-1.5B the matmuls take about 80% of a step; the rest is some forty
+// torch operators per layer (norms, rotary, cache writes, attention, SiLU, residual adds), each
+// 1-50 microseconds of dispatch for a few thousand floats, about 8 ms a step. Each function here
+// does one stretch of that work in one call, in float32.
+//
+// Arithmetic follows transformers' Llama layers (RMSNorm, rotate-half rotary, softmax attention
+// with grouped KV heads, SiLU-gated MLP); summation order differs from torch's kernels, so results
+// agree to float32 rounding, not bitwise.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <immintrin.h>
+#include <vector>
+
+namespace tap_decode {
+
+namespace {
+
+constexpr int kLanes = 16;  // independent partial sums, so the compiler can vectorize reductions
+
+float sum_of_squares(const float* x, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += x[i + j] * x[i + j];
+  float total = 0.f;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  for (; i < n; ++i) total += x[i] * x[i];
+  return total;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  float total = 0.f;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// e^x in place over n values, to about 2 float32 ulp (Cephes' expf polynomial, 16 lanes at a
+// time): glibc's expf is scalar, and SiLU over Qwen2.5-1.5B's 8,960 values with it took longer
+// than torch's whole silu.
+void exp_inplace(float* x, int64_t n) {
+#if defined(__AVX512F__)
+  const __m512 low = _mm512_set1_ps(-87.3f), high = _mm512_set1_ps(88.3f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(mask, x + i), low), high);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(k, c2, _mm512_fnmadd_ps(k, c1, v));  // v - k ln 2, in two parts
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    _mm512_mask_storeu_ps(x + i, mask, _mm512_scalef_ps(p, k));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+#endif
+}
+
+// out[t] = scale * q . k[t] for `length` key rows of head_dim values.
+void attention_scores(const float* q, const float* k, int64_t length, int64_t head_dim, float scale, float* out) {
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  if (head_dim % 16 == 0) {
+    // Four keys at a time: four independent sums hide the multiply-add latency.
+    for (; t + 4 <= length; t += 4) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* k0 = k + t * head_dim;
+      for (int64_t i = 0; i < head_dim; i += 16) {
+        const __m512 qi = _mm512_loadu_ps(q + i);
+        a0 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k0 + i), a0);
+        a1 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k0 + head_dim + i), a1);
+        a2 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k0 + 2 * head_dim + i), a2);
+        a3 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k0 + 3 * head_dim + i), a3);
+      }
+      out[t] = _mm512_reduce_add_ps(a0) * scale;
+      out[t + 1] = _mm512_reduce_add_ps(a1) * scale;
+      out[t + 2] = _mm512_reduce_add_ps(a2) * scale;
+      out[t + 3] = _mm512_reduce_add_ps(a3) * scale;
+    }
+  }
+#endif
+  for (; t < length; ++t) out[t] = dot(q, k + t * head_dim, head_dim) * scale;
+}
+
+// dst = sum_t w[t] v[t] over `length` value rows of head_dim values.
+void weighted_sum(const float* w, const float* v, int64_t length, int64_t head_dim, float* dst) {
+#if defined(__AVX512F__)
+  if (head_dim % 64 == 0) {
+    // 64 outputs at a time held in registers across all rows.
+    for (int64_t c = 0; c < head_dim; c += 64) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t t = 0; t < length; ++t) {
+        const __m512 p = _mm512_set1_ps(w[t]);
+        const float* row = v + t * head_dim + c;
+        a0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(row), a0);
+        a1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16), a1);
+        a2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 32), a2);
+        a3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 48), a3);
+      }
+      _mm512_storeu_ps(dst + c, a0);
+      _mm512_storeu_ps(dst + c + 16, a1);
+      _mm512_storeu_ps(dst + c + 32, a2);
+      _mm512_storeu_ps(dst + c + 48, a3);
+    }
+    return;
+  }
+#endif
+  std::fill(dst, dst + head_dim, 0.f);
+  for (int64_t t = 0; t < length; ++t)
+    for (int64_t i = 0; i < head_dim; ++i) dst[i] += w[t] * v[t * head_dim + i];
+}
+
+void check_float_vector(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+}  // namespace
+
+// hidden += delta (in place, when delta is given), then RMSNorm of hidden: a new tensor of
+// hidden's shape, hidden * rsqrt(mean(hidden^2) + eps) * weight.
+torch::Tensor add_rms_norm(torch::Tensor hidden, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+  check_float_vector(hidden, "hidden");
+  check_float_vector(weight, "weight");
+  const int64_t n = weight.numel();
+  TORCH_CHECK(hidden.numel() == n, "hidden has ", hidden.numel(), " values, the norm's weight ", n);
+  float* h = hidden.data_ptr<float>();
+  if (delta.has_value()) {
+    check_float_vector(*delta, "delta");
+    TORCH_CHECK(delta->numel() == n, "delta has ", delta->numel(), " values, hidden ", n);
+    const float* d = delta->data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) h[i] += d[i];
+  }
+  const float inverse = 1.f / std::sqrt(sum_of_squares(h, n) / static_cast<float>(n) + static_cast<float>(eps));
+  auto out = torch::empty_like(hidden);
+  float* o = out.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) o[i] = w[i] * (h[i] * inverse);
+  return out;
+}
+
+// One query token's attention, from the fused q/k/v projection's output:
+// qkv (num_heads + 2 * num_kv_heads) * head_dim values (q, then k, then v); cos / sin head_dim
+// values for this position (rotate-half convention). Rotates q and k, writes k and v at
+// `position` of keys / values (1, num_kv_heads, max_length, head_dim), and attends over positions
+// [first, position]. Returns (1, num_heads * head_dim).
+torch::Tensor attend_one(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor keys, torch::Tensor values,
+                         int64_t position, int64_t first, int64_t num_heads, int64_t num_kv_heads, double scale) {
+  check_float_vector(qkv, "qkv");
+  check_float_vector(cos, "cos");
+  check_float_vector(sin, "sin");
+  check_float_vector(keys, "keys");
+  check_float_vector(values, "values");
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
+  const int64_t head_dim = cos.numel(), half = head_dim / 2;
+  TORCH_CHECK(head_dim % 2 == 0 && sin.numel() == head_dim, "cos and sin must hold the same even head_dim values");
+  TORCH_CHECK(qkv.numel() == (num_heads + 2 * num_kv_heads) * head_dim, "qkv has ", qkv.numel(), " values; expected (",
+              num_heads, " + 2 x ", num_kv_heads, ") x ", head_dim);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == 1 && keys.size(1) == num_kv_heads && keys.size(3) == head_dim &&
+              values.sizes() == keys.sizes(), "keys / values must be (1, num_kv_heads, max_length, head_dim)");
+  const int64_t max_length = keys.size(2);
+  TORCH_CHECK(0 <= first && first <= position && position < max_length, "positions [", first, ", ", position,
+              "] do not fit a cache of ", max_length);
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  const float* in = qkv.data_ptr<float>();
+  float* key_cache = keys.data_ptr<float>();
+  float* value_cache = values.data_ptr<float>();
+  auto rotate = [&](const float* x, float* out) {
+    for (int64_t i = 0; i < half; ++i) out[i] = x[i] * c[i] - x[i + half] * s[i];
+    for (int64_t i = half; i < head_dim; ++i) out[i] = x[i] * c[i] + x[i - half] * s[i];
+  };
+  std::vector<float> query(num_heads * head_dim);
+  for (int64_t h = 0; h < num_heads; ++h) rotate(in + h * head_dim, query.data() + h * head_dim);
+  const float* k_in = in + num_heads * head_dim;
+  const float* v_in = k_in + num_kv_heads * head_dim;
+  for (int64_t g = 0; g < num_kv_heads; ++g) {
+    rotate(k_in + g * head_dim, key_cache + (g * max_length + position) * head_dim);
+    std::copy(v_in + g * head_dim, v_in + (g + 1) * head_dim, value_cache + (g * max_length + position) * head_dim);
+  }
+  auto out = torch::empty({1, num_heads * head_dim}, qkv.options());
+  float* o = out.data_ptr<float>();
+  const int64_t length = position - first + 1, group = num_heads / num_kv_heads;
+  // Heads in parallel only once a head's work outweighs waking the other threads.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * head_dim));
+  at::parallel_for(0, num_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(length);
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t g = h / group;
+      const float* q = query.data() + h * head_dim;
+      const float* k = key_cache + (g * max_length + first) * head_dim;
+      const float* v = value_cache + (g * max_length + first) * head_dim;
+      attention_scores(q, k, length, head_dim, static_cast<float>(scale), weights.data());
+      const float peak = *std::max_element(weights.begin(), weights.end());
+      for (int64_t t = 0; t < length; ++t) weights[t] -= peak;
+      exp_inplace(weights.data(), length);
+      float total = 0.f;
+      for (int64_t t = 0; t < length; ++t) total += weights[t];
+      float* dst = o + h * head_dim;
+      weighted_sum(weights.data(), v, length, head_dim, dst);
+      const float inverse = 1.f / total;
+      for (int64_t i = 0; i < head_dim; ++i) dst[i] *= inverse;
+    }
+  });
+  return out;
+}
+
+// SiLU-gated product of the fused gate/up projection's output (gate then up, each
+// `intermediate` values): (1, intermediate) silu(gate) * up.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_float_vector(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.numel() % 2 == 0, "gate_up must hold gate and up, the same size each");
+  const int64_t n = gate_up.numel() / 2;
+  auto out = torch::empty({1, n}, gate_up.options());
+  const float* g = gate_up.data_ptr<float>();
+  const float* u = g + n;
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) o[i] = -g[i];
+  exp_inplace(o, n);
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + o[i]) * u[i];
+  return out;
+}
+
+// The router's two decode features for one token: log of hidden's RMS (hidden_norm) and
+// log ||normed @ sketch||^2 (error_estimate; sketch (in, rank) float32), as router.py defines them.
+std::vector<double> router_features(torch::Tensor hidden, torch::Tensor normed, torch::Tensor sketch) {
+  check_float_vector(hidden, "hidden");
+  check_float_vector(normed, "normed");
+  check_float_vector(sketch, "sketch");
+  const int64_t n = hidden.numel();
+  TORCH_CHECK(sketch.dim() == 2 && sketch.size(0) == normed.numel(), "sketch must be (in, rank) with in = normed's size");
+  const double rms = std::sqrt(static_cast<double>(sum_of_squares(hidden.data_ptr<float>(), n))) / std::sqrt(static_cast<double>(n));
+  const int64_t rank = sketch.size(1), in = sketch.size(0);
+  const float* x = normed.data_ptr<float>();
+  const float* p = sketch.data_ptr<float>();
+  constexpr int64_t kRankChunk = 64;  // a chunk of the projection stays in registers
+  double energy = 0.0;
+  for (int64_t r0 = 0; r0 < rank; r0 += kRankChunk) {
+    const int64_t width = std::min(kRankChunk, rank - r0);
+    float projected[kRankChunk] = {};
+    for (int64_t i = 0; i < in; ++i) {
+      const float xi = x[i];
+      const float* row = p + i * rank + r0;
+      for (int64_t r = 0; r < width; ++r) projected[r] += xi * row[r];
+    }
+    for (int64_t r = 0; r < width; ++r) energy += static_cast<double>(projected[r]) * projected[r];
+  }
+  return {std::log(std::max(rms, 1e-12)), std::log(std::max(energy, 1e-20))};
+}
+
+void register_ops(pybind11::module& m) {
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("attend_one", &attend_one);
+  m.def("silu_mul", &silu_mul);
+  m.def("router_features", &router_features);
+}
+
+}  // namespace tap_decode

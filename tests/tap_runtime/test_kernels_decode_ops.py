@@ -1,0 +1,94 @@
+"""The decode step's fused native operations (kernels/csrc/tap_decode_ops.cpp) against torch's."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tap_runtime.kernels.native import native_kernels
+
+pytestmark = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate-half rotary embedding."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def test_add_rms_norm_adds_in_place_and_normalises_like_torch():
+    generator = torch.Generator().manual_seed(0)
+    hidden, delta, weight = (torch.randn(1, 1, 576, generator=generator) for _ in range(3))
+    expected_hidden = hidden + delta
+    expected = F.rms_norm(expected_hidden, (576,), weight.reshape(-1), 1e-5)
+    normed = native_kernels().add_rms_norm(hidden, delta, weight.reshape(-1), 1e-5)
+    assert torch.equal(hidden, expected_hidden)  # the residual add is done in place
+    assert normed.shape == hidden.shape
+    torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-6)
+    before = hidden.clone()
+    torch.testing.assert_close(native_kernels().add_rms_norm(hidden, None, weight.reshape(-1), 1e-5), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(hidden, before)  # no delta: hidden untouched
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 2, 128), (9, 3, 64), (4, 4, 40)])
+@pytest.mark.parametrize("first", [0, 5])
+def test_attend_one_rotates_writes_the_cache_and_attends_like_sdpa(heads, kv_heads, head_dim, first):
+    generator = torch.Generator().manual_seed(1)
+    max_length, position = 64, 37
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    angles = torch.rand(head_dim // 2, generator=generator) * 6.0
+    cos, sin = torch.cat((angles, angles)).cos(), torch.cat((angles, angles)).sin()
+    keys = torch.randn(1, kv_heads, max_length, head_dim, generator=generator)
+    values = torch.randn(1, kv_heads, max_length, head_dim, generator=generator)
+    expected_keys, expected_values = keys.clone(), values.clone()
+
+    q, k, v = qkv.reshape(-1).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+    query = _rotate(q.view(1, heads, 1, head_dim), cos, sin)
+    expected_keys[:, :, position] = _rotate(k.view(1, kv_heads, head_dim), cos, sin)
+    expected_values[:, :, position] = v.view(1, kv_heads, head_dim)
+    scale = head_dim**-0.5
+    expected = F.scaled_dot_product_attention(
+        query, expected_keys[:, :, first : position + 1], expected_values[:, :, first : position + 1],
+        scale=scale, enable_gqa=kv_heads != heads,
+    ).transpose(1, 2).reshape(1, -1)
+
+    out = native_kernels().attend_one(qkv, cos, sin, keys, values, position, first, heads, kv_heads, scale)
+    torch.testing.assert_close(keys, expected_keys, rtol=1e-6, atol=1e-6)
+    assert torch.equal(values, expected_values)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_one_refuses_shapes_that_do_not_fit():
+    native = native_kernels()
+    qkv, cos, sin = torch.randn(1, 4 * 8), torch.randn(8), torch.randn(8)
+    cache = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="do not fit a cache"):
+        native.attend_one(qkv, cos, sin, cache, cache.clone(), 4, 0, 2, 1, 0.3)
+    with pytest.raises(RuntimeError, match="qkv has"):
+        native.attend_one(torch.randn(1, 30), cos, sin, cache, cache.clone(), 1, 0, 2, 1, 0.3)
+    with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
+        native.attend_one(qkv, cos, sin, cache, cache.clone(), 1, 0, 3, 2, 0.3)
+    with pytest.raises(RuntimeError, match="float32"):
+        native.attend_one(qkv.double(), cos, sin, cache, cache.clone(), 1, 0, 2, 1, 0.3)
+
+
+def test_silu_mul_matches_torch_across_the_float_range():
+    gate = torch.cat((torch.linspace(-120.0, 120.0, 4001), torch.randn(1003) * 4))  # not a multiple of 16
+    up = torch.randn_like(gate)
+    out = native_kernels().silu_mul(torch.cat((gate, up)).view(1, -1))
+    expected = F.silu(gate) * up
+    assert out.shape == (1, gate.numel())
+    torch.testing.assert_close(out.reshape(-1), expected, rtol=2e-6, atol=1e-30)
+    assert torch.isfinite(out).all()
+
+
+def test_router_features_are_the_routers_two_signals():
+    generator = torch.Generator().manual_seed(2)
+    hidden, normed = torch.randn(1, 1, 200, generator=generator) * 3, torch.randn(1, 1, 200, generator=generator)
+    sketch = torch.randn(200, 70, generator=generator)  # rank past one register chunk of 64
+    hidden_norm, error_estimate = native_kernels().router_features(hidden, normed, sketch)
+    assert hidden_norm == pytest.approx(math.log(float(hidden.norm()) / math.sqrt(200)), rel=1e-6)
+    assert error_estimate == pytest.approx(math.log(float((normed.reshape(1, -1) @ sketch).norm()) ** 2), rel=1e-6)
+    with pytest.raises(RuntimeError, match="sketch must be"):
+        native_kernels().router_features(hidden, normed, sketch[:100])
