@@ -385,7 +385,7 @@ class FastDecoder:
             router.begin_forward(input_ids, positions.cpu())
         hidden = self.body.embed_tokens(input_ids)
         if count == 1 and self.native_steps and hidden.dtype == torch.float32 and type(self.cache) is StaticKVCache:
-            return self._forward_native_step(hidden, positions, start, router)
+            return self._forward_native_step(hidden, positions, start, router, all_logits)
         rotary = self._rotary(hidden, positions)
         masks = {window: self._mask(start, end, window, device) for window in set(self.windows)}
         cache = self.cache
@@ -454,7 +454,7 @@ class FastDecoder:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _forward_native_step(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, router) -> torch.Tensor:
+    def _forward_native_step(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, router, all_logits: bool) -> torch.Tensor:
         """One decode token (hidden (1, 1, size) float32) with each layer's norms, rotary, cache
         write, attention, SiLU and residual adds in four native calls around its four matmuls.
 
@@ -490,7 +490,8 @@ class FastDecoder:
                 pending = mlp.down_proj(activated.view(1, 1, -1))
             pending = _float32(pending)
         hidden += pending.view_as(hidden)
-        logits = self.model.lm_head(self.body.norm(hidden)).reshape(-1)
+        logits = self.model.lm_head(self.body.norm(hidden))
+        logits = logits[0] if all_logits else logits.reshape(-1)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
