@@ -6,6 +6,8 @@ called from the loop, ``torch.rms_norm``), and its module path (every projection
 TapLinear / FusedProjection), alternated --rounds times in one process, default routing,
 --new-tokens greedy tokens from a fixed prompt. The native row is skipped where the model or
 machine does not take native steps.
+--huge-pages-ab: also load the checkpoint a second time with its planes on 4 KiB pages
+(tap_runtime.pages.set_huge_pages(False)) and alternate the two copies' default decode.
 Prefill: one --prefill-tokens forward under each routing (base tier, learned, budget),
 alternated the same way, with the routed share each one used.
 
@@ -34,6 +36,27 @@ def _first_difference(a: list[int], b: list[int]) -> str:
     return "none" if len(a) == len(b) else str(min(len(a), len(b)))
 
 
+def _compare_page_sizes(tap, args) -> None:
+    """Default decode of ``tap`` (planes on huge pages) against a second load on 4 KiB pages."""
+    from tap_runtime.pages import set_huge_pages
+
+    set_huge_pages(False)
+    try:
+        small = tap_runtime.load(args.tap)
+    finally:
+        set_huge_pages(True)
+    small.generate(PROMPT, max_new_tokens=8)
+    rates: dict[str, list[float]] = {"2 MiB pages": [], "4 KiB pages": []}
+    for _ in range(args.rounds):
+        for label, model in (("2 MiB pages", tap), ("4 KiB pages", small)):
+            rates[label].append(model.generate(PROMPT, max_new_tokens=args.new_tokens, eos_token_id=[]).metrics.decode_tokens_per_second)
+    for label, values in rates.items():
+        print(f"decode, planes on {label}: median {statistics.median(values):6.1f} tok/s  rounds {[round(r, 1) for r in values]}")
+    ratios = [a / b for a, b in zip(rates["2 MiB pages"], rates["4 KiB pages"])]
+    print(f"decode 2 MiB / 4 KiB pages: median ratio {statistics.median(ratios):.3f}")
+    del small
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tap", required=True)
@@ -42,6 +65,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-prefill", action="store_true", help="decode rows only")
+    parser.add_argument("--huge-pages-ab", action="store_true", help="also compare planes on 2 MiB against 4 KiB pages")
     args = parser.parse_args()
     set_threads(args.threads)
     tap = tap_runtime.load(args.tap)
@@ -70,6 +94,8 @@ def main() -> None:
         if path != "direct":
             ratios = [a / b for a, b in zip(decode[path], decode["direct"])]
             print(f"decode {path} / direct: median ratio {statistics.median(ratios):.3f}")
+    if args.huge_pages_ab:
+        _compare_page_sizes(tap, args)
     if args.no_prefill:
         return
 

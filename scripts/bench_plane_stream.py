@@ -4,6 +4,9 @@ bench_kernels.py repeats one plane, which stays in the L3 cache; in decode the p
 DRAM. This script times one-token products over a ring of random planes larger than the cache
 (default 10 of Qwen2.5-1.5B's gate+up shape, 138 MB), and over one plane repeated, with 15-bit and
 8-bit activations, in one process. The gap between the two rates is what the memory side costs.
+The ring is also timed copied onto 4 KiB pages and onto transparent huge pages (2 MiB,
+tap_runtime.pages.huge_page_copy), alternating the two --sweeps times, since the runtime keeps
+its planes on huge pages.
 
     python scripts/bench_plane_stream.py [--rows 17920 --inputs 1536 --planes 10]
 """
@@ -18,6 +21,7 @@ import torch
 
 from bench_common import environment, set_threads
 from tap_runtime.kernels.vnni import ALL_NARROW, ALL_WIDE, CpuVnniKernel, tile_group_params, tile_plane_codes
+from tap_runtime.pages import huge_page_copy, set_huge_pages
 
 
 def _random_plane(kernel: CpuVnniKernel, rows: int, inputs: int, generator: torch.Generator):
@@ -27,20 +31,28 @@ def _random_plane(kernel: CpuVnniKernel, rows: int, inputs: int, generator: torc
     return tile_plane_codes(codes, kernel.tile), tile_group_params(scales, kernel.tile, 64), tile_group_params(zeros, kernel.tile, 64)
 
 
+def _sweep_rate(kernel, planes, x, rows, wide_above) -> float:
+    """GB/s of weight bytes over one pass through ``planes``."""
+    start = time.perf_counter()
+    for weight, scales, zeros in planes:
+        kernel.native.matmul_w4(x, weight, scales, zeros, 64, wide_above, 0, rows)
+    return len(planes) * rows * x.shape[1] / 2 / (time.perf_counter() - start) / 1e9
+
+
 def _rate(kernel, planes, x, rows, wide_above, sweeps: int) -> float:
-    """Median GB/s of weight bytes over ``sweeps`` passes through ``planes``."""
+    """Median GB/s of weight bytes over ``sweeps`` passes through ``planes`` (after a warm-up)."""
+    _sweep_rate(kernel, planes, x, rows, wide_above)
+    return statistics.median(_sweep_rate(kernel, planes, x, rows, wide_above) for _ in range(sweeps))
 
-    def sweep():
-        for weight, scales, zeros in planes:
-            kernel.native.matmul_w4(x, weight, scales, zeros, 64, wide_above, 0, rows)
 
-    sweep()  # warm-up
-    rates = []
-    for _ in range(sweeps):
-        start = time.perf_counter()
-        sweep()
-        rates.append(len(planes) * rows * x.shape[1] / 2 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+def _copied(ring: list, huge: bool) -> list:
+    """The ring copied into fresh memory, on huge pages or not (fresh either way, so the two
+    differ only in page size)."""
+    set_huge_pages(huge)
+    try:
+        return [tuple(huge_page_copy(t) if huge else t.clone() for t in plane) for plane in ring]
+    finally:
+        set_huge_pages(True)
 
 
 def main() -> None:
@@ -64,6 +76,16 @@ def main() -> None:
         streamed = _rate(kernel, ring, x, args.rows, wide_above, args.sweeps)
         cached = _rate(kernel, ring[:1] * args.planes, x, args.rows, wide_above, args.sweeps)
         print(f"| {label} | {streamed:.1f} | {cached:.1f} |")
+    small, huge = _copied(ring, False), _copied(ring, True)
+    del ring
+    rates = {"4 KiB pages": [], "2 MiB pages": []}
+    for _ in range(args.sweeps * 3):
+        rates["4 KiB pages"].append(_sweep_rate(kernel, small, x, args.rows, ALL_WIDE))
+        rates["2 MiB pages"].append(_sweep_rate(kernel, huge, x, args.rows, ALL_WIDE))
+    wins = sum(b > a for a, b in zip(rates["4 KiB pages"], rates["2 MiB pages"]))
+    print(f"\nFrom memory, 15 bits, {args.sweeps * 3} alternated sweeps: "
+          + ", ".join(f"{label} median {statistics.median(r):.1f} GB/s" for label, r in rates.items())
+          + f"; 2 MiB pages faster in {wins}/{args.sweeps * 3}")
 
 
 if __name__ == "__main__":

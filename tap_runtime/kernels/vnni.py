@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import unpack_int4
-from ..pages import page_out
+from ..pages import huge_page_copy, huge_page_empty, page_out
 from ..planes import Plane, RowQuantized
 from .cpu import CpuPackedKernel, _PackedPlane, _PackedRows
 from .native import native_kernels
@@ -197,7 +197,7 @@ class CpuVnniKernel(CpuPackedKernel):
         codes = unpack_int4(plane.qweight)
         group_size = plane.spec.group_size
         return TiledPlane(
-            tile_plane_codes(codes, self.tile),
+            huge_page_copy(tile_plane_codes(codes, self.tile)),
             tile_group_params(plane.scales, self.tile, group_size),
             tile_group_params(plane.zeros_or_implied(), self.tile, group_size),
             group_size,
@@ -257,7 +257,7 @@ class CpuVnniKernel(CpuPackedKernel):
         group_size = parts[0].group_size
         blocks = parts[0].weight.shape[1] * 2 // BLOCK
         rows = [p.weight.shape[0] for p in parts]
-        weight = _stack_chunks([p.weight for p in parts], rows, blocks, 1, BLOCK // 2).view(sum(rows), -1)
+        weight = huge_page_copy(_stack_chunks([p.weight for p in parts], rows, blocks, 1, BLOCK // 2).view(sum(rows), -1))
         per_block = group_size // BLOCK
         scales = _stack_chunks([p.scales for p in parts], rows, blocks, per_block, 1).view(sum(rows), -1)
         zeros = _stack_chunks([p.zeros for p in parts], rows, blocks, per_block, 1).view(sum(rows), -1)
@@ -274,7 +274,7 @@ class CpuVnniKernel(CpuPackedKernel):
             return super().prepare_rows(rows)
         qweight = rows.qweight
         count, width = qweight.shape
-        tiled = torch.empty((-(-count // self.tile) * self.tile, width), dtype=torch.int8)
+        tiled = huge_page_empty((-(-count // self.tile) * self.tile, width), torch.int8)
         code_sums = torch.empty(count, dtype=torch.int32)
         # A slice of rows at a time, handing each slice's pages back once copied: the rows usually
         # view the mapped shard (or a tied embedding's mapping), and the head is the largest

@@ -81,3 +81,32 @@ def test_kept_heap_serves_activations_from_the_heap_and_keeps_them_there():
     assert mapped >= 16 * 2**20 and heap_kept < 2**20
     mapped, heap_kept = heap_use("keep")
     assert mapped == 0 and heap_kept >= 15 * 2**20  # less whatever free heap it found
+
+
+def test_huge_page_copies_hold_the_same_values_and_outlive_their_mapping():
+    import gc
+
+    from tap_runtime.pages import HUGE_PAGE_BYTES, huge_page_copy, huge_page_empty
+
+    source = torch.arange(3 * HUGE_PAGE_BYTES // 2, dtype=torch.int16).view(3, -1)  # 3 x 2 MiB
+    copy = huge_page_copy(source)
+    gc.collect()  # nothing but the tensor holds the mapping now
+    assert copy.data_ptr() != source.data_ptr() and copy.dtype == source.dtype
+    assert torch.equal(copy, source)
+    copy += 1  # private, writable memory
+    assert torch.equal(copy - 1, source)
+    empty = huge_page_empty((HUGE_PAGE_BYTES,), torch.uint8)
+    assert empty.shape == (HUGE_PAGE_BYTES,) and empty.dtype == torch.uint8
+    small = torch.ones(16)
+    assert huge_page_copy(small) is small  # under one huge page: left where it is
+
+
+def test_huge_pages_can_be_turned_off():
+    from tap_runtime.pages import HUGE_PAGE_BYTES, huge_page_copy, set_huge_pages
+
+    source = torch.zeros(HUGE_PAGE_BYTES, dtype=torch.uint8)
+    set_huge_pages(False)
+    try:
+        assert huge_page_copy(source) is source
+    finally:
+        set_huge_pages(True)
