@@ -6,12 +6,18 @@ call and weight GB/s, plus the head's, against the whole step. In the model the 
 from memory, unlike scripts/bench_kernels.py's repeated calls on one plane.
 
     python scripts/bench_decode_kernels.py --tap models/qwen1.5b-tap
+
+--overhead: instead, time the step with every kernel matmul replaced by a call that returns
+zeros of the right shape, so what is left is the step's own work (norms, attention, routing,
+Python), for the native steps and the torch-operator path, base tier and default routing,
+alternated --rounds times in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import time
 
 import torch
@@ -47,16 +53,66 @@ class _TimedNative:
         return timed
 
 
+class _ZeroNative:
+    """The native module with its matmuls answering zeros at once (their cost taken out)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        if name == "matmul_w4":
+            return lambda x, weight, scales, zeros, group_size, wide_above, first_row, rows: torch.zeros(x.shape[0], rows)
+        if name == "matmul_w8":
+            return lambda x, weight, row_scales, row_sums: torch.zeros(x.shape[0], row_scales.numel())
+        return getattr(self.module, name)
+
+
+def _use_native(tap, module) -> None:
+    decode.native_kernels = lambda: module  # the lean loop's direct path and native steps
+    for layer in tap.model.modules():
+        if isinstance(getattr(layer, "kernel", None), CpuVnniKernel):
+            layer.kernel.native = module  # the head and any module-path call
+
+
+def _overhead(tap, args) -> None:
+    """Step time without the kernels' own time, per path and routing."""
+    ids = tap.encode("The river flows past the old mill and the")
+    decoder = decode.FastDecoder(tap.model)
+    _use_native(tap, _ZeroNative(native_kernels()))
+    results: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    routings = {"base tier": ("fixed", tap.table.tiers[0]), "default routing": ("budget", None)}
+    native_supported = decoder.native_steps
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for label, (mode, tier) in routings.items():
+                tap.set_routing(mode, tier=tier)
+                for native in ([True, False] if native_supported else [False]):
+                    decoder.native_steps = native
+                    decoder.generate(ids, 4, eos_token_id=[])
+                    result = decoder.generate(ids, args.new_tokens, eos_token_id=[])
+                    step_ms = (result.end - result.first_token_time) / (args.new_tokens - 1) * 1e3
+                    results[(label, "native steps" if native else "torch operators")].append(step_ms)
+    print(f"# bench_decode_kernels --overhead: {args.tap}, kernels answering zeros, {args.new_tokens - 1} steps, "
+          f"{args.rounds} alternated rounds; {environment()}")
+    for (label, path), values in results.items():
+        print(f"{label:16s} {path:16s} median {statistics.median(values):6.2f} ms/step  rounds {[round(v, 2) for v in values]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tap", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--overhead", action="store_true", help="time the step with the kernels taken out")
+    parser.add_argument("--rounds", type=int, default=3, help="with --overhead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if native_kernels() is None:
         raise SystemExit(f"TAP's native kernels are unavailable here: {native_unavailable_reason()}")
     tap = tap_runtime.load(args.tap)
+    if args.overhead:
+        _overhead(tap, args)
+        return
     tap.set_routing("fixed", tier=tap.table.tiers[0])
     timed = _TimedNative(native_kernels())
     decode.native_kernels = lambda: timed  # the lean loop's direct path

@@ -6,7 +6,8 @@ DRAM. This script times one-token products over a ring of random planes larger t
 8-bit activations, in one process. The gap between the two rates is what the memory side costs.
 The ring is also timed copied onto 4 KiB pages and onto transparent huge pages (2 MiB,
 tap_runtime.pages.huge_page_copy), alternating the two --sweeps times, since the runtime keeps
-its planes on huge pages.
+its planes on huge pages. For scale, the last line is a plain read of 2 GB by torch's int64 sum
+on the same threads: about what this machine's memory gives two cores.
 
     python scripts/bench_plane_stream.py [--rows 17920 --inputs 1536 --planes 10]
 """
@@ -43,6 +44,18 @@ def _rate(kernel, planes, x, rows, wide_above, sweeps: int) -> float:
     """Median GB/s of weight bytes over ``sweeps`` passes through ``planes`` (after a warm-up)."""
     _sweep_rate(kernel, planes, x, rows, wide_above)
     return statistics.median(_sweep_rate(kernel, planes, x, rows, wide_above) for _ in range(sweeps))
+
+
+def _plain_read_rate(sweeps: int) -> float:
+    """Median GB/s of torch's int64 sum over 2 GB (a read-only stream, no kernel arithmetic)."""
+    data = torch.ones(2_000_000_000 // 8, dtype=torch.int64)
+    data.sum()
+    rates = []
+    for _ in range(sweeps):
+        start = time.perf_counter()
+        data.sum()
+        rates.append(2.0 / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def _copied(ring: list, huge: bool) -> list:
@@ -86,6 +99,8 @@ def main() -> None:
     print(f"\nFrom memory, 15 bits, {args.sweeps * 3} alternated sweeps: "
           + ", ".join(f"{label} median {statistics.median(r):.1f} GB/s" for label, r in rates.items())
           + f"; 2 MiB pages faster in {wins}/{args.sweeps * 3}")
+    del small, huge
+    print(f"Plain read (torch int64 sum over 2 GB): median {_plain_read_rate(args.sweeps):.1f} GB/s")
 
 
 if __name__ == "__main__":
