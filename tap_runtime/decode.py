@@ -151,6 +151,24 @@ class FusedProjection:
         return list(out.split(self.sizes, dim=-1))
 
 
+@dataclass(frozen=True)
+class _NativeLayer:
+    """One layer's tensors and modules for a native step (see FastDecoder._forward_native_step)."""
+
+    input_norm: torch.Tensor
+    input_eps: float
+    post_norm: torch.Tensor
+    post_eps: float
+    scaling: float
+    o_proj: nn.Module
+    down_proj: nn.Module
+    qkv: "FusedProjection | None"
+    gate_up: "FusedProjection | None"
+    qkv_modules: tuple
+    gate_up_modules: tuple
+    direct: "DirectDecodeLayer"
+
+
 class DirectDecodeLayer:
     """One layer's packed planes for a decode step that calls torch's int4 op directly.
 
@@ -238,10 +256,11 @@ class DirectDecodeLayer:
         if len(parts) != 1 or not isinstance(parts[0], FusedProjection):
             return None
         fused = parts[0]
-        always = {m.policy.always_planes for m in fused.modules}
-        if len(always) != 1:
-            return None
-        used = self.planes_used(always.pop(), len(fused.prepared))
+        always = fused.modules[0].policy.always_planes
+        for module in fused.modules:
+            if module.policy.always_planes != always:
+                return None  # their tiers differ (set_min_tiers)
+        used = self.planes_used(always, len(fused.prepared))
         if used is None:
             return None
         return self.project(x.reshape(1, -1), fused.prepared, used, fused.bias, fused.out_features)
@@ -319,14 +338,23 @@ class FastDecoder:
         float32 norms on the CPU."""
         if native_kernels() is None or self.gemma or not self.direct_norms or getattr(self.config, "hidden_act", None) != "silu":
             return False
-        for layer, direct in zip(self.layers, self.direct):
-            attention = layer.self_attn
+        plan = []
+        for layer, direct, (qkv, gate_up) in zip(self.layers, self.direct, self.fused):
+            attention, mlp = layer.self_attn, layer.mlp
             sizes = [m.out_features for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
             if direct is None or sizes != [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2:
                 return False
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(n.weight.dtype != torch.float32 or n.weight.device.type != "cpu" for n in norms):
                 return False
+            # Everything a step needs, looked up once: nn.Module attribute access costs about a
+            # microsecond each, some twenty per layer and step.
+            plan.append(_NativeLayer(
+                norms[0].weight, norms[0].variance_epsilon, norms[1].weight, norms[1].variance_epsilon, attention.scaling,
+                attention.o_proj, mlp.down_proj, qkv, gate_up, (attention.q_proj, attention.k_proj, attention.v_proj),
+                (mlp.gate_proj, mlp.up_proj), direct,
+            ))
+        self._native_plan = plan
         return True
 
     @staticmethod
@@ -468,26 +496,23 @@ class FastDecoder:
         cos, sin = cos.reshape(-1).to(torch.float32).contiguous(), sin.reshape(-1).to(torch.float32).contiguous()
         cache = self.cache
         pending = None  # the last layer's MLP output, added to hidden by the next norm
-        for index, layer, direct, (qkv, gate_up) in zip(range(len(self.layers)), self.layers, self.direct, self.fused):
-            attention, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
-            normed = native.add_rms_norm(hidden, pending, norm.weight, norm.variance_epsilon)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        for index, step in enumerate(self._native_plan):
+            direct = step.direct
+            normed = native.add_rms_norm(hidden, pending, step.input_norm, step.input_eps)
             if router is not None:
                 router.route_layer(index, hidden, normed)
-            projected = self._joined(direct, direct.qkv, qkv, (attention.q_proj, attention.k_proj, attention.v_proj), normed)
-            attended = native.attend_one(
-                projected, cos, sin, cache.keys[index], cache.values[index], start, 0,
-                self.num_heads, self.num_kv_heads, attention.scaling,
-            )
-            out = direct.single(attention.o_proj, attended)
+            projected = self._joined(direct, direct.qkv, step.qkv, step.qkv_modules, normed)
+            attended = native.attend_one(projected, cos, sin, cache.keys[index], cache.values[index], start, 0, heads, kv_heads, step.scaling)
+            out = direct.single(step.o_proj, attended)
             if out is None:
-                out = attention.o_proj(attended.view(1, 1, -1))
-            norm = layer.post_attention_layernorm
-            normed = native.add_rms_norm(hidden, _float32(out), norm.weight, norm.variance_epsilon)
-            projected = self._joined(direct, direct.gate_up, gate_up, (mlp.gate_proj, mlp.up_proj), normed)
+                out = step.o_proj(attended.view(1, 1, -1))
+            normed = native.add_rms_norm(hidden, _float32(out), step.post_norm, step.post_eps)
+            projected = self._joined(direct, direct.gate_up, step.gate_up, step.gate_up_modules, normed)
             activated = native.silu_mul(projected)
-            pending = direct.single(mlp.down_proj, activated)
+            pending = direct.single(step.down_proj, activated)
             if pending is None:
-                pending = mlp.down_proj(activated.view(1, 1, -1))
+                pending = step.down_proj(activated.view(1, 1, -1))
             pending = _float32(pending)
         hidden += pending.view_as(hidden)
         logits = self.model.lm_head(self.body.norm(hidden))

@@ -16,6 +16,8 @@ tensors kept in full precision (norms, biases). Only JSON and safetensors are ev
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -442,9 +444,10 @@ class LinearPolicy:
         count = sum(1 for t in self.tiers if t <= tier) or 1
         return sum(p.stored_bits_per_weight() for p in self.planes[:count])
 
-    @property
+    @functools.cached_property
     def always_planes(self) -> int:
-        """How many planes every token reads, whatever the router says."""
+        """How many planes every token reads, whatever the router says (cached: the policy is
+        frozen, and decode asks several times per layer and token)."""
         return sum(1 for t in self.tiers if t <= self.min_tier)
 
     @property

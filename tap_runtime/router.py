@@ -396,10 +396,12 @@ class TokenRouter:
         """(hidden_norm, error_estimate) of one token in one native call (about 7 against 27
         microseconds of torch operators), when the router uses exactly those two signals and
         both vectors are contiguous float32 on the CPU; else None."""
-        if self._slopes.keys() != {"hidden_norm", "error_estimate"} or normed is None:
+        slopes = self._slopes
+        if normed is None or len(slopes) != 2 or "hidden_norm" not in slopes or "error_estimate" not in slopes:
             return None
-        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (hidden_states, normed)):
-            return None
+        for t in (hidden_states, normed):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                return None
         native = native_kernels()
         if native is None:
             return None
