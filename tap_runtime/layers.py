@@ -213,6 +213,12 @@ class TapEmbedding(nn.Module):
         return out.to(self.compute_dtype)
 
 
+def _shares_memory(prepared, tensor: torch.Tensor) -> bool:
+    """Whether a kernel's prepared rows still read ``tensor``'s memory (rather than a copy)."""
+    fields = (prepared,) if isinstance(prepared, torch.Tensor) else vars(prepared).values()
+    return any(isinstance(v, torch.Tensor) and v.device == tensor.device and v.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for v in fields)
+
+
 class TapHead(nn.Module):
     """An 8-bit output head; when tied it reads the embedding's rows instead of its own.
 
@@ -240,9 +246,14 @@ class TapHead(nn.Module):
     def rows(self) -> RowQuantized:
         if self._tied:
             return self._tied[0].rows()
+        if not hasattr(self, embedding_tensor_suffix("qweight")):
+            raise RuntimeError("this head's portable rows were released by prepare(); load with keep_portable=True to keep them")
         return _read_rows(self, self.policy)
 
-    def prepare(self, kernel: Kernel) -> None:
+    def prepare(self, kernel: Kernel, keep_portable: bool = False) -> None:
+        """Hand the rows to ``kernel``. An untied head then drops its portable rows (unless
+        ``keep_portable``): the kernel holds what it reads, a copy in its own layout or the
+        same tensor, so keeping them would hold the largest matrix of the model twice."""
         rows = self.rows()
         self._column_scales = rows.column_scales
         device = getattr(kernel, "device", None)
@@ -257,6 +268,11 @@ class TapHead(nn.Module):
             # Shapes the packed kernel cannot take (in_features % 16 != 0) use the reference.
             self.kernel = ReferenceKernel(getattr(kernel, "device", None))
             self._prepared = self.kernel.prepare_rows(codes)
+        if not self._tied and not keep_portable:
+            qweight = getattr(self, embedding_tensor_suffix("qweight"))
+            delattr(self, embedding_tensor_suffix("qweight"))
+            if not _shares_memory(self._prepared, qweight.data):
+                page_out(qweight.data)  # mapped shard pages the kernel copied: they can go now
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
 from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMismatchError
-from .format import plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
+from .format import embedding_tensor_suffix, plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
 from .pages import page_out, return_freed_heap
@@ -265,10 +265,12 @@ def prepare_model(
                 module.routing = router.layers[module.policy.layer_index]
         elif isinstance(module, TapEmbedding):
             module.prepare(compute_dtype)
-    _detach_from_files(model)
     for module in model.modules():
         if isinstance(module, TapHead):
-            module.prepare(kernel)
+            # Before detaching: the head's kernel copy is made from the mapped rows, whose pages
+            # go as each slice is copied, so the rows are never resident twice.
+            module.prepare(kernel, keep_portable=keep_portable)
+    _detach_from_files(model)
     if offload is not None:
         unknown = sorted(set(offloaded) - set(offload.offloaded))
         if unknown:
@@ -308,13 +310,23 @@ def derive_error_sketches(model: nn.Module, table: RoutingTable) -> list[torch.T
 
 
 def _detach_from_files(model: nn.Module) -> None:
-    """Copy every remaining tensor into memory of its own (64-byte aligned).
+    """Copy every remaining tensor into memory of its own (64-byte aligned), except embedding rows.
 
-    transformers hands out tensors that view the memory-mapped shard; while any of them lives,
-    the whole file mapping stays resident next to the kernels' packed copies. What is left after
-    packing (norms, biases, scales, 8-bit rows) is copied once, and the mapping can go.
+    transformers hands out tensors that view the memory-mapped shard; a view keeps its file's
+    pages resident once they are read. What is left after packing (norms, biases, scales) is
+    copied once. An embedding's int8 rows stay mapped: a lookup reads a few rows, so only the
+    pages of tokens actually seen become resident (233 MB of rows on Qwen2.5-1.5B, as llama.cpp
+    leaves its mapped embedding). The shard is never written in place (writers rename a new
+    file over it), so the mapping stays valid.
     """
+    mapped_rows = {
+        id(getattr(module, embedding_tensor_suffix("qweight")))
+        for module in model.modules()
+        if isinstance(module, TapEmbedding) and hasattr(module, embedding_tensor_suffix("qweight"))
+    }
     for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in mapped_rows:
+            continue
         source = tensor.data
         tensor.data = source.clone(memory_format=torch.contiguous_format)
         page_out(source)

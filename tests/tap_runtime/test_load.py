@@ -350,3 +350,38 @@ def test_load_keeps_freed_heap_for_activations_only_when_asked(converted_factory
     monkeypatch.setattr(load_module, "keep_freed_heap", lambda: calls.append(True) or True)
     tap_runtime.load(converted_factory("llama"), **({"keep_freed_memory": True} if keep else {}))
     assert calls == ([True] if keep else [])
+
+
+def _mapped_file_of(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds ``tensor``'s first byte (from /proc/self/maps), or None."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # untied and tied heads
+def test_output_rows_are_held_once_and_embedding_rows_stay_mapped(converted_factory, model_type):
+    """The head's rows live only in the kernel's copy, and the embedding's int8 rows stay a view
+    of the shard, so only the rows of tokens seen become resident; outputs do not change."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    directory = converted_factory(model_type)
+    lean = tap_runtime.load(directory)
+    kept = tap_runtime.load(directory, keep_portable=True)
+    head, embedding = lean.model.get_output_embeddings(), lean.model.get_input_embeddings()
+    shard = str(directory / lean.table.shards[0].file_name)
+    assert _mapped_file_of(embedding.weight) == shard
+    if model_type == "qwen2":
+        assert not hasattr(head, "weight")  # untied: released once the kernel had its copy
+        with pytest.raises(RuntimeError, match="keep_portable=True"):
+            head.rows()
+        assert hasattr(kept.model.get_output_embeddings(), "weight")
+    else:
+        assert head.weight is embedding.weight  # tied: the head reads the embedding's rows
+    with torch.inference_mode():
+        assert torch.equal(lean(_ids()).logits, kept(_ids()).logits)
