@@ -149,6 +149,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", default=",".join([*PEERS, *LLAMA_CPP_PEERS]))
     parser.add_argument("--skip-tap", action="store_true", help="only the peers (TAP rows are the slow part on big vocabularies)")
+    parser.add_argument("--budget-bits", type=float, default=4.6,
+                        help="also run the default (budget) routing with its share scaled to read this many weight bits "
+                             "per token, for the comparison with peers at that size (0: skip)")
+    parser.add_argument("--tap-rows", default="base,learned,budget,budget-bits,top",
+                        help="which TAP rows to run, comma-separated")
     parser.add_argument("--calib", default=None, help="text for llama.cpp's importance matrix (default: what TAP was calibrated on)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -175,20 +180,28 @@ def main() -> None:
         rows[label] = result
         print(f"  {label}: {result}", flush=True)
 
-    if not args.skip_tap:
+    tap_rows = set() if args.skip_tap else set(filter(None, args.tap_rows.split(",")))
+    if "base" in tap_rows:
         tap.set_routing("fixed", tier=tap.table.tiers[0])
         tap_row(f"TAP tier {tap.table.tiers[0]} (no routing)")
+    if "learned" in tap_rows:
         tap.set_routing("learned")
         tap_row("TAP learned routing")
+    if "budget" in tap_rows:
         tap.set_routing("budget")
         tap_row("TAP budget routing (default)")
+    if "budget-bits" in tap_rows and args.budget_bits:
+        # The share comes from the checkpoint's storage arithmetic, not from the evaluated text.
+        tap.set_routing("budget", bits=args.budget_bits)
+        tap_row(f"TAP budget routing at {args.budget_bits:g} bits")
+    if "top" in tap_rows:
         tap.set_routing("fixed", tier=tap.table.tiers[-1])
         tap_row(f"TAP tier {tap.table.tiers[-1]}")
     calib = args.calib or tap.table.calibration.dataset
     imatrix_settings = (tap.table.calibration.seq_len, tap.table.calibration.num_samples)
     tap = None  # free the TAP model before the peers load theirs
 
-    for label in args.peers.split(","):
+    for label in filter(None, args.peers.split(",")):
         if label in LLAMA_CPP_PEERS:
             rows[label] = llama_cpp_row(label, args, calib, imatrix_settings, windows, reference)
             continue

@@ -19,6 +19,7 @@ import psutil
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import InvalidConfigError
 from .format import RoutingTable
 
 __all__ = ["PeakMemory", "FirstTokenClock", "GenerationMetrics", "weight_bits_read"]
@@ -125,6 +126,41 @@ def weight_bits_read(table: RoutingTable, counts: torch.Tensor) -> dict[str, flo
         "avg_weight_bits_per_token": avg_bits,
         "weight_bytes_read_per_token": (total_bits / num_tokens + head_bits) / 8.0,
     }
+
+
+def shares_for_bits(table: RoutingTable, target_bits: float, fitted: tuple[float, ...]) -> tuple[float, ...]:
+    """Shares above the base tier (one per tier, nested) whose average weight bits read per
+    token, as :func:`weight_bits_read` counts them, equal ``target_bits``.
+
+    The fitted shares are scaled by one factor, so their ratios between tiers are kept; with no
+    fitted share above the base, each tier gets the same one. Bits read are linear in the
+    shares, so the factor is exact. Raises InvalidConfigError below the base tier's bits; at or
+    above the top tier's, every token goes to the top tier.
+    """
+    levels = len(table.tiers)
+    if len(fitted) != levels - 1:
+        raise InvalidConfigError(f"expected {levels - 1} fitted shares, got {len(fitted)}")
+    direction = tuple(fitted) if any(s > 0 for s in fitted) else (1.0,) * (levels - 1)
+
+    def bits(shares: tuple[float, ...]) -> float:
+        # Nested shares: "at or above tier k+1". Tokens at tier k = share_k - share_{k+1}.
+        at_or_above = (1.0, *shares, 0.0)
+        counts = torch.tensor([[at_or_above[k] - at_or_above[k + 1] for k in range(levels)]], dtype=torch.float64)
+        per_layer = counts.expand(table.num_layers, levels) * 1e6  # any common token count
+        return weight_bits_read(table, per_layer)["avg_weight_bits_per_token"]
+
+    base, top = bits((0.0,) * (levels - 1)), bits((1.0,) * (levels - 1))
+    if target_bits < base - 1e-9:
+        raise InvalidConfigError(
+            f"{target_bits} bits per weight is below this checkpoint's base tier ({base:.3f} bits read per token); "
+            f"the lowest budget is the base tier alone."
+        )
+    if target_bits >= top:
+        return (1.0,) * (levels - 1)
+    limit = 1.0 / max(direction)  # the largest factor that keeps every share <= 1
+    slope = bits(tuple(limit * d for d in direction)) - base
+    factor = min(limit, (target_bits - base) / slope * limit) if slope > 0 else 0.0
+    return tuple(min(1.0, factor * d) for d in direction)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .graph_decode import GraphDecoder, graph_decode_unsupported
 from .kv_cache import KV_CACHE_KINDS
 from .errors import InvalidConfigError
 from .layers import TapLinear
-from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, weight_bits_read
+from .metrics import FirstTokenClock, GenerationMetrics, PeakMemory, shares_for_bits, weight_bits_read
 from .router import DEFAULT_ROUTING, TokenRouter
 
 __all__ = ["TapModel", "Generation", "DECODE_PATHS"]
@@ -72,10 +72,23 @@ class TapModel:
         seed: int = 0,
         score: str = "learned",
         sign: float = 1.0,
+        bits: float | None = None,
     ) -> None:
         """``budget`` (default: the learned score, share held at the converted one on any text),
         ``learned`` (the learned score against fixed calibrated thresholds: the share follows the
-        text), ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode)."""
+        text), ``fixed`` with ``tier``, ``random`` or ``topk`` (see TokenRouter.set_mode).
+
+        ``bits`` (budget, random, topk): instead of ``shares``, the average weight bits read per
+        token to spend; the fitted shares are scaled to meet it exactly (``shares_for_bits``),
+        e.g. ``set_routing("budget", bits=4.6)`` to compare with 4.6-bit quantizers.
+        """
+        if bits is not None:
+            if shares is not None:
+                raise InvalidConfigError("give shares or bits, not both")
+            if mode not in ("budget", "random", "topk"):
+                raise InvalidConfigError(f"bits sets the routed share of budget, random or topk routing, not of {mode!r}")
+            fitted = tuple(float(self.table.router.tier_shares.get(str(t), 0.0)) for t in self.table.tiers[1:])
+            shares = shares_for_bits(self.table, float(bits), fitted)
         self.router.set_mode(mode, tier=tier, shares=shares, seed=seed, score=score, sign=sign)
 
     def set_min_tiers(self, min_tiers: dict[str, int]) -> None:
