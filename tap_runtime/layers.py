@@ -8,6 +8,7 @@ drops the portable copies.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -75,12 +76,20 @@ def run_planes(
             if indices is None:
                 break  # planes nest: nobody above this one either
             work.append((plane_index, indices))
-    base_product = getattr(kernel, "matmul_base", None)
-    if base_product is not None:
-        # Kernels that can spend fewer activation bits on a token that reads the base plane alone.
-        out = base_product(flat, _packed(prepared[0]), alone=not work)
+    # Planes every token of this call reads: a many-token call on a kernel that can multiplies
+    # once by their sum (unpacked together, rounded to bfloat16 once) instead of once per plane.
+    shared = 1 + sum(1 for _ in itertools.takewhile(lambda item: item[1] is ALL_TOKENS, work))
+    summed = getattr(kernel, "matmul_plane_sum", None)
+    out = summed(flat, [_packed(p) for p in prepared[:shared]]) if shared > 1 and summed is not None else None
+    if out is not None:
+        work = work[shared - 1 :]
     else:
-        out = kernel.matmul_plane(flat, _packed(prepared[0]))
+        base_product = getattr(kernel, "matmul_base", None)
+        if base_product is not None:
+            # Kernels that can spend fewer activation bits on a token that reads the base plane alone.
+            out = base_product(flat, _packed(prepared[0]), alone=not work)
+        else:
+            out = kernel.matmul_plane(flat, _packed(prepared[0]))
     if work:
         # Residual planes are small corrections: add them in float32.
         out = out.to(torch.float32)

@@ -221,6 +221,26 @@ class CpuVnniKernel(CpuPackedKernel):
             self._dense_buffer = torch.empty(needed, dtype=torch.bfloat16)
         return self._dense_buffer[:needed].view(shape)
 
+    def matmul_plane_sum(self, x: torch.Tensor, planes: list) -> torch.Tensor | None:
+        """x times the sum of ``planes`` (the nested planes a token of one tier reads), as one
+        dense product: the planes are summed in float32 while unpacking and rounded to bfloat16
+        once. For many-token calls only (None otherwise, or for planes of different layouts),
+        where it spares routed tokens a base-plane product followed by a residual one."""
+        if self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens or len(planes) > 4:
+            return None
+        first = planes[0]
+        if any(
+            type(p) is not TiledPlane or p.group_size != first.group_size or p.first_row != first.first_row
+            or p.out_features != first.out_features or p.weight.shape != first.weight.shape
+            for p in planes
+        ):
+            return None
+        weight = self._scratch((first.out_features, first.weight.shape[1] * 2))
+        self.native.dequantize_w4_sum(
+            [p.weight for p in planes], [p.scales for p in planes], [p.zeros for p in planes], first.group_size, first.first_row, weight,
+        )
+        return torch.mm(x.to(torch.bfloat16), weight.t())
+
     def matmul_plane(self, x: torch.Tensor, prepared) -> torch.Tensor:
         if type(prepared) is _PackedPlane:
             return super().matmul_plane(x, prepared)

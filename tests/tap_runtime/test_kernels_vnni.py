@@ -232,6 +232,32 @@ def test_row_product_matches_reference(shape, tokens):
 
 
 @needs_native
+@pytest.mark.parametrize("shape,group_size", [((37, 256), 128), ((12, 64 * 37), 64)])
+def test_summed_unpack_rounds_the_float_sum_of_the_planes_once(shape, group_size):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    planes = quantize_tiers(weight, (PlaneSpec(4, group_size, False), PlaneSpec(4, group_size, False)))
+    kernel = CpuVnniKernel()
+    prepared = [kernel.prepare_plane(p) for p in planes]
+    reference = ReferenceKernel()
+    total = sum(reference.prepare_plane(p) for p in planes)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    got = kernel.native.dequantize_w4_sum(
+        [p.weight for p in prepared], [p.scales for p in prepared], [p.zeros for p in prepared], group_size, 0, out
+    )
+    # float32 sums of the same two terms may differ in the last bit by association order
+    assert torch.allclose(got.float(), total.to(torch.bfloat16).float(), rtol=2**-7, atol=0)
+    assert (got != total.to(torch.bfloat16)).float().mean() < 0.01
+    x = torch.randn(20, shape[1], generator=torch.Generator().manual_seed(2))  # many tokens: the dense path
+    summed = kernel.matmul_plane_sum(x, prepared)
+    assert _relative_error(summed, x @ total.t()) < 1e-2
+    assert kernel.matmul_plane_sum(x[:3], prepared) is None  # few tokens: one kernel call per plane instead
+    with pytest.raises(RuntimeError, match="one shape"):
+        other = kernel.prepare_plane(_plane((shape[0] + 32, shape[1]), group_size))
+        kernel.native.dequantize_w4_sum([prepared[0].weight, other.weight], [prepared[0].scales, other.scales],
+                                        [prepared[0].zeros, other.zeros], group_size, 0, out)
+
+
+@needs_native
 def test_fused_planes_equal_their_parts_and_share_storage():
     kernel = CpuVnniKernel()
     width = 64 * 20  # two chunks of the layout

@@ -4,6 +4,8 @@ import torch
 from tap_convert.quantize import quantize_tiers
 from tap_runtime.format import LinearPolicy, PlaneSpec, plane_tensor_suffix
 from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel
+from tap_runtime.kernels.native import native_kernels
+from tap_runtime.kernels.vnni import CpuVnniKernel
 from tap_runtime.layers import TapLinear
 from tap_runtime.planes import dequantize_planes
 from tap_runtime.router import ALL_TOKENS, LayerRouting
@@ -50,6 +52,41 @@ def test_all_and_none_markers():
     assert torch.allclose(module(x)[0], x[0] @ dequantize_planes(planes, 2).t(), atol=1e-5)
     module.routing.plane_indices = [None]
     assert torch.allclose(module(x)[0], x[0] @ dequantize_planes(planes, 1).t(), atol=1e-5)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+@pytest.mark.parametrize("always_planes", [1, 2])  # top tier by routing, and by the layer's min_tier
+def test_many_tokens_reading_every_plane_take_one_summed_product(monkeypatch, always_planes):
+    """A pass where every token reads planes 0..k multiplies once by their sum, not once per
+    plane; routed subsets still take the residual product for their rows only."""
+    kernel = CpuVnniKernel()
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=generator) * 0.05
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
+    planes = quantize_tiers(weight, specs)
+    policy = LinearPolicy("layer", 128, 64, False, 0, (4, 8), specs, min_tier=8 if always_planes == 2 else 4)
+    module = TapLinear(policy)
+    for index, plane in enumerate(planes):
+        for field_name, tensor in plane.stored_tensors().items():
+            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
+    module.prepare(kernel)
+    module.routing = LayerRouting(0, [ALL_TOKENS] if always_planes == 1 else [])
+    calls = {"summed": 0, "plane": 0}
+    summed, single = kernel.matmul_plane_sum, kernel.matmul_plane
+    monkeypatch.setattr(kernel, "matmul_plane_sum", lambda *a: calls.__setitem__("summed", calls["summed"] + 1) or summed(*a))
+    monkeypatch.setattr(kernel, "matmul_plane", lambda *a: calls.__setitem__("plane", calls["plane"] + 1) or single(*a))
+    x = torch.randn(40, 128, generator=generator)
+    top = x @ dequantize_planes(planes, 2).t()
+    assert float((module(x) - top).norm() / top.norm()) < 1e-2
+    assert calls == {"summed": 1, "plane": 0}
+    if always_planes == 1:
+        module.routing.plane_indices = [torch.arange(0, 40, 3)]
+        out = module(x)
+        routed = torch.zeros(40, dtype=torch.bool)
+        routed[::3] = True
+        base = x @ dequantize_planes(planes, 1).t()
+        assert float((out[routed] - top[routed]).norm() / top[routed].norm()) < 1e-2
+        assert float((out[~routed] - base[~routed]).norm() / base[~routed].norm()) < 1e-2
 
 
 def test_prepare_releases_the_portable_planes():

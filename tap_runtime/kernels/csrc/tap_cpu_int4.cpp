@@ -39,6 +39,14 @@ constexpr int kTileRows = TILE_ROWS;
 // projection in one piece (17.5 KiB of activations per tile), the weights ran at half speed.
 constexpr int64_t kChunkBlocks = 16;
 
+// One stored plane as dequantize_tiles reads it (all planes of a call share N, K, group size
+// and the padded row count, as the nested planes of one linear do).
+struct PlaneView {
+  const uint8_t* weight;
+  const at::Half* scales;
+  const at::Half* zeros;
+};
+
 bool compiled_with_vnni() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   return true;
@@ -307,12 +315,13 @@ inline __m256i to_bfloat16(__m512 v) {
 #endif
 }
 
-// Rows of tiles [tile_begin, tile_end) of a view (from tile first_tile of a stored plane of
-// padded_rows rows) -> bfloat16 (q - zero) * scale into out (N, K).
-void dequantize_tiles(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales,
-                      const at::Half* zeros, int64_t N, int64_t K, int64_t group_size, uint16_t* out, int64_t tile_begin,
-                      int64_t tile_end) {
-  const int64_t blocks = K / kBlock, groups = K / group_size, blocks_per_group = group_size / kBlock;
+// Rows of tiles [tile_begin, tile_end) of a view (from tile first_tile of stored planes of
+// padded_rows rows) -> bfloat16 of the sum over the planes of (q - zero) * scale, into out
+// (N, K). The sum is taken in float32 and rounded to bfloat16 once, so a token's tier-8 weight
+// (base plane + residual plane) is as close to its float value as bfloat16 allows.
+void dequantize_tiles(const PlaneView* planes, int plane_count, int64_t padded_rows, int64_t first_tile, int64_t N,
+                      int64_t K, int64_t group_size, uint16_t* out, int64_t tile_begin, int64_t tile_end) {
+  const int64_t blocks = K / kBlock, blocks_per_group = group_size / kBlock;
   const __m128i low_mask = _mm_set1_epi8(0x0F);
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     for (int r = 0; r < kTileRows; ++r) {
@@ -321,16 +330,20 @@ void dequantize_tiles(const uint8_t* weight, int64_t padded_rows, int64_t first_
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t c = b / kChunkBlocks, j = b - c * kChunkBlocks;
         const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + t, r) + j / blocks_per_group;
-        const float s = _cvtsh_ss(scales[at].x);
-        const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * _cvtsh_ss(zeros[at].x));
-        const uint8_t* src = chunk_tile(weight, padded_rows, blocks, c, first_tile + t) + (j * kTileRows + r) * 32;
+        const int64_t offset = (chunk_tile(planes[0].weight, padded_rows, blocks, c, first_tile + t) - planes[0].weight) +
+                               (j * kTileRows + r) * 32;
         uint16_t* dst = out + n * K + b * kBlock;
         for (int half = 0; half < 2; ++half) {
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * half));
-          const __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
-          // byte t of the block: input t (low nibble), input t + 32 (high nibble)
-          const __m512 wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), scale, shift);
-          const __m512 wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), scale, shift);
+          __m512 wl = _mm512_setzero_ps(), wh = _mm512_setzero_ps();
+          for (int p = 0; p < plane_count; ++p) {
+            const float s = _cvtsh_ss(planes[p].scales[at].x);
+            const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * _cvtsh_ss(planes[p].zeros[at].x));
+            const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[p].weight + offset + 16 * half));
+            const __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+            // byte t of the block: input t (low nibble), input t + 32 (high nibble)
+            wl = _mm512_add_ps(wl, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), scale, shift));
+            wh = _mm512_add_ps(wh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), scale, shift));
+          }
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * half), to_bfloat16(wl));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 + 16 * half), to_bfloat16(wh));
         }
@@ -411,31 +424,46 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
   return out;
 }
 
-// A tiled 4-bit plane as a dense bfloat16 (N, K) matrix, written into `out` (reused by the
-// caller between calls, so many-token calls do not page-fault a fresh matrix each time).
-torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, int64_t first_row,
-                            torch::Tensor out) {
+// The sum of tiled 4-bit planes (one plane: just that plane) as a dense bfloat16 (N, K) matrix,
+// written into `out` (reused by the caller between calls, so many-token calls do not page-fault a
+// fresh matrix each time). Summing the nested planes of one linear gives the weight a token of
+// a higher tier reads, so a many-token call multiplies each token once, by its own tier's weight.
+torch::Tensor dequantize_w4_sum(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, std::vector<torch::Tensor> zeros,
+                                int64_t group_size, int64_t first_row, torch::Tensor out) {
   const int64_t N = out.size(0);
   TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(!weights.empty() && weights.size() <= 4 && scales.size() == weights.size() && zeros.size() == weights.size(),
+              "one to four planes, each with its scales and zeros");
+  const torch::Tensor& weight = weights[0];
   const int64_t K = weight.size(1) * 2;
-  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.size(0) % kTileRows == 0 &&
-              first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
-              "weight must be a contiguous tiled uint8 plane holding rows [first_row, first_row + N)");
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous() &&
-              scales.numel() == weight.size(0) * (K / group_size) && zeros.sizes() == scales.sizes() && kChunkBlocks * kBlock % group_size == 0,
-              "scales/zeros: contiguous float16, every stored row's groups in the chunked layout");
   TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(1) == K, "out: contiguous bfloat16 (N, K)");
+  PlaneView planes[4];
+  for (size_t p = 0; p < weights.size(); ++p) {
+    TORCH_CHECK(weights[p].scalar_type() == torch::kUInt8 && weights[p].is_contiguous() && weights[p].sizes() == weight.sizes() &&
+                weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
+                "weights must be contiguous tiled uint8 planes of one shape holding rows [first_row, first_row + N)");
+    TORCH_CHECK(scales[p].scalar_type() == torch::kHalf && zeros[p].scalar_type() == torch::kHalf && scales[p].is_contiguous() &&
+                zeros[p].is_contiguous() && scales[p].numel() == weight.size(0) * (K / group_size) && zeros[p].sizes() == scales[p].sizes() &&
+                kChunkBlocks * kBlock % group_size == 0,
+                "scales/zeros: contiguous float16, every stored row's groups in the chunked layout");
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  const at::Half* s = scales.data_ptr<at::Half>();
-  const at::Half* z = zeros.data_ptr<at::Half>();
+    planes[p] = {weights[p].data_ptr<uint8_t>(), scales[p].data_ptr<at::Half>(), zeros[p].data_ptr<at::Half>()};
+#endif
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int count = static_cast<int>(weights.size());
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
-    dequantize_tiles(w, weight.size(0), first_row / kTileRows, s, z, N, K, group_size, o, begin, end);
+    dequantize_tiles(planes, count, weight.size(0), first_row / kTileRows, N, K, group_size, o, begin, end);
   });
 #endif
   return out;
+}
+
+torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, int64_t first_row,
+                            torch::Tensor out) {
+  return dequantize_w4_sum({weight}, {scales}, {zeros}, group_size, first_row, out);
 }
 
 }  // namespace
@@ -451,4 +479,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_w4", &matmul_w4);
   m.def("matmul_w8", &matmul_w8);
   m.def("dequantize_w4", &dequantize_w4);
+  m.def("dequantize_w4_sum", &dequantize_w4_sum);
 }
