@@ -1,11 +1,12 @@
 """In-process A/B timings, where this machine's drift between runs would swamp the difference.
 
-Decode: the lean loop's native steps (each layer's norms, rotary, cache write, attention and
-SiLU in the native module's fused calls), its direct path with those as torch operators (kernels
-called from the loop, ``torch.rms_norm``), and its module path (every projection through
-TapLinear / FusedProjection), alternated --rounds times in one process, default routing,
---new-tokens greedy tokens from a fixed prompt. The native row is skipped where the model or
-machine does not take native steps.
+Decode: the lean loop's native steps with each layer after its routing decision in one native
+call ("native layer"), the same with one native call per stretch of the layer ("native": norms,
+rotary, cache write and attention, SiLU, and each projection), its direct path with those as
+torch operators (kernels called from the loop, ``torch.rms_norm``), and its module path (every
+projection through TapLinear / FusedProjection), alternated --rounds times in one process,
+default routing, --new-tokens greedy tokens from a fixed prompt. The native rows are skipped
+where the model or machine does not take native steps.
 --huge-pages-ab: also load the checkpoint a second time with its planes on 4 KiB pages
 (tap_runtime.pages.set_huge_pages(False)) and alternate the two copies' default decode.
 Prefill: one --prefill-tokens forward under each routing (base tier, learned, budget),
@@ -72,28 +73,35 @@ def main() -> None:
     tap.generate(PROMPT, max_new_tokens=8)  # builds the lean loop
     decoder = tap._fast_decoder
     direct_layers, direct_norms, native_steps = list(decoder.direct), decoder.direct_norms, decoder.native_steps
-    decode: dict[str, list[float]] = {"native": [], "direct": [], "module": []} if native_steps else {"direct": [], "module": []}
+    native_layers = decoder.native_layers
+    paths = (["native layer", "native"] if native_steps else []) + ["direct", "module"]
+    decode: dict[str, list[float]] = {path: [] for path in paths}
     tokens: dict[str, list[int]] = {}
     for _ in range(args.rounds):
         for path in decode:
             on = path != "module"
             decoder.direct = direct_layers if on else [None] * len(direct_layers)
             decoder.direct_norms = direct_norms and on
-            decoder.native_steps = path == "native"
+            decoder.native_steps = path.startswith("native")
+            decoder.native_layers = path == "native layer"
             done = tap.generate(PROMPT, max_new_tokens=args.new_tokens, eos_token_id=[])
             decode[path].append(done.metrics.decode_tokens_per_second)
             tokens[path] = done.token_ids
     decoder.direct, decoder.direct_norms, decoder.native_steps = direct_layers, direct_norms, native_steps
+    decoder.native_layers = native_layers
 
     print(f"# bench_decode_paths: {args.tap}; {args.rounds} alternated rounds; {environment()}")
     for path, rates in decode.items():
         same = sum(a == b for a, b in zip(tokens[path], tokens["direct"]))
-        print(f"decode {path:7s} median {statistics.median(rates):6.1f} tok/s  rounds {[round(r, 1) for r in rates]}  "
+        print(f"decode {path:12s} median {statistics.median(rates):6.1f} tok/s  rounds {[round(r, 1) for r in rates]}  "
               f"tokens equal to the direct path's: {same}/{len(tokens['direct'])} (first {_first_difference(tokens[path], tokens['direct'])})")
     for path in decode:
         if path != "direct":
             ratios = [a / b for a, b in zip(decode[path], decode["direct"])]
             print(f"decode {path} / direct: median ratio {statistics.median(ratios):.3f}")
+    if native_steps:
+        ratios = [a / b for a, b in zip(decode["native layer"], decode["native"])]
+        print(f"decode native layer / native: median ratio {statistics.median(ratios):.3f}")
     if args.huge_pages_ab:
         _compare_page_sizes(tap, args)
     if args.no_prefill:

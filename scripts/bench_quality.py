@@ -27,20 +27,6 @@ from bench_common import environment, eval_windows, heldout_text, set_threads
 from tap_runtime.metrics import weight_bits_read
 
 
-def share_for_bits(table, bits: float) -> float:
-    """The routed share at which a two-tier checkpoint reads ``bits`` average weight bits:
-    every token reads each linear's base planes, a routed one also its residual plane."""
-    if len(table.tiers) != 2:
-        raise SystemExit(f"--budget-bits needs a two-tier checkpoint; this one has tiers {list(table.tiers)}")
-    total = sum(p.num_weights for p in table.linear.values())
-    low, high = table.tiers
-    base = sum(p.bits_at_tier(low) * p.num_weights for p in table.linear.values()) / total
-    extra = sum((p.bits_at_tier(high) - p.bits_at_tier(low)) * p.num_weights for p in table.linear.values()) / total
-    if not base < bits <= base + extra:
-        raise SystemExit(f"--budget-bits {bits} is outside ({base:.3f}, {base + extra:.3f}], the bits this checkpoint can read")
-    return (bits - base) / extra
-
-
 def _stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int, int]:
     """(sum NLL, sum KL vs reference, top-1 agreements with reference, count) over one window."""
     log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
@@ -136,10 +122,9 @@ def main() -> None:
             tap.set_routing("random", shares=shares, seed=args.seed)
             run("tap random routing, budget's share")
         if args.budget_bits is not None:
-            share = share_for_bits(tap.table, args.budget_bits)
-            tap.set_routing("budget", shares=(share,))
+            tap.set_routing("budget", bits=args.budget_bits)
             run(f"tap budget routing at {args.budget_bits:g} bits")
-            tap.set_routing("random", shares=(share,), seed=args.seed)
+            tap.set_routing("random", bits=args.budget_bits, seed=args.seed)
             run(f"tap random routing at {args.budget_bits:g} bits")
         tap.set_routing()
 

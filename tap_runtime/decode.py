@@ -98,10 +98,15 @@ class FusedProjection:
 
     @classmethod
     def build(cls, modules: list) -> "FusedProjection | None":
+        """Stack the modules' planes, or return the stack an earlier build made for these very
+        modules (their planes are views into it by now, which cannot be stacked again)."""
         from .layers import TapLinear
 
         if not all(isinstance(m, TapLinear) and m.kernel is not None for m in modules):
             return None
+        earlier = getattr(modules[0], "_fused_projection", None)
+        if earlier is not None and len(earlier.modules) == len(modules) and all(a is b for a, b in zip(earlier.modules, modules)):
+            return earlier
         if any(getattr(m, "tap_offloaded", False) for m in modules):
             return None  # its planes arrive per call through the offload hook
         kernel = modules[0].kernel
@@ -132,7 +137,10 @@ class FusedProjection:
         if present:
             like = present[0]
             bias = torch.cat([m.bias if m.bias is not None else like.new_zeros(m.out_features) for m in modules])
-        return cls(modules, fused_planes, bias)
+        fused = cls(modules, fused_planes, bias)
+        # Kept on the module (outside nn.Module's registries) for the next decoder built on it.
+        modules[0]._fused_projection = fused
+        return fused
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         from .layers import run_planes
@@ -167,6 +175,53 @@ class _NativeLayer:
     qkv_modules: tuple
     gate_up_modules: tuple
     direct: "DirectDecodeLayer"
+    body: "_NativeBody | None" = None
+
+
+class _NativeBody:
+    """One layer's planes flattened for the native ``decode_layer`` call: per projection (q/k/v,
+    o, gate/up, down) its stored planes' tensors and layout numbers, its bias, and the modules
+    whose policies say how many planes every token reads. Built only where every plane of the
+    layer is a TAP-kernel plane and q/k/v and gate/up are stacked."""
+
+    __slots__ = ("projections",)
+
+    def __init__(self, projections: tuple):
+        self.projections = projections  # 4 x (tensors, meta, bias, modules)
+
+    @classmethod
+    def build(cls, qkv: "FusedProjection | None", o_proj: nn.Module, gate_up: "FusedProjection | None", down_proj: nn.Module) -> "_NativeBody | None":
+        if qkv is None or gate_up is None:
+            return None
+        parts = []
+        for planes, bias, modules in (
+            (qkv.prepared, qkv.bias, qkv.modules),
+            (o_proj._prepared, o_proj.bias, (o_proj,)),
+            (gate_up.prepared, gate_up.bias, gate_up.modules),
+            (down_proj._prepared, down_proj.bias, (down_proj,)),
+        ):
+            if any(type(plane) is not TiledPlane for plane in planes) or len(planes) != len(modules[0]._prepared):
+                return None  # torch's kernel, or planes left in the mapped file
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                return None
+            tensors = [t for plane in planes for t in (plane.weight, plane.scales, plane.zeros)]
+            meta = [n for plane in planes for n in (plane.group_size, plane.first_row, plane.out_features)]
+            parts.append((tensors, meta, bias, tuple(modules)))
+        return cls(tuple(parts))
+
+    def planes_used(self, direct: "DirectDecodeLayer") -> list[int] | None:
+        """Planes each projection reads for this step's token, or None where the module path
+        must decide (the stacked modules' tiers differ, or the routing is not one whole token)."""
+        used = []
+        for tensors, _, _, modules in self.projections:
+            always = modules[0].policy.always_planes
+            if any(m.policy.always_planes != always for m in modules[1:]):
+                return None
+            count = direct.planes_used(always, len(tensors) // 3)
+            if count is None:
+                return None
+            used.append(count)
+        return used
 
 
 class DirectDecodeLayer:
@@ -332,6 +387,9 @@ class FastDecoder:
         # ... and, where the native module is built, run each layer's small operations fused
         # (see _forward_native_step); False keeps the torch operators (for A/B and debugging).
         self.native_steps = self._native_steps_supported()
+        # ... and, where every plane of a layer is a TAP-kernel plane, everything after the input
+        # norm and the routing decision in one native call per layer (False: one call per stretch).
+        self.native_layers = True
 
     def _native_steps_supported(self) -> bool:
         """Llama-family layers (SiLU MLP, RMSNorms, rotate-half rotary) on the direct path, with
@@ -353,6 +411,7 @@ class FastDecoder:
                 norms[0].weight, norms[0].variance_epsilon, norms[1].weight, norms[1].variance_epsilon, attention.scaling,
                 attention.o_proj, mlp.down_proj, qkv, gate_up, (attention.q_proj, attention.k_proj, attention.v_proj),
                 (mlp.gate_proj, mlp.up_proj), direct,
+                _NativeBody.build(qkv, attention.o_proj, gate_up, mlp.down_proj) if hasattr(native_kernels(), "decode_layer") else None,
             ))
         self._native_plan = plan
         return True
@@ -497,11 +556,23 @@ class FastDecoder:
         cache = self.cache
         pending = None  # the last layer's MLP output, added to hidden by the next norm
         heads, kv_heads = self.num_heads, self.num_kv_heads
+        whole_layers = self.native_layers
         for index, step in enumerate(self._native_plan):
             direct = step.direct
             normed = native.add_rms_norm(hidden, pending, step.input_norm, step.input_eps)
             if router is not None:
                 router.route_layer(index, hidden, normed)
+            body = step.body if whole_layers else None
+            used = body.planes_used(direct) if body is not None else None
+            if used is not None:
+                # The rest of the layer in one native call (same arithmetic, same order).
+                (qkv, qkv_meta, qkv_bias, _), (o, o_meta, o_bias, _), (gu, gu_meta, gu_bias, _), (dn, dn_meta, dn_bias, _) = body.projections
+                pending = native.decode_layer(
+                    hidden, normed, qkv, qkv_meta, used[0], qkv_bias, o, o_meta, used[1], o_bias, gu, gu_meta, used[2], gu_bias,
+                    dn, dn_meta, used[3], dn_bias, getattr(direct.kernel, "base_wide_above", ALL_WIDE), cos, sin,
+                    cache.keys[index], cache.values[index], start, heads, kv_heads, step.scaling, step.post_norm, step.post_eps,
+                )
+                continue
             projected = self._joined(direct, direct.qkv, step.qkv, step.qkv_modules, normed)
             attended = native.attend_one(projected, cos, sin, cache.keys[index], cache.values[index], start, 0, heads, kv_heads, step.scaling)
             out = direct.single(step.o_proj, attended)

@@ -123,6 +123,10 @@ def test_fused_projections_share_storage_and_keep_results(wide_llama):
     # Tokens through the fused loop and, afterwards, through the eager path on the views.
     assert decoder.generate(ids, 10, eos_token_id=[]).token_ids == expected
     assert _eager_tokens(tap, ids, 10) == expected
+    # A second decoder on the same model finds the same stacks (the views cannot be re-stacked).
+    second = FastDecoder(tap.model)
+    assert [pair for pair in second.fused] == [pair for pair in decoder.fused]
+    assert second.generate(ids, 10, eos_token_id=[]).token_ids == expected
 
 
 def test_fusion_declined_for_padded_rows(converted_factory):
@@ -200,6 +204,7 @@ def test_decode_steps_take_the_direct_path_only_where_every_plane_is_packed(conv
 
     tap = tap_runtime.load(converted_factory("llama", group_size=group_size))
     decoder = FastDecoder(tap.model)
+    decoder.native_layers = False  # the per-projection calls under test (whole layers: see below)
     assert all(isinstance(d, DirectDecodeLayer) for d in decoder.direct)
     calls = []
     original = DirectDecodeLayer.project
@@ -291,3 +296,38 @@ def test_native_steps_need_llama_family_layers_and_the_native_module(converted_f
     assert not decoder.native_steps
     ids = llama.encode(PROMPT)
     assert decoder.generate(ids, 6, eos_token_id=[]).token_ids == _eager_tokens(llama, ids, 6)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+@pytest.mark.parametrize("routing", [("learned", None), ("fixed", 8), ("fixed", 4)])
+def test_whole_layer_native_call_gives_the_per_call_native_logits(wide_llama, routing, monkeypatch):
+    """Where a layer's planes are all TAP-kernel planes and stacked, one native call runs the
+    layer after its routing decision; it does the per-call native step's arithmetic in the same
+    order, so logits and routing decisions are bitwise the same."""
+    tap = tap_runtime.load(wide_llama)
+    decoder = FastDecoder(tap.model)
+    assert decoder.native_steps
+    vnni = all(type(p) is TiledPlane for qkv, _ in decoder.fused for p in qkv.prepared)
+    bodies = [step.body for step in decoder._native_plan]
+    assert all(b is not None for b in bodies) if vnni else all(b is None for b in bodies)
+    ids = tap.encode(PROMPT)
+    following = [5, 17, 3, 99, 42, 7]
+    decoder._allocate(ids.shape[1] + len(following), torch.float32, ids.device)
+
+    def step_logits(whole_layers: bool):
+        decoder.native_layers = whole_layers
+        tap.router.reset_counts()
+        tap.set_routing(routing[0], tier=routing[1])  # budget/learned state restarts alike
+        with torch.inference_mode():
+            decoder.forward(ids, 0)
+            logits = [decoder.forward(torch.tensor([[token]]), ids.shape[1] + i) for i, token in enumerate(following)]
+        return torch.stack(logits), tap.router.counts.clone()
+
+    per_call, per_call_counts = step_logits(False)
+    native, calls = native_kernels(), []
+    original = native.decode_layer
+    monkeypatch.setattr(native, "decode_layer", lambda *a: calls.append(1) or original(*a))
+    whole, whole_counts = step_logits(True)
+    assert len(calls) == (len(following) * len(bodies) if vnni else 0)
+    assert torch.equal(whole, per_call)
+    assert torch.equal(whole_counts, per_call_counts)

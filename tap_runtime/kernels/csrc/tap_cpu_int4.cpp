@@ -468,6 +468,14 @@ torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::T
 
 }  // namespace
 
+namespace tap_kernels {
+// For tap_decode_ops.cpp's whole-layer decode step, which calls the plane product directly.
+torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
+                        double wide_above, int64_t first_row, int64_t N) {
+  return ::matmul_w4(x, weight, scales, zeros, group_size, wide_above, first_row, N);
+}
+}  // namespace tap_kernels
+
 namespace tap_decode {
 void register_ops(pybind11::module& m);  // tap_decode_ops.cpp: the decode step's small fused operations
 }

@@ -16,6 +16,11 @@
 #include <immintrin.h>
 #include <vector>
 
+namespace tap_kernels {
+torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
+                        double wide_above, int64_t first_row, int64_t N);  // tap_cpu_int4.cpp
+}
+
 namespace tap_decode {
 
 namespace {
@@ -269,11 +274,67 @@ std::vector<double> router_features(torch::Tensor hidden, torch::Tensor normed, 
   return {std::log(std::max(rms, 1e-12)), std::log(std::max(energy, 1e-20))};
 }
 
+namespace {
+
+// x (1, K) float32 through the first `used` planes of one projection, as the Python decode path
+// computes it: the base plane's product (its activations at `base_wide_above` when it is read
+// alone), plus each residual plane's product in float32, plus the bias. planes holds weight,
+// scales, zeros of every stored plane in turn; meta their group size, first row and rows.
+torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& planes, const std::vector<int64_t>& meta, int64_t used,
+                      double base_wide_above, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(used >= 1 && static_cast<size_t>(3 * used) <= planes.size() && planes.size() == meta.size(),
+              "a projection needs weight, scales, zeros and group size, first row, rows for each of its ", used, " planes");
+  auto out = tap_kernels::matmul_w4(x, planes[0], planes[1], planes[2], meta[0], used > 1 ? 0.0 : base_wide_above, meta[1], meta[2]);
+  float* o = out.data_ptr<float>();
+  const int64_t n = out.numel();
+  for (int64_t p = 1; p < used; ++p) {
+    auto extra = tap_kernels::matmul_w4(x, planes[3 * p], planes[3 * p + 1], planes[3 * p + 2], meta[3 * p], 0.0, meta[3 * p + 1],
+                                        meta[3 * p + 2]);
+    TORCH_CHECK(extra.numel() == n, "planes of one projection must have the same rows");
+    const float* e = extra.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) o[i] += e[i];
+  }
+  if (bias.has_value()) {
+    check_float_vector(*bias, "bias");
+    TORCH_CHECK(bias->numel() == n, "bias has ", bias->numel(), " values, the projection ", n);
+    const float* b = bias->data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) o[i] += b[i];
+  }
+  return out;
+}
+
+}  // namespace
+
+// Everything of one Llama-family decoder layer after its input norm and routing decision, for one
+// token: q/k/v, rotary and attention (attend_one), o, the residual add and post-attention norm
+// (hidden is updated in place), gate/up, SiLU and down. Returns down's output (1, hidden), which
+// the next layer's add_rms_norm adds to hidden. Each projection reads the first `*_used` of its
+// planes (the router's decision). One call per layer instead of ten: the Python around each call
+// was about half of a SmolLM2 step.
+torch::Tensor decode_layer(torch::Tensor hidden, torch::Tensor normed, std::vector<torch::Tensor> qkv, std::vector<int64_t> qkv_meta,
+                           int64_t qkv_used, c10::optional<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o_proj,
+                           std::vector<int64_t> o_meta, int64_t o_used, c10::optional<torch::Tensor> o_bias,
+                           std::vector<torch::Tensor> gate_up, std::vector<int64_t> gate_up_meta, int64_t gate_up_used,
+                           c10::optional<torch::Tensor> gate_up_bias, std::vector<torch::Tensor> down, std::vector<int64_t> down_meta,
+                           int64_t down_used, c10::optional<torch::Tensor> down_bias, double base_wide_above, torch::Tensor cos,
+                           torch::Tensor sin, torch::Tensor keys, torch::Tensor values, int64_t position, int64_t num_heads,
+                           int64_t num_kv_heads, double scale, torch::Tensor post_norm, double post_eps) {
+  check_float_vector(normed, "normed");
+  const auto flat = normed.view({1, -1});
+  auto projected = project(flat, qkv, qkv_meta, qkv_used, base_wide_above, qkv_bias);
+  auto attended = attend_one(projected, cos, sin, keys, values, position, 0, num_heads, num_kv_heads, scale);
+  auto out = project(attended, o_proj, o_meta, o_used, base_wide_above, o_bias);
+  auto post = add_rms_norm(hidden, out, post_norm, post_eps);
+  auto activated = silu_mul(project(post.view({1, -1}), gate_up, gate_up_meta, gate_up_used, base_wide_above, gate_up_bias));
+  return project(activated, down, down_meta, down_used, base_wide_above, down_bias);
+}
+
 void register_ops(pybind11::module& m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("attend_one", &attend_one);
   m.def("silu_mul", &silu_mul);
   m.def("router_features", &router_features);
+  m.def("decode_layer", &decode_layer);
 }
 
 }  // namespace tap_decode
