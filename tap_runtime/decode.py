@@ -210,17 +210,24 @@ class _NativeBody:
         return cls(tuple(parts))
 
     def planes_used(self, direct: "DirectDecodeLayer") -> list[int] | None:
-        """Planes each projection reads for this step's token, or None where the module path
-        must decide (the stacked modules' tiers differ, or the routing is not one whole token)."""
+        """Planes each projection reads for this step's token (DirectDecodeLayer.planes_used's
+        rule, in plain loops: this runs for every layer of every step), or None where the module
+        path must decide (the stacked modules' tiers differ, or the routing is not one token)."""
+        routed = 0
+        for entry in direct.routing.plane_indices if direct.routing is not None else ():
+            if entry is ALL_TOKENS:
+                routed += 1
+            elif entry is None:
+                break
+            else:
+                return None
         used = []
         for tensors, _, _, modules in self.projections:
             always = modules[0].policy.always_planes
-            if any(m.policy.always_planes != always for m in modules[1:]):
-                return None
-            count = direct.planes_used(always, len(tensors) // 3)
-            if count is None:
-                return None
-            used.append(count)
+            for module in modules[1:]:
+                if module.policy.always_planes != always:
+                    return None
+            used.append(min(len(tensors) // 3, max(always, 1 + routed)))
         return used
 
 
