@@ -224,8 +224,9 @@ class TapEmbedding(nn.Module):
 
 def _shares_memory(prepared, tensor: torch.Tensor) -> bool:
     """Whether a kernel's prepared rows still read ``tensor``'s memory (rather than a copy)."""
-    fields = (prepared,) if isinstance(prepared, torch.Tensor) else vars(prepared).values()
-    return any(isinstance(v, torch.Tensor) and v.device == tensor.device and v.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for v in fields)
+    fields = (prepared,) if isinstance(prepared, torch.Tensor) else getattr(prepared, "__dict__", {}).values()
+    storage = tensor.untyped_storage().data_ptr()
+    return any(isinstance(v, torch.Tensor) and v.device == tensor.device and v.untyped_storage().data_ptr() == storage for v in fields)
 
 
 class TapHead(nn.Module):
