@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense_mlp import dense_mlp_forward
 from .errors import InvalidConfigError
 from .kernels.cpu import aligned
 from .kernels.native import native_kernels
@@ -533,14 +534,16 @@ class FastDecoder:
                 hidden = hidden + attended
                 norm = layer.post_attention_layernorm
                 normed = F.rms_norm(hidden, hidden_shape, norm.weight, norm.variance_epsilon) if direct_norms else norm(hidden)
-            projected = direct.group(direct.gate_up, normed) if direct is not None else None
-            if projected is None:
-                projected = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
-            gate, up = projected
-            activated = mlp.act_fn(gate) * up
-            out = direct.single(mlp.down_proj, activated) if direct is not None else None
+            out = dense_mlp_forward(mlp, normed) if count > 1 and getattr(mlp, "tap_dense_mlp", False) else None
             if out is None:
-                out = mlp.down_proj(activated)
+                projected = direct.group(direct.gate_up, normed) if direct is not None else None
+                if projected is None:
+                    projected = gate_up(normed) if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+                gate, up = projected
+                activated = mlp.act_fn(gate) * up
+                out = direct.single(mlp.down_proj, activated) if direct is not None else None
+                if out is None:
+                    out = mlp.down_proj(activated)
             hidden = hidden + (layer.post_feedforward_layernorm(out) if self.gemma else out)
         last = self.body.norm(hidden if all_logits else hidden[:, -1:])
         logits = self.model.lm_head(last).reshape(-1) if not all_logits else self.model.lm_head(last)[0]

@@ -63,9 +63,14 @@ def run_planes(
     routing: LayerRouting | None,
     bias: torch.Tensor | None,
     out_features: int,
+    kernel_dtype: bool = False,
 ) -> torch.Tensor:
     """x (..., in) through nested planes: the first ``always_planes`` for every token, the rest
-    for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add)."""
+    for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add).
+
+    ``kernel_dtype``: return (tokens, out) as the products came out (bfloat16 from a dense
+    base-only product, float32 once residual products were added) instead of x's dtype, for a
+    caller whose next step reads either (see tap_runtime.dense_mlp)."""
     leading = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     # Planes below min_tier serve every token; the router decides only above it.
@@ -102,6 +107,8 @@ def run_planes(
                 out.index_add_(0, indices, extra.to(torch.float32))
     if bias is not None:
         out = out + bias
+    if kernel_dtype:
+        return out
     return out.to(x.dtype).reshape(*leading, out_features)
 
 
@@ -171,6 +178,12 @@ class TapLinear(nn.Module):
         if self.kernel is None:
             raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
         return run_planes(x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features)
+
+    def products(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() on (tokens, in) without the final cast: bfloat16 or float32 (tokens, out)."""
+        if self.kernel is None:
+            raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
+        return run_planes(x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features, True)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tiers={list(self.policy.tiers)}"

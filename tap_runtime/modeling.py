@@ -18,6 +18,7 @@ from torch import nn
 from .architectures import ArchitectureSpec, get_architecture
 from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMismatchError
 from .format import embedding_tensor_suffix, plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
+from .dense_mlp import install_dense_mlp
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
 from .pages import page_out, return_freed_heap
@@ -280,6 +281,7 @@ def prepare_model(
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     spec = get_architecture(config.model_type)
     _install_router_hooks(model, spec, router)
+    install_dense_mlp(model)
     model.tap_router = router
     model.tap_residual_cache = residual_cache
     return router

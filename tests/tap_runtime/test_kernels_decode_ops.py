@@ -83,6 +83,23 @@ def test_silu_mul_matches_torch_across_the_float_range():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("gate_dtype,up_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_silu_mul_rows_rounds_torchs_float32_product_once(gate_dtype, up_dtype):
+    generator = torch.Generator().manual_seed(3)
+    gate = (torch.randn(37, 300, generator=generator) * 6).to(gate_dtype)
+    up = torch.randn(37, 300, generator=generator).to(up_dtype)
+    got = native_kernels().silu_mul_rows(gate, up)
+    expected = (F.silu(gate.float()) * up.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == gate.shape
+    # The exps differ in the last float32 bits, which can move a bfloat16 rounding by one step.
+    assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-30)
+    assert (got != expected).float().mean() < 0.002
+    with pytest.raises(RuntimeError, match="one shape"):
+        native_kernels().silu_mul_rows(gate, up[:, :10].contiguous())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        native_kernels().silu_mul_rows(gate.double(), up.double())
+
+
 def test_router_features_are_the_routers_two_signals():
     generator = torch.Generator().manual_seed(2)
     hidden, normed = torch.randn(1, 1, 200, generator=generator) * 3, torch.randn(1, 1, 200, generator=generator)

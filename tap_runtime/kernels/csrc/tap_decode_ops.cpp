@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <immintrin.h>
 #include <vector>
 
@@ -247,6 +248,62 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+namespace {
+
+inline float bfloat16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+// Round to nearest even, as torch's float32 -> bfloat16 conversion for finite values.
+inline uint16_t float_to_bfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+void load_row(const torch::Tensor& t, int64_t row, int64_t n, float* dst) {
+  if (t.scalar_type() == torch::kFloat32) {
+    const float* src = t.data_ptr<float>() + row * n;
+    std::copy(src, src + n, dst);
+  } else {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()) + row * n;
+    for (int64_t i = 0; i < n; ++i) dst[i] = bfloat16_to_float(src[i]);
+  }
+}
+
+}  // namespace
+
+// Many tokens' SiLU-gated product for a dense (prefill) MLP: gate and up (M, I), each bfloat16
+// (a base-plane GEMM's output) or float32 (routed tokens' residual products added), to the
+// down projection's bfloat16 GEMM input, silu(gate) * up computed in float32 and rounded once.
+// The torch path widened gate and up to float32, ran SiLU and the product as two passes and
+// narrowed the result again for the down GEMM: four passes over (M, I) floats become one.
+torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.is_contiguous() && up.is_contiguous() &&
+              gate.device().is_cpu() && up.device().is_cpu(), "gate and up must be contiguous CPU (M, I) tensors of one shape");
+  for (const auto* t : {&gate, &up})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16, "gate and up must be float32 or bfloat16");
+  const int64_t rows = gate.size(0), n = gate.size(1);
+  auto out = torch::empty({rows, n}, gate.options().dtype(torch::kBFloat16));
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(n), u(n), e(n);
+    for (int64_t row = begin; row < end; ++row) {
+      load_row(gate, row, n, g.data());
+      load_row(up, row, n, u.data());
+      for (int64_t i = 0; i < n; ++i) e[i] = -g[i];
+      exp_inplace(e.data(), n);
+      uint16_t* dst = o + row * n;
+      for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(g[i] / (1.f + e[i]) * u[i]);
+    }
+  });
+  return out;
+}
+
 // The router's two decode features for one token: log of hidden's RMS (hidden_norm) and
 // log ||normed @ sketch||^2 (error_estimate; sketch (in, rank) float32), as router.py defines them.
 std::vector<double> router_features(torch::Tensor hidden, torch::Tensor normed, torch::Tensor sketch) {
@@ -333,6 +390,7 @@ void register_ops(pybind11::module& m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("attend_one", &attend_one);
   m.def("silu_mul", &silu_mul);
+  m.def("silu_mul_rows", &silu_mul_rows);
   m.def("router_features", &router_features);
   m.def("decode_layer", &decode_layer);
 }

@@ -1,0 +1,64 @@
+"""Many-token passes through Llama-family MLPs without float32 round trips (tap_runtime.dense_mlp)."""
+
+import pytest
+import torch
+
+import tap_runtime
+from tap_runtime.decode import FastDecoder
+from tap_runtime.dense_mlp import dense_mlp_forward
+from tap_runtime.kernels.native import native_kernels
+
+pytestmark = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+
+
+def _mlps(tap):
+    return [m for m in tap.model.modules() if getattr(m, "tap_dense_mlp", None) is not None]
+
+
+@pytest.mark.parametrize("routing", [("fixed", 4), ("fixed", 8), ("budget", None)])
+@pytest.mark.parametrize("group_size", [32, 64], ids=["g32-torch-planes", "g64-vnni-planes"])
+def test_dense_mlp_gives_the_module_paths_output(converted_factory, routing, group_size):
+    tap = tap_runtime.load(converted_factory("llama", group_size=group_size))
+    mlps = _mlps(tap)
+    assert len(mlps) == tap.table.num_layers and all(m.tap_dense_mlp for m in mlps)
+    tap.set_routing(routing[0], tier=routing[1])
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(0))
+    original = mlps[0].forward
+    with torch.inference_mode():
+        x = torch.randn(1, 40, mlps[0].gate_proj.in_features, generator=torch.Generator().manual_seed(1))
+        tap.router.route_layer(0, x)
+        dense = dense_mlp_forward(mlps[0], x)
+        mlps[0].tap_dense_mlp = False
+        module = mlps[0](x)
+        mlps[0].tap_dense_mlp = True
+        assert dense is not None and dense.dtype == torch.float32 and dense.shape == module.shape
+        torch.testing.assert_close(dense, module, rtol=1e-2, atol=1e-2 * float(module.abs().max()))
+        assert dense_mlp_forward(mlps[0], x[:, :5]) is None  # few tokens: the module path (one-token kernels)
+        on = tap.model(ids).logits
+        for m in mlps:
+            m.tap_dense_mlp = False
+        off = tap.model(ids).logits
+    torch.testing.assert_close(on, off, rtol=1e-2, atol=1e-2 * float(off.abs().max()))
+    assert original is mlps[0].forward
+
+
+def test_lean_loop_prefill_takes_the_dense_mlp(converted_factory, monkeypatch):
+    tap = tap_runtime.load(converted_factory("llama", group_size=64))
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(2))
+    calls = []
+    import tap_runtime.decode as decode
+
+    original = decode.dense_mlp_forward
+    monkeypatch.setattr(decode, "dense_mlp_forward", lambda *a: calls.append(1) or original(*a))
+    decoder = FastDecoder(tap.model)
+    decoder._allocate(ids.shape[1], torch.float32, ids.device)
+    with torch.inference_mode():
+        lean = decoder.forward(ids, 0)
+        eager = tap.model(ids, logits_to_keep=1).logits.reshape(-1)
+    assert len(calls) == tap.table.num_layers
+    torch.testing.assert_close(lean, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_torchs_kernels_keep_the_module_path(converted_factory):
+    tap = tap_runtime.load(converted_factory("llama", group_size=64), kernel="cpu-packed")
+    assert not _mlps(tap)
