@@ -7,6 +7,8 @@ torch operators (kernels called from the loop, ``torch.rms_norm``), and its modu
 projection through TapLinear / FusedProjection), alternated --rounds times in one process,
 default routing, --new-tokens greedy tokens from a fixed prompt. The native rows are skipped
 where the model or machine does not take native steps.
+--routing-ab: also alternate the default routing with the base tier on the default path (the
+issue's "default >= 0.9x base tier", measured in one process rather than across runs).
 --huge-pages-ab: also load the checkpoint a second time with its planes on 4 KiB pages
 (tap_runtime.pages.set_huge_pages(False)) and alternate the two copies' default decode.
 Prefill: one --prefill-tokens forward under each routing (base tier, learned, budget),
@@ -58,6 +60,27 @@ def _compare_page_sizes(tap, args) -> None:
     del small
 
 
+def _compare_routings(tap, args) -> None:
+    """Default routing against the base tier alone, alternated on the default decode path."""
+    rates: dict[str, list[float]] = {"base tier": [], "default routing": []}
+    bits: dict[str, list[float]] = {"base tier": [], "default routing": []}
+    for _ in range(args.rounds):
+        for label in rates:
+            if label == "base tier":
+                tap.set_routing("fixed", tier=tap.table.tiers[0])
+            else:
+                tap.set_routing()
+            done = tap.generate(PROMPT, max_new_tokens=args.new_tokens, eos_token_id=[])
+            rates[label].append(done.metrics.decode_tokens_per_second)
+            bits[label].append(done.metrics.avg_weight_bits_per_token)
+    tap.set_routing()
+    for label, values in rates.items():
+        print(f"decode, {label:15s}: median {statistics.median(values):6.1f} tok/s  rounds {[round(r, 1) for r in values]}  "
+              f"bits read per token {statistics.median(bits[label]):.2f}")
+    ratios = [a / b for a, b in zip(rates["default routing"], rates["base tier"])]
+    print(f"decode default / base tier: median ratio {statistics.median(ratios):.3f}  rounds {[round(r, 3) for r in ratios]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tap", required=True)
@@ -67,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-prefill", action="store_true", help="decode rows only")
     parser.add_argument("--huge-pages-ab", action="store_true", help="also compare planes on 2 MiB against 4 KiB pages")
+    parser.add_argument("--routing-ab", action="store_true", help="also alternate the default routing with the base tier")
     args = parser.parse_args()
     set_threads(args.threads)
     tap = tap_runtime.load(args.tap)
@@ -102,6 +126,8 @@ def main() -> None:
     if native_steps:
         ratios = [a / b for a, b in zip(decode["native layer"], decode["native"])]
         print(f"decode native layer / native: median ratio {statistics.median(ratios):.3f}")
+    if args.routing_ab:
+        _compare_routings(tap, args)
     if args.huge_pages_ab:
         _compare_page_sizes(tap, args)
     if args.no_prefill:
