@@ -1,5 +1,6 @@
 """Build (once per machine) and load TAP's own C++ CPU kernels (csrc/tap_cpu_int4.cpp, with the
-decode step's fused small operations from csrc/tap_decode_ops.cpp in the same module).
+decode step's fused small operations and whole-layer step from csrc/tap_decode_ops.cpp in the
+same module).
 
 The extension is compiled on first use with torch's cpp_extension (ninja + the system C++
 compiler, ``-march=native``) into torch's extension cache, so every machine gets code for its

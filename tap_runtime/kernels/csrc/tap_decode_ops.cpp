@@ -3,7 +3,8 @@
 // Why: at batch 1 on Qwen2.5-1.5B the matmuls take about 80% of a step; the rest is some forty
 // torch operators per layer (norms, rotary, cache writes, attention, SiLU, residual adds), each
 // 1-50 microseconds of dispatch for a few thousand floats, about 8 ms a step. Each function here
-// does one stretch of that work in one call, in float32.
+// does one stretch of that work in one call, in float32; decode_layer chains them with the plane
+// products for a whole layer. silu_mul_rows is the many-token (prefill) form of silu_mul.
 //
 // Arithmetic follows transformers' Llama layers (RMSNorm, rotate-half rotary, softmax attention
 // with grouped KV heads, SiLU-gated MLP); summation order differs from torch's kernels, so results
