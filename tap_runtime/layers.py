@@ -98,12 +98,17 @@ def run_planes(
     if work:
         # Residual planes are small corrections: add them in float32.
         out = out.to(torch.float32)
+        routed_product = getattr(kernel, "matmul_routed", None)
         for plane_index, indices in work:
             plane = _packed(prepared[plane_index])
             if indices is ALL_TOKENS:
                 out += kernel.matmul_plane(flat, plane)
             else:
-                extra = kernel.matmul_plane(flat.index_select(0, indices), plane)
+                rows = flat.index_select(0, indices)
+                if routed_product is not None:
+                    extra = routed_product(rows, plane, flat.shape[0])
+                else:
+                    extra = kernel.matmul_plane(rows, plane)
                 out.index_add_(0, indices, extra.to(torch.float32))
     if bias is not None:
         out = out + bias

@@ -170,6 +170,44 @@ def test_dense_unpack_is_the_reference_plane_in_bfloat16(shape, group_size):
 
 
 @needs_native
+@pytest.mark.parametrize("tokens", [0, 1, 5, 13], ids=lambda t: f"m{t}")
+@pytest.mark.parametrize(
+    "shape,group_size,symmetric",
+    [((100, 576), 64, False), ((37, 256), 128, True), ((24, 64 * 37), 64, False), ((20, 64 * 17), 64, True), ((16, 1024), 1024, False)],
+    ids=["576-g64-asym", "37rows-g128-sym", "3-chunks-g64", "partial-chunk", "one-group"],
+)
+def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tokens):
+    """The 16-row lane kernel (routed rows of a prefill) does matmul_w4's all-8-bit arithmetic:
+    the same integer dot products, summed in another order, including rows past a multiple of 16."""
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(_plane(shape, group_size, symmetric))
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(3))
+    args = (prepared.weight, prepared.scales, prepared.zeros, group_size)
+    lanes = kernel.native.matmul_w4_many(x, *args, 0, shape[0])
+    narrow = kernel.native.matmul_w4(x, *args, ALL_NARROW, 0, shape[0])
+    assert lanes.shape == (tokens, shape[0]) and lanes.dtype == torch.float32
+    if tokens:
+        assert torch.allclose(lanes, narrow, rtol=1e-5, atol=1e-5 * float(narrow.abs().max()))
+        expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(_plane(shape, group_size, symmetric)))
+        assert _relative_error(lanes, expected) < 5e-2
+
+
+@needs_native
+def test_lane_product_reads_a_view_of_a_stacked_plane():
+    kernel = CpuVnniKernel()
+    width = 64 * 20
+    parts = [kernel.prepare_plane(_plane((rows, width), seed=rows)) for rows in (36, 20, 24)]
+    _, views = kernel.fuse_planes(parts)
+    x = torch.randn(7, width, generator=torch.Generator().manual_seed(4))
+    for view, part in zip(views, parts):
+        got = kernel.native.matmul_w4_many(x, view.weight, view.scales, view.zeros, view.group_size, view.first_row, view.out_features)
+        alone = kernel.native.matmul_w4(x, part.weight, part.scales, part.zeros, part.group_size, ALL_NARROW, 0, part.out_features)
+        assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
+    with pytest.raises(RuntimeError, match="tile-aligned"):
+        kernel.native.matmul_w4_many(x, parts[0].weight, parts[0].scales, parts[0].zeros, 64, 2, 8)
+
+
+@needs_native
 @pytest.mark.parametrize("wide_above", [ALL_NARROW, 10.0])
 def test_base_plane_alone_takes_eight_bit_activations_only_when_asked(wide_above):
     plane = _plane((64, 512))

@@ -89,6 +89,51 @@ def test_many_tokens_reading_every_plane_take_one_summed_product(monkeypatch, al
         assert float((out[~routed] - base[~routed]).norm() / base[~routed].norm()) < 1e-2
 
 
+class _CountingNative:
+    """The native module with its lane-kernel calls counted."""
+
+    def __init__(self, native):
+        self._native, self.lane_calls = native, 0
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+    def matmul_w4_many(self, *args):
+        self.lane_calls += 1
+        return self._native.matmul_w4_many(*args)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+@pytest.mark.parametrize("lane_residuals", [True, False])
+def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
+    """Prefill: the routed rows' residual product goes through the 8-bit lane kernel (unless
+    switched off); decode keeps the one-token kernel's 15-bit activations."""
+    kernel = CpuVnniKernel(lane_residuals=lane_residuals)
+    kernel.native = _CountingNative(kernel.native)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 128, generator=generator) * 0.05
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
+    planes = quantize_tiers(weight, specs)
+    module = TapLinear(LinearPolicy("layer", 128, 40, False, 0, (4, 8), specs))
+    for index, plane in enumerate(planes):
+        for field_name, tensor in plane.stored_tensors().items():
+            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
+    module.prepare(kernel)
+    x = torch.randn(40, 128, generator=generator)
+    routed = torch.zeros(40, dtype=torch.bool)
+    routed[::3] = True
+    module.routing = LayerRouting(0, [routed.nonzero().flatten()])
+    out = module(x)
+    top, base = x @ dequantize_planes(planes, 2).t(), x @ dequantize_planes(planes, 1).t()
+    assert float((out[routed] - top[routed]).norm() / top[routed].norm()) < 1e-2
+    assert float((out[~routed] - base[~routed]).norm() / base[~routed].norm()) < 1e-2
+    assert kernel.native.lane_calls == (1 if lane_residuals else 0)
+    module.routing = LayerRouting(0, [torch.tensor([0])])
+    one = module(x[:1])
+    assert float((one - top[:1]).norm() / top[:1].norm()) < 1e-3  # 15-bit activations
+    assert kernel.native.lane_calls == (1 if lane_residuals else 0)
+
+
 def test_prepare_releases_the_portable_planes():
     module, _, _ = _linear(CpuPackedKernel())
     names = {name for name, _ in module.named_parameters()}
