@@ -4,10 +4,11 @@ A dense pass multiplies each plane in bfloat16 (kernels/vnni.py). The module pat
 gate and up to float32, runs SiLU and the product as separate passes, and the down projection
 narrows the result to bfloat16 again: on Qwen2.5-1.5B at 512 tokens those passes over
 (tokens, 8960) matrices were about a tenth of the prefill. Here gate and up come back as the
-products left them (bfloat16, or float32 where routed tokens' residual products were added), one
-native pass makes the down projection's bfloat16 input, and only the (tokens, hidden) output is
-widened. The arithmetic is the module path's: SiLU and the product in float32, rounded to
-bfloat16 once where the down GEMM would have rounded it.
+products left them, in bfloat16 (a routed token's row is its base and residual products summed
+in float32 and rounded to bfloat16 once, as every row of a summed-plane product is), one native
+pass makes the down projection's bfloat16 input, and only the (tokens, hidden) output is
+widened. SiLU and the product run in float32 and are rounded to bfloat16 once, where the down
+GEMM would have rounded them.
 """
 
 from __future__ import annotations

@@ -68,9 +68,10 @@ def run_planes(
     """x (..., in) through nested planes: the first ``always_planes`` for every token, the rest
     for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add).
 
-    ``kernel_dtype``: return (tokens, out) as the products came out (bfloat16 from a dense
-    base-only product, float32 once residual products were added) instead of x's dtype, for a
-    caller whose next step reads either (see tap_runtime.dense_mlp)."""
+    ``kernel_dtype``: return (tokens, out) as the products came out instead of x's dtype, for a
+    caller whose next step reads either (see tap_runtime.dense_mlp): bfloat16 from a dense
+    product, with one routed residual plane's rows added in float32 and rounded back; float32
+    where more residual products were added."""
     leading = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     # Planes below min_tier serve every token; the router decides only above it.
@@ -95,20 +96,29 @@ def run_planes(
             out = base_product(flat, _packed(prepared[0]), alone=not work)
         else:
             out = kernel.matmul_plane(flat, _packed(prepared[0]))
+    routed_product = getattr(kernel, "matmul_routed", None)
+
+    def residual(rows: torch.Tensor, plane) -> torch.Tensor:
+        return routed_product(rows, plane, flat.shape[0]) if routed_product is not None else kernel.matmul_plane(rows, plane)
+
+    if kernel_dtype and out.dtype == torch.bfloat16 and len(work) == 1 and work[0][1] is not ALL_TOKENS:
+        # A caller that reads bfloat16 (the dense MLP) gets the routed rows as base + residual in
+        # float32, rounded to bfloat16 once, as a summed-plane product's rows are: widening the
+        # whole (tokens, out) matrix for a tenth of its rows cost more than the residual product.
+        plane_index, indices = work[0]
+        rows = out.index_select(0, indices).to(torch.float32)
+        rows += residual(flat.index_select(0, indices), _packed(prepared[plane_index])).to(torch.float32)
+        out.index_copy_(0, indices, rows.to(torch.bfloat16))
+        work = []
     if work:
         # Residual planes are small corrections: add them in float32.
         out = out.to(torch.float32)
-        routed_product = getattr(kernel, "matmul_routed", None)
         for plane_index, indices in work:
             plane = _packed(prepared[plane_index])
             if indices is ALL_TOKENS:
                 out += kernel.matmul_plane(flat, plane)
             else:
-                rows = flat.index_select(0, indices)
-                if routed_product is not None:
-                    extra = routed_product(rows, plane, flat.shape[0])
-                else:
-                    extra = kernel.matmul_plane(rows, plane)
+                extra = residual(flat.index_select(0, indices), plane)
                 out.index_add_(0, indices, extra.to(torch.float32))
     if bias is not None:
         out = out + bias

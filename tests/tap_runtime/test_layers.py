@@ -134,6 +134,35 @@ def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     assert kernel.native.lane_calls == (1 if lane_residuals else 0)
 
 
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+def test_a_bfloat16_caller_gets_routed_rows_summed_in_float32_and_rounded_once():
+    """products() (the dense MLP's gate and up) stays bfloat16 with routed tokens: their rows are
+    base + residual added in float32 and rounded once; the other rows are the base product's."""
+    kernel = CpuVnniKernel()
+    generator = torch.Generator().manual_seed(0)
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
+    planes = quantize_tiers(torch.randn(32, 128, generator=generator) * 0.05, specs)
+    module = TapLinear(LinearPolicy("layer", 128, 32, False, 0, (4, 8), specs))
+    for index, plane in enumerate(planes):
+        for field_name, tensor in plane.stored_tensors().items():
+            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
+    module.prepare(kernel)
+    x = torch.randn(24, 128, generator=generator)
+    module.routing = LayerRouting(0, [None])
+    base_only = module.products(x)
+    routed = torch.tensor([2, 9, 10])
+    module.routing = LayerRouting(0, [routed])
+    got = module.products(x)
+    assert got.dtype == torch.bfloat16 and base_only.dtype == torch.bfloat16
+    others = torch.ones(24, dtype=torch.bool)
+    others[routed] = False
+    assert torch.equal(got[others], base_only[others])
+    residual = kernel.matmul_routed(x[routed], module._prepared[1], 24)
+    assert torch.equal(got[routed], (base_only[routed].float() + residual).to(torch.bfloat16))
+    top = x @ dequantize_planes(planes, 2).t()
+    assert float((got[routed].float() - top[routed]).norm() / top[routed].norm()) < 1e-2
+
+
 def test_prepare_releases_the_portable_planes():
     module, _, _ = _linear(CpuPackedKernel())
     names = {name for name, _ in module.named_parameters()}

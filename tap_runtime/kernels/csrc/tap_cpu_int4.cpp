@@ -401,6 +401,14 @@ struct LaneTranspose {
 
 const LaneTranspose kLaneTranspose;
 
+// acc += w (16 rows x 4 unsigned bytes) . the 4 signed bytes at x, broadcast. Written out so
+// the broadcast is the instruction's memory operand: GCC emits a separate broadcast load, which
+// costs the product loop a vector slot per dot product.
+inline __m512i dot_broadcast(__m512i acc, __m512i w, const int8_t* x) {
+  asm("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+}
+
 // Scale and scale x zero of rows [n0, n0 + 16) for every block, as block-major float rows of 16
 // lanes (lanes past N are zero), read once per row group. Within a chunk the group parameters of
 // consecutive rows are consecutive runs (see chunk_params), so this is a small transpose.
@@ -466,7 +474,7 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
 #pragma GCC unroll 16
         for (int q = 0; q < 16; ++q)
           for (int t = 0; t < kTokenStep; ++t)
-            dot[t] = _mm512_dpbusd_epi32(dot[t], w[q], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xq + (m + t) * K + b * kBlock + 4 * q)));
+            dot[t] = dot_broadcast(dot[t], w[q], xq + (m + t) * K + b * kBlock + 4 * q);
         for (int t = 0; t < kTokenStep; ++t) {
           float* o = out + (m + t) * N + n0;
           const __m512 prior = b == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(live, o);
@@ -478,7 +486,7 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
       for (; m < M; ++m) {
         __m512i dot = _mm512_setzero_si512();
         for (int q = 0; q < 16; ++q)
-          dot = _mm512_dpbusd_epi32(dot, w[q], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xq + m * K + b * kBlock + 4 * q)));
+          dot = dot_broadcast(dot, w[q], xq + m * K + b * kBlock + 4 * q);
         float* o = out + m * N + n0;
         const __m512 prior = b == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(live, o);
         __m512 value = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * blocks + b])), scale, prior);
