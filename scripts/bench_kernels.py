@@ -5,9 +5,13 @@ For real layer shapes (SmolLM2, gemma-3-270m, Qwen2.5-1.5B) and token counts fro
 prefill (512): torch's packed int4 kernel, TAP's VNNI kernel, the unpack-to-bfloat16 + dense
 GEMM path and a float32 matmul, with each path's error against the reference kernel. Then the
 8-bit output head at one token: torch's int8 op against TAP's. Weight GB/s is plane bytes over
-time at one token. Every path alternates in the same process; medians of --repeats.
+time at one token. Then the routed rows of a many-token call (a residual plane times a prefill's
+routed tokens): the 16-row lane kernel (8-bit activations, the default) against unpacking to
+bfloat16 + GEMM and the one-token kernel. Every path alternates in the same process; medians of
+--repeats.
 
     python scripts/bench_kernels.py --threads 2
+    python scripts/bench_kernels.py --sections routed --routed-tokens 8,16,51,128,512
 """
 
 from __future__ import annotations
@@ -54,13 +58,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", default="1,4,16,32,64,128,512")
+    parser.add_argument("--routed-tokens", default="8,16,51,128,512", help="row counts for the routed-rows section")
+    parser.add_argument("--sections", default="planes,heads,routed")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     if native_kernels() is None:
         raise SystemExit(f"TAP's native kernels are unavailable here: {native_unavailable_reason()}")
     torch_int4, reference = CpuPackedKernel(dense_min_tokens=None), ReferenceKernel()
     vnni, dense = CpuVnniKernel(dense_min_tokens=None), CpuVnniKernel(dense_min_tokens=1)
     print(f"# bench_kernels; {environment()}; ms per matmul, median of {args.repeats}; 4-bit g64 asymmetric planes")
+    if "planes" in sections:
+        _planes(args, torch_int4, reference, vnni, dense)
+    if "heads" in sections:
+        _heads(args, torch_int4, reference, vnni)
+    if "routed" in sections:
+        _routed(args, reference, vnni)
+
+
+def _planes(args, torch_int4, reference, vnni, dense) -> None:
     print(f"{'shape':17s} {'tokens':>6s} {'torch int4':>10s} {'TAP vnni':>9s} {'dense bf16':>10s} {'fp32':>8s} "
           f"{'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s} {'err dense':>9s}")
     for label, (out_features, in_features) in SHAPES.items():
@@ -81,6 +97,9 @@ def main() -> None:
             print(f"{label:17s} {tokens:6d} {times['torch']:10.3f} {times['vnni']:9.3f} {times['dense']:10.3f} {times['fp32']:8.3f} "
                   f"{times['torch'] / times['vnni']:12.2f} {bandwidth} {_error(torch_int4.matmul_plane(x, packed), expected):9.1e} "
                   f"{_error(vnni.matmul_plane(x, tiled), expected):9.1e} {_error(dense.matmul_plane(x, tiled), expected):9.1e}")
+
+
+def _heads(args, torch_int4, reference, vnni) -> None:
     print(f"\n{'head (int8 rows)':17s} {'tokens':>6s} {'torch int8':>10s} {'TAP vnni':>9s} {'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s}")
     for label, (rows_count, in_features) in HEADS.items():
         rows = quantize_rows(torch.randn(rows_count, in_features, generator=torch.Generator().manual_seed(2)))
@@ -92,6 +111,31 @@ def main() -> None:
         gb = rows_count * in_features / 1e9
         print(f"{label:17s} {1:6d} {t_torch:10.3f} {t_vnni:9.3f} {t_torch / t_vnni:12.2f} {gb / t_torch * 1e3:10.1f} {gb / t_vnni * 1e3:9.1f} "
               f"{_error(torch_int4.matmul_rows(x, packed), expected):9.1e} {_error(vnni.matmul_rows(x, tiled), expected):9.1e}")
+
+
+def _routed(args, reference, vnni) -> None:
+    """A residual plane times the routed rows of a many-token call, three ways."""
+    lanes, unpack = CpuVnniKernel(), CpuVnniKernel(lane_residuals=False)
+    print(f"\n{'routed rows':17s} {'rows':>6s} {'lanes ms':>9s} {'unpack+GEMM':>11s} {'1-token':>8s} {'lanes x unpack':>14s} "
+          f"{'GMAC/s lanes':>12s} {'GMAC/s unpack':>13s} {'err lanes':>9s} {'err unpack':>10s}")
+    for label, (out_features, in_features) in SHAPES.items():
+        weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
+        (plane,) = quantize_tiers(weight, (PlaneSpec(4, 64, False),))
+        tiled, expected_weight = vnni.prepare_plane(plane), reference.prepare_plane(plane)
+        for rows in map(int, args.routed_tokens.split(",")):
+            x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1))
+            expected = reference.matmul_plane(x, expected_weight)
+            call_tokens = max(rows, 512)  # the rows are a subset of a prefill
+            times = {
+                "lanes": _median_ms(lambda: lanes.matmul_routed(x, tiled, call_tokens), args.repeats),
+                "unpack": _median_ms(lambda: unpack.matmul_routed(x, tiled, call_tokens), args.repeats),
+                "one": _median_ms(lambda: vnni.native.matmul_w4(x, tiled.weight, tiled.scales, tiled.zeros, 64, 0.0, 0, out_features),
+                                  max(3, args.repeats // 4)),
+            }
+            macs = rows * out_features * in_features / 1e9
+            print(f"{label:17s} {rows:6d} {times['lanes']:9.3f} {times['unpack']:11.3f} {times['one']:8.3f} "
+                  f"{times['unpack'] / times['lanes']:14.2f} {macs / times['lanes'] * 1e3:12.0f} {macs / times['unpack'] * 1e3:13.0f} "
+                  f"{_error(lanes.matmul_routed(x, tiled, call_tokens), expected):9.1e} {_error(unpack.matmul_routed(x, tiled, call_tokens), expected):10.1e}")
 
 
 if __name__ == "__main__":
