@@ -19,7 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TAP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SAMPLES = json.loads((REPO / "calibration" / "data" / "samples.json").read_text())
 
-__all__ = ["REPO", "SHARED_DATA", "heldout_text", "eval_windows", "load_tap_and_windows", "environment", "set_threads"]
+__all__ = [
+    "REPO", "SHARED_DATA", "heldout_text", "eval_windows", "load_tap_and_windows", "environment", "set_threads",
+    "reference_logprobs", "window_quality", "prefill_ab_arguments",
+]
 
 
 def heldout_text(name: str) -> str:
@@ -63,6 +66,49 @@ def load_tap_and_windows(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
     return tap, tokenizer, eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+
+
+def prefill_ab_arguments(description: str):
+    """The parsed command line of an in-process prefill A/B (bench_dense_mlp, bench_lane_residuals):
+    --tap, --model (fp32 source, for quality), --tokens, --rounds, --windows, --threads."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tap", required=True)
+    parser.add_argument("--model", default=None, help="fp32 source model, for the quality part")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=8, help="quality windows of 512 tokens (0: skip)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    return args
+
+
+def reference_logprobs(model_dir: str, windows) -> list[torch.Tensor]:
+    """Log-probabilities of the fp32 source model at every position but the last of each window
+    (the model is freed afterwards, so a large one is not held next to the TAP model)."""
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        references = [torch.log_softmax(fp32(w.unsqueeze(0)).logits[0, :-1].float(), -1) for w in windows]
+    del fp32
+    return references
+
+
+def window_quality(forward, windows, references) -> tuple[float, float]:
+    """(perplexity, mean KL against the references) of ``forward(ids (1, T)) -> logits`` over windows."""
+    import math
+
+    nll = kl = count = 0.0
+    with torch.inference_mode():
+        for window, reference in zip(windows, references):
+            logprobs = torch.log_softmax(forward(window.unsqueeze(0))[0, :-1].float(), -1)
+            nll -= logprobs.gather(-1, window[1:, None]).sum().item()
+            kl += (reference.exp() * (reference - logprobs)).sum().item()
+            count += window.numel() - 1
+    return math.exp(nll / count), kl / count
 
 
 def environment() -> str:

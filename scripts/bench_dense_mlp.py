@@ -11,16 +11,13 @@ held-out windows, default routing and tier 8, both ways.
 
 from __future__ import annotations
 
-import argparse
-import math
 import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, eval_windows, heldout_text, prefill_ab_arguments, reference_logprobs, window_quality
 
 
 def _set_dense(mlps, on: bool) -> None:
@@ -38,15 +35,7 @@ def _routing(tap, mode: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tap", required=True)
-    parser.add_argument("--model", default=None, help="fp32 source model, for the quality part")
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--windows", type=int, default=8, help="quality windows of 512 tokens (0: skip)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    set_threads(args.threads)
+    args = prefill_ab_arguments(__doc__)
     tap = tap_runtime.load(args.tap)
     mlps = [m for m in tap.model.modules() if getattr(m, "tap_dense_mlp", None) is not None]
     if not mlps:
@@ -74,22 +63,13 @@ def main() -> None:
         return
 
     windows = eval_windows(tap.tokenizer, heldout_text("wikitext"), 512, args.windows, tap.tokenizer.bos_token_id)
-    fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        reference = [torch.log_softmax(fp32(w.unsqueeze(0)).logits[0, :-1].float(), -1) for w in windows]
-    del fp32
+    references = reference_logprobs(args.model, windows)
     for mode in ("default routing", "tier 8"):
         _routing(tap, mode)
         for on in (True, False):
             _set_dense(mlps, on)
-            nll = kl = count = 0.0
-            with torch.inference_mode():
-                for window, ref in zip(windows, reference):
-                    logprobs = torch.log_softmax(tap.model(window.unsqueeze(0)).logits[0, :-1].float(), -1)
-                    nll -= logprobs.gather(-1, window[1:, None]).sum().item()
-                    kl += (ref.exp() * (ref - logprobs)).sum().item()
-                    count += window.numel() - 1
-            print(f"quality {mode:15s} {'dense' if on else 'module':6s} ppl {math.exp(nll / count):.4f}  mean KL {kl / count:.5f}")
+            ppl, kl = window_quality(lambda ids: tap.model(ids).logits, windows, references)
+            print(f"quality {mode:15s} {'dense' if on else 'module':6s} ppl {ppl:.4f}  mean KL {kl:.5f}")
     _set_dense(mlps, True)
 
 

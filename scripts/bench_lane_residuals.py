@@ -15,17 +15,14 @@ with --model (the fp32 source) it then measures perplexity and mean KL against f
 
 from __future__ import annotations
 
-import argparse
-import math
 import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import tap_runtime
 from tap_runtime.layers import TapLinear
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, eval_windows, heldout_text, prefill_ab_arguments, reference_logprobs, window_quality
 
 
 def _kernels(tap) -> list:
@@ -39,15 +36,7 @@ def _set_lanes(kernels, on: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tap", required=True)
-    parser.add_argument("--model", default=None, help="fp32 source model, for the quality part")
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--windows", type=int, default=8, help="quality windows of 512 tokens (0: skip)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    set_threads(args.threads)
+    args = prefill_ab_arguments(__doc__)
     tap = tap_runtime.load(args.tap)
     kernels = _kernels(tap)
     if not kernels:
@@ -97,21 +86,11 @@ def main() -> None:
         return
 
     windows = eval_windows(tap.tokenizer, heldout_text("wikitext"), 512, args.windows, tap.tokenizer.bos_token_id)
-    fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        reference = [torch.log_softmax(fp32(w.unsqueeze(0)).logits[0, :-1].float(), -1) for w in windows]
-    del fp32
+    references = reference_logprobs(args.model, windows)
     for on in (True, False):
         _set_lanes(kernels, on)
-        nll = kl = count = 0.0
-        with torch.inference_mode():
-            for window, ref in zip(windows, reference):
-                logprobs = torch.log_softmax(tap.model(window.unsqueeze(0)).logits[0, :-1].float(), -1)
-                nll -= logprobs.gather(-1, window[1:, None]).sum().item()
-                kl += (ref.exp() * (ref - logprobs)).sum().item()
-                count += window.numel() - 1
-        print(f"quality default routing, {len(windows)} windows: {'lanes ' if on else 'unpack'} ppl {math.exp(nll / count):.4f}  "
-              f"mean KL {kl / count:.5f}")
+        ppl, kl = window_quality(lambda ids: tap.model(ids).logits, windows, references)
+        print(f"quality default routing, {len(windows)} windows: {'lanes ' if on else 'unpack'} ppl {ppl:.4f}  mean KL {kl:.5f}")
     _set_lanes(kernels, True)
 
 

@@ -29,6 +29,19 @@ def _linear(kernel, tiers=(4, 8), bias=True):
     return module, planes, bias_tensor
 
 
+def _native_linear(kernel, out_features, in_features, min_tier=4):
+    """A tiers-4/8 linear at group size 64 (the native kernels' layout), prepared on kernel."""
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
+    planes = quantize_tiers(weight, specs)
+    module = TapLinear(LinearPolicy("layer", in_features, out_features, False, 0, (4, 8), specs, min_tier=min_tier))
+    for index, plane in enumerate(planes):
+        for field_name, tensor in plane.stored_tensors().items():
+            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
+    module.prepare(kernel)
+    return module, planes
+
+
 @pytest.mark.parametrize("kernel", [ReferenceKernel(), CpuPackedKernel()], ids=lambda k: k.name)
 def test_routed_tokens_get_the_residual_plane_and_others_do_not(kernel):
     module, planes, bias = _linear(kernel)
@@ -60,16 +73,8 @@ def test_many_tokens_reading_every_plane_take_one_summed_product(monkeypatch, al
     """A pass where every token reads planes 0..k multiplies once by their sum, not once per
     plane; routed subsets still take the residual product for their rows only."""
     kernel = CpuVnniKernel()
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(64, 128, generator=generator) * 0.05
-    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
-    planes = quantize_tiers(weight, specs)
-    policy = LinearPolicy("layer", 128, 64, False, 0, (4, 8), specs, min_tier=8 if always_planes == 2 else 4)
-    module = TapLinear(policy)
-    for index, plane in enumerate(planes):
-        for field_name, tensor in plane.stored_tensors().items():
-            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
-    module.prepare(kernel)
+    generator = torch.Generator().manual_seed(1)
+    module, planes = _native_linear(kernel, 64, 128, min_tier=8 if always_planes == 2 else 4)
     module.routing = LayerRouting(0, [ALL_TOKENS] if always_planes == 1 else [])
     calls = {"summed": 0, "plane": 0}
     summed, single = kernel.matmul_plane_sum, kernel.matmul_plane
@@ -110,16 +115,8 @@ def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     switched off); decode keeps the one-token kernel's 15-bit activations."""
     kernel = CpuVnniKernel(lane_residuals=lane_residuals)
     kernel.native = _CountingNative(kernel.native)
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(40, 128, generator=generator) * 0.05
-    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
-    planes = quantize_tiers(weight, specs)
-    module = TapLinear(LinearPolicy("layer", 128, 40, False, 0, (4, 8), specs))
-    for index, plane in enumerate(planes):
-        for field_name, tensor in plane.stored_tensors().items():
-            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
-    module.prepare(kernel)
-    x = torch.randn(40, 128, generator=generator)
+    module, planes = _native_linear(kernel, 40, 128)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
     routed = torch.zeros(40, dtype=torch.bool)
     routed[::3] = True
     module.routing = LayerRouting(0, [routed.nonzero().flatten()])
@@ -139,15 +136,8 @@ def test_a_bfloat16_caller_gets_routed_rows_summed_in_float32_and_rounded_once()
     """products() (the dense MLP's gate and up) stays bfloat16 with routed tokens: their rows are
     base + residual added in float32 and rounded once; the other rows are the base product's."""
     kernel = CpuVnniKernel()
-    generator = torch.Generator().manual_seed(0)
-    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
-    planes = quantize_tiers(torch.randn(32, 128, generator=generator) * 0.05, specs)
-    module = TapLinear(LinearPolicy("layer", 128, 32, False, 0, (4, 8), specs))
-    for index, plane in enumerate(planes):
-        for field_name, tensor in plane.stored_tensors().items():
-            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
-    module.prepare(kernel)
-    x = torch.randn(24, 128, generator=generator)
+    module, planes = _native_linear(kernel, 32, 128)
+    x = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
     module.routing = LayerRouting(0, [None])
     base_only = module.products(x)
     routed = torch.tensor([2, 9, 10])

@@ -498,26 +498,33 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
 }
 #endif
 
+// The arguments of a product by rows [first_row, first_row + N) of a stored plane.
+void check_plane_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
+                         int64_t group_size, int64_t first_row, int64_t N) {
+  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(weight.size(1) * 2 == K, "weight has ", weight.size(1) * 2, " input columns, x has ", K);
+  TORCH_CHECK(weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
+              "rows [", first_row, ", ", first_row + N, ") are not a tile-aligned view of a plane of ", weight.size(0), " rows");
+  TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
+              "scales and zeros must be contiguous float16");
+  TORCH_CHECK(kChunkBlocks * kBlock % group_size == 0, "group size must divide ", kChunkBlocks * kBlock);
+  TORCH_CHECK(scales.numel() == weight.size(0) * (K / group_size) && zeros.sizes() == scales.sizes(),
+              "scales/zeros must hold every stored row's groups, in the chunked layout");
+}
+
 // x (M, K) times the rows [first_row, first_row + N) of a stored plane (a view into a stacked
 // q/k/v or gate/up plane, or the whole plane with first_row 0).
 // wide_above: activations per block of 64 at 15 bits where the block's peak exceeds this many
 // times its RMS, else at 8 bits (0: all 15-bit; infinity: all 8-bit).
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
                         int64_t group_size, double wide_above, int64_t first_row, int64_t N) {
-  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(weight.size(1) * 2 == K, "weight has ", weight.size(1) * 2, " input columns, x has ", K);
-  TORCH_CHECK(weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
-              "rows [", first_row, ", ", first_row + N, ") are not a tile-aligned view of a plane of ", weight.size(0), " rows");
-  TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
+  check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
   TORCH_CHECK(!std::isnan(wide_above) && wide_above >= 0, "wide_above must be >= 0 (0: every block 15-bit; inf: every block 8-bit)");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
-              "scales and zeros must be contiguous float16");
-  TORCH_CHECK(kChunkBlocks * kBlock % group_size == 0, "group size must divide ", kChunkBlocks * kBlock);
-  TORCH_CHECK(scales.numel() == weight.size(0) * (K / group_size) && zeros.sizes() == scales.sizes(),
-              "scales/zeros must hold every stored row's groups, in the chunked layout");
+  const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   const int64_t blocks = K / kBlock;
@@ -550,19 +557,8 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
 // (see lane_rows_w4). Same arithmetic as matmul_w4 with every block 8-bit, summed in another order.
 torch::Tensor matmul_w4_many(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
                              int64_t first_row, int64_t N) {
-  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
+  check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(weight.size(1) * 2 == K, "weight has ", weight.size(1) * 2, " input columns, x has ", K);
-  TORCH_CHECK(weight.size(0) % kTileRows == 0 && first_row % kTileRows == 0 && first_row >= 0 && first_row + N <= weight.size(0),
-              "rows [", first_row, ", ", first_row + N, ") are not a tile-aligned view of a plane of ", weight.size(0), " rows");
-  TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kHalf && scales.is_contiguous() && zeros.is_contiguous(),
-              "scales and zeros must be contiguous float16");
-  TORCH_CHECK(kChunkBlocks * kBlock % group_size == 0, "group size must divide ", kChunkBlocks * kBlock);
-  TORCH_CHECK(scales.numel() == weight.size(0) * (K / group_size) && zeros.sizes() == scales.sizes(),
-              "scales/zeros must hold every stored row's groups, in the chunked layout");
   auto out = torch::empty({M, N}, x.options());
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
   const int64_t blocks = K / kBlock;
