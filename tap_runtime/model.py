@@ -61,6 +61,15 @@ class TapModel:
     def table(self):
         return self.checkpoint.table
 
+    @property
+    def kernel(self):
+        """The kernel the linears multiply with (one per load), for its run-time switches, e.g.
+        ``model.kernel.lane_residuals = False`` on ``cpu-vnni``."""
+        for module in self.model.modules():
+            if isinstance(module, TapLinear) and module.kernel is not None:
+                return module.kernel
+        return None
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 

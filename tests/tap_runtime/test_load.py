@@ -68,7 +68,9 @@ def test_device_packed_kernel_matches_the_cpu_reference(converted_factory, model
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_modules_are_swapped_and_no_float_weights_remain(converted_factory, model_type):
-    model = tap_runtime.load(converted_factory(model_type)).model
+    tap = tap_runtime.load(converted_factory(model_type))
+    model = tap.model
+    assert {id(m.kernel) for m in model.modules() if isinstance(m, TapLinear)} == {id(tap.kernel)}  # one kernel, exposed
     kinds = {type(m) for m in model.modules()}
     assert {TapLinear, TapEmbedding, TapHead} <= kinds
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
