@@ -4,11 +4,11 @@ A dense pass multiplies each plane in bfloat16 (kernels/vnni.py). The module pat
 gate and up to float32, runs SiLU and the product as separate passes, and the down projection
 narrows the result to bfloat16 again: on Qwen2.5-1.5B at 512 tokens those passes over
 (tokens, 8960) matrices were about a tenth of the prefill. Here gate and up come back as the
-products left them, in bfloat16 (a routed token's row is its base and residual products summed
-in float32 and rounded to bfloat16 once, as every row of a summed-plane product is), one native
-pass makes the down projection's bfloat16 input, and only the (tokens, hidden) output is
-widened. SiLU and the product run in float32 and are rounded to bfloat16 once, where the down
-GEMM would have rounded them.
+products left them, in bfloat16, with the routed tokens' rows apart in float32 (base plus
+residual), one native pass makes the down projection's bfloat16 input (a second, small one the
+routed rows'), and only the (tokens, hidden) output is widened. The arithmetic is the module
+path's: SiLU and the product in float32, rounded to bfloat16 once where the down GEMM would
+have rounded it.
 """
 
 from __future__ import annotations
@@ -40,10 +40,24 @@ def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if projection._forward_hooks or projection._forward_pre_hooks or getattr(projection, "_hf_hook", None) is not None:
             return None  # hooks (offloading's plane swaps, a user's) must see the module calls
     native = native_kernels()
-    gate, up = mlp.gate_proj.products(flat), mlp.up_proj.products(flat)
-    activated = native.silu_mul_rows(gate.contiguous(), up.contiguous())
-    out = mlp.down_proj.products(activated)
-    return out.to(torch.float32).reshape(*x.shape[:-1], out.shape[-1])
+    (gate, gate_routed), (up, up_routed) = mlp.gate_proj.products(flat), mlp.up_proj.products(flat)
+    if gate_routed is None and up_routed is None:
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous())
+    elif (
+        gate_routed is not None and up_routed is not None and gate.dtype == up.dtype
+        and torch.equal(gate_routed.indices, up_routed.indices)
+    ):
+        # Every row from the bfloat16 base products, then the routed rows again from their
+        # float32 sums: the routed tokens keep float32 gate and up, as on the module path.
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous())
+        activated.index_copy_(0, gate_routed.indices, native.silu_mul_rows(gate_routed.rows, up_routed.rows))
+    else:  # gate and up routed differently: both in float32
+        gate = gate_routed.into(gate) if gate_routed is not None else gate.to(torch.float32)
+        up = up_routed.into(up) if up_routed is not None else up.to(torch.float32)
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous())
+    out, out_routed = mlp.down_proj.products(activated)
+    out = out_routed.into(out) if out_routed is not None else out.to(torch.float32)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def install_dense_mlp(model: nn.Module) -> int:

@@ -132,25 +132,26 @@ def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
-def test_a_bfloat16_caller_gets_routed_rows_summed_in_float32_and_rounded_once():
-    """products() (the dense MLP's gate and up) stays bfloat16 with routed tokens: their rows are
-    base + residual added in float32 and rounded once; the other rows are the base product's."""
+def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32():
+    """products() (the dense MLP's gate and up) keeps the base product in bfloat16 with routed
+    tokens and hands their rows over apart: base + residual, in float32."""
     kernel = CpuVnniKernel()
     module, planes = _native_linear(kernel, 32, 128)
     x = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
     module.routing = LayerRouting(0, [None])
-    base_only = module.products(x)
+    base_only, none = module.products(x)
+    assert base_only.dtype == torch.bfloat16 and none is None
     routed = torch.tensor([2, 9, 10])
     module.routing = LayerRouting(0, [routed])
-    got = module.products(x)
-    assert got.dtype == torch.bfloat16 and base_only.dtype == torch.bfloat16
-    others = torch.ones(24, dtype=torch.bool)
-    others[routed] = False
-    assert torch.equal(got[others], base_only[others])
+    got, rows = module.products(x)
+    assert torch.equal(got, base_only) and torch.equal(rows.indices, routed)
     residual = kernel.matmul_routed(x[routed], module._prepared[1], 24)
-    assert torch.equal(got[routed], (base_only[routed].float() + residual).to(torch.bfloat16))
+    assert rows.rows.dtype == torch.float32 and torch.equal(rows.rows, base_only[routed].float() + residual)
     top = x @ dequantize_planes(planes, 2).t()
-    assert float((got[routed].float() - top[routed]).norm() / top[routed].norm()) < 1e-2
+    assert float((rows.rows - top[routed]).norm() / top[routed].norm()) < 1e-2
+    merged = rows.into(got)
+    assert merged.dtype == torch.float32 and torch.equal(merged[routed], rows.rows)
+    assert torch.equal(merged[3], base_only[3].float())
 
 
 def test_prepare_releases_the_portable_planes():
