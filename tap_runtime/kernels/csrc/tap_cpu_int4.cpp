@@ -1,4 +1,6 @@
-// TAP's CPU kernels for few-token calls (decode) on x86 with AVX-512 VNNI.
+// TAP's CPU kernels on x86 with AVX-512 VNNI: the plane and head products of few-token calls
+// (decode), the unpack of planes to bfloat16 for a many-token call's dense GEMM, and the routed
+// rows' residual products of a many-token call (matmul_w4_many, 16 rows per register).
 //
 // Why: torch's CPU int4 kernel widens every 4-bit weight to bfloat16 before multiplying and
 // reads several rows as separate streams; on 2 Zen 4 cores it moves about 16 GB/s of weights.
@@ -8,8 +10,9 @@
 // Activations are quantized when a call starts. matmul_w4: per block of 64 inputs, to 15 bits
 // (wide, two dot products per weight byte: signed high byte, low byte in [0, 127]) or to 8 bits,
 // for all blocks or per block by how peaked its values are (see quantize_blocks).
-// matmul_w8: per token, to 15 bits offset to unsigned. Integer sums are exact; the result differs
-// from float32 by the activation rounding only (relative ~1e-4 at 15 bits).
+// matmul_w8: per token, to 15 bits offset to unsigned. matmul_w4_many: per block, to 8 bits.
+// Integer sums are exact; the result differs from float32 by the activation rounding only
+// (relative ~1e-4 at 15 bits).
 //
 // Layouts (made by tap_runtime/kernels/vnni.py): rows in tiles of kTileRows, padded. 4-bit plane:
 // chunks of 16 blocks of 64 inputs, one after the other; within a chunk, tiles one after the other;
