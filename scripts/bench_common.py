@@ -134,10 +134,11 @@ def add_layer_hessian_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2)
 
 
-def layer_hessians(args, calib: str | None = None):
+def layer_hessians(args, calib: str | None = None, split: tuple[int, int] | None = None):
     """(sites, stats): the linears of ``args.layers`` and their calibration input statistics
     (Hessians included), from ``args.windows`` windows of the calibration text (``calib``, default
-    ``args.calib``), never the evaluation text."""
+    ``args.calib``), never the evaluation text. ``split=(part, parts)`` cuts ``parts`` times as
+    many windows and keeps every ``parts``-th from ``part``: disjoint sets of the same text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calibration.capture import collect_input_stats
@@ -154,6 +155,8 @@ def layer_hessians(args, calib: str | None = None):
     spec = get_architecture(config.model_type)
     text = load_calibration_text(calib or args.calib)
     bos = tokenizer.bos_token_id if (spec.needs_bos or _tokenizer_adds_bos(tokenizer)) else None
-    windows = make_windows(tokenize_text(tokenizer, text), args.windows, args.seq_len, 0, bos, source=text.source)
+    part, parts = split or (0, 1)
+    windows = make_windows(tokenize_text(tokenizer, text), args.windows * parts, args.seq_len, 0, bos, source=text.source)
+    windows = windows[part::parts]
     sites = [s for s in iter_linear_sites(model, spec) if s.layer_index in layers]
     return sites, collect_input_stats(model, sites, windows, 4, progress=False, hessians=True)

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain per-row int8 embedding/head rows, without per-column scales (ablation)")
     parser.add_argument("--gptq-order", choices=list(GPTQ_ORDERS), default=defaults.gptq_order,
                         help="GPTQ's column order: activation (strongest input channels first, default) or column")
+    parser.add_argument("--gptq-damping", type=float, default=defaults.gptq_damping,
+                        help="GPTQ's damping of the planes' Hessians, a fraction of their mean diagonal "
+                        f"(default {defaults.gptq_damping})")
+    parser.add_argument("--head-damping", type=float, default=defaults.head_damping,
+                        help="the same for the output head's 8-bit rows, which a tied embedding shares "
+                        f"(default {defaults.head_damping})")
     parser.add_argument("--scale-bits", type=int, choices=list(SCALE_BITS_CHOICES), default=defaults.scale_bits,
                         help="group scales as 8-bit log codes (default) or float16, as format 2 stored them")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         sink_weighting=not args.no_sink_weighting,
         column_scales=not args.no_column_scales,
         gptq_order=args.gptq_order,
+        gptq_damping=args.gptq_damping,
+        head_damping=args.head_damping,
         scale_bits=args.scale_bits,
         base_model=args.base_model,
         batch_size=args.batch_size,

@@ -41,7 +41,7 @@ from tap_runtime.modeling import LinearSite, decoder_layers, iter_embeddings, it
 from tap_runtime.planes import dequantize_planes
 
 from .column_scales import choose_column_scales
-from .gptq import GPTQ_ORDERS, gptq_rows, gptq_tiers
+from .gptq import DAMPING, GPTQ_ORDERS, ROW_DAMPING, gptq_rows, gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, relative_output_error
 from .schemes import SCHEME_CHOICES, choose_scheme, scheme_errors
@@ -82,6 +82,10 @@ class ConvertOptions:
     # GPTQ's column order: "activation" (strongest input channels first, static groups) or
     # "column" (left to right, the order of format 2's first checkpoints).
     gptq_order: str = "activation"
+    # GPTQ's damping of the planes' Hessians, as a fraction of their mean diagonal.
+    gptq_damping: float = DAMPING
+    # The same for the output head's 8-bit rows (a tied embedding stores those rows too).
+    head_damping: float = ROW_DAMPING
     # How group scales are stored: 8 (uint8 log codes under a per-plane reference, format 3) or
     # 16 (float16, as format 2 stored them; for ablations).
     scale_bits: int = 8
@@ -109,6 +113,9 @@ class ConvertOptions:
             raise InvalidConfigError(f"--scheme {self.scheme!r} is unknown; expected one of {list(SCHEME_CHOICES)}.")
         if self.gptq_order not in GPTQ_ORDERS:
             raise InvalidConfigError(f"--gptq-order {self.gptq_order!r} is unknown; expected one of {list(GPTQ_ORDERS)}.")
+        for flag, damping in (("--gptq-damping", self.gptq_damping), ("--head-damping", self.head_damping)):
+            if not 0.0 < damping <= 100.0:
+                raise InvalidConfigError(f"{flag} must be in (0, 100]; got {damping}.")
         if self.scale_bits not in SCALE_BITS_CHOICES:
             raise InvalidConfigError(f"--scale-bits {self.scale_bits!r} is unknown; expected one of {list(SCALE_BITS_CHOICES)}.")
         if self.router_target not in ROUTER_TARGETS:
@@ -232,7 +239,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         )
         if options.method == "gptq" and full:
             method = "gptq"
-            planes[site.name] = gptq_tiers(weight, specs, second_moment, options.gptq_order)
+            planes[site.name] = gptq_tiers(weight, specs, second_moment, options.gptq_order, options.gptq_damping)
         else:
             method = "rtn"
             planes[site.name] = quantize_tiers(weight, specs, importance=site_stats.mean_square)
@@ -305,7 +312,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             writer.add_tensor(f"{site.name}.bias", site.module.bias.detach().to(torch.float32))
 
     embeddings, handled = _add_embeddings(
-        model, writer, None if head_moment is None else head_moment.hessian, options.column_scales
+        model, writer, None if head_moment is None else head_moment.hessian, options.column_scales, options.head_damping
     )
     handled |= {f"{site.name}.{suffix}" for site in quantized_sites for suffix in ("weight", "bias")}
     for name, tensor in model.state_dict().items():
@@ -336,6 +343,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "bos_prepended": bos is not None,
             "sink_weight": int(windows.shape[1]) if options.sink_weighting else None,
             "gptq_order": options.gptq_order if options.method == "gptq" else None,
+            "gptq_damping": options.gptq_damping if options.method == "gptq" else None,
+            "head_damping": options.head_damping if head_moment is not None else None,
             "target_bits": options.target_bits,
             "expected_avg_weight_bits": round(average_bits(policies, shares), 4),
             "promoted_linears": sorted(n for n, p in policies.items() if p.min_tier != options.tiers[0]),
@@ -390,7 +399,11 @@ def _is_tied_duplicate(model, name: str) -> bool:
 
 
 def _add_embeddings(
-    model, writer: CheckpointWriter, head_hessian: torch.Tensor | None = None, column_scaled: bool = True
+    model,
+    writer: CheckpointWriter,
+    head_hessian: torch.Tensor | None = None,
+    column_scaled: bool = True,
+    head_damping: float = ROW_DAMPING,
 ) -> tuple[dict[str, EmbeddingPolicy], set[str]]:
     """Quantize every embedding and the output head to 8-bit rows; returns policies and handled keys.
 
@@ -405,7 +418,9 @@ def _add_embeddings(
     exponents: dict[str, float] = {}
     for name, embedding in iter_embeddings(model):
         compensate = head_hessian is not None and name == tied_target
-        exponents[name] = _add_rows(writer, name, embedding.weight, head_hessian if compensate else None, column_scaled)
+        exponents[name] = _add_rows(
+            writer, name, embedding.weight, head_hessian if compensate else None, column_scaled, damping=head_damping
+        )
         policies[name] = EmbeddingPolicy(
             name,
             embedding.num_embeddings,
@@ -419,7 +434,7 @@ def _add_embeddings(
         name, module, tied_to = head
         rows, dim = module.weight.shape
         if tied_to is None:
-            exponent = _add_rows(writer, name, module.weight, head_hessian, column_scaled, head_only=True)
+            exponent = _add_rows(writer, name, module.weight, head_hessian, column_scaled, head_only=True, damping=head_damping)
         else:
             exponent = exponents[tied_to]
         method = "gptq" if head_hessian is not None else "rtn"
@@ -439,6 +454,7 @@ def _add_rows(
     hessian: torch.Tensor | None,
     column_scaled: bool,
     head_only: bool = False,
+    damping: float = ROW_DAMPING,
 ) -> float:
     """Write one row-quantized matrix; returns its column-scale exponent (0: none).
 
@@ -456,7 +472,7 @@ def _add_rows(
         if hessian is not None:
             # The same output error in the scaled coordinates: x . w == (x * c) . (w / c).
             hessian = hessian * column_scales.unsqueeze(0) * column_scales.unsqueeze(1)
-    rows = quantize_rows(weight) if hessian is None else gptq_rows(weight, hessian)
+    rows = quantize_rows(weight) if hessian is None else gptq_rows(weight, hessian, damping=damping)
     writer.add_tensor(embedding_tensor_name(name, "qweight"), rows.qweight)
     writer.add_tensor(embedding_tensor_name(name, "scales"), rows.scales)
     if column_scales is not None:

@@ -19,9 +19,14 @@ from tap_runtime.planes import Plane, RowQuantized, dequantize_plane
 
 from .quantize import _candidate, clip_ratios, scale_reference_for
 
-__all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING", "GPTQ_ORDERS"]
+__all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING", "ROW_DAMPING", "GPTQ_ORDERS"]
 
-DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it, as in the GPTQ reference code
+# Fraction of the mean Hessian diagonal added to it before inverting: the weight of each weight's
+# own error beside the layer's output error (the GPTQ reference code uses 0.01). The head's rows
+# have their own, because a tied embedding also feels each row's own error on lookup
+# (README, "GPTQ damping"; scripts/bench_gptq_damping.py and bench_head_damping.py measure both).
+DAMPING = 0.01
+ROW_DAMPING = 0.01
 _BLOCK = 128
 # Column orders gptq_plane knows; "activation" (act-order with static groups) is the default.
 GPTQ_ORDERS = ("activation", "column")
@@ -46,11 +51,13 @@ def _group_parameters(
     return best[1].reshape(-1), best[2].reshape(-1)  # (out,), (out,)
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; retries with more damping if H is not PD."""
+    if not damping > 0:
+        raise ValueError(f"GPTQ damping must be positive; got {damping}")
     hessian = hessian.clone()
     hessian[dead, dead] = 1.0
-    damping = DAMPING * torch.mean(torch.diag(hessian))
+    damping = damping * torch.mean(torch.diag(hessian))
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
     for attempt in range(6):
         try:
@@ -74,7 +81,9 @@ def _static_group_parameters(
     return torch.stack([s for s, _ in params], dim=1), torch.stack([z for _, z in params], dim=1)
 
 
-def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, order: str = "activation") -> Plane:
+def gptq_plane(
+    weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, order: str = "activation", damping: float = DAMPING
+) -> Plane:
     """Quantize (out_features, in_features) ``weight`` into one plane, compensating with ``hessian``.
 
     Args:
@@ -86,6 +95,7 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, ord
             still free to absorb them; group scales are then fixed up front from the weights
             (static groups), because the groups no longer start in column order. ``"column"``
             goes left to right and chooses each group's scale when the group starts.
+        damping: fraction of the mean Hessian diagonal added to its diagonal.
     Returns:
         a :class:`Plane` (same layout as ``quantize_plane``).
     """
@@ -111,7 +121,7 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, ord
         permutation = torch.arange(in_features)
     # Work in the processing order: weight columns and the Hessian permuted alike.
     weight = weight[:, permutation]
-    factor = _inverse_hessian_factor(hessian[permutation][:, permutation], dead[permutation])
+    factor = _inverse_hessian_factor(hessian[permutation][:, permutation], dead[permutation], damping)
     original_columns = permutation.tolist()
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     max_code = 2**spec.bits - 1
@@ -146,13 +156,17 @@ def gptq_plane(weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, ord
 
 
 def gptq_tiers(
-    weight: torch.Tensor, specs: tuple[PlaneSpec, ...] | list[PlaneSpec], hessian: torch.Tensor, order: str = "activation"
+    weight: torch.Tensor,
+    specs: tuple[PlaneSpec, ...] | list[PlaneSpec],
+    hessian: torch.Tensor,
+    order: str = "activation",
+    damping: float = DAMPING,
 ) -> list[Plane]:
     """Nested planes, each error-compensated: plane k quantizes what planes 0..k-1 left."""
     remainder = weight.detach().to(torch.float32)
     planes: list[Plane] = []
     for spec in specs:
-        plane = gptq_plane(remainder, spec, hessian, order)
+        plane = gptq_plane(remainder, spec, hessian, order, damping)
         planes.append(plane)
         remainder = remainder - dequantize_plane(plane)
     return planes
@@ -161,7 +175,7 @@ def gptq_tiers(
 _ROW_CHUNK = 16384  # rows (vocabulary entries) compensated at once: bounds the working copy
 
 
-def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 8) -> RowQuantized:
+def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 8, damping: float = ROW_DAMPING) -> RowQuantized:
     """Symmetric per-row int8 (the output head's format), error-compensated with ``hessian``.
 
     The head's output error on the final hidden states, not each weight's own error, is what
@@ -175,7 +189,7 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 8) -> Row
     rows, in_features = weight.shape
     hessian = hessian.to(torch.float32)
     dead = torch.diag(hessian) == 0
-    factor = _inverse_hessian_factor(hessian, dead)
+    factor = _inverse_hessian_factor(hessian, dead, damping)
     scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-8).to(torch.float16)
     scales_f32 = scales.to(torch.float32).clamp_min(1e-8)
     codes = torch.empty(rows, in_features, dtype=torch.int8)

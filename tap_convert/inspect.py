@@ -99,6 +99,10 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
     lines.append(f"  source model {calibration.extra.get('source_model')}")
     if calibration.extra.get("gptq_order"):
         lines.append(f"  GPTQ column order: {calibration.extra['gptq_order']}")
+    if calibration.extra.get("gptq_damping") is not None:
+        lines.append(f"  GPTQ damping: {calibration.extra['gptq_damping']} of the mean Hessian diagonal")
+    if calibration.extra.get("head_damping") is not None:
+        lines.append(f"  head rows' GPTQ damping: {calibration.extra['head_damping']}")
     lines.append(f"  group scales: {scale_storage(table)}")
     ok = all(status == "ok" for _, _, status in files)
     lines += ["", "all files verified" if ok else "SOME FILES FAILED VERIFICATION"]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import tap_runtime
+from tap_convert import ConvertOptions
 from tap_convert.cli import build_parser, main
 from tap_runtime.format import ROUTING_FILE
 
@@ -46,6 +47,10 @@ def test_parser_defaults_are_the_documented_ones():
     assert build_parser().parse_args(["model", "--out", "o", "--no-column-scales"]).no_column_scales
     assert args.gptq_order == "activation"
     assert build_parser().parse_args(["model", "--out", "o", "--gptq-order", "column"]).gptq_order == "column"
+    assert args.gptq_damping == ConvertOptions().gptq_damping
+    assert build_parser().parse_args(["model", "--out", "o", "--gptq-damping", "0.1"]).gptq_damping == 0.1
+    assert args.head_damping == ConvertOptions().head_damping
+    assert build_parser().parse_args(["model", "--out", "o", "--head-damping", "0.3"]).head_damping == 0.3
     assert args.scale_bits == 8
     assert build_parser().parse_args(["model", "--out", "o", "--scale-bits", "16"]).scale_bits == 16
     with pytest.raises(SystemExit):

@@ -16,6 +16,8 @@ from tap_runtime.format import (
     ROUTER_TOKEN_LOG_FREQUENCY_PALETTE,
     ROUTING_FILE,
     RoutingTable,
+    embedding_tensor_name,
+    plane_tensor_name,
 )
 
 from ..conftest import FAST_CONVERT
@@ -81,6 +83,28 @@ def test_gptq_order_is_recorded_and_validated(converted_factory, tiny_model_fact
     assert column.calibration.extra["gptq_order"] == "column"
     with pytest.raises(InvalidConfigError, match=r"--gptq-order 'random' is unknown; expected one of \['activation', 'column'\]"):
         ConvertOptions(gptq_order="random").validate()
+
+
+def test_gptq_damping_is_recorded_used_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    from tap_convert.gptq import DAMPING, ROW_DAMPING
+
+    default_dir = converted_factory("llama")
+    default = RoutingTable.from_json(default_dir / ROUTING_FILE)
+    assert (default.calibration.extra["gptq_damping"], default.calibration.extra["head_damping"]) == (DAMPING, ROW_DAMPING)
+    options = ConvertOptions(calib=str(calibration_text_file), gptq_damping=1.0, head_damping=3.0, **FAST_CONVERT)
+    heavy = convert(str(tiny_model_factory("llama")), tmp_path / "heavy", options)
+    assert (heavy.calibration.extra["gptq_damping"], heavy.calibration.extra["head_damping"]) == (1.0, 3.0)
+    plane_codes = plane_tensor_name(next(iter(heavy.linear)), 0, "qweight")
+    head_codes = embedding_tensor_name(next(name for name, p in heavy.embeddings.items() if p.method == "gptq"), "qweight")
+    with safe_open(str(default_dir / default.shards[0].file_name), "pt") as light_file, safe_open(
+        str(tmp_path / "heavy" / heavy.shards[0].file_name), "pt"
+    ) as heavy_file:
+        for codes in (plane_codes, head_codes):
+            assert not torch.equal(light_file.get_tensor(codes), heavy_file.get_tensor(codes)), codes
+    for flag in ("gptq_damping", "head_damping"):
+        for bad in (0.0, -0.5):
+            with pytest.raises(InvalidConfigError, match=rf"--{flag.replace('_', '-')} must be in \(0, 100\]"):
+                ConvertOptions(**{flag: bad}).validate()
 
 
 def test_scale_storage_is_recorded_validated_and_read_back(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):

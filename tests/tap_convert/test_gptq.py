@@ -166,3 +166,28 @@ def test_log_coded_scales_keep_the_output_error_and_store_exactly(order):
     assert sqnr_db(reference, inputs @ dequantize_plane(narrow).t()) > sqnr_db(reference, inputs @ dequantize_plane(wide).t()) - 0.1
     restored = Plane.from_stored(narrow.spec, narrow.stored_tensors())
     assert torch.equal(dequantize_plane(restored), dequantize_plane(narrow))
+
+
+def test_damping_trades_the_fit_windows_output_error_for_each_weights_own_error():
+    weight, inputs, moment = _problem()
+    spec = PlaneSpec(4, 32, False)
+    reference = inputs @ weight.t()
+    light = dequantize_plane(gptq_plane(weight, spec, moment.hessian, damping=0.01))
+    heavy = dequantize_plane(gptq_plane(weight, spec, moment.hessian, damping=10.0))
+    # On the windows it was fitted on, light damping gives the smaller output error...
+    assert sqnr_db(reference, inputs @ light.t()) > sqnr_db(reference, inputs @ heavy.t()) + 1.0
+    # ...and heavy damping the smaller error in the weights themselves.
+    assert (heavy - weight).pow(2).sum() < 0.8 * (light - weight).pow(2).sum()
+
+
+def test_damping_is_passed_on_and_must_be_positive():
+    weight, _, moment = _problem()
+    specs = (PlaneSpec(4, 32, False), PlaneSpec(4, 32, True))
+    tiers = gptq_tiers(weight, specs, moment.hessian, damping=0.3)
+    assert torch.equal(tiers[0].qweight, gptq_plane(weight, specs[0], moment.hessian, damping=0.3).qweight)
+    assert not torch.equal(tiers[0].qweight, gptq_plane(weight, specs[0], moment.hessian, damping=0.01).qweight)
+    for damping in (0.0, -0.1):
+        with pytest.raises(ValueError, match="damping must be positive"):
+            gptq_plane(weight, specs[0], moment.hessian, damping=damping)
+        with pytest.raises(ValueError, match="damping must be positive"):
+            gptq_rows(weight, moment.hessian, damping=damping)
