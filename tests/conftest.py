@@ -142,3 +142,23 @@ def converted_factory(tmp_path_factory, tiny_model_factory, calibration_text_fil
         return cache[key]
 
     return make
+
+
+def decisive_new_tokens(tap, ids: torch.Tensor, limit: int, relative_gap: float = 1e-4) -> int:
+    """How many greedy tokens (at most ``limit``) come before the first near-tie of the eager path.
+
+    Tiny random models sometimes put two tokens within float noise of each other (a top-2 logit
+    gap of 1e-6); two correct decode paths may then pick differently. Tests that compare paths
+    token by token stop before such a step, so they compare decisions, not rounding.
+    """
+    tap.router.begin_sequence()
+    with torch.inference_mode():
+        out = tap.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, min_new_tokens=limit, do_sample=False,
+            pad_token_id=tap.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+        )
+    for step, scores in enumerate(out.scores):
+        top = scores[0].float().topk(2).values
+        if float(top[0] - top[1]) <= relative_gap * float(top[0].abs().clamp_min(1e-6)):
+            return step
+    return limit
