@@ -8,6 +8,7 @@ import sys
 
 from tap_runtime.errors import TapError
 from tap_runtime.format import ROUTER_TARGETS
+from tap_runtime.rotation import ROTATIONS
 
 from .convert import SCALE_BITS_CHOICES, ConvertOptions, convert
 from .gptq import GPTQ_ORDERS
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-damping", type=float, default=defaults.head_damping,
                         help="the same for the output head's 8-bit rows, which a tied embedding shares "
                         f"(default {defaults.head_damping})")
+    parser.add_argument("--rotation", choices=list(ROTATIONS), default=defaults.rotation,
+                        help="hadamard (default): quantize each linear's weight times a block Hadamard rotation of its "
+                        "input, which spreads outlier weights over their group; none: the weight itself (ablation)")
     parser.add_argument("--scale-bits", type=int, choices=list(SCALE_BITS_CHOICES), default=defaults.scale_bits,
                         help="group scales as 8-bit log codes (default) or float16, as format 2 stored them")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         gptq_order=args.gptq_order,
         gptq_damping=args.gptq_damping,
         head_damping=args.head_damping,
+        rotation=args.rotation,
         scale_bits=args.scale_bits,
         base_model=args.base_model,
         batch_size=args.batch_size,

@@ -38,7 +38,8 @@ from tap_runtime.format import (
     quantization_config_dict,
 )
 from tap_runtime.modeling import LinearSite, decoder_layers, iter_embeddings, iter_linear_sites, linear_weight, output_head
-from tap_runtime.planes import dequantize_planes
+from tap_runtime.planes import dequantize_linear, dequantize_planes
+from tap_runtime.rotation import ROTATIONS, rotate_mean_square, rotate_second_moment, rotate_weight, rotation_block
 
 from .column_scales import choose_column_scales
 from .gptq import DAMPING, GPTQ_ORDERS, ROW_DAMPING, gptq_rows, gptq_tiers
@@ -86,6 +87,9 @@ class ConvertOptions:
     gptq_damping: float = DAMPING
     # The same for the output head's 8-bit rows (a tied embedding stores those rows too).
     head_damping: float = ROW_DAMPING
+    # "hadamard": quantize W H, each linear's weight times a block Hadamard rotation of its input
+    # (tap_runtime.rotation), wherever the width allows; "none": W itself (format 4's planes).
+    rotation: str = "hadamard"
     # How group scales are stored: 8 (uint8 log codes under a per-plane reference, format 3) or
     # 16 (float16, as format 2 stored them; for ablations).
     scale_bits: int = 8
@@ -116,6 +120,8 @@ class ConvertOptions:
         for flag, damping in (("--gptq-damping", self.gptq_damping), ("--head-damping", self.head_damping)):
             if not 0.0 < damping <= 100.0:
                 raise InvalidConfigError(f"{flag} must be in (0, 100]; got {damping}.")
+        if self.rotation not in ROTATIONS:
+            raise InvalidConfigError(f"--rotation {self.rotation!r} is unknown; expected one of {list(ROTATIONS)}.")
         if self.scale_bits not in SCALE_BITS_CHOICES:
             raise InvalidConfigError(f"--scale-bits {self.scale_bits!r} is unknown; expected one of {list(SCALE_BITS_CHOICES)}.")
         if self.router_target not in ROUTER_TARGETS:
@@ -225,14 +231,18 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     policies: dict[str, LinearPolicy] = {}
     for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
         site_stats = stats[site.name]
-        weight = linear_weight(site)
         full = isinstance(site_stats, InputSecondMoment)
         sink_weight = windows.shape[1] if full and options.sink_weighting and is_key_value_projection(site, spec) else None
         if sink_weight:
             second_moment = site_stats.hessian_with_first_weighted(sink_weight)
         else:
             second_moment = site_stats.hessian if full else site_stats.mean_square
-        errors = scheme_errors(weight, group_sizes[site.name], second_moment, site_stats.mean_square)
+        # Everything below sees the rotated linear: W H and the statistics of x H (the planes store W H).
+        rotation = rotation_block(site.in_features) if options.rotation == "hadamard" else 0
+        weight = rotate_weight(linear_weight(site), rotation)
+        second_moment = rotate_second_moment(second_moment, rotation)
+        mean_square = rotate_mean_square(site_stats.mean_square, rotation)
+        errors = scheme_errors(weight, group_sizes[site.name], second_moment, mean_square)
         scheme, scheme_reason = choose_scheme(errors, options.scheme)
         specs = _plane_specs(
             options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric", scale_bits=options.scale_bits
@@ -242,7 +252,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             planes[site.name] = gptq_tiers(weight, specs, second_moment, options.gptq_order, options.gptq_damping)
         else:
             method = "rtn"
-            planes[site.name] = quantize_tiers(weight, specs, importance=site_stats.mean_square)
+            planes[site.name] = quantize_tiers(weight, specs, importance=mean_square)
         sensitivity = {
             str(tier): relative_output_error(weight, dequantize_planes(planes[site.name], count), second_moment)
             for count, tier in enumerate(options.tiers, start=1)
@@ -262,6 +272,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             + (f"; first token weighted x{sink_weight} in the Hessian (attention sink)" if sink_weight else ""),
             scheme=scheme,
             scheme_errors={k: round(v, 8) for k, v in errors.items()},
+            input_rotation=rotation,
         )
     shares = tier_shares(tuple(options.tiers), options.high_precision_share)
     if options.target_bits is not None:
@@ -276,7 +287,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         spec,
         quantized_sites,
         # The weight a token not routed upward reads: the module's min-tier planes.
-        lambda site: dequantize_planes(planes[site.name], policies[site.name].always_planes),
+        lambda site: dequantize_linear(planes[site.name], policies[site.name]),
         router_windows,
         options.batch_size,
         progress=options.progress,
@@ -288,7 +299,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         model,
         spec,
         quantized_sites,
-        lambda site: dequantize_planes(planes[site.name], policies[site.name].always_planes),
+        lambda site: dequantize_linear(planes[site.name], policies[site.name]),
         router_windows,
         progress=options.progress,
     )
@@ -345,6 +356,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "gptq_order": options.gptq_order if options.method == "gptq" else None,
             "gptq_damping": options.gptq_damping if options.method == "gptq" else None,
             "head_damping": options.head_damping if head_moment is not None else None,
+            "rotation": options.rotation,
             "target_bits": options.target_bits,
             "expected_avg_weight_bits": round(average_bits(policies, shares), 4),
             "promoted_linears": sorted(n for n, p in policies.items() if p.min_tier != options.tiers[0]),

@@ -67,6 +67,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
     for name, policy in table.linear.items():
         errors = ", ".join(f"t{t} {float(e):.4f}" for t, e in policy.sensitivity.items())
         planes = "/".join(f"{'s' if p.symmetric else 'a'}g{p.group_size}" for p in policy.planes)
+        planes += f" H{policy.input_rotation}" if policy.input_rotation else ""
         promoted = f"  min tier {policy.min_tier}" if policy.min_tier != table.tiers[0] else ""
         lines.append(f"  {name:48s} {policy.in_features:>5d}x{policy.out_features:<5d} {policy.method:4s} {planes:10s} {errors}{promoted}")
     for name, embedding in table.embeddings.items():
@@ -103,6 +104,9 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         lines.append(f"  GPTQ damping: {calibration.extra['gptq_damping']} of the mean Hessian diagonal")
     if calibration.extra.get("head_damping") is not None:
         lines.append(f"  head rows' GPTQ damping: {calibration.extra['head_damping']}")
+    rotated = sum(1 for p in table.linear.values() if p.input_rotation)
+    lines.append(f"  input rotation: {calibration.extra.get('rotation', 'none')}, {rotated} of {len(table.linear)} linears "
+                 f"rotated (blocks {sorted({p.input_rotation for p in table.linear.values() if p.input_rotation})})")
     lines.append(f"  group scales: {scale_storage(table)}")
     ok = all(status == "ok" for _, _, status in files)
     lines += ["", "all files verified" if ok else "SOME FILES FAILED VERIFICATION"]

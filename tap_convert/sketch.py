@@ -13,8 +13,8 @@ import torch
 
 from tap_runtime.format import LinearPolicy
 from tap_runtime.modeling import LinearSite
-from tap_runtime.planes import Plane, dequantize_plane
-from tap_runtime.sketch import SKETCH_RANK, residual_error_sketch
+from tap_runtime.planes import Plane
+from tap_runtime.sketch import SKETCH_RANK, input_space_residual, residual_error_sketch
 
 __all__ = ["SKETCH_RANK", "error_sketch_sites", "error_sketches", "input_norm_sites"]
 
@@ -49,7 +49,7 @@ def error_sketches(
     sketches = []
     for names in sketch_sites:
         residuals = [
-            dequantize_plane(planes[n][policies[n].always_planes])
+            input_space_residual(planes[n][policies[n].always_planes], policies[n].input_rotation)
             for n in names
             if policies[n].always_planes < len(planes[n])
         ]

@@ -31,6 +31,7 @@ from .kernels.cpu import aligned
 from .kernels.native import native_kernels
 from .kernels.vnni import ALL_WIDE, TiledPlane
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
+from .rotation import rotate_input
 from .router import ALL_TOKENS
 
 
@@ -116,6 +117,8 @@ class FusedProjection:
             return None
         if len({len(m._prepared) for m in modules}) != 1 or len({m.in_features for m in modules}) != 1:
             return None
+        if len({m.policy.input_rotation for m in modules}) != 1:
+            return None  # one stacked product reads one rotated input
         from .residency import LazyPlane
 
         fused_planes, views = [], []
@@ -156,8 +159,16 @@ class FusedProjection:
             routing = first.routing
             if first.policy.always_planes > stacked or (routing is not None and routing.indices_for_plane(stacked) is not None):
                 return [m(x) for m in self.modules]
-        out = run_planes(x, first.kernel, self.prepared, first.policy.always_planes, first.routing, self.bias, self.out_features)
+        out = run_planes(
+            x, first.kernel, self.prepared, first.policy.always_planes, first.routing, self.bias, self.out_features,
+            rotation=first.policy.input_rotation,
+        )
         return list(out.split(self.sizes, dim=-1))
+
+    @property
+    def rotation(self) -> int:
+        """The Hadamard block of the stacked planes' input (the same for every module)."""
+        return self.modules[0].policy.input_rotation
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,7 @@ class _NativeBody:
     __slots__ = ("projections",)
 
     def __init__(self, projections: tuple):
-        self.projections = projections  # 4 x (tensors, meta, bias, modules)
+        self.projections = projections  # 4 x (tensors, meta, bias, modules, input rotation block)
 
     @classmethod
     def build(cls, qkv: "FusedProjection | None", o_proj: nn.Module, gate_up: "FusedProjection | None", down_proj: nn.Module) -> "_NativeBody | None":
@@ -207,7 +218,7 @@ class _NativeBody:
                 return None
             tensors = [t for plane in planes for t in (plane.weight, plane.scales, plane.zeros)]
             meta = [n for plane in planes for n in (plane.group_size, plane.first_row, plane.out_features)]
-            parts.append((tensors, meta, bias, tuple(modules)))
+            parts.append((tensors, meta, bias, tuple(modules), modules[0].policy.input_rotation))
         return cls(tuple(parts))
 
     def planes_used(self, direct: "DirectDecodeLayer") -> list[int] | None:
@@ -223,7 +234,7 @@ class _NativeBody:
             else:
                 return None
         used = []
-        for tensors, _, _, modules in self.projections:
+        for tensors, _, _, modules, _ in self.projections:
             always = modules[0].policy.always_planes
             for module in modules[1:]:
                 if module.policy.always_planes != always:
@@ -300,10 +311,14 @@ class DirectDecodeLayer:
         out = _INT4_MM(aligned(flat.to(torch.bfloat16)), plane.packed, plane.group_size, plane.scale_and_zero)
         return out[:, : plane.out_features] if out.shape[-1] != plane.out_features else out
 
-    def project(self, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, planes: list, used: int, bias: torch.Tensor | None, out_features: int, rotation: int = 0
+    ) -> torch.Tensor:
         """run_planes for one token (x: (1, in) in the compute dtype), without the wrappers."""
         # dtype checks before .to(): each no-op .to() still costs a microsecond of dispatch.
         flat = _float32(x)
+        if rotation:
+            flat = rotate_input(flat, rotation)
         out = self.plane_product(flat, planes[0], ALL_WIDE if used > 1 else getattr(self.kernel, "base_wide_above", ALL_WIDE))
         if used > 1:
             out = out.to(torch.float32)
@@ -326,7 +341,7 @@ class DirectDecodeLayer:
         used = self.planes_used(always, len(fused.prepared))
         if used is None:
             return None
-        return self.project(x.reshape(1, -1), fused.prepared, used, fused.bias, fused.out_features)
+        return self.project(x.reshape(1, -1), fused.prepared, used, fused.bias, fused.out_features, fused.rotation)
 
     def group(self, parts: list, x: torch.Tensor) -> list[torch.Tensor] | None:
         """q/k/v or gate/up for one token: one stacked matmul per plane, or one per module."""
@@ -340,7 +355,7 @@ class DirectDecodeLayer:
         used = self.planes_used(module.policy.always_planes, len(module._prepared))
         if used is None:
             return None
-        return self.project(x.reshape(1, -1), module._prepared, used, module.bias, module.out_features)
+        return self.project(x.reshape(1, -1), module._prepared, used, module.bias, module.out_features, module.policy.input_rotation)
 
 
 @dataclass
@@ -576,11 +591,12 @@ class FastDecoder:
             used = body.planes_used(direct) if body is not None else None
             if used is not None:
                 # The rest of the layer in one native call (same arithmetic, same order).
-                (qkv, qkv_meta, qkv_bias, _), (o, o_meta, o_bias, _), (gu, gu_meta, gu_bias, _), (dn, dn_meta, dn_bias, _) = body.projections
+                (qkv, qkv_meta, qkv_bias, _, qkv_rot), (o, o_meta, o_bias, _, o_rot), (gu, gu_meta, gu_bias, _, gu_rot), (dn, dn_meta, dn_bias, _, dn_rot) = body.projections
                 pending = native.decode_layer(
                     hidden, normed, qkv, qkv_meta, used[0], qkv_bias, o, o_meta, used[1], o_bias, gu, gu_meta, used[2], gu_bias,
                     dn, dn_meta, used[3], dn_bias, getattr(direct.kernel, "base_wide_above", ALL_WIDE), cos, sin,
                     cache.keys[index], cache.values[index], start, heads, kv_heads, step.scaling, step.post_norm, step.post_eps,
+                    [qkv_rot, o_rot, gu_rot, dn_rot],
                 )
                 continue
             projected = self._joined(direct, direct.qkv, step.qkv, step.qkv_modules, normed)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpointError, FormatVersionError, InvalidConfigError
+from .rotation import is_valid_rotation
 
 __all__ = [
     "FORMAT_VERSION",
@@ -82,8 +83,11 @@ __all__ = [
 # (RouterSpec.error_sketch_sites, tap_runtime.sketch) instead of stored, and the token
 # log-frequency table is stored as uint8 codes into a palette; a version-3 runtime would find
 # neither tensor it expects. Versions 1-3 still load.
-FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4})
+# 5: a linear's planes may store W H, its weight times a block Hadamard rotation of its input
+# (LinearPolicy.input_rotation, tap_runtime.rotation); a version-4 runtime would multiply
+# unrotated inputs by them. Versions 1-4 still load.
+FORMAT_VERSION = 5
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5})
 QUANT_METHOD = "tap"
 
 CONFIG_FILE = "config.json"
@@ -416,6 +420,9 @@ class LinearPolicy:
     ``weight_layout`` is ``"linear"`` (out, in) or ``"conv1d"`` (GPT-2's transposed (in, out)).
     ``method`` records how the planes were fitted: ``gptq`` (Hessian error compensation) or
     ``rtn`` (round to nearest with an importance-weighted clip search).
+    ``input_rotation`` is the block size of the Walsh-Hadamard rotation H of the input whose
+    product with W the planes store (W H; 0: none, the planes store W): the runtime multiplies
+    x H by them (tap_runtime.rotation).
     ``min_tier`` is the lowest tier any token runs at in this module (a layer whose base tier
     hurts too much is promoted for every token); ``sensitivity`` maps each tier to the relative
     layer-output error measured on calibration inputs, tr(E H E^T) / tr(W H W^T).
@@ -437,6 +444,7 @@ class LinearPolicy:
     # tap_convert.schemes); empty in checkpoints written before schemes were measured.
     scheme: str = "asymmetric"
     scheme_errors: dict[str, float] = field(default_factory=dict)
+    input_rotation: int = 0
 
     def bits_at_tier(self, tier: int) -> float:
         """Stored bits per weight read when a token routed to ``tier`` passes (min_tier applies)."""
@@ -473,9 +481,16 @@ class LinearPolicy:
             raise CorruptCheckpointError(
                 f"{path}: '{where}min_tier' is {min_tier!r}; expected one of the module's tiers {list(tiers)}."
             )
+        in_features = _get(data, "in_features", int, path, where)
+        input_rotation = data.get("input_rotation", 0)
+        if not isinstance(input_rotation, int) or not is_valid_rotation(input_rotation, in_features):
+            raise CorruptCheckpointError(
+                f"{path}: '{where}input_rotation' is {input_rotation!r}; expected 0 or a power of two "
+                f"that divides in_features ({in_features}). Convert again."
+            )
         return cls(
             name=name,
-            in_features=_get(data, "in_features", int, path, where),
+            in_features=in_features,
             out_features=_get(data, "out_features", int, path, where),
             bias=_get(data, "bias", bool, path, where),
             layer_index=layer_index if isinstance(layer_index, int) else None,
@@ -488,6 +503,7 @@ class LinearPolicy:
             reason=data.get("reason", ""),
             scheme=data.get("scheme", "symmetric" if planes[0].symmetric else "asymmetric"),
             scheme_errors={str(k): float(v) for k, v in data.get("scheme_errors", {}).items()},
+            input_rotation=input_rotation,
         )
 
 

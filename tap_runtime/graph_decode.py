@@ -35,6 +35,7 @@ from .errors import InvalidConfigError
 from .kernels.gated import gated_kernel_available, gated_plane_add
 from .kernels.route import route_kernel_available, route_token
 from .layers import TapLinear
+from .rotation import rotate_input
 from .router import BUDGET_STEP, TokenRouter
 
 __all__ = [
@@ -308,7 +309,7 @@ class DecodeStep:
     def linear(self, module, x: torch.Tensor, flags: list[torch.Tensor]) -> torch.Tensor:
         """run_planes for the step's token: base plane(s), then each routed plane under its flag."""
         kernel, planes, always = module.kernel, module._prepared, module.policy.always_planes
-        flat = x.reshape(1, -1)
+        flat = rotate_input(x.reshape(1, -1), module.policy.input_rotation)
         base_product = getattr(kernel, "matmul_base", None)
         if base_product is not None:
             alone = always == 1 and not self.branches.any_true(flags[: len(planes) - 1])

@@ -26,6 +26,7 @@ from .pages import page_out
 from .planes import Plane, RowQuantized
 from .offload import HostPlane
 from .residency import LazyPlane, ResidualPlaneCache
+from .rotation import rotate_input
 from .router import ALL_TOKENS, LayerRouting
 
 __all__ = ["TapLinear", "TapEmbedding", "TapHead", "RoutedRows", "run_planes"]
@@ -77,6 +78,7 @@ def run_planes(
     bias: torch.Tensor | None,
     out_features: int,
     kernel_dtype: bool = False,
+    rotation: int = 0,
 ) -> torch.Tensor:
     """x (..., in) through nested planes: the first ``always_planes`` for every token, the rest
     for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add).
@@ -85,9 +87,12 @@ def run_planes(
     instead of x's dtype, for a caller whose next step reads either (see tap_runtime.dense_mlp):
     bfloat16 from a dense product, float32 where residual products were added to it. Where one
     residual plane serves a routed subset, out stays the bfloat16 base product and ``routed``
-    holds those rows in float32 with their residual added (else None)."""
+    holds those rows in float32 with their residual added (else None).
+
+    ``rotation``: the Hadamard block of the planes' input (LinearPolicy.input_rotation); x is
+    rotated once here, for every plane."""
     leading = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1])
+    flat = rotate_input(x.reshape(-1, x.shape[-1]), rotation)
     # Planes below min_tier serve every token; the router decides only above it.
     work = [(plane_index, ALL_TOKENS) for plane_index in range(1, always_planes)]
     if routing is not None:
@@ -208,14 +213,21 @@ class TapLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
-        return run_planes(x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features)
+        return run_planes(
+            x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features,
+            rotation=self.policy.input_rotation,
+        )
 
-    def products(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutedRows | None]:
+    def products(self, x: torch.Tensor, input_rotated: bool = False) -> tuple[torch.Tensor, RoutedRows | None]:
         """forward() on (tokens, in) without the final cast: (bfloat16 or float32 (tokens, out),
-        the routed rows kept apart in float32 or None); see run_planes' ``kernel_dtype``."""
+        the routed rows kept apart in float32 or None); see run_planes' ``kernel_dtype``.
+        ``input_rotated``: x is already x H (the caller applied the policy's input rotation)."""
         if self.kernel is None:
             raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
-        return run_planes(x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features, True)
+        return run_planes(
+            x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features, True,
+            0 if input_rotated else self.policy.input_rotation,
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tiers={list(self.policy.tiers)}"

@@ -22,8 +22,7 @@ from .dense_mlp import install_dense_mlp
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear
 from .pages import page_out, return_freed_heap
-from .planes import dequantize_plane
-from .sketch import residual_error_sketch
+from .sketch import input_space_residual, residual_error_sketch
 from .offload import OffloadSummary, attach_offload_hooks, plane_bytes, to_host
 from .residency import ResidualPlaneCache, shard_of_every_tensor
 from .router import TokenRouter
@@ -305,7 +304,7 @@ def derive_error_sketches(model: nn.Module, table: RoutingTable) -> list[torch.T
             planes = module.planes()
             above = module.policy.always_planes
             if above < len(planes):
-                residuals.append(dequantize_plane(planes[above]))
+                residuals.append(input_space_residual(planes[above], module.policy.input_rotation))
         hidden_size = modules[names[0]].in_features if names else config.hidden_size
         sketches.append(residual_error_sketch(residuals, hidden_size))
     return sketches

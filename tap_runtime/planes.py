@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import PlaneSpec
+from .format import LinearPolicy, PlaneSpec
 from .packing import unpack_int4
+from .rotation import rotate_weight
 
-__all__ = ["Plane", "RowQuantized", "dequantize_plane", "dequantize_planes", "dequantize_rows"]
+__all__ = ["Plane", "RowQuantized", "dequantize_plane", "dequantize_planes", "dequantize_linear", "dequantize_rows"]
 
 
 @dataclass
@@ -98,6 +99,14 @@ def dequantize_planes(planes: list[Plane] | tuple[Plane, ...], count: int, dtype
     for plane in planes[1:count]:
         weight = weight + dequantize_plane(plane, dtype)
     return weight
+
+
+def dequantize_linear(planes: list[Plane] | tuple[Plane, ...], policy: LinearPolicy, count: int | None = None) -> torch.Tensor:
+    """The float32 weight (out, in) a token reading the first ``count`` planes (default: the
+    module's always-read ones) multiplies its own input by: the planes' sum, brought back from
+    the rotated input basis where the policy rotates (the planes store W H; H is its own inverse)."""
+    weight = dequantize_planes(planes, policy.always_planes if count is None else count)
+    return rotate_weight(weight, policy.input_rotation)
 
 
 def dequantize_rows(matrix: RowQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:

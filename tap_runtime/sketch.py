@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SKETCH_RANK", "residual_error_sketch"]
+from .planes import Plane, dequantize_plane
+from .rotation import rotate_weight
+
+__all__ = ["SKETCH_RANK", "residual_error_sketch", "input_space_residual"]
 
 SKETCH_RANK = 32
 # Subspace iteration: a few extra directions and a few rounds give the top ``rank`` eigenpairs
@@ -24,6 +27,12 @@ SKETCH_RANK = 32
 # second a full eigendecomposition of a 1536-wide G takes on two cores.
 _OVERSAMPLE = 8
 _ROUNDS = 6
+
+
+def input_space_residual(plane: Plane, input_rotation: int) -> torch.Tensor:
+    """A residual plane as the weight R (out, in) that multiplies the layer's own input: a rotated
+    linear's planes store R H (LinearPolicy.input_rotation), and H is its own inverse."""
+    return rotate_weight(dequantize_plane(plane), input_rotation)
 
 
 def residual_error_sketch(residuals: list[torch.Tensor], hidden_size: int, rank: int = SKETCH_RANK) -> torch.Tensor:

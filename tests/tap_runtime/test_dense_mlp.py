@@ -36,11 +36,12 @@ def test_dense_mlp_gives_the_module_paths_output(converted_factory, routing, gro
         routed = mlps[0].gate_proj.routing.indices_for_plane(1)
         if group_size == 64 and routing[0] == "budget":
             # Routed rows keep float32 gate and up on both paths: they agree as closely as the
-            # base rows do (SiLU's last bits may flip a bfloat16 rounding of the down input).
+            # base rows do (SiLU's last bits may flip a bfloat16 rounding of the down input; over
+            # five inputs the gap ranged 0.8-1.9e-3 unrotated and 0.9-2.0e-3 rotated).
             assert routed is not None and 0 < routed.numel() < 40
             scale = float(module.abs().max())
             routed_gap = float((dense[0, routed] - module[0, routed]).abs().max()) / scale
-            assert routed_gap < 2e-3, routed_gap
+            assert routed_gap < 3e-3, routed_gap
         assert dense_mlp_forward(mlps[0], x[:, :5]) is None  # few tokens: the module path (one-token kernels)
         on = tap.model(ids).logits
         for m in mlps:

@@ -30,6 +30,7 @@ GOLDEN = Path(__file__).parent / "golden" / "routing_table.json"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "routing_table_v1.json"
 GOLDEN_V2 = Path(__file__).parent / "golden" / "routing_table_v2.json"
 GOLDEN_V3 = Path(__file__).parent / "golden" / "routing_table_v3.json"
+GOLDEN_V4 = Path(__file__).parent / "golden" / "routing_table_v4.json"
 
 
 def sample_table() -> RoutingTable:
@@ -43,7 +44,7 @@ def sample_table() -> RoutingTable:
         high_precision_share=0.1,
         linear={
             "model.layers.0.mlp.up_proj": LinearPolicy(
-                "model.layers.0.mlp.up_proj", 64, 128, False, 0, (4, 8), (base, residual)
+                "model.layers.0.mlp.up_proj", 64, 128, False, 0, (4, 8), (base, residual), input_rotation=64
             )
         },
         embeddings={
@@ -83,7 +84,7 @@ def test_version_1_tables_still_read():
     table = RoutingTable.from_json(GOLDEN_V1)
     expected = sample_table()
     linear = {
-        n: replace(p, planes=tuple(replace(spec, zero_bits=16, scale_bits=16) for spec in p.planes))
+        n: replace(p, input_rotation=0, planes=tuple(replace(spec, zero_bits=16, scale_bits=16) for spec in p.planes))
         for n, p in expected.linear.items()
     }
     assert table == replace(expected, format_version=1, linear=linear, router=replace(expected.router, error_sketch_sites=()))
@@ -94,17 +95,43 @@ def test_version_2_tables_still_read_with_float16_scales():
     table = RoutingTable.from_json(GOLDEN_V2)
     expected = sample_table()
     linear = {
-        n: replace(p, planes=tuple(replace(spec, scale_bits=16) for spec in p.planes)) for n, p in expected.linear.items()
+        n: replace(p, input_rotation=0, planes=tuple(replace(spec, scale_bits=16) for spec in p.planes))
+        for n, p in expected.linear.items()
     }
     assert table == replace(expected, format_version=2, linear=linear, router=replace(expected.router, error_sketch_sites=()))
     assert all(spec.fields[-1] != "scale_reference" for p in table.linear.values() for spec in p.planes)
+
+
+def _unrotated(table: RoutingTable) -> dict:
+    return {n: replace(p, input_rotation=0) for n, p in table.linear.items()}
 
 
 def test_version_3_tables_still_read_with_stored_sketches():
     # Format 3 stored the error sketches as tensors: its router names no sketch sites.
     table = RoutingTable.from_json(GOLDEN_V3)
     expected = sample_table()
-    assert table == replace(expected, format_version=3, router=replace(expected.router, error_sketch_sites=()))
+    assert table == replace(
+        expected, format_version=3, linear=_unrotated(expected), router=replace(expected.router, error_sketch_sites=())
+    )
+
+
+def test_version_4_tables_still_read_unrotated():
+    # Up to format 4 no linear rotated its input.
+    table = RoutingTable.from_json(GOLDEN_V4)
+    expected = sample_table()
+    assert table == replace(expected, format_version=4, linear=_unrotated(expected))
+    assert all(p.input_rotation == 0 for p in table.linear.values())
+
+
+@pytest.mark.parametrize("rotation", [48, 128, -64, 1.5, True])
+def test_input_rotation_must_be_a_power_of_two_dividing_the_width(tmp_path, rotation):
+    data = json.loads(sample_table().to_json())
+    data["linear"]["model.layers.0.mlp.up_proj"]["input_rotation"] = rotation
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match="input_rotation") as caught:
+        RoutingTable.from_json(path)
+    assert str(path) in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +244,7 @@ def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
     data["format_version"] = 99
     path = tmp_path / "tap_routing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4\]"):
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4, 5\]"):
         RoutingTable.from_json(path)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tap_runtime.kernels.native import native_kernels
+from tap_runtime.rotation import hadamard_matrix, rotate_input
 
 pytestmark = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
 
@@ -88,16 +89,41 @@ def test_silu_mul_rows_rounds_torchs_float32_product_once(gate_dtype, up_dtype):
     generator = torch.Generator().manual_seed(3)
     gate = (torch.randn(37, 300, generator=generator) * 6).to(gate_dtype)
     up = torch.randn(37, 300, generator=generator).to(up_dtype)
-    got = native_kernels().silu_mul_rows(gate, up)
+    got = native_kernels().silu_mul_rows(gate, up, 0)
     expected = (F.silu(gate.float()) * up.float()).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == gate.shape
     # The exps differ in the last float32 bits, which can move a bfloat16 rounding by one step.
     assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-30)
     assert (got != expected).float().mean() < 0.002
     with pytest.raises(RuntimeError, match="one shape"):
-        native_kernels().silu_mul_rows(gate, up[:, :10].contiguous())
+        native_kernels().silu_mul_rows(gate, up[:, :10].contiguous(), 0)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        native_kernels().silu_mul_rows(gate.double(), up.double())
+        native_kernels().silu_mul_rows(gate.double(), up.double(), 0)
+
+
+def test_silu_mul_rows_rotates_in_float32_before_rounding():
+    generator = torch.Generator().manual_seed(4)
+    gate, up = torch.randn(9, 320, generator=generator) * 4, torch.randn(9, 320, generator=generator)
+    got = native_kernels().silu_mul_rows(gate, up, 64)
+    expected = rotate_input(F.silu(gate) * up, 64).to(torch.bfloat16)
+    assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-30)
+    assert (got != expected).float().mean() < 0.002
+    with pytest.raises(RuntimeError, match="power of two that divides 320"):
+        native_kernels().silu_mul_rows(gate, up, 48)
+
+
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_hadamard_blocks_is_the_block_hadamard_matmul_and_its_own_inverse(block):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 640, generator=generator)
+    got = native_kernels().hadamard_blocks(x, block)
+    expected = (x.reshape(3, 7, 640 // block, block) @ hadamard_matrix(block)).reshape_as(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native_kernels().hadamard_blocks(got, block), x, rtol=1e-5, atol=1e-5)
+    # Rows are independent: a row gives the same bits alone as among others.
+    assert torch.equal(native_kernels().hadamard_blocks(x[1:2].contiguous(), block), got[1:2])
+    with pytest.raises(RuntimeError, match="multiple of the Hadamard block"):
+        native_kernels().hadamard_blocks(x[..., :48].contiguous(), 32)
 
 
 def test_router_features_are_the_routers_two_signals():

@@ -5,6 +5,8 @@
 // 1-50 microseconds of dispatch for a few thousand floats, about 8 ms a step. Each function here
 // does one stretch of that work in one call, in float32; decode_layer chains them with the plane
 // products for a whole layer. silu_mul_rows is the many-token (prefill) form of silu_mul.
+// hadamard_blocks is the block Walsh-Hadamard rotation of a rotated linear's input
+// (tap_runtime/rotation.py), used by every CPU path so that all of them agree bitwise.
 //
 // Arithmetic follows transformers' Llama layers (RMSNorm, rotate-half rotary, softmax attention
 // with grouped KV heads, SiLU-gated MLP); summation order differs from torch's kernels, so results
@@ -141,6 +143,23 @@ void weighted_sum(const float* w, const float* v, int64_t length, int64_t head_d
 void check_float_vector(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous float32 CPU tensor");
+}
+
+// Each run of `block` values of x (count blocks) times the normalised Sylvester Hadamard matrix,
+// in place: the fast transform's log2(block) butterfly passes, then the 1/sqrt(block) factor.
+void hadamard_inplace(float* x, int64_t count, int64_t block) {
+  const float norm = 1.f / std::sqrt(static_cast<float>(block));
+  for (int64_t b = 0; b < count; ++b) {
+    float* v = x + b * block;
+    for (int64_t h = 1; h < block; h *= 2)
+      for (int64_t i = 0; i < block; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], c = v[j + h];
+          v[j] = a + c;
+          v[j + h] = a - c;
+        }
+    for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+  }
 }
 
 }  // namespace
@@ -283,12 +302,16 @@ void load_row(const torch::Tensor& t, int64_t row, int64_t n, float* dst) {
 // down projection's bfloat16 GEMM input, silu(gate) * up computed in float32 and rounded once.
 // The torch path widened gate and up to float32, ran SiLU and the product as two passes and
 // narrowed the result again for the down GEMM: four passes over (M, I) floats become one.
-torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
+// rotation: the down projection's input rotation (0: none), applied in float32 before the
+// rounding, as the module path rotates its float32 input.
+torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotation) {
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.is_contiguous() && up.is_contiguous() &&
               gate.device().is_cpu() && up.device().is_cpu(), "gate and up must be contiguous CPU (M, I) tensors of one shape");
   for (const auto* t : {&gate, &up})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16, "gate and up must be float32 or bfloat16");
   const int64_t rows = gate.size(0), n = gate.size(1);
+  TORCH_CHECK(rotation >= 0 && (rotation & (rotation - 1)) == 0 && (rotation == 0 || n % rotation == 0),
+              "rotation must be 0 or a power of two that divides ", n, ", got ", rotation);
   auto out = torch::empty({rows, n}, gate.options().dtype(torch::kBFloat16));
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -299,7 +322,13 @@ torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up) {
       for (int64_t i = 0; i < n; ++i) e[i] = -g[i];
       exp_inplace(e.data(), n);
       uint16_t* dst = o + row * n;
-      for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(g[i] / (1.f + e[i]) * u[i]);
+      if (rotation) {
+        for (int64_t i = 0; i < n; ++i) e[i] = g[i] / (1.f + e[i]) * u[i];
+        hadamard_inplace(e.data(), n / rotation, rotation);
+        for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(e[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(g[i] / (1.f + e[i]) * u[i]);
+      }
     }
   });
   return out;
@@ -332,14 +361,30 @@ std::vector<double> router_features(torch::Tensor hidden, torch::Tensor normed, 
   return {std::log(std::max(rms, 1e-12)), std::log(std::max(energy, 1e-20))};
 }
 
+// x (..., n) float32 times the block-diagonal Hadamard matrix of `block` (a power of two that
+// divides n): a new tensor.
+torch::Tensor hadamard_blocks(torch::Tensor x, int64_t block) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0, "the Hadamard block must be a power of two, got ", block);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % block == 0, "the last dimension (", x.dim() ? x.size(-1) : 0,
+              ") must be a multiple of the Hadamard block ", block);
+  auto out = x.clone();
+  float* o = out.data_ptr<float>();
+  const int64_t count = out.numel() / block;
+  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) { hadamard_inplace(o + begin * block, end - begin, block); });
+  return out;
+}
+
 namespace {
 
 // x (1, K) float32 through the first `used` planes of one projection, as the Python decode path
 // computes it: the base plane's product (its activations at `base_wide_above` when it is read
 // alone), plus each residual plane's product in float32, plus the bias. planes holds weight,
 // scales, zeros of every stored plane in turn; meta their group size, first row and rows.
-torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& planes, const std::vector<int64_t>& meta, int64_t used,
-                      double base_wide_above, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor project(const torch::Tensor& input, const std::vector<torch::Tensor>& planes, const std::vector<int64_t>& meta, int64_t used,
+                      double base_wide_above, const c10::optional<torch::Tensor>& bias, int64_t rotation) {
+  const torch::Tensor x = rotation ? hadamard_blocks(input, rotation) : input;
   TORCH_CHECK(used >= 1 && static_cast<size_t>(3 * used) <= planes.size() && planes.size() == meta.size(),
               "a projection needs weight, scales, zeros and group size, first row, rows for each of its ", used, " planes");
   auto out = tap_kernels::matmul_w4(x, planes[0], planes[1], planes[2], meta[0], used > 1 ? 0.0 : base_wide_above, meta[1], meta[2]);
@@ -376,15 +421,17 @@ torch::Tensor decode_layer(torch::Tensor hidden, torch::Tensor normed, std::vect
                            c10::optional<torch::Tensor> gate_up_bias, std::vector<torch::Tensor> down, std::vector<int64_t> down_meta,
                            int64_t down_used, c10::optional<torch::Tensor> down_bias, double base_wide_above, torch::Tensor cos,
                            torch::Tensor sin, torch::Tensor keys, torch::Tensor values, int64_t position, int64_t num_heads,
-                           int64_t num_kv_heads, double scale, torch::Tensor post_norm, double post_eps) {
+                           int64_t num_kv_heads, double scale, torch::Tensor post_norm, double post_eps,
+                           std::vector<int64_t> rotations) {
   check_float_vector(normed, "normed");
+  TORCH_CHECK(rotations.size() == 4, "decode_layer needs the input rotation of its four projections, got ", rotations.size());
   const auto flat = normed.view({1, -1});
-  auto projected = project(flat, qkv, qkv_meta, qkv_used, base_wide_above, qkv_bias);
+  auto projected = project(flat, qkv, qkv_meta, qkv_used, base_wide_above, qkv_bias, rotations[0]);
   auto attended = attend_one(projected, cos, sin, keys, values, position, 0, num_heads, num_kv_heads, scale);
-  auto out = project(attended, o_proj, o_meta, o_used, base_wide_above, o_bias);
+  auto out = project(attended, o_proj, o_meta, o_used, base_wide_above, o_bias, rotations[1]);
   auto post = add_rms_norm(hidden, out, post_norm, post_eps);
-  auto activated = silu_mul(project(post.view({1, -1}), gate_up, gate_up_meta, gate_up_used, base_wide_above, gate_up_bias));
-  return project(activated, down, down_meta, down_used, base_wide_above, down_bias);
+  auto activated = silu_mul(project(post.view({1, -1}), gate_up, gate_up_meta, gate_up_used, base_wide_above, gate_up_bias, rotations[2]));
+  return project(activated, down, down_meta, down_used, base_wide_above, down_bias, rotations[3]);
 }
 
 void register_ops(pybind11::module& m) {
@@ -394,6 +441,7 @@ void register_ops(pybind11::module& m) {
   m.def("silu_mul_rows", &silu_mul_rows);
   m.def("router_features", &router_features);
   m.def("decode_layer", &decode_layer);
+  m.def("hadamard_blocks", &hadamard_blocks);
 }
 
 }  // namespace tap_decode
