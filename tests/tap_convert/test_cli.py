@@ -51,6 +51,10 @@ def test_parser_defaults_are_the_documented_ones():
     assert build_parser().parse_args(["model", "--out", "o", "--gptq-damping", "0.1"]).gptq_damping == 0.1
     assert args.head_damping == ConvertOptions().head_damping
     assert build_parser().parse_args(["model", "--out", "o", "--head-damping", "0.3"]).head_damping == 0.3
+    assert args.rotation == "hadamard"
+    assert build_parser().parse_args(["model", "--out", "o", "--rotation", "none"]).rotation == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["model", "--out", "o", "--rotation", "random"])
     assert args.scale_bits == 8
     assert build_parser().parse_args(["model", "--out", "o", "--scale-bits", "16"]).scale_bits == 16
     with pytest.raises(SystemExit):
@@ -67,6 +71,7 @@ def test_inspect_reports_and_verifies(converted_factory, capsys):
     assert "model.layers.1.mlp.down_proj" in report and "signal loss_gradient" in report
     assert "calibration:" in report and "GPTQ column order: activation" in report
     assert "group scales: 8-bit log codes under a float32 reference per plane" in report
+    assert "input rotation: hadamard, 14 of 14 linears rotated (blocks [64])" in report and " H64 " in report
     # A fresh model's norms are ones, exact in float16.
     assert "kept unquantized (norms, biases, ...): " in report and " in float16" in report
     assert "base-plane scheme with the lowest measured error" in report and "down_proj" in report

@@ -107,6 +107,57 @@ def test_gptq_damping_is_recorded_used_and_validated(converted_factory, tiny_mod
                 ConvertOptions(**{flag: bad}).validate()
 
 
+def _stored_weight(directory, table, name: str, count: int) -> torch.Tensor:
+    """The weight (out, in) a token reading ``count`` planes of linear ``name`` multiplies its input by."""
+    from tap_runtime.planes import Plane, dequantize_linear
+
+    policy = table.linear[name]
+    shard = next(s for s in table.shards if s.file_name)  # tiny models fit one shard
+    with safe_open(str(directory / shard.file_name), "pt") as handle:
+        planes = [
+            Plane.from_stored(spec, {f: handle.get_tensor(plane_tensor_name(name, i, f)) for f in spec.fields})
+            for i, spec in enumerate(policy.planes)
+        ]
+    return dequantize_linear(planes, policy, count)
+
+
+def test_input_rotation_is_recorded_used_and_can_be_turned_off(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    """By default every linear stores W H (its input's block Hadamard rotation); rotation="none"
+    stores W. Both give the source weights back, to their planes' rounding."""
+    import tap_runtime
+    from tap_runtime.rotation import rotation_block
+
+    source_dir = tiny_model_factory("llama")
+    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    weights = {n: m.weight.detach() for n, m in source.named_modules() if isinstance(m, torch.nn.Linear)}
+    rotated_dir = converted_factory("llama")
+    rotated = RoutingTable.from_json(rotated_dir / ROUTING_FILE)
+    assert rotated.calibration.extra["rotation"] == "hadamard"
+    assert all(p.input_rotation == rotation_block(p.in_features) > 0 for p in rotated.linear.values())
+    plain = convert(str(source_dir), tmp_path / "plain", ConvertOptions(calib=str(calibration_text_file), rotation="none", **FAST_CONVERT))
+    assert plain.calibration.extra["rotation"] == "none" and all(p.input_rotation == 0 for p in plain.linear.values())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        for directory, table in ((rotated_dir, rotated), (tmp_path / "plain", plain)):
+            for count, bound in ((1, 0.2), (2, 0.02)):
+                stored = _stored_weight(directory, table, name, count)
+                error = float((stored - weights[name]).norm() / weights[name].norm())
+                assert error < bound, (name, table.calibration.extra["rotation"], count, error)
+        with safe_open(str(rotated_dir / rotated.shards[0].file_name), "pt") as a, safe_open(
+            str(tmp_path / "plain" / plain.shards[0].file_name), "pt"
+        ) as b:
+            assert not torch.equal(a.get_tensor(plane_tensor_name(name, 0, "qweight")), b.get_tensor(plane_tensor_name(name, 0, "qweight")))
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11, 3]])
+    with torch.no_grad():
+        reference = source(ids).logits
+        for directory in (rotated_dir, tmp_path / "plain"):
+            tap = tap_runtime.load(directory)
+            tap.set_routing("fixed", tier=8)
+            logits = tap(ids).logits
+            assert float((logits - reference).norm() / reference.norm()) < 0.05, directory
+    with pytest.raises(InvalidConfigError, match="--rotation 'givens' is unknown"):
+        ConvertOptions(rotation="givens").validate()
+
+
 def test_scale_storage_is_recorded_validated_and_read_back(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
     """Format 3 stores group scales as uint8 codes with one float32 reference per plane; float16
     scales stay available (``scale_bits=16``) and load to the same kind of model."""

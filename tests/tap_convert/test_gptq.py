@@ -191,3 +191,22 @@ def test_damping_is_passed_on_and_must_be_positive():
             gptq_plane(weight, specs[0], moment.hessian, damping=damping)
         with pytest.raises(ValueError, match="damping must be positive"):
             gptq_rows(weight, moment.hessian, damping=damping)
+
+
+def test_hadamard_rotation_lowers_the_output_error_of_heavy_tailed_weights():
+    """Real weights are heavy-tailed: a few large weights per row stretch their group's scale.
+    Quantizing W H against the rotated inputs' Hessian (as the converter does) spreads them
+    over the block and lowers both tiers' output error."""
+    from tap_runtime.rotation import rotate_second_moment, rotate_weight
+
+    weight, inputs, moment = _problem()
+    generator = torch.Generator().manual_seed(7)
+    heavy = weight * torch.exp(torch.randn(weight.shape, generator=generator))  # log-normal magnitudes
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
+    reference = inputs @ heavy.t()
+    plain = gptq_tiers(heavy, specs, moment.hessian)
+    turned = gptq_tiers(rotate_weight(heavy, 64), specs, rotate_second_moment(moment.hessian, 64))
+    for count in (1, 2):
+        plain_sqnr = sqnr_db(reference, inputs @ dequantize_planes(plain, count).t())
+        turned_sqnr = sqnr_db(reference, inputs @ rotate_weight(dequantize_planes(turned, count), 64).t())
+        assert turned_sqnr > plain_sqnr + 2.0, (count, turned_sqnr, plain_sqnr)  # measured +6.6 and +11 dB

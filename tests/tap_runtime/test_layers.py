@@ -7,7 +7,8 @@ from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel
 from tap_runtime.kernels.native import native_kernels
 from tap_runtime.kernels.vnni import CpuVnniKernel
 from tap_runtime.layers import TapLinear
-from tap_runtime.planes import dequantize_planes
+from tap_runtime.planes import dequantize_linear, dequantize_planes
+from tap_runtime.rotation import rotate_weight
 from tap_runtime.router import ALL_TOKENS, LayerRouting
 
 
@@ -164,3 +165,32 @@ def test_unprepared_module_says_how_to_load():
     policy = LinearPolicy("layer", 64, 48, False, 0, (4, 8), (PlaneSpec(4, 32, False), PlaneSpec(4, 32, True)))
     with pytest.raises(RuntimeError, match="tap_runtime.load"):
         TapLinear(policy)(torch.randn(1, 64))
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [ReferenceKernel(), CpuPackedKernel()] + ([CpuVnniKernel()] if native_kernels() is not None else []),
+    ids=lambda k: k.name,
+)
+def test_a_rotated_linear_multiplies_its_own_input(kernel):
+    """Planes that store W H (input_rotation 64) give x W^T: the module rotates x itself."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(64, 128, generator=generator) * 0.05
+    weight[:, 5] *= 20  # an outlier column, the case the rotation is for
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False))
+    policy = LinearPolicy("layer", 128, 64, False, 0, (4, 8), specs, input_rotation=64)
+    planes = quantize_tiers(rotate_weight(weight, 64), specs)
+    module = TapLinear(policy)
+    for index, plane in enumerate(planes):
+        for field_name, tensor in plane.stored_tensors().items():
+            getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
+    module.prepare(kernel)
+    module.routing = LayerRouting(0, [torch.tensor([0, 3])])
+    x = torch.randn(1, 6, 128, generator=generator)
+    out = module(x)[0]
+    base, top = x[0] @ dequantize_linear(planes, policy, 1).t(), x[0] @ dequantize_linear(planes, policy, 2).t()
+    tolerance = 1e-5 if kernel.name == "reference" else 2e-2
+    torch.testing.assert_close(out[[0, 3]], top[[0, 3]], atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(out[[1, 2, 4, 5]], base[[1, 2, 4, 5]], atol=tolerance, rtol=tolerance)
+    # ... and it is the original weight, up to the rounding of its planes.
+    assert float((top - x[0] @ weight.t()).norm() / (x[0] @ weight.t()).norm()) < 5e-3

@@ -1,0 +1,75 @@
+"""The input rotation, layer by layer: GPTQ's output error with and without a block Hadamard.
+
+For every linear of the chosen decoder layers this script fits tiers 4 and 8 on half of
+--windows x 2 calibration windows, once on W itself and once on W H for each Hadamard block
+size in --blocks (H block-diagonal, tap_runtime.rotation; the Hessian rotated with it), then
+measures the relative output error tr(E H E^T) / tr(W H W^T) of the weights brought back to
+the input's own basis under three Hessians: the fit's own windows, the other half of the same
+calibration text (held out), and --other calibration text (another domain). Neither is
+evaluation text. Printed: the sums over the layers per block size (0: no rotation) and their
+ratios to no rotation.
+
+    python scripts/bench_rotation.py --model models/gemma3 --layers 3,12 --windows 16 --blocks 0,32,64,128
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench_common import add_layer_hessian_arguments, environment, layer_hessians
+from tap_convert.convert import _plane_specs, choose_group_size
+from tap_convert.gptq import gptq_tiers
+from tap_convert.policy import relative_output_error
+from tap_convert.schemes import choose_scheme, scheme_errors
+from tap_runtime.modeling import linear_weight
+from tap_runtime.planes import dequantize_planes
+from tap_runtime.rotation import rotate_mean_square, rotate_second_moment, rotate_weight
+
+MEASURES = ("fit", "held out", "other text")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layer_hessian_arguments(parser)
+    parser.add_argument("--other", default="c4", help="calibration text of another domain (wikitext / c4)")
+    parser.add_argument("--blocks", default="0,32,64,128", help="Hadamard block sizes; 0 is no rotation and comes first")
+    args = parser.parse_args()
+    blocks = [int(b) for b in args.blocks.split(",")]
+    if blocks[0] != 0:
+        parser.error("--blocks must start with 0 (no rotation), the baseline of the ratios")
+    sites, fit = layer_hessians(args, split=(0, 2))
+    _, held_out = layer_hessians(args, split=(1, 2))
+    _, other = layer_hessians(args, args.other)
+    print(f"# bench_rotation: {args.model}, layers {args.layers}, fit on {args.windows} {args.calib} windows, "
+          f"held out {args.windows} {args.calib} windows, other text {args.windows} {args.other} windows")
+    print(f"# {environment()}")
+    totals = {(b, tier, m): 0.0 for b in blocks for tier in (4, 8) for m in MEASURES}
+    for site in sites:
+        weight, hessian = linear_weight(site).float(), fit[site.name].hessian
+        group_size = choose_group_size(site.in_features, args.group_size)
+        measured = dict(zip(MEASURES, (hessian, held_out[site.name].hessian, other[site.name].hessian)))
+        for block in blocks:
+            if block and site.in_features % block:
+                raise SystemExit(f"{site.name}: width {site.in_features} is not a multiple of block {block}")
+            rotated, rotated_hessian = rotate_weight(weight, block), rotate_second_moment(hessian, block)
+            mean_square = rotate_mean_square(fit[site.name].mean_square, block)
+            scheme, _ = choose_scheme(scheme_errors(rotated, group_size, rotated_hessian, mean_square), "auto")
+            specs = _plane_specs((4, 8), group_size, base_symmetric=scheme == "symmetric")
+            planes = gptq_tiers(rotated, specs, rotated_hessian)
+            for count, tier in enumerate((4, 8), start=1):
+                approximation = rotate_weight(dequantize_planes(planes, count), block)  # back to W's basis
+                for measure, under in measured.items():
+                    totals[block, tier, measure] += relative_output_error(weight, approximation, under)
+        print(f"  {site.name} done", flush=True)
+    print()
+    header = " ".join(f"{f'tier {t} {m}':>18s}" for t in (4, 8) for m in MEASURES)
+    print(f"{'block':>8s} {header}")
+    for block in blocks:
+        print(f"{block:8d} " + " ".join(f"{totals[block, t, m]:18.4e}" for t in (4, 8) for m in MEASURES))
+    for block in blocks[1:]:
+        ratios = " ".join(f"{totals[block, t, m] / totals[0, t, m]:18.3f}" for t in (4, 8) for m in MEASURES)
+        print(f"{f'{block}/none':>8s} {ratios}")
+
+
+if __name__ == "__main__":
+    main()
