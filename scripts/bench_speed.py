@@ -43,6 +43,8 @@ ACTIVATION_SUFFIXES = {"-a8": math.inf, "-amix": 4.0}
 # (the default where the CPU has them), to show what the kernels alone change.
 # -lowmem rows load in memory-efficient mode (residual planes read from the shards on demand);
 # tap-budget, the default routing, holds the routed share at the fitted one (10% by default) on any text.
+# -other rows (tap-base-other, tap-budget-other, ...) load --other-tap instead of --tap: an A/B of
+# two conversions of the same model (e.g. --rotation hadamard against none) in one run.
 # TAP rows decode through TapModel.generate (the lean loop where the architecture has one); the
 # -eager row forces transformers' generate on the same checkpoint, to show what the loop saves.
 
@@ -111,6 +113,7 @@ def run_llama_cpp_row(row: str, args, ids: torch.Tensor) -> dict:
 
 def run_row(row: str, args) -> dict:
     """Measure one row in this process."""
+    requested = row
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -133,10 +136,15 @@ def run_row(row: str, args) -> dict:
         extra = {}
         kernel_name = None
     else:
+        checkpoint = args.tap
+        if row.endswith("-other"):
+            if not args.other_tap:
+                raise SystemExit(f"{row}: needs --other-tap")
+            checkpoint, row = args.other_tap, row[: -len("-other")]
         wide_above = next((v for suffix, v in ACTIVATION_SUFFIXES.items() if row.endswith(suffix)), None)
         row_kind = row[: row.rindex("-")] if wide_above is not None else row
         tap = tap_runtime.load(
-            args.tap, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
+            checkpoint, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
             keep_freed_memory=row.endswith("-heap"),
         )
         mode = {
@@ -207,7 +215,7 @@ def run_row(row: str, args) -> dict:
             decode_rates.append(decode_rate)
             prefill_rates.append(long_input.shape[1] / prefill_s)
     return {
-        "row": row,
+        "row": requested,
         "decode_tokens_per_second": statistics.median(decode_rates),
         "prefill_tokens_per_second": statistics.median(prefill_rates),
         "peak_rss_bytes": _vm_hwm_bytes(),
@@ -231,6 +239,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="run every row this many times, interleaved; medians across rounds")
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--other-tap", default=None, help="a second TAP checkpoint of the same model, for the -other rows")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -246,7 +255,7 @@ def main() -> None:
                 a for pair in (("--model", args.model), ("--tap", args.tap), ("--threads", str(args.threads)),
                                ("--prompt-tokens", str(args.prompt_tokens)), ("--new-tokens", str(args.new_tokens)),
                                ("--prefill-tokens", str(args.prefill_tokens)), ("--repeats", str(args.repeats))) for a in pair
-            ]
+            ] + (["--other-tap", args.other_tap] if args.other_tap else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{row}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -266,7 +275,8 @@ def main() -> None:
         merged["decode_by_round"] = [r["decode_tokens_per_second"] for r in runs]
         results.append(merged)
     base = next((r for r in results if r["row"] == "hf-fp32"), results[0])
-    print(f"# bench_speed: {args.tap} vs {args.model}; decode batch 1, {args.prompt_tokens}-token prompt, "
+    other = f" (-other rows: {args.other_tap})" if args.other_tap else ""
+    print(f"# bench_speed: {args.tap}{other} vs {args.model}; decode batch 1, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens; prefill {args.prefill_tokens} tokens; median of {args.repeats} repeats "
           f"x {args.rounds} interleaved rounds")
     print(f"# {environment()}")
