@@ -147,8 +147,46 @@ void check_float_vector(const torch::Tensor& t, const char* name) {
 
 // Each run of `block` values of x (count blocks) times the normalised Sylvester Hadamard matrix,
 // in place: the fast transform's log2(block) butterfly passes, then the 1/sqrt(block) factor.
+// Stage h pairs value j with j + h: (a, c) -> (a + c, a - c). With AVX-512 and blocks of 16 or
+// more, stages below 16 run within a register (each lane's partner is lane i ^ h; lanes whose
+// bit h is set take partner - self) and the others between registers: the same additions in
+// the same order as the scalar loop, so both give the same bits.
 void hadamard_inplace(float* x, int64_t count, int64_t block) {
   const float norm = 1.f / std::sqrt(static_cast<float>(block));
+#if defined(__AVX512F__)
+  if (block >= 16 && block % 16 == 0) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i partner[4];
+    __mmask16 upper[4];
+    for (int s = 0; s < 4; ++s) {
+      const int h = 1 << s;
+      partner[s] = _mm512_xor_si512(lane, _mm512_set1_epi32(h));
+      upper[s] = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h));
+    }
+    const __m512 scale = _mm512_set1_ps(norm);
+    for (int64_t b = 0; b < count; ++b) {
+      float* v = x + b * block;
+      for (int64_t r = 0; r < block; r += 16) {
+        __m512 value = _mm512_loadu_ps(v + r);
+        for (int s = 0; s < 4; ++s) {
+          const __m512 other = _mm512_permutexvar_ps(partner[s], value);
+          // lanes with bit h clear: self + partner; set: partner - self.
+          value = _mm512_mask_sub_ps(_mm512_add_ps(value, other), upper[s], other, value);
+        }
+        _mm512_storeu_ps(v + r, value);
+      }
+      for (int64_t h = 16; h < block; h *= 2)
+        for (int64_t i = 0; i < block; i += 2 * h)
+          for (int64_t j = i; j < i + h; j += 16) {
+            const __m512 a = _mm512_loadu_ps(v + j), c = _mm512_loadu_ps(v + j + h);
+            _mm512_storeu_ps(v + j, _mm512_add_ps(a, c));
+            _mm512_storeu_ps(v + j + h, _mm512_sub_ps(a, c));
+          }
+      for (int64_t r = 0; r < block; r += 16) _mm512_storeu_ps(v + r, _mm512_mul_ps(_mm512_loadu_ps(v + r), scale));
+    }
+    return;
+  }
+#endif
   for (int64_t b = 0; b < count; ++b) {
     float* v = x + b * block;
     for (int64_t h = 1; h < block; h *= 2)
