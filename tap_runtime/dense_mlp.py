@@ -20,6 +20,7 @@ from torch import nn
 
 from .kernels.native import native_kernels
 from .layers import TapLinear
+from .rotation import rotate_input
 
 __all__ = ["install_dense_mlp", "dense_mlp_forward"]
 
@@ -43,7 +44,13 @@ def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     # The down projection's input rotation happens inside the native pass, in float32 before
     # the rounding to bfloat16 (rotating the rounded values would round twice).
     rotation = mlp.down_proj.policy.input_rotation
-    (gate, gate_routed), (up, up_routed) = mlp.gate_proj.products(flat), mlp.up_proj.products(flat)
+    # gate and up read one input: rotate it once for both where their rotations agree.
+    shared = mlp.gate_proj.policy.input_rotation
+    if shared and shared == mlp.up_proj.policy.input_rotation:
+        rotated = rotate_input(flat, shared)
+        (gate, gate_routed), (up, up_routed) = mlp.gate_proj.products(rotated, True), mlp.up_proj.products(rotated, True)
+    else:
+        (gate, gate_routed), (up, up_routed) = mlp.gate_proj.products(flat), mlp.up_proj.products(flat)
     if gate_routed is None and up_routed is None:
         activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation)
     elif (
