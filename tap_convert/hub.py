@@ -48,6 +48,15 @@ def _gptq_order(table: RoutingTable) -> str:
     return f"; GPTQ in {order} order" if order else ""
 
 
+def input_rotation(table: RoutingTable) -> str:
+    """Which linears quantize W H (a block Hadamard rotation of their input), in words."""
+    blocks = sorted({p.input_rotation for p in table.linear.values() if p.input_rotation})
+    rotated = sum(1 for p in table.linear.values() if p.input_rotation)
+    if not rotated:
+        return "none"
+    return f"{rotated} of {len(table.linear)} linears, Hadamard blocks of {', '.join(map(str, blocks))}"
+
+
 def scale_storage(table: RoutingTable) -> str:
     """How the planes' group scales are stored, in words (for inspect and the model card)."""
     kinds = {spec.scale_bits for policy in table.linear.values() for spec in policy.planes}
@@ -112,7 +121,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 |---|---|
 {bits_rows}
 
-Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)}; group scales as {scale_storage(table)});
+Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)}; group scales as {scale_storage(table)}; input rotation: {input_rotation(table)});
 promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
 embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept unquantized: {kept_storage(table)} (float16 only where exact).
 

@@ -15,7 +15,7 @@ from tap_runtime.checkpoint import read_checkpoint, verify_files
 from tap_runtime.errors import TapError
 from tap_runtime.format import RoutingTable
 
-from .hub import kept_storage, scale_storage
+from .hub import input_rotation, kept_storage, scale_storage
 
 __all__ = ["inspect_checkpoint", "scheme_wins", "token_tier_shares", "plot_precision_map"]
 
@@ -104,9 +104,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         lines.append(f"  GPTQ damping: {calibration.extra['gptq_damping']} of the mean Hessian diagonal")
     if calibration.extra.get("head_damping") is not None:
         lines.append(f"  head rows' GPTQ damping: {calibration.extra['head_damping']}")
-    rotated = sum(1 for p in table.linear.values() if p.input_rotation)
-    lines.append(f"  input rotation: {calibration.extra.get('rotation', 'none')}, {rotated} of {len(table.linear)} linears "
-                 f"rotated (blocks {sorted({p.input_rotation for p in table.linear.values() if p.input_rotation})})")
+    lines.append(f"  input rotation ({calibration.extra.get('rotation', 'none')}): {input_rotation(table)}")
     lines.append(f"  group scales: {scale_storage(table)}")
     ok = all(status == "ok" for _, _, status in files)
     lines += ["", "all files verified" if ok else "SOME FILES FAILED VERIFICATION"]

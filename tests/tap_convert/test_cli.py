@@ -71,7 +71,7 @@ def test_inspect_reports_and_verifies(converted_factory, capsys):
     assert "model.layers.1.mlp.down_proj" in report and "signal loss_gradient" in report
     assert "calibration:" in report and "GPTQ column order: activation" in report
     assert "group scales: 8-bit log codes under a float32 reference per plane" in report
-    assert "input rotation: hadamard, 14 of 14 linears rotated (blocks [64])" in report and " H64 " in report
+    assert "input rotation (hadamard): 14 of 14 linears, Hadamard blocks of 64" in report and " H64 " in report
     # A fresh model's norms are ones, exact in float16.
     assert "kept unquantized (norms, biases, ...): " in report and " in float16" in report
     assert "base-plane scheme with the lowest measured error" in report and "down_proj" in report
