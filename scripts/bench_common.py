@@ -134,6 +134,40 @@ def add_layer_hessian_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2)
 
 
+HESSIAN_MEASURES = ("fit", "held out", "other text")
+
+
+def fit_held_out_and_other_hessians(args, script: str):
+    """(sites, fit stats, {site name: {measure: Hessian}}) for the layer-level A/B scripts: the fit
+    on half of 2 x ``args.windows`` calibration windows, measured under the fit's own Hessian, the
+    other half's (held out) and ``args.other`` text's; prints the header that says so."""
+    sites, fit = layer_hessians(args, split=(0, 2))
+    _, held_out = layer_hessians(args, split=(1, 2))
+    _, other = layer_hessians(args, args.other)
+    print(f"# {script}: {args.model}, layers {args.layers}, fit on {args.windows} {args.calib} windows, "
+          f"held out {args.windows} {args.calib} windows, other text {args.windows} {args.other} windows")
+    print(f"# {environment()}")
+    measured = {
+        site.name: dict(zip(HESSIAN_MEASURES, (fit[site.name].hessian, held_out[site.name].hessian, other[site.name].hessian)))
+        for site in sites
+    }
+    return sites, fit, measured
+
+
+def print_tier_error_table(label: str, settings: list, totals: dict, name=str) -> None:
+    """The layer-level A/B table: summed errors per setting, tier (4, 8) and HESSIAN_MEASURES,
+    then every later setting's ratios to the first. ``name`` spells a setting."""
+    print()
+    header = " ".join(f"{f'tier {t} {m}':>18s}" for t in (4, 8) for m in HESSIAN_MEASURES)
+    print(f"{label:>8s} {header}")
+    for setting in settings:
+        print(f"{name(setting):>8s} " + " ".join(f"{totals[setting, t, m]:18.4e}" for t in (4, 8) for m in HESSIAN_MEASURES))
+    first = settings[0]
+    for setting in settings[1:]:
+        ratios = " ".join(f"{totals[setting, t, m] / totals[first, t, m]:18.3f}" for t in (4, 8) for m in HESSIAN_MEASURES)
+        print(f"{f'{name(setting)}/{name(first)}':>8s} {ratios}")
+
+
 def layer_hessians(args, calib: str | None = None, split: tuple[int, int] | None = None):
     """(sites, stats): the linears of ``args.layers`` and their calibration input statistics
     (Hessians included), from ``args.windows`` windows of the calibration text (``calib``, default

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench_common import add_layer_hessian_arguments, environment, layer_hessians
+from bench_common import HESSIAN_MEASURES as MEASURES, add_layer_hessian_arguments, fit_held_out_and_other_hessians, print_tier_error_table
 from tap_convert.convert import _plane_specs, choose_group_size
 from tap_convert.gptq import gptq_tiers
 from tap_convert.policy import relative_output_error
@@ -24,8 +24,6 @@ from tap_convert.schemes import choose_scheme, scheme_errors
 from tap_runtime.modeling import linear_weight
 from tap_runtime.planes import dequantize_planes
 from tap_runtime.rotation import rotate_mean_square, rotate_second_moment, rotate_weight
-
-MEASURES = ("fit", "held out", "other text")
 
 
 def main() -> None:
@@ -37,17 +35,12 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     if blocks[0] != 0:
         parser.error("--blocks must start with 0 (no rotation), the baseline of the ratios")
-    sites, fit = layer_hessians(args, split=(0, 2))
-    _, held_out = layer_hessians(args, split=(1, 2))
-    _, other = layer_hessians(args, args.other)
-    print(f"# bench_rotation: {args.model}, layers {args.layers}, fit on {args.windows} {args.calib} windows, "
-          f"held out {args.windows} {args.calib} windows, other text {args.windows} {args.other} windows")
-    print(f"# {environment()}")
+    sites, fit, measured_by_site = fit_held_out_and_other_hessians(args, "bench_rotation")
     totals = {(b, tier, m): 0.0 for b in blocks for tier in (4, 8) for m in MEASURES}
     for site in sites:
         weight, hessian = linear_weight(site).float(), fit[site.name].hessian
         group_size = choose_group_size(site.in_features, args.group_size)
-        measured = dict(zip(MEASURES, (hessian, held_out[site.name].hessian, other[site.name].hessian)))
+        measured = measured_by_site[site.name]
         for block in blocks:
             if block and site.in_features % block:
                 raise SystemExit(f"{site.name}: width {site.in_features} is not a multiple of block {block}")
@@ -61,15 +54,7 @@ def main() -> None:
                 for measure, under in measured.items():
                     totals[block, tier, measure] += relative_output_error(weight, approximation, under)
         print(f"  {site.name} done", flush=True)
-    print()
-    header = " ".join(f"{f'tier {t} {m}':>18s}" for t in (4, 8) for m in MEASURES)
-    print(f"{'block':>8s} {header}")
-    for block in blocks:
-        print(f"{block:8d} " + " ".join(f"{totals[block, t, m]:18.4e}" for t in (4, 8) for m in MEASURES))
-    for block in blocks[1:]:
-        ratios = " ".join(f"{totals[block, t, m] / totals[0, t, m]:18.3f}" for t in (4, 8) for m in MEASURES)
-        print(f"{f'{block}/none':>8s} {ratios}")
-
+    print_tier_error_table("block", blocks, totals, lambda b: str(b) if b else "none")
 
 if __name__ == "__main__":
     main()
