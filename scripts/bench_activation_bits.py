@@ -1,18 +1,22 @@
-"""What 8-bit activations on the base plane cost and buy: token-by-token quality and decode speed.
+"""What 8-bit activations on the base plane cost and buy, in decode and in prefill.
 
 TAP's VNNI kernel quantizes activations per block of 64 to 15 bits; with
 ``CpuVnniKernel(base_wide_above=T)`` a call whose tokens read the base plane alone (they already
 carry the 4-bit plane's error) takes 8 bits in the blocks whose peak is at most T times their RMS
-(T = inf: every block 8 bits). This script measures 15 bits everywhere, 8 bits everywhere and each
-``--wide-above`` T on the same checkpoint, in one process:
+(T = inf: every block 8 bits). ``load(base_activation_bits=8)`` sets T = inf and also sends every
+many-token call's base product through the 8-bit lane kernel instead of a bfloat16 GEMM
+(``CpuVnniKernel.lane_base``). This script measures, on one checkpoint in one process:
 
-- quality: held-out windows fed one token at a time through the lean loop (so every product
-  goes through the one-token kernel, as in decode), KL and perplexity against fp32, for the
-  default routing and for every token on the base tier;
-- speed: decode tok/s (128 new tokens, default routing), the settings alternated;
-- how many blocks each T sends to 15 bits, counted on the same windows' base-only calls.
+- decode quality: held-out windows fed one token at a time through the lean loop (so every
+  product goes through the one-token kernel, as in decode), KL and perplexity against fp32, for
+  the default routing and for every token on the base tier: 15 bits everywhere, 8 bits
+  everywhere and each ``--wide-above`` T;
+- how many blocks each T sends to 15 bits, counted on the same windows' base-only calls;
+- prefill quality: the same windows as whole forwards (the many-token path), 15 against 8 bits;
+- speed: decode tok/s (128 new tokens, default routing) and 512-token prefill tok/s (base tier
+  and default routing), the settings alternated.
 
-    python scripts/bench_activation_bits.py --model models/smollm2 --tap models/smollm2-tap --wide-above 4
+    python scripts/bench_activation_bits.py --model models/smollm2 --tap models/smollm2-tap-hr --wide-above 4
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from bench_common import environment, load_tap_and_windows, set_threads
 from tap_runtime.decode import DirectDecodeLayer, FastDecoder
-from tap_runtime.kernels.vnni import ALL_NARROW, ALL_WIDE, BLOCK, CpuVnniKernel
+from tap_runtime.kernels.vnni import ALL_NARROW, ALL_WIDE, BASE_ACTIVATION_BITS, BLOCK, CpuVnniKernel
 
 
 def _kernels(tap) -> list[CpuVnniKernel]:
@@ -40,6 +44,12 @@ def _kernels(tap) -> list[CpuVnniKernel]:
 def _set_wide_above(tap, wide_above: float) -> None:
     for kernel in _kernels(tap):
         kernel.base_wide_above = wide_above
+        kernel.lane_base = False
+
+
+def _set_bits(tap, bits: int) -> None:
+    for kernel in _kernels(tap):
+        kernel.set_base_activation_bits(bits)
 
 
 class _BlockCounter:
@@ -77,6 +87,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-quality", action="store_true")
@@ -117,12 +128,42 @@ def main() -> None:
             tap.set_routing()
             _set_wide_above(tap, args.wide_above[0])  # any value but ALL_WIDE routes base-only calls to matmul_base
             decoder = FastDecoder(tap.model)
+            decoder.native_layers = False  # whole native layers call the kernels from C++, past the counter
             with torch.inference_mode(), _BlockCounter(args.wide_above) as counter:
                 for window in windows:
                     decoder._allocate(window.numel(), torch.float32, window.device)
                     for s in range(window.numel()):
                         decoder.forward(window[None, s : s + 1], s)
-            shares = {t: w / max(counter.total, 1) for t, w in zip(args.wide_above, counter.wide)}
+            if not counter.total:
+                raise SystemExit("no base-only one-token product went through DirectDecodeLayer.plane_product; the count is void")
+            shares = {t: w / counter.total for t, w in zip(args.wide_above, counter.wide)}
+        prefill_rows = []
+        with torch.inference_mode():
+            for routing in (("budget", None), ("fixed", tap.table.tiers[0])):
+                tap.set_routing(*routing)
+                for bits in BASE_ACTIVATION_BITS:
+                    _set_bits(tap, bits)
+                    nll = kl = 0.0
+                    for window, ref in zip(windows, reference_logprobs):
+                        logprobs = torch.log_softmax(tap.model(window.unsqueeze(0)).logits[0, :-1].float(), -1)
+                        nll -= logprobs.gather(-1, window[1:, None]).sum().item()
+                        kl += (ref.exp() * (ref - logprobs)).sum().item()
+                    name = "default routing" if routing[0] == "budget" else f"every token tier {routing[1]}"
+                    prefill_rows.append((name, bits, math.exp((nll - fp32_nll) / count), kl / count))
+        _set_bits(tap, 15)
+    prefill_text = torch.cat(list(windows))[: args.prefill_tokens].unsqueeze(0)
+    prefill_rates: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for round_index in range(args.rounds + 1):  # round 0 warms up
+            for routing in (("fixed", tap.table.tiers[0]), ("budget", None)):
+                tap.set_routing(*routing)
+                for bits in BASE_ACTIVATION_BITS:
+                    _set_bits(tap, bits)
+                    tick = time.perf_counter()
+                    tap.model(prefill_text, use_cache=False, logits_to_keep=1)
+                    if round_index:
+                        prefill_rates.setdefault((routing[0], bits), []).append(prefill_text.shape[1] / (time.perf_counter() - tick))
+    _set_bits(tap, 15)
     tap.set_routing()
     prompt = windows[0, :32].unsqueeze(0)
     rates: dict[str, list[float]] = {label: [] for label in settings}
@@ -142,6 +183,19 @@ def main() -> None:
     if shares:
         print("\nblocks of base-only calls kept at 15 bits (default routing, same windows): "
               + ", ".join(f"T = {t:g}: {share:.1%}" for t, share in shares.items()))
+    if not args.skip_quality:
+        print("\nprefill path (each window one forward; base products bfloat16 GEMM at 15 bits, lane kernel at 8):")
+        print("| routing | base activations | ppl ratio | mean KL |")
+        print("|---|---|---|---|")
+        for name, bits, ratio, kl in prefill_rows:
+            print(f"| {name} | {bits}-bit | {ratio:.4f} | {kl:.4f} |")
+    print(f"\nprefill tok/s, {prefill_text.shape[1]} tokens, medians of {args.rounds} alternated rounds:")
+    print("| routing | 15-bit (default) | 8-bit | 8 / 15 (median of rounds) |")
+    print("|---|---|---|---|")
+    for routing, name in (("fixed", "base tier"), ("budget", "default routing")):
+        wide, narrow = prefill_rates[(routing, 15)], prefill_rates[(routing, 8)]
+        ratio = statistics.median(n / w for n, w in zip(narrow, wide))
+        print(f"| {name} | {statistics.median(wide):.1f} | {statistics.median(narrow):.1f} | {ratio:.3f} |")
     medians = {label: statistics.median(r) for label, r in rates.items()}
     default = medians["15-bit everywhere (default)"]
     print(f"\ndecode tok/s, default routing, {args.new_tokens} new tokens, medians of {args.rounds} alternated rounds:")

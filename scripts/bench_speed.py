@@ -32,9 +32,10 @@ from tap_runtime.metrics import FirstTokenClock
 
 ROWS = ("hf-fp32", "hf-fp32-heap", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
         "tap-base-torch", "tap-budget-torch", "tap-budget-heap", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
-# Optional rows (not run by default): tap-base / tap-budget with -a8 (8-bit activations on every
-# base-only product) or -amix (8 bits per block of 64 unless the block's peak exceeds
-# 4 x its RMS), see CpuVnniKernel.base_wide_above.
+# Optional rows (not run by default): tap-base / tap-budget with -a8 (load(base_activation_bits=8):
+# 8-bit activations on every base-only product in decode and on every base product in prefill)
+# or -amix (decode only: 8 bits per block of 64 unless the block's peak exceeds 4 x its RMS),
+# see CpuVnniKernel.base_wide_above and .lane_base.
 ACTIVATION_SUFFIXES = {"-a8": math.inf, "-amix": 4.0}
 # -heap rows set glibc to keep freed heap memory for the next layer's activations
 # (pages.keep_freed_heap; tap_runtime.load(keep_freed_memory=True), off by default), for HF fp32
@@ -145,7 +146,7 @@ def run_row(row: str, args) -> dict:
         row_kind = row[: row.rindex("-")] if wide_above is not None else row
         tap = tap_runtime.load(
             checkpoint, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
-            keep_freed_memory=row.endswith("-heap"),
+            keep_freed_memory=row.endswith("-heap"), base_activation_bits=8 if row.endswith("-a8") else 15,
         )
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),
@@ -160,7 +161,7 @@ def run_row(row: str, args) -> dict:
             "tap-budget-heap": ("budget", None),
         }[row_kind]
         tap.set_routing(mode[0], tier=mode[1])
-        if wide_above is not None:
+        if row.endswith("-amix"):
             from tap_runtime.kernels.vnni import CpuVnniKernel
 
             kernels = {id(m.kernel): m.kernel for m in tap.model.modules() if isinstance(getattr(m, "kernel", None), CpuVnniKernel)}

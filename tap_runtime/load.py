@@ -10,6 +10,7 @@ import torch
 from .checkpoint import read_checkpoint, resolve_checkpoint
 from .hf_integration import LoadOptions, load_options
 from .kernels import KERNEL_NAMES
+from .kernels.vnni import BASE_ACTIVATION_BITS
 from .errors import InvalidConfigError
 from .model import TapModel
 from .offload import offloaded_linears, plan_device_map, plane_bytes
@@ -65,6 +66,7 @@ def load(
     device_map: dict[str, Any] | str | None = None,
     max_gpu_memory_mb: float | None = None,
     keep_freed_memory: bool = False,
+    base_activation_bits: int = 15,
 ) -> TapModel:
     """Load a TAP checkpoint.
 
@@ -92,6 +94,12 @@ def load(
             so a prefill does not fault its temporaries in afresh in every layer. Process-wide.
             Off by default: on Qwen2.5-1.5B it made 512-token prefill 6-10% faster but decode
             4-8% slower (scripts/bench_speed.py rows tap-budget / tap-budget-heap).
+        base_activation_bits: 15 (default) or 8: the activations of the base plane's products on
+            TAP's VNNI kernel, per block of 64 inputs. 8 bits take half the dot products, in
+            decode (tokens that read the base plane alone) and in prefill (every token's base
+            product, instead of a bfloat16 GEMM); it costs some KL, far less on a rotated
+            (format 5) checkpoint than on an unrotated one (README, "8-bit activations").
+            Other kernels refuse 8.
     Returns:
         a :class:`TapModel`; its ``.model`` is a regular transformers model.
     Example:
@@ -100,6 +108,8 @@ def load(
     """
     if kernel not in KERNEL_NAMES:
         raise InvalidConfigError(f"kernel {kernel!r} is unknown; expected one of {list(KERNEL_NAMES)}.")
+    if base_activation_bits not in BASE_ACTIVATION_BITS:
+        raise InvalidConfigError(f"base_activation_bits must be one of {list(BASE_ACTIVATION_BITS)}, got {base_activation_bits!r}.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_checkpoint(path_or_repo_id, revision=revision)
@@ -131,7 +141,23 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError):
         tokenizer = None
+    if base_activation_bits != 15:
+        _set_base_activation_bits(model, base_activation_bits)
     return_freed_heap()  # transient unpacked codes from packing, freed but still resident
     if keep_freed_memory:
         keep_freed_heap()
     return TapModel(model, tokenizer, checkpoint)
+
+
+def _set_base_activation_bits(model, bits: int) -> None:
+    """Every linear's kernel takes ``bits`` on its base products; a kernel without that choice is
+    an error, not a silent no-op (the user asked for a speed/quality trade it cannot make)."""
+    kernels = {id(m.kernel): m.kernel for m in model.modules() if getattr(m, "kernel", None) is not None}
+    unable = sorted({type(k).__name__ for k in kernels.values() if not hasattr(k, "set_base_activation_bits")})
+    if unable or not kernels:
+        raise InvalidConfigError(
+            f"base_activation_bits={bits} needs TAP's VNNI kernel (kernel='cpu-vnni'); this model runs on "
+            f"{', '.join(unable) or 'no TAP kernel'}."
+        )
+    for kernel in kernels.values():
+        kernel.set_base_activation_bits(bits)

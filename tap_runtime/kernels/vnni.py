@@ -31,7 +31,7 @@ from ..planes import Plane, RowQuantized
 from .cpu import CpuPackedKernel, _PackedPlane, _PackedRows
 from .native import native_kernels
 
-__all__ = ["ALL_NARROW", "ALL_WIDE", "CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
+__all__ = ["ALL_NARROW", "ALL_WIDE", "BASE_ACTIVATION_BITS", "CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
 
 BLOCK = 64  # inputs per activation scale, and per 32 bytes of packed plane
 CHUNK_BLOCKS = 16  # blocks per chunk of the plane layout (the C++ kernel's kChunkBlocks)
@@ -42,6 +42,7 @@ _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multip
 # takes 15 bits where its peak exceeds wide_above times its RMS, else 8 bits.
 ALL_WIDE = 0.0  # every block 15 bits (a block's peak is never below its RMS)
 ALL_NARROW = math.inf  # every block 8 bits
+BASE_ACTIVATION_BITS = (15, 8)  # load(base_activation_bits=...): the default first
 
 
 def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
@@ -173,6 +174,7 @@ class CpuVnniKernel(CpuPackedKernel):
         native: ModuleType | None = None,
         base_wide_above: float = ALL_WIDE,
         lane_residuals: bool = True,
+        lane_base: bool = False,
     ):
         super().__init__()
         # lane_residuals: in a many-token call, the routed tokens' residual products go through
@@ -190,6 +192,12 @@ class CpuVnniKernel(CpuPackedKernel):
         if not base_wide_above >= 0:
             raise ValueError(f"base_wide_above must be >= 0 (0: all activations 15-bit, inf: all 8-bit), got {base_wide_above}")
         self.base_wide_above = float(base_wide_above)
+        # lane_base: in a many-token call, the base plane's product too goes through the lane
+        # kernel (8-bit activations per block of 64, the plane read as stored) instead of unpack +
+        # bfloat16 GEMM: VNNI multiplies 8-bit values at twice bfloat16's rate. On a rotated
+        # checkpoint (format 5) the 8 bits cost little (scripts/bench_activation_bits.py); off by
+        # default all the same, as every 8-bit choice here is the user's to make.
+        self.lane_base = bool(lane_base)
         self.native = native if native is not None else native_kernels()
         if self.native is None:
             raise RuntimeError("the native CPU kernels are not available on this machine")
@@ -281,14 +289,28 @@ class CpuVnniKernel(CpuPackedKernel):
 
     def matmul_base(self, x: torch.Tensor, prepared, alone: bool) -> torch.Tensor:
         """The base plane's product; ``alone``: no token of this call reads a residual plane."""
-        if alone and self.base_wide_above != ALL_WIDE and type(prepared) is TiledPlane and (
-            self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens
-        ):
-            return self.native.matmul_w4(
-                x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
-                self.base_wide_above, prepared.first_row, prepared.out_features,
-            )
+        if type(prepared) is TiledPlane:
+            many = self.vnni_dense_min_tokens is not None and x.shape[0] >= self.vnni_dense_min_tokens
+            if many and self.lane_base:
+                return self.native.matmul_w4_many(
+                    x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
+                    prepared.first_row, prepared.out_features,
+                )
+            if not many and alone and self.base_wide_above != ALL_WIDE:
+                return self.native.matmul_w4(
+                    x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
+                    self.base_wide_above, prepared.first_row, prepared.out_features,
+                )
         return self.matmul_plane(x, prepared)
+
+    def set_base_activation_bits(self, bits: int) -> None:
+        """15: the base plane's products take 15-bit activations (bfloat16 in many-token calls),
+        the default. 8: 8 bits per block of 64 in every call whose tokens read the base plane
+        alone (decode) and in every many-token call's base product (prefill)."""
+        if bits not in BASE_ACTIVATION_BITS:
+            raise ValueError(f"base activation bits must be one of {BASE_ACTIVATION_BITS}, got {bits!r}")
+        self.base_wide_above = ALL_NARROW if bits == 8 else ALL_WIDE
+        self.lane_base = bits == 8
 
     def fuse_planes(self, parts: list):
         if all(type(p) is _PackedPlane for p in parts):

@@ -133,6 +133,52 @@ def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+def test_eight_bit_base_activations_take_the_lane_kernel_in_prefill_and_narrow_blocks_in_decode():
+    """base_activation_bits=8: a many-token call's base product is the lane kernel's (8-bit per
+    block of 64, bitwise its output), routed rows add their residual as before; a few-token call
+    whose tokens read the base plane alone takes the one-token kernel's 8-bit mode, and a routed
+    token's base product keeps 15 bits."""
+    kernel = CpuVnniKernel()
+    kernel.set_base_activation_bits(8)
+    kernel.native = _CountingNative(kernel.native)
+    module, planes = _native_linear(kernel, 40, 128)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
+    base_plane = module._prepared[0]
+    lane = kernel.native._native.matmul_w4_many(
+        x, base_plane.weight, base_plane.scales, base_plane.zeros, base_plane.group_size, base_plane.first_row, 40
+    )
+    module.routing = LayerRouting(0, [None])
+    out = module(x)
+    assert torch.equal(out, lane)
+    assert kernel.native.lane_calls == 1
+    base = x @ dequantize_planes(planes, 1).t()
+    error = float((out - base).norm() / base.norm())
+    assert 1e-4 < error < 2e-2  # 8-bit activations: coarser than 15 bits, still close
+    routed = torch.zeros(40, dtype=torch.bool)
+    routed[::3] = True
+    module.routing = LayerRouting(0, [routed.nonzero().flatten()])
+    out = module(x)
+    top = x @ dequantize_planes(planes, 2).t()
+    assert torch.equal(out[~routed], lane[~routed])
+    assert float((out[routed] - top[routed]).norm() / top[routed].norm()) < 2e-2
+    assert kernel.native.lane_calls == 3  # base and residual
+    module.routing = LayerRouting(0, [None])
+    narrow = module(x[:1])
+    native = kernel.native._native
+    assert torch.equal(narrow, native.matmul_w4(
+        x[:1].contiguous(), base_plane.weight, base_plane.scales, base_plane.zeros, base_plane.group_size, float("inf"), 0, 40
+    ))
+    module.routing = LayerRouting(0, [torch.tensor([0])])
+    routed_one = module(x[:1])
+    assert float((routed_one - top[:1]).norm() / top[:1].norm()) < 1e-3  # 15 bits for a routed token
+    assert kernel.native.lane_calls == 3
+    kernel.set_base_activation_bits(15)
+    assert (kernel.lane_base, kernel.base_wide_above) == (False, 0.0)
+    with pytest.raises(ValueError, match="one of"):
+        kernel.set_base_activation_bits(4)
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
 def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32():
     """products() (the dense MLP's gate and up) keeps the base product in bfloat16 with routed
     tokens and hands their rows over apart: base + residual, in float32."""
