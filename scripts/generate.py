@@ -24,11 +24,13 @@ def main() -> None:
     parser.add_argument("--tier", type=int, default=None, help="the tier for --routing fixed")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--base-activation-bits", type=int, choices=[15, 8], default=15,
+                        help="8: faster base-plane products on TAP's VNNI kernel, at some KL (README, 8-bit activations)")
     parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = tap_runtime.load(args.checkpoint)
+    model = tap_runtime.load(args.checkpoint, base_activation_bits=args.base_activation_bits)
     model.set_routing(args.routing, tier=args.tier)
     sampling = {"do_sample": True, "temperature": 0.7} if args.sample else {}
     result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat, **sampling)
