@@ -6,7 +6,9 @@ of the same model (e.g. ``tap-convert --rotation hadamard`` against ``none``) th
 both into one process and alternates --passes forwards over the same --tokens tokens of held-out
 WikiText (the module forward, as transformers' generate runs a prefill), at the routing given,
 and prints the median seconds of each, their ratio, and the seconds spent rotating inputs
-(tap_runtime.rotation.rotate_input, as called by the linears).
+(tap_runtime.rotation.rotate_input, as called by the linears). With --decode N it then
+alternates greedy decodes of N new tokens after a 32-token prompt (TapModel.generate, the lean
+loop) and prints the median decode tok/s of each and the median of the per-round ratios.
 
     python scripts/bench_checkpoint_ab.py --model models/gemma3 --tap models/gemma3-tap-hr --other-tap models/gemma3-tap-h01
 """
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5, help="timed passes per checkpoint, after one warm-up each")
     parser.add_argument("--routing", default="fixed", choices=["fixed", "budget"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode", type=int, default=0, help="new tokens per alternated decode (0: prefill only)")
     args = parser.parse_args()
     set_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -83,6 +86,20 @@ def main() -> None:
               + " ".join(f"{s:.3f}" for s in seconds[path]))
     ratio = statistics.median(seconds[args.tap]) / statistics.median(seconds[args.other_tap])
     print(f"time ratio {args.tap} / {args.other_tap}: {ratio:.3f}")
+    if args.decode:
+        prompt = ids[:, :32]
+        rates = {path: [] for path in taps}
+        for index in range(args.passes + 1):
+            for path, tap in taps.items():
+                done = tap.generate(input_ids=prompt, max_new_tokens=args.decode, eos_token_id=[])
+                if index:
+                    rates[path].append(done.metrics.decode_tokens_per_second)
+        print(f"decode, {args.decode} new tokens, {args.passes} alternated rounds after a warm-up:")
+        for path in taps:
+            print(f"{path:40s} {statistics.median(rates[path]):7.1f} tok/s  " + " ".join(f"{r:.1f}" for r in rates[path]))
+        ratios = [a / b for a, b in zip(rates[args.tap], rates[args.other_tap])]
+        print(f"decode tok/s ratio {args.tap} / {args.other_tap}: median {statistics.median(ratios):.3f} "
+              f"(rounds {' '.join(f'{r:.3f}' for r in ratios)})")
 
 
 if __name__ == "__main__":
