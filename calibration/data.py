@@ -3,7 +3,8 @@
 ``wikitext`` reads ``wikitext-2-raw-v1`` (train) through ``datasets`` when the Hub is reachable
 and otherwise falls back, with one log line, to the sample bundled in ``calibration/data/``.
 ``c4`` is the bundled C4 sample. A path may be a .txt, .jsonl or .parquet file with a ``text``
-column, or a directory saved with ``datasets``' ``save_to_disk``.
+column, or a directory saved with ``datasets``' ``save_to_disk``. ``wikitext+c4`` (any sources
+joined by ``+``) mixes them in equal parts, so that no one domain's statistics decide the planes.
 """
 
 from __future__ import annotations
@@ -143,13 +144,37 @@ def _read_path(path: Path) -> CalibrationText:
     return CalibrationText(documents, dataset=path.name, source=f"file:{path.resolve()}")
 
 
+def _equal_parts(texts: list[CalibrationText]) -> CalibrationText:
+    """The sources one after another, each cut to the shortest one's characters (whole documents,
+    the last one cut), so windows drawn uniformly from the stream fall on each in equal shares."""
+    limit = min(text.num_characters for text in texts)
+    documents: list[str] = []
+    for text in texts:
+        left = limit
+        for document in text.documents:
+            if left <= 0:
+                break
+            documents.append(document[:left])
+            left -= len(document)
+    return CalibrationText(
+        documents,
+        dataset="+".join(text.dataset for text in texts),
+        source=" + ".join(text.source for text in texts) + f" (equal parts, {limit} characters each)",
+    )
+
+
 def load_calibration_text(name_or_path: str) -> CalibrationText:
-    """Resolve ``--calib``: ``wikitext``, ``c4`` or a path.
+    """Resolve ``--calib``: ``wikitext``, ``c4``, a path, or several joined by ``+`` (equal parts).
 
     Example:
         >>> load_calibration_text("c4").dataset
         'c4'
     """
+    if "+" in name_or_path and not Path(name_or_path).expanduser().exists():
+        parts = [part.strip() for part in name_or_path.split("+")]
+        if len(parts) < 2 or not all(parts):
+            raise CalibrationDataError(f"{name_or_path!r}: a mix needs two or more sources joined by '+', e.g. 'wikitext+c4'.")
+        return _equal_parts([load_calibration_text(part) for part in parts])
     if name_or_path in _HUB_DATASETS:
         text = _from_hub(name_or_path)
         if text is not None:

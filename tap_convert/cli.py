@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="local model directory or Hub repo id")
     parser.add_argument("--out", required=True, help="output checkpoint directory (created atomically)")
-    parser.add_argument("--calib", default=defaults.calib, help="wikitext, c4, or a .txt/.jsonl/.parquet/dataset path")
+    parser.add_argument("--calib", default=defaults.calib, help="wikitext, c4, a .txt/.jsonl/.parquet/dataset path, or several joined by + (equal parts, e.g. wikitext+c4)")
     parser.add_argument("--tiers", type=_tiers, default=defaults.tiers, help="4,8 (default) or 4,8,16")
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
     parser.add_argument("--method", choices=["gptq", "rtn"], default=defaults.method,

@@ -13,12 +13,21 @@ import os
 import torch
 
 from calibration.data import load_calibration_text, make_windows, tokenize_text
+from tap_runtime.errors import InvalidConfigError
 
 __all__ = ["measure_quality", "quality_table_rows"]
 
 
 def _other_corpus(calibration_dataset: str) -> str:
-    return "wikitext" if calibration_dataset == "c4" else "c4"
+    """The bundled corpus the calibration did not read (a mix such as ``wikitext+c4`` read both)."""
+    used = set(calibration_dataset.split("+"))
+    left = [name for name in ("c4", "wikitext") if name not in used]
+    if not left:
+        raise InvalidConfigError(
+            f"calibrated on {calibration_dataset!r}: every bundled corpus was read by the calibration, so none is "
+            f"left to measure quality on without measuring on calibration text. Convert with one of them to measure."
+        )
+    return left[0]
 
 
 @torch.inference_mode()

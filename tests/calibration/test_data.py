@@ -75,6 +75,27 @@ def test_c4_is_the_bundled_sample():
     assert text.dataset == "c4" and len(text.documents) == 1000
 
 
+def test_a_mix_takes_equal_parts_of_each_source(tmp_path, monkeypatch):
+    """'wikitext+c4' (or files joined by '+'): each source cut to the shortest one's characters,
+    one after another, so uniformly drawn windows fall on both in equal shares."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mix = load_calibration_text("wikitext+c4")
+    wikitext, c4 = load_calibration_text("wikitext"), load_calibration_text("c4")
+    limit = min(wikitext.num_characters, c4.num_characters)
+    assert mix.dataset == "wikitext+c4" and "equal parts" in mix.source
+    assert abs(mix.num_characters - 2 * limit) <= 1
+    first_c4 = mix.documents.index(c4.documents[0])
+    assert sum(len(d) for d in mix.documents[:first_c4]) == limit
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("abcdef")
+    long.write_text("x" * 20 + "\n\n" + "y" * 20)
+    assert load_calibration_text(f"{short}+{long}").documents == ["abcdef", "x" * 6]
+    with pytest.raises(CalibrationDataError, match="two or more sources"):
+        load_calibration_text("wikitext+")
+    with pytest.raises(CalibrationDataError, match="not found"):
+        load_calibration_text(f"{short}+{tmp_path / 'missing.txt'}")
+
+
 def test_windows_are_seeded_non_overlapping_and_start_with_bos():
     ids = torch.arange(1000)
     first = make_windows(ids, 5, 65, seed=1, bos_token_id=999_999)

@@ -112,3 +112,15 @@ def test_measure_quality_writes_the_card_section(tiny_model_factory, calibration
     card = (out / "README.md").read_text()
     assert "## Measured quality" in card and "bundled wikitext sample" in card and "| learned routing |" in card
     assert "tap-convert " in card and "KL" in capsys.readouterr().out
+
+
+def test_quality_is_measured_on_the_bundled_corpus_the_calibration_left_out():
+    """--measure-quality reads the other bundled corpus; a mix that read both has none left,
+    and says so rather than measuring on calibration text."""
+    from tap_convert.measure import _other_corpus
+    from tap_runtime.errors import InvalidConfigError
+
+    assert _other_corpus("wikitext") == "c4" and _other_corpus("c4") == "wikitext"
+    assert _other_corpus("wikitext+notes.txt") == "c4"
+    with pytest.raises(InvalidConfigError, match="every bundled corpus"):
+        _other_corpus("wikitext+c4")
