@@ -79,6 +79,7 @@ def run_planes(
     out_features: int,
     kernel_dtype: bool = False,
     rotation: int = 0,
+    shared_rotation: "SharedInputRotation | None" = None,
 ) -> torch.Tensor:
     """x (..., in) through nested planes: the first ``always_planes`` for every token, the rest
     for the tokens ``routing`` sends there (gather their rows, multiply, scatter-add).
@@ -90,9 +91,12 @@ def run_planes(
     holds those rows in float32 with their residual added (else None).
 
     ``rotation``: the Hadamard block of the planes' input (LinearPolicy.input_rotation); x is
-    rotated once here, for every plane."""
+    rotated once here, for every plane (or once for its siblings: ``shared_rotation``)."""
     leading = x.shape[:-1]
-    flat = rotate_input(x.reshape(-1, x.shape[-1]), rotation)
+    if rotation and shared_rotation is not None:
+        flat = shared_rotation.rows(x, rotation)
+    else:
+        flat = rotate_input(x.reshape(-1, x.shape[-1]), rotation)
     # Planes below min_tier serve every token; the router decides only above it.
     work = [(plane_index, ALL_TOKENS) for plane_index in range(1, always_planes)]
     if routing is not None:
@@ -172,6 +176,8 @@ class TapLinear(nn.Module):
         self.routing: LayerRouting | None = None
         self.kernel: Kernel | None = None
         self._prepared: list = []
+        # Set by share_input_rotations where siblings (q/k/v, gate/up) read one rotated input.
+        self.shared_rotation: SharedInputRotation | None = None
 
     def planes(self) -> list[Plane]:
         """The portable planes as loaded, decoded (available until :meth:`prepare` releases them)."""
@@ -215,7 +221,7 @@ class TapLinear(nn.Module):
             raise RuntimeError("TapLinear used before prepare(); load the model with tap_runtime.load()")
         return run_planes(
             x, self.kernel, self._prepared, self.policy.always_planes, self.routing, self.bias, self.out_features,
-            rotation=self.policy.input_rotation,
+            rotation=self.policy.input_rotation, shared_rotation=self.shared_rotation,
         )
 
     def products(self, x: torch.Tensor, input_rotated: bool = False) -> tuple[torch.Tensor, RoutedRows | None]:
@@ -231,6 +237,59 @@ class TapLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tiers={list(self.policy.tiers)}"
+
+
+# Sibling projections that the model's own forward calls one after another with one tensor.
+SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+class SharedInputRotation:
+    """One rotation of an input that several sibling linears read (q, k and v; gate and up).
+
+    Through the model's own forward each sibling would transform the same tensor again; the
+    first one rotates it and holds the result until the others have taken it. A sibling uses it
+    only when handed that very tensor object (held meanwhile, so its address cannot pass to
+    another); the hold ends with the last sibling, or with the next rotation. Modifying the
+    input in place between the siblings' calls would go unseen: the model code never does.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entry: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending = 0
+
+    def rows(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """x (..., in) as rotated rows (tokens, in)."""
+        entry = self._entry
+        if entry is not None and entry[0] is x:
+            self._pending -= 1
+            if self._pending <= 0:
+                self._entry = None
+            return entry[1]
+        rotated = rotate_input(x.reshape(-1, x.shape[-1]), block)
+        self._entry, self._pending = (x, rotated), self.size - 1
+        return rotated
+
+
+def share_input_rotations(model: nn.Module) -> int:
+    """Give each group of sibling TapLinears with one input rotation a SharedInputRotation.
+
+    Returns how many groups share one; a linear outside any group keeps rotating for itself.
+    """
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLING_PROJECTIONS:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(m, TapLinear) for m in members):
+                continue
+            blocks = {m.policy.input_rotation for m in members}
+            if len(blocks) != 1 or not next(iter(blocks)):
+                continue
+            shared = SharedInputRotation(len(members))
+            for member in members:
+                member.shared_rotation = shared
+            groups += 1
+    return groups
 
 
 def _register_rows(module: nn.Module, policy: EmbeddingPolicy) -> None:

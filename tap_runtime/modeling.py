@@ -20,7 +20,7 @@ from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMism
 from .format import embedding_tensor_suffix, plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .dense_mlp import install_dense_mlp
 from .kernels import select_kernel
-from .layers import TapEmbedding, TapHead, TapLinear
+from .layers import TapEmbedding, TapHead, TapLinear, share_input_rotations
 from .pages import page_out, return_freed_heap
 from .sketch import input_space_residual, residual_error_sketch
 from .offload import OffloadSummary, attach_offload_hooks, plane_bytes, to_host
@@ -281,6 +281,7 @@ def prepare_model(
     spec = get_architecture(config.model_type)
     _install_router_hooks(model, spec, router)
     install_dense_mlp(model)
+    share_input_rotations(model)
     model.tap_router = router
     model.tap_residual_cache = residual_cache
     return router

@@ -240,3 +240,56 @@ def test_a_rotated_linear_multiplies_its_own_input(kernel):
     torch.testing.assert_close(out[[1, 2, 4, 5]], base[[1, 2, 4, 5]], atol=tolerance, rtol=tolerance)
     # ... and it is the original weight, up to the rounding of its planes.
     assert float((top - x[0] @ weight.t()).norm() / (x[0] @ weight.t()).norm()) < 5e-3
+
+
+def test_sibling_linears_rotate_their_shared_input_once(monkeypatch):
+    """q, k and v called with one tensor rotate it once between them; another tensor, even
+    with equal values, is rotated afresh, and every output equals the unshared module's."""
+    from torch import nn
+
+    from tap_runtime import layers
+
+    generator = torch.Generator().manual_seed(3)
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, True))
+    parent = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        weight = torch.randn(32, 128, generator=generator) * 0.05
+        policy = LinearPolicy(name, 128, 32, False, 0, (4, 8), specs, input_rotation=64)
+        module = TapLinear(policy)
+        for index, plane in enumerate(quantize_tiers(rotate_weight(weight, 64), specs)):
+            for field_name, tensor in plane.stored_tensors().items():
+                getattr(module, plane_tensor_suffix(index, field_name)).data = tensor
+        module.prepare(ReferenceKernel())
+        module.routing = LayerRouting(0, [torch.tensor([1])])
+        setattr(parent, name, module)
+    x = torch.randn(1, 4, 128, generator=generator)
+    alone = [getattr(parent, name)(x) for name in ("q_proj", "k_proj", "v_proj")]
+
+    assert layers.share_input_rotations(parent) == 1
+    calls = []
+    original = layers.rotate_input
+    monkeypatch.setattr(layers, "rotate_input", lambda t, block: calls.append(block) or original(t, block))
+    shared = [getattr(parent, name)(x) for name in ("q_proj", "k_proj", "v_proj")]
+    assert calls == [64]
+    for a, b in zip(alone, shared):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # The hold ends with the last sibling: a new call rotates again, and a copy is not the same input.
+    parent.q_proj(x)
+    parent.k_proj(x.clone())
+    assert calls == [64, 64, 64]
+    # The copy's rotation replaced x's, so v rotates x again and still gets its own output.
+    torch.testing.assert_close(parent.v_proj(x), alone[2], atol=0, rtol=0)
+    assert calls == [64, 64, 64, 64]
+
+
+def test_siblings_with_different_rotations_do_not_share():
+    from torch import nn
+
+    from tap_runtime import layers
+
+    specs = (PlaneSpec(4, 64, False), PlaneSpec(4, 64, True))
+    parent = nn.Module()
+    parent.gate_proj = TapLinear(LinearPolicy("gate_proj", 128, 32, False, 0, (4, 8), specs, input_rotation=64))
+    parent.up_proj = TapLinear(LinearPolicy("up_proj", 128, 32, False, 0, (4, 8), specs, input_rotation=0))
+    assert layers.share_input_rotations(parent) == 0
+    assert parent.gate_proj.shared_rotation is None and parent.up_proj.shared_rotation is None
