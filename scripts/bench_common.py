@@ -21,7 +21,7 @@ SAMPLES = json.loads((REPO / "calibration" / "data" / "samples.json").read_text(
 
 __all__ = [
     "REPO", "SHARED_DATA", "heldout_text", "eval_windows", "load_tap_and_windows", "environment", "set_threads",
-    "reference_logprobs", "window_quality", "prefill_ab_arguments",
+    "reference_logprobs", "window_quality", "prefill_ab_arguments", "window_stats", "fp32_references", "tap_quality",
 ]
 
 
@@ -109,6 +109,58 @@ def window_quality(forward, windows, references) -> tuple[float, float]:
             kl += (reference.exp() * (reference - logprobs)).sum().item()
             count += window.numel() - 1
     return math.exp(nll / count), kl / count
+
+
+def window_stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int, int]:
+    """(sum NLL, sum KL vs reference, top-1 agreements with reference, count) over one window."""
+    log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum().item()
+    kl, agree = 0.0, targets.numel()
+    if reference is not None:
+        ref_log = torch.log_softmax(reference.to(torch.float32), dim=-1)
+        kl = (ref_log.exp() * (ref_log - log_probs)).sum().item()
+        agree = int((ref_log.argmax(-1) == log_probs.argmax(-1)).sum())
+    return nll, kl, agree, targets.numel()
+
+
+def fp32_references(model, windows) -> tuple[list[torch.Tensor], float]:
+    """The fp32 model's logits at every position but the last of each window, kept in bfloat16
+    (a 262k-entry vocabulary makes float32 copies large), and its perplexity from the float32 ones."""
+    import math
+
+    references, nll_sum, count_sum = [], 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            logits = model(window.unsqueeze(0)).logits[0, :-1]
+            references.append(logits.to(torch.bfloat16))
+            nll, _, _, count = window_stats(logits, None, window[1:])
+            nll_sum, count_sum = nll_sum + nll, count_sum + count
+    return references, math.exp(nll_sum / count_sum)
+
+
+def tap_quality(tap, windows, references) -> dict:
+    """A TAP model's perplexity, mean KL and top-1 agreement against ``references`` over the
+    windows, with the routed share above the base tier and the average weight bits read per
+    token (as the runtime counts them) under its current routing."""
+    import math
+
+    from tap_runtime.metrics import weight_bits_read
+
+    tap.router.reset_counts()
+    nll_sum = kl_sum = 0.0
+    agree_sum = count_sum = 0
+    with torch.inference_mode():
+        for window, reference in zip(windows, references):
+            nll, kl, agree, count = window_stats(tap(window.unsqueeze(0)).logits[0, :-1], reference, window[1:])
+            nll_sum, kl_sum, agree_sum, count_sum = nll_sum + nll, kl_sum + kl, agree_sum + agree, count_sum + count
+    counts = tap.router.counts.clone()
+    return {
+        "ppl": math.exp(nll_sum / count_sum),
+        "kl": kl_sum / count_sum,
+        "top1": agree_sum / count_sum,
+        "share_above_base": 1.0 - float(counts[:, 0].sum()) / float(counts.sum()),
+        "avg_bits": weight_bits_read(tap.table, counts)["avg_weight_bits_per_token"],
+    }
 
 
 def environment() -> str:

@@ -24,7 +24,6 @@ the script hands each layer its share just before the router decides that layer.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -32,10 +31,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
-from bench_quality import _stats
+from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
 from calibration.data import load_calibration_text, make_windows, tokenize_text
-from tap_runtime.metrics import weight_bits_read
 
 
 def allocate_shares(gains: dict[tuple[int, float], float], num_layers: int, grid: list[float], mean_share: float) -> list[float]:
@@ -103,36 +100,18 @@ def main() -> None:
 
     router.route_layer = route_layer_at_its_share
 
-    def references(windows) -> tuple[list[torch.Tensor], float]:
-        """fp32 logits of every window (kept in bfloat16, as bench_quality does) and fp32's perplexity."""
-        refs, nll_sum, count_sum = [], 0.0, 0
-        with torch.inference_mode():
-            for window in windows:
-                logits = model(window.unsqueeze(0)).logits[0, :-1]
-                refs.append(logits.to(torch.bfloat16))
-                nll, _, _, count = _stats(logits, None, window[1:])
-                nll_sum, count_sum = nll_sum + nll, count_sum + count
-        return refs, math.exp(nll_sum / count_sum)
-
     def measure(windows, refs, shares: list[float]) -> tuple[float, float, float]:
         """(perplexity, mean KL, bits the runtime counts) with ``shares[l]`` routed in layer l."""
         tap.set_routing("budget", shares=(0.0,))
         layer_shares[:] = shares
-        router.reset_counts()
-        nll_sum = kl_sum = 0.0
-        count_sum = 0
-        with torch.inference_mode():
-            for window, reference in zip(windows, refs):
-                nll, kl, _, count = _stats(tap(window.unsqueeze(0)).logits[0, :-1], reference, window[1:])
-                nll_sum, kl_sum, count_sum = nll_sum + nll, kl_sum + kl, count_sum + count
-        bits = weight_bits_read(tap.table, router.counts)["avg_weight_bits_per_token"]
-        return math.exp(nll_sum / count_sum), kl_sum / count_sum, bits
+        quality = tap_quality(tap, windows, refs)
+        return quality["ppl"], quality["kl"], quality["avg_bits"]
 
     print(f"# bench_layer_shares: {args.tap} vs {args.model}; gains measured on {args.samples} windows of {calib} "
           f"(seed {args.seed}); held-out {args.text}, {args.windows} windows x 512")
     print(f"# {environment()}")
     calibration = make_windows(tokenize_text(tokenizer, load_calibration_text(calib)), args.samples, 512, args.seed, bos)
-    calibration_refs, _ = references(calibration)
+    calibration_refs, _ = fp32_references(model, calibration)
     _, base_kl, _ = measure(calibration, calibration_refs, [0.0] * num_layers)
     print(f"calibration KL, every layer on the base tier: {base_kl:.5f}")
     print("KL gain per layer at share " + " ".join(f"{s:>8.2f}" for s in grid))
@@ -157,7 +136,7 @@ def main() -> None:
             print(f"{'calibration':12s} {label:24s} {bits:6.3f} {'':>9s} {kl:9.5f}", flush=True)
     for text in args.text.split(","):
         evaluation = eval_windows(tokenizer, heldout_text(text), 512, args.windows, bos)
-        refs, fp32_ppl = references(evaluation)
+        refs, fp32_ppl = fp32_references(model, evaluation)
         for label, shares in rows.items():
             ppl, kl, bits = measure(evaluation, refs, shares)
             print(f"{text:12s} {label:24s} {bits:6.3f} {ppl / fp32_ppl:9.4f} {kl:9.5f}", flush=True)

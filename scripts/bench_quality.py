@@ -16,27 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import math
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
-from tap_runtime.metrics import weight_bits_read
-
-
-def _stats(logits: torch.Tensor, reference: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float, int, int]:
-    """(sum NLL, sum KL vs reference, top-1 agreements with reference, count) over one window."""
-    log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum().item()
-    kl, agree = 0.0, targets.numel()
-    if reference is not None:
-        ref_log = torch.log_softmax(reference.to(torch.float32), dim=-1)
-        kl = (ref_log.exp() * (ref_log - log_probs)).sum().item()
-        agree = int((ref_log.argmax(-1) == log_probs.argmax(-1)).sum())
-    return nll, kl, agree, targets.numel()
+from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
 
 
 def main() -> None:
@@ -63,41 +49,16 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
     windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
-    start_target = 1 if bos is None else 1  # never score the first token (and never BOS)
 
     rows = {}
-    reference_logits: list[torch.Tensor] = []
     started = time.perf_counter()
+    reference_logits, fp32_ppl = fp32_references(reference_model, windows)  # targets: every token but the first
+    rows["fp32"] = {"ppl": fp32_ppl, "kl": 0.0, "top1": 1.0, "share_above_base": None, "avg_bits": 32.0}
+    del reference_model
     with torch.inference_mode():
-        totals = [0.0, 0.0, 0]
-        for window in windows:
-            logits = reference_model(window.unsqueeze(0)).logits[0, :-1]
-            reference_logits.append(logits.to(torch.bfloat16))  # kept compact; KL uses it as the reference
-            nll, _, _, count = _stats(logits, None, window[start_target:])
-            totals[0] += nll
-            totals[2] += count
-        rows["fp32"] = {"ppl": math.exp(totals[0] / totals[2]), "kl": 0.0, "top1": 1.0, "share_above_base": None, "avg_bits": 32.0}
-        del reference_model
 
         def run(label: str) -> dict:
-            tap.router.reset_counts()
-            nll_sum = kl_sum = 0.0
-            agree_sum = count_sum = 0
-            for window, reference in zip(windows, reference_logits):
-                logits = tap(window.unsqueeze(0)).logits[0, :-1]
-                nll, kl, agree, count = _stats(logits, reference, window[start_target:])
-                nll_sum, kl_sum, count_sum = nll_sum + nll, kl_sum + kl, count_sum + count
-                agree_sum += agree
-            counts = tap.router.counts.clone()
-            share = 1.0 - float(counts[:, 0].sum()) / float(counts.sum())
-            bits = weight_bits_read(tap.table, counts)["avg_weight_bits_per_token"]
-            rows[label] = {
-                "ppl": math.exp(nll_sum / count_sum),
-                "kl": kl_sum / count_sum,
-                "top1": agree_sum / count_sum,
-                "share_above_base": share,
-                "avg_bits": bits,
-            }
+            rows[label] = tap_quality(tap, windows, reference_logits)
             return rows[label]
 
         wanted = set(args.rows.split(",")) if args.rows else None

@@ -28,7 +28,6 @@ Planes are swapped in as float32 matrices on the reference kernel: this measures
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -36,8 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
-from bench_quality import _stats
+from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
 from calibration.capture import collect_input_stats
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.stats import InputSecondMoment
@@ -45,7 +43,6 @@ from tap_convert.gptq import gptq_plane
 from tap_runtime.architectures import get_architecture
 from tap_runtime.format import PlaneSpec
 from tap_runtime.layers import TapLinear
-from tap_runtime.metrics import weight_bits_read
 from tap_runtime.modeling import iter_linear_sites, linear_weight
 from tap_runtime.planes import dequantize_plane
 from tap_runtime.rotation import rotate_second_moment, rotate_weight
@@ -125,18 +122,8 @@ def main() -> None:
 
     def measure(texts_windows, references) -> tuple[float, float, float, float]:
         """(perplexity, mean KL, share above the base tier, bits as the runtime counts them)."""
-        tap.router.reset_counts()
-        nll_sum = kl_sum = 0.0
-        count_sum = 0
-        with torch.inference_mode():
-            for window, reference in zip(texts_windows, references):
-                logits = tap(window.unsqueeze(0)).logits[0, :-1]
-                nll, kl, _, count = _stats(logits, reference, window[1:])
-                nll_sum, kl_sum, count_sum = nll_sum + nll, kl_sum + kl, count_sum + count
-        counts = tap.router.counts
-        share = 1.0 - float(counts[:, 0].sum()) / float(counts.sum())
-        bits = weight_bits_read(tap.table, counts)["avg_weight_bits_per_token"]
-        return math.exp(nll_sum / count_sum), kl_sum / count_sum, share, bits
+        quality = tap_quality(tap, texts_windows, references)
+        return quality["ppl"], quality["kl"], quality["share_above_base"], quality["avg_bits"]
 
     print(f"# bench_residual_bits: {args.tap} vs {args.model}; Hessians from {args.samples} windows of {calib} "
           f"(seed {args.seed}); held-out {args.text}, {args.windows} windows x 512")
@@ -144,14 +131,7 @@ def main() -> None:
     print(f"{'text':9s} {'row':44s} {'true bits':>9s} {'share>base':>10s} {'ppl ratio':>9s} {'mean KL':>9s}")
     for text in args.text.split(","):
         evaluation = eval_windows(tokenizer, heldout_text(text), 512, args.windows, bos)
-        references, nll_sum, count_sum = [], 0.0, 0
-        with torch.inference_mode():
-            for window in evaluation:
-                logits = model(window.unsqueeze(0)).logits[0, :-1]
-                references.append(logits.to(torch.bfloat16))
-                nll, _, _, count = _stats(logits, None, window[1:])
-                nll_sum, count_sum = nll_sum + nll, count_sum + count
-        fp32_ppl = math.exp(nll_sum / count_sum)
+        references, fp32_ppl = fp32_references(model, evaluation)
 
         def row(label: str, bits: float, result: tuple[float, float, float, float]) -> None:
             ppl, kl, share, _ = result
