@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gptq-damping", type=float, default=defaults.gptq_damping,
                         help="GPTQ's damping of the planes' Hessians, a fraction of their mean diagonal "
                         f"(default {defaults.gptq_damping})")
+    parser.add_argument("--gptq-refit-rounds", type=int, default=defaults.gptq_refit_rounds,
+                        help="rounds of refitting group scales and zeros to GPTQ's codes, each followed by "
+                        f"another GPTQ pass (default {defaults.gptq_refit_rounds})")
     parser.add_argument("--head-damping", type=float, default=defaults.head_damping,
                         help="the same for the output head's 8-bit rows, which a tied embedding shares "
                         f"(default {defaults.head_damping})")
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         column_scales=not args.no_column_scales,
         gptq_order=args.gptq_order,
         gptq_damping=args.gptq_damping,
+        gptq_refit_rounds=args.gptq_refit_rounds,
         head_damping=args.head_damping,
         rotation=args.rotation,
         scale_bits=args.scale_bits,

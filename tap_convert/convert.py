@@ -55,6 +55,7 @@ __all__ = ["ConvertOptions", "convert", "choose_group_size", "SCALE_BITS_CHOICES
 _log = logging.getLogger(__name__)
 _MIN_GROUP_SIZE = 32
 METHODS = ("gptq", "rtn")
+MAX_REFIT_ROUNDS = 8
 SCALE_BITS_CHOICES = (8, 16)
 
 
@@ -85,6 +86,10 @@ class ConvertOptions:
     gptq_order: str = "activation"
     # GPTQ's damping of the planes' Hessians, as a fraction of their mean diagonal.
     gptq_damping: float = DAMPING
+    # Rounds of refitting each group's scale and zero to the codes GPTQ chose, each followed by
+    # another GPTQ pass with them (tap_convert.gptq.refit_group_parameters); 0 keeps the scales
+    # chosen before compensation.
+    gptq_refit_rounds: int = 0
     # The same for the output head's 8-bit rows (a tied embedding stores those rows too).
     head_damping: float = ROW_DAMPING
     # "hadamard": quantize W H, each linear's weight times a block Hadamard rotation of its input
@@ -120,6 +125,10 @@ class ConvertOptions:
         for flag, damping in (("--gptq-damping", self.gptq_damping), ("--head-damping", self.head_damping)):
             if not 0.0 < damping <= 100.0:
                 raise InvalidConfigError(f"{flag} must be in (0, 100]; got {damping}.")
+        if not 0 <= self.gptq_refit_rounds <= MAX_REFIT_ROUNDS:
+            raise InvalidConfigError(
+                f"--gptq-refit-rounds must be between 0 and {MAX_REFIT_ROUNDS}; got {self.gptq_refit_rounds}."
+            )
         if self.rotation not in ROTATIONS:
             raise InvalidConfigError(f"--rotation {self.rotation!r} is unknown; expected one of {list(ROTATIONS)}.")
         if self.scale_bits not in SCALE_BITS_CHOICES:
@@ -249,7 +258,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         )
         if options.method == "gptq" and full:
             method = "gptq"
-            planes[site.name] = gptq_tiers(weight, specs, second_moment, options.gptq_order, options.gptq_damping)
+            planes[site.name] = gptq_tiers(
+                weight, specs, second_moment, options.gptq_order, options.gptq_damping, options.gptq_refit_rounds
+            )
         else:
             method = "rtn"
             planes[site.name] = quantize_tiers(weight, specs, importance=mean_square)
@@ -355,6 +366,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "sink_weight": int(windows.shape[1]) if options.sink_weighting else None,
             "gptq_order": options.gptq_order if options.method == "gptq" else None,
             "gptq_damping": options.gptq_damping if options.method == "gptq" else None,
+            "gptq_refit_rounds": options.gptq_refit_rounds if options.method == "gptq" else None,
             "head_damping": options.head_damping if head_moment is not None else None,
             "rotation": options.rotation,
             "target_bits": options.target_bits,

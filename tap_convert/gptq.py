@@ -84,7 +84,12 @@ def _static_group_parameters(
 
 
 def gptq_plane(
-    weight: torch.Tensor, spec: PlaneSpec, hessian: torch.Tensor, order: str = "activation", damping: float = DAMPING
+    weight: torch.Tensor,
+    spec: PlaneSpec,
+    hessian: torch.Tensor,
+    order: str = "activation",
+    damping: float = DAMPING,
+    refit_rounds: int = 0,
 ) -> Plane:
     """Quantize (out_features, in_features) ``weight`` into one plane, compensating with ``hessian``.
 
@@ -98,6 +103,8 @@ def gptq_plane(
             (static groups), because the groups no longer start in column order. ``"column"``
             goes left to right and chooses each group's scale when the group starts.
         damping: fraction of the mean Hessian diagonal added to its diagonal.
+        refit_rounds: after the pass, refit every group's scale and zero to the codes it chose
+            (least squares under the Hessian) and run the pass again with them, this many times.
     Returns:
         a :class:`Plane` (same layout as ``quantize_plane``).
     """
@@ -122,8 +129,41 @@ def gptq_plane(
         scales, zeros = torch.zeros(out_features, num_groups), torch.zeros(out_features, num_groups)
         permutation = torch.arange(in_features)
     # Work in the processing order: weight columns and the Hessian permuted alike.
-    weight = weight[:, permutation]
     factor = _inverse_hessian_factor(hessian[permutation][:, permutation], dead[permutation], damping)
+    codes = _gptq_pass(weight, permutation, factor, scales, zeros, spec, importance, reference, order)
+    if refit_rounds:
+        codes, scales, zeros = _refit_and_repass(
+            weight, codes, scales, zeros, spec, hessian, reference, damping, refit_rounds,
+            lambda s, z: _gptq_pass(weight, permutation, factor, s, z, spec, importance, reference, "activation"),
+        )
+    return Plane(
+        spec=spec,
+        qweight=pack_int4(codes),
+        scales=scales.to(torch.float16).contiguous(),
+        zeros=None if spec.symmetric else zeros.to(torch.float16).contiguous(),
+        scale_reference=reference,
+    )
+
+
+def _gptq_pass(
+    weight: torch.Tensor,
+    permutation: torch.Tensor,
+    factor: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    spec: PlaneSpec,
+    importance: torch.Tensor,
+    reference: torch.Tensor | None,
+    order: str,
+) -> torch.Tensor:
+    """One GPTQ pass in ``permutation``'s order; returns the uint8 codes (out, in) in column order.
+
+    ``order="column"`` chooses each group's scale and zero (into ``scales``/``zeros``, in place)
+    when the group starts; otherwise they are fixed.
+    """
+    out_features, in_features = weight.shape
+    group_size = spec.group_size
+    weight = weight[:, permutation].clone()
     original_columns = permutation.tolist()
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     max_code = 2**spec.bits - 1
@@ -148,13 +188,119 @@ def gptq_plane(
             block_weight[:, i:] -= error.unsqueeze(1) * block_factor[i, i:].unsqueeze(0)
             block_errors[:, i] = error
         weight[:, end:] -= block_errors @ factor[start:end, end:]
-    return Plane(
-        spec=spec,
-        qweight=pack_int4(codes),
-        scales=scales.to(torch.float16).contiguous(),
-        zeros=None if spec.symmetric else zeros.to(torch.float16).contiguous(),
-        scale_reference=reference,
-    )
+    return codes
+
+
+def _refit_and_repass(weight, codes, scales, zeros, spec, hessian, reference, damping, rounds, repass):
+    """Alternate refitting the group parameters and GPTQ passes with them; per row (rows are
+    independent in GPTQ) keep whichever codes and parameters gave the lowest output error."""
+    damped = hessian.to(torch.float32) + damping * torch.mean(torch.diag(hessian)) * torch.eye(hessian.shape[0])
+    best_error = _row_output_error(weight, codes, scales, zeros, spec, damped)
+    for _ in range(rounds):
+        refitted = refit_group_parameters(weight, codes, scales, zeros, spec, hessian, reference, damping)
+        if refitted is None:
+            break
+        scales, zeros = refitted
+        best_error = _row_output_error(weight, codes, scales, zeros, spec, damped)
+        candidate = repass(scales.clone(), zeros.clone())
+        error = _row_output_error(weight, candidate, scales, zeros, spec, damped)
+        better = error < best_error
+        codes = torch.where(better.unsqueeze(1), candidate, codes)
+        best_error = torch.where(better, error, best_error)
+    return codes, scales, zeros
+
+
+_REFIT_ROWS = 64  # rows whose normal equations are built at once: bounds the (rows, in, groups) work tensor
+
+
+def refit_group_parameters(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    spec: PlaneSpec,
+    hessian: torch.Tensor,
+    reference: torch.Tensor | None,
+    damping: float = DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each group's scale and zero refitted to fixed ``codes``: least squares under the Hessian.
+
+    GPTQ fixes a group's scale before compensation moves its weights, so the scale it keeps was
+    chosen for weights that are no longer the ones coded. With the codes fixed the dequantized
+    row is linear in (scale, scale x zero) per group, and the row's output error
+    (w - w_hat) H (w - w_hat)^T is a quadratic in them: one small solve per row. The result is
+    rounded to the stored grids (offset re-solved after the scale is rounded); a row keeps its
+    old parameters wherever the rounded refit is not better. Returns None when nothing changed.
+    """
+    out_features, in_features = weight.shape
+    group_size = spec.group_size
+    groups = in_features // group_size
+    hessian = hessian.to(torch.float32).clone()
+    hessian += damping * torch.mean(torch.diag(hessian)) * torch.eye(in_features)
+    hessian_blocks = hessian.view(in_features, groups, group_size)
+    row_sums = hessian_blocks.sum(-1)  # (in, groups): sum of H[i, j] over j in group h
+    offset_normal = row_sums.view(groups, group_size, groups).sum(1)  # (groups, groups)
+    weighted = weight @ hessian  # (out, in)
+    mid = spec.implied_zero
+    new_scales, new_zeros = scales.clone(), zeros.clone()
+    for first in range(0, out_features, _REFIT_ROWS):
+        rows = slice(first, min(first + _REFIT_ROWS, out_features))
+        q = codes[rows].to(torch.float32)
+        if spec.symmetric:
+            q = q - mid
+        count = q.shape[0]
+        q3 = q.view(count, groups, group_size)
+        partial = torch.einsum("ihj,chj->cih", hessian_blocks, q3)  # (c, in, groups)
+        code_normal = torch.einsum("cgi,cgih->cgh", q3, partial.view(count, groups, group_size, groups))
+        code_rhs = (q * weighted[rows]).view(count, groups, group_size).sum(-1)
+        if spec.symmetric:
+            solved = _solve_rows(code_normal, code_rhs)
+            if solved is None:
+                continue
+            fitted = spec.round_scales(solved.clamp_min(0), reference)
+            new_scales[rows] = torch.where(solved > 0, fitted, scales[rows])
+            continue
+        cross = torch.einsum("cgi,gih->cgh", q3, row_sums.view(groups, group_size, groups))  # (c, groups, groups)
+        offset_rhs = weighted[rows].view(count, groups, group_size).sum(-1)
+        normal = torch.cat(
+            [torch.cat([code_normal, cross], 2), torch.cat([cross.transpose(1, 2), offset_normal.expand(count, -1, -1)], 2)], 1
+        )
+        solved = _solve_rows(normal, torch.cat([code_rhs, offset_rhs], 1))
+        if solved is None:
+            continue
+        slope = solved[:, :groups]
+        fitted = spec.round_scales(slope.clamp_min(1e-10), reference)
+        fitted = torch.where(slope > 0, fitted, scales[rows])
+        # The best offsets for the scales as stored, then zero = -offset / scale on its grid.
+        offsets = torch.linalg.solve(offset_normal, (offset_rhs - torch.einsum("cgh,cg->ch", cross, fitted)).T).T
+        new_scales[rows] = fitted
+        new_zeros[rows] = spec.round_zeros(-offsets / fitted)
+    old_error = _row_output_error(weight, codes, scales, zeros, spec, hessian)
+    new_error = _row_output_error(weight, codes, new_scales, new_zeros, spec, hessian)
+    better = new_error < old_error
+    if not bool(better.any()):
+        return None
+    keep = better.unsqueeze(1)
+    return torch.where(keep, new_scales, scales), torch.where(keep, new_zeros, zeros)
+
+
+def _solve_rows(normal: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+    """Batched solve of (c, n, n) x = (c, n); a tiny ridge keeps constant groups solvable."""
+    ridge = 1e-9 * normal.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+    eye = torch.eye(normal.shape[1]).expand_as(normal)
+    solution, info = torch.linalg.solve_ex(normal + ridge[:, None, None] * eye, rhs.unsqueeze(-1))
+    if bool((info != 0).all()):
+        return None
+    return torch.where(torch.isfinite(solution.squeeze(-1)), solution.squeeze(-1), torch.zeros_like(rhs))
+
+
+def _row_output_error(weight, codes, scales, zeros, spec: PlaneSpec, hessian: torch.Tensor) -> torch.Tensor:
+    """(out,) each row's (w - w_hat) H (w - w_hat)^T for the given group parameters."""
+    out_features, in_features = weight.shape
+    q = codes.to(torch.float32).view(out_features, -1, spec.group_size)
+    zero = torch.full_like(scales, spec.implied_zero) if spec.symmetric else zeros
+    error = weight - ((q - zero.unsqueeze(-1)) * scales.unsqueeze(-1)).view(out_features, in_features)
+    return ((error @ hessian) * error).sum(1)
 
 
 def gptq_tiers(
@@ -163,12 +309,13 @@ def gptq_tiers(
     hessian: torch.Tensor,
     order: str = "activation",
     damping: float = DAMPING,
+    refit_rounds: int = 0,
 ) -> list[Plane]:
     """Nested planes, each error-compensated: plane k quantizes what planes 0..k-1 left."""
     remainder = weight.detach().to(torch.float32)
     planes: list[Plane] = []
     for spec in specs:
-        plane = gptq_plane(remainder, spec, hessian, order, damping)
+        plane = gptq_plane(remainder, spec, hessian, order, damping, refit_rounds)
         planes.append(plane)
         remainder = remainder - dequantize_plane(plane)
     return planes

@@ -45,7 +45,9 @@ def _figure(value) -> str:
 def _gptq_order(table: RoutingTable) -> str:
     """The GPTQ column order for the card's method line ("" for tables written before it was recorded)."""
     order = table.calibration.extra.get("gptq_order")
-    return f"; GPTQ in {order} order" if order else ""
+    rounds = table.calibration.extra.get("gptq_refit_rounds")
+    refit = f", group scales refitted to its codes in {rounds} round{'s' if rounds != 1 else ''}" if rounds else ""
+    return f"; GPTQ in {order} order{refit}" if order else ""
 
 
 def input_rotation(table: RoutingTable) -> str:

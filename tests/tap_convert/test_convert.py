@@ -107,6 +107,25 @@ def test_gptq_damping_is_recorded_used_and_validated(converted_factory, tiny_mod
                 ConvertOptions(**{flag: bad}).validate()
 
 
+def test_gptq_refit_rounds_are_recorded_used_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    default_dir = converted_factory("llama")
+    default = RoutingTable.from_json(default_dir / ROUTING_FILE)
+    assert default.calibration.extra["gptq_refit_rounds"] == ConvertOptions().gptq_refit_rounds
+    rounds = ConvertOptions().gptq_refit_rounds + 1
+    options = ConvertOptions(calib=str(calibration_text_file), gptq_refit_rounds=rounds, **FAST_CONVERT)
+    refitted = convert(str(tiny_model_factory("llama")), tmp_path / "refit", options)
+    assert refitted.calibration.extra["gptq_refit_rounds"] == rounds
+    assert "group scales refitted to its codes" in (tmp_path / "refit" / "README.md").read_text()
+    scales = plane_tensor_name(next(iter(refitted.linear)), 0, "scales")
+    with safe_open(str(default_dir / default.shards[0].file_name), "pt") as default_file, safe_open(
+        str(tmp_path / "refit" / refitted.shards[0].file_name), "pt"
+    ) as refit_file:
+        assert not torch.equal(default_file.get_tensor(scales), refit_file.get_tensor(scales))
+    for bad in (-1, 9):
+        with pytest.raises(InvalidConfigError, match=r"--gptq-refit-rounds must be between 0 and 8"):
+            ConvertOptions(gptq_refit_rounds=bad).validate()
+
+
 def _stored_weight(directory, table, name: str, count: int) -> torch.Tensor:
     """The weight (out, in) a token reading ``count`` planes of linear ``name`` multiplies its input by."""
     from tap_runtime.planes import Plane, dequantize_linear
