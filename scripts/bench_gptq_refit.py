@@ -32,9 +32,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_hessian_arguments(parser)
     parser.add_argument("--other", default="c4", help="calibration text of another domain (wikitext / c4)")
-    parser.add_argument("--rounds", default="0,1,2", help="refit rounds to compare; the first is the baseline")
+    parser.add_argument("--rounds", default="0,1,2",
+                        help="settings to compare, the first is the baseline: refit rounds, optionally followed by "
+                             "d and coordinate-descent sweeps over the codes (2d1: two refits, then one sweep)")
     args = parser.parse_args()
-    settings = [int(r) for r in args.rounds.split(",")]
+    settings = args.rounds.split(",")
     sites, fit, measured_by_site = fit_held_out_and_other_hessians(args, "bench_gptq_refit")
     totals = {(r, tier, m): 0.0 for r in settings for tier in (4, 8) for m in MEASURES}
     seconds = dict.fromkeys(settings, 0.0)
@@ -49,7 +51,8 @@ def main() -> None:
         specs = _plane_specs((4, 8), group_size, base_symmetric=scheme == "symmetric")
         for rounds in settings:
             tick = time.perf_counter()
-            planes = gptq_tiers(rotated, specs, hessian, refit_rounds=rounds)
+            refits, _, sweeps = rounds.partition("d")
+            planes = gptq_tiers(rotated, specs, hessian, refit_rounds=int(refits), descent_sweeps=int(sweeps or 0))
             seconds[rounds] += time.perf_counter() - tick
             for count, tier in enumerate((4, 8), start=1):
                 approximation = rotate_weight(dequantize_planes(planes, count), block)  # back to W's basis

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gptq-refit-rounds", type=int, default=defaults.gptq_refit_rounds,
                         help="rounds of refitting group scales and zeros to GPTQ's codes, each followed by "
                         f"another GPTQ pass (default {defaults.gptq_refit_rounds})")
+    parser.add_argument("--gptq-descent-sweeps", type=int, default=defaults.gptq_descent_sweeps,
+                        help="sweeps of coordinate descent over the planes' codes after GPTQ, against the "
+                        f"same output error (default {defaults.gptq_descent_sweeps})")
     parser.add_argument("--head-damping", type=float, default=defaults.head_damping,
                         help="the same for the output head's 8-bit rows, which a tied embedding shares "
                         f"(default {defaults.head_damping})")
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         gptq_order=args.gptq_order,
         gptq_damping=args.gptq_damping,
         gptq_refit_rounds=args.gptq_refit_rounds,
+        gptq_descent_sweeps=args.gptq_descent_sweeps,
         head_damping=args.head_damping,
         rotation=args.rotation,
         scale_bits=args.scale_bits,

@@ -90,6 +90,9 @@ class ConvertOptions:
     # another GPTQ pass with them (tap_convert.gptq.refit_group_parameters); 0 keeps the scales
     # chosen before compensation.
     gptq_refit_rounds: int = 0
+    # Sweeps of cyclic coordinate descent over each plane's codes after GPTQ (and the refits),
+    # against the same output error (tap_convert.gptq.descend_codes); 0: GPTQ's codes as chosen.
+    gptq_descent_sweeps: int = 0
     # The same for the output head's 8-bit rows (a tied embedding stores those rows too).
     head_damping: float = ROW_DAMPING
     # "hadamard": quantize W H, each linear's weight times a block Hadamard rotation of its input
@@ -125,10 +128,9 @@ class ConvertOptions:
         for flag, damping in (("--gptq-damping", self.gptq_damping), ("--head-damping", self.head_damping)):
             if not 0.0 < damping <= 100.0:
                 raise InvalidConfigError(f"{flag} must be in (0, 100]; got {damping}.")
-        if not 0 <= self.gptq_refit_rounds <= MAX_REFIT_ROUNDS:
-            raise InvalidConfigError(
-                f"--gptq-refit-rounds must be between 0 and {MAX_REFIT_ROUNDS}; got {self.gptq_refit_rounds}."
-            )
+        for flag, count in (("--gptq-refit-rounds", self.gptq_refit_rounds), ("--gptq-descent-sweeps", self.gptq_descent_sweeps)):
+            if not 0 <= count <= MAX_REFIT_ROUNDS:
+                raise InvalidConfigError(f"{flag} must be between 0 and {MAX_REFIT_ROUNDS}; got {count}.")
         if self.rotation not in ROTATIONS:
             raise InvalidConfigError(f"--rotation {self.rotation!r} is unknown; expected one of {list(ROTATIONS)}.")
         if self.scale_bits not in SCALE_BITS_CHOICES:
@@ -259,7 +261,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         if options.method == "gptq" and full:
             method = "gptq"
             planes[site.name] = gptq_tiers(
-                weight, specs, second_moment, options.gptq_order, options.gptq_damping, options.gptq_refit_rounds
+                weight, specs, second_moment, options.gptq_order, options.gptq_damping,
+                options.gptq_refit_rounds, options.gptq_descent_sweeps,
             )
         else:
             method = "rtn"
@@ -367,6 +370,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "gptq_order": options.gptq_order if options.method == "gptq" else None,
             "gptq_damping": options.gptq_damping if options.method == "gptq" else None,
             "gptq_refit_rounds": options.gptq_refit_rounds if options.method == "gptq" else None,
+            "gptq_descent_sweeps": options.gptq_descent_sweeps if options.method == "gptq" else None,
             "head_damping": options.head_damping if head_moment is not None else None,
             "rotation": options.rotation,
             "target_bits": options.target_bits,

@@ -90,6 +90,7 @@ def gptq_plane(
     order: str = "activation",
     damping: float = DAMPING,
     refit_rounds: int = 0,
+    descent_sweeps: int = 0,
 ) -> Plane:
     """Quantize (out_features, in_features) ``weight`` into one plane, compensating with ``hessian``.
 
@@ -136,6 +137,9 @@ def gptq_plane(
             weight, codes, scales, zeros, spec, hessian, reference, damping, refit_rounds,
             lambda s, z: _gptq_pass(weight, permutation, factor, s, z, spec, importance, reference, "activation"),
         )
+    if descent_sweeps:
+        damped = hessian + damping * torch.mean(torch.diag(hessian)) * torch.eye(in_features)
+        codes = descend_codes(weight, codes, scales, zeros, spec, damped, descent_sweeps, permutation)
     return Plane(
         spec=spec,
         qweight=pack_int4(codes),
@@ -208,6 +212,45 @@ def _refit_and_repass(weight, codes, scales, zeros, spec, hessian, reference, da
         codes = torch.where(better.unsqueeze(1), candidate, codes)
         best_error = torch.where(better, error, best_error)
     return codes, scales, zeros
+
+
+def descend_codes(weight, codes, scales, zeros, spec: PlaneSpec, hessian, sweeps: int, order=None) -> torch.Tensor:
+    """Cyclic coordinate descent on the codes: each code in turn set to the best one for the
+    row's output error (w - w_hat) H (w - w_hat)^T with every other code held, all rows at once.
+
+    GPTQ decides each code once, against weights it has not compensated yet; a sweep revisits
+    every code with all the others known. A 1-D quadratic's best integer is the one nearest its
+    minimum, so no step can raise a row's error. Returns new uint8 codes (out, in).
+    """
+    out_features, in_features = weight.shape
+    group_size = spec.group_size
+    scale = scales.to(torch.float32).repeat_interleave(group_size, dim=1)
+    zero = (torch.full_like(scales, spec.implied_zero) if spec.symmetric else zeros).to(torch.float32)
+    zero = zero.repeat_interleave(group_size, dim=1)
+    q = codes.to(torch.float32).clone()
+    error = weight - (q - zero) * scale
+    gradient = error @ hessian
+    diagonal = torch.diag(hessian).clamp_min(1e-20)
+    max_code = 2**spec.bits - 1
+    columns = (order if order is not None else torch.arange(in_features)).tolist()
+    for _ in range(sweeps):
+        moved = 0
+        for i in columns:
+            best_error = error[:, i] - gradient[:, i] / diagonal[i]
+            new = torch.clamp(torch.round((weight[:, i] - best_error) / scale[:, i] + zero[:, i]), 0, max_code)
+            step = new - q[:, i]
+            changed = step != 0
+            if not bool(changed.any()):
+                continue
+            rows = changed.nonzero().squeeze(1)
+            delta = -step[rows] * scale[rows, i]
+            error[rows, i] += delta
+            gradient[rows] += delta.unsqueeze(1) * hessian[i].unsqueeze(0)
+            q[rows, i] = new[rows]
+            moved += rows.numel()
+        if not moved:
+            break
+    return q.to(torch.uint8)
 
 
 _REFIT_ROWS = 64  # rows whose normal equations are built at once: bounds the (rows, in, groups) work tensor
@@ -310,12 +353,13 @@ def gptq_tiers(
     order: str = "activation",
     damping: float = DAMPING,
     refit_rounds: int = 0,
+    descent_sweeps: int = 0,
 ) -> list[Plane]:
     """Nested planes, each error-compensated: plane k quantizes what planes 0..k-1 left."""
     remainder = weight.detach().to(torch.float32)
     planes: list[Plane] = []
     for spec in specs:
-        plane = gptq_plane(remainder, spec, hessian, order, damping, refit_rounds)
+        plane = gptq_plane(remainder, spec, hessian, order, damping, refit_rounds, descent_sweeps)
         planes.append(plane)
         remainder = remainder - dequantize_plane(plane)
     return planes

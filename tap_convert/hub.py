@@ -47,6 +47,8 @@ def _gptq_order(table: RoutingTable) -> str:
     order = table.calibration.extra.get("gptq_order")
     rounds = table.calibration.extra.get("gptq_refit_rounds")
     refit = f", group scales refitted to its codes in {rounds} round{'s' if rounds != 1 else ''}" if rounds else ""
+    sweeps = table.calibration.extra.get("gptq_descent_sweeps")
+    refit += f", then {sweeps} sweep{'s' if sweeps != 1 else ''} of coordinate descent over the codes" if sweeps else ""
     return f"; GPTQ in {order} order{refit}" if order else ""
 
 

@@ -107,23 +107,27 @@ def test_gptq_damping_is_recorded_used_and_validated(converted_factory, tiny_mod
                 ConvertOptions(**{flag: bad}).validate()
 
 
-def test_gptq_refit_rounds_are_recorded_used_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+def test_gptq_refit_and_descent_are_recorded_used_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
     default_dir = converted_factory("llama")
     default = RoutingTable.from_json(default_dir / ROUTING_FILE)
-    assert default.calibration.extra["gptq_refit_rounds"] == ConvertOptions().gptq_refit_rounds
-    rounds = ConvertOptions().gptq_refit_rounds + 1
-    options = ConvertOptions(calib=str(calibration_text_file), gptq_refit_rounds=rounds, **FAST_CONVERT)
+    defaults = ConvertOptions()
+    assert default.calibration.extra["gptq_refit_rounds"] == defaults.gptq_refit_rounds
+    assert default.calibration.extra["gptq_descent_sweeps"] == defaults.gptq_descent_sweeps
+    rounds, sweeps = defaults.gptq_refit_rounds + 1, defaults.gptq_descent_sweeps + 1
+    options = ConvertOptions(calib=str(calibration_text_file), gptq_refit_rounds=rounds, gptq_descent_sweeps=sweeps, **FAST_CONVERT)
     refitted = convert(str(tiny_model_factory("llama")), tmp_path / "refit", options)
-    assert refitted.calibration.extra["gptq_refit_rounds"] == rounds
-    assert "group scales refitted to its codes" in (tmp_path / "refit" / "README.md").read_text()
+    assert (refitted.calibration.extra["gptq_refit_rounds"], refitted.calibration.extra["gptq_descent_sweeps"]) == (rounds, sweeps)
+    card = (tmp_path / "refit" / "README.md").read_text()
+    assert "group scales refitted to its codes" in card and "of coordinate descent over the codes" in card
     scales = plane_tensor_name(next(iter(refitted.linear)), 0, "scales")
     with safe_open(str(default_dir / default.shards[0].file_name), "pt") as default_file, safe_open(
         str(tmp_path / "refit" / refitted.shards[0].file_name), "pt"
     ) as refit_file:
         assert not torch.equal(default_file.get_tensor(scales), refit_file.get_tensor(scales))
-    for bad in (-1, 9):
-        with pytest.raises(InvalidConfigError, match=r"--gptq-refit-rounds must be between 0 and 8"):
-            ConvertOptions(gptq_refit_rounds=bad).validate()
+    for flag in ("gptq_refit_rounds", "gptq_descent_sweeps"):
+        for bad in (-1, 9):
+            with pytest.raises(InvalidConfigError, match=rf"--{flag.replace('_', '-')} must be between 0 and 8"):
+                ConvertOptions(**{flag: bad}).validate()
 
 
 def _stored_weight(directory, table, name: str, count: int) -> torch.Tensor:

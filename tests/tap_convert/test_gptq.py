@@ -258,3 +258,35 @@ def test_refit_rounds_are_passed_on_by_gptq_tiers():
     tiers = gptq_tiers(weight, specs, moment.hessian, refit_rounds=1)
     assert torch.equal(tiers[0].qweight, gptq_plane(weight, specs[0], moment.hessian, refit_rounds=1).qweight)
     assert torch.equal(tiers[0].scales, gptq_plane(weight, specs[0], moment.hessian, refit_rounds=1).scales)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_descent_sweeps_lower_every_rows_output_error_and_stop_when_settled(symmetric):
+    """Each coordinate step takes the best integer code for its row's error with the others
+    held, so no row may get worse, and a sweep that moves nothing ends the descent."""
+    from tap_convert.gptq import descend_codes
+    from tap_runtime.packing import unpack_int4
+
+    weight, inputs, moment = _skewed_problem(seed=4)
+    spec = PlaneSpec(4, 32, symmetric)
+    damped = moment.hessian + 0.01 * torch.diag(moment.hessian).mean() * torch.eye(weight.shape[1])
+    plain = gptq_plane(weight, spec, moment.hessian)
+    descended = gptq_plane(weight, spec, moment.hessian, descent_sweeps=3)
+    assert torch.equal(descended.scales, plain.scales)  # only the codes move
+    assert torch.all(_row_errors(weight, descended, damped) <= _row_errors(weight, plain, damped) * (1 + 1e-5))
+    reference = inputs @ weight.t()
+    assert sqnr_db(reference, inputs @ dequantize_plane(descended).t()) > sqnr_db(reference, inputs @ dequantize_plane(plain).t()) + 0.05
+    codes = unpack_int4(descended.qweight)
+    zeros = None if symmetric else descended.zeros.float()
+    settled = descend_codes(weight, codes, descended.scales.float(), zeros, spec, damped, sweeps=50)
+    again = descend_codes(weight, settled, descended.scales.float(), zeros, spec, damped, sweeps=1)
+    assert torch.equal(again, settled)
+    assert int(settled.max()) <= 15
+
+
+def test_descent_sweeps_are_passed_on_by_gptq_tiers():
+    weight, _, moment = _skewed_problem(seed=3)
+    specs = (PlaneSpec(4, 32, False), PlaneSpec(4, 32, True))
+    tiers = gptq_tiers(weight, specs, moment.hessian, descent_sweeps=2)
+    assert torch.equal(tiers[0].qweight, gptq_plane(weight, specs[0], moment.hessian, descent_sweeps=2).qweight)
+    assert not torch.equal(tiers[0].qweight, gptq_plane(weight, specs[0], moment.hessian).qweight)
