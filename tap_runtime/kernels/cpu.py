@@ -30,13 +30,19 @@ __all__ = [
     "INT8_COL_MULTIPLE",
 ]
 
-# torch's CPU int4 packer needs out_features % 16 == 0 and lays rows out in blocks of 64 (see
-# unpack_cpu_int4pack); padding to 64 keeps every block regular, so the layout can be unpacked.
+# torch's CPU int4 packer needs out_features % 16 == 0 and lays rows out in blocks of 64 rows on
+# AVX-512 builds and 32 on AVX2 (see unpack_cpu_int4pack); padding to 64 keeps every block
+# regular under either, so the layout can be unpacked.
 INT4_ROW_MULTIPLE = 64
-_PACK_BLOCK_ROWS = 64
+# Block heights the packer is known to use, widest vector unit first; probed once at start-up.
+_CANDIDATE_BLOCK_ROWS = (64, 32)
 # torch's int8 weight-only matmul gives wrong results (or crashes) unless in_features % 16 == 0.
 INT8_COL_MULTIPLE = 16
 _INNER_K_TILES = 2
+# The head's largest logits recomputed in float32 per token (CpuPackedKernel.matmul_rows), in
+# calls of at most REFINE_MAX_TOKENS tokens: decode steps, not prefill's whole-window logits.
+REFINE_TOP = 16
+REFINE_MAX_TOKENS = 8
 # torch's int8 kernel crashes on weights that are not 64-byte aligned, which tensors mapped
 # straight from a safetensors file often are (the format only aligns to 8 bytes).
 _ALIGNMENT_BYTES = 64
@@ -60,36 +66,55 @@ def cpu_kernels_available() -> bool:
     )
 
 
-def unpack_cpu_int4pack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+def unpack_cpu_int4pack(packed: torch.Tensor, in_features: int, block_rows: int | None = None) -> torch.Tensor:
     """Codes (rows, in_features) from ``_convert_weight_to_int4pack_for_cpu``'s output.
 
-    For each block of 64 rows the packer writes, for every column k, 32 bytes whose low nibble is
-    row d and high nibble row d + 32 of the block (torch 2.x, checked at start-up by
-    :func:`cpu_int4_layout_known`).
+    For each block of ``block_rows`` rows (64 on AVX-512 CPUs, 32 on AVX2; by default the one
+    this CPU's packer uses, found by :func:`cpu_int4_block_rows`) the packer writes, for every
+    column k, ``block_rows / 2`` bytes whose low nibble is row d and high nibble row
+    d + block_rows / 2 of the block.
     """
-    blocks = packed.shape[0] // _PACK_BLOCK_ROWS
-    half = _PACK_BLOCK_ROWS // 2
+    if block_rows is None:
+        block_rows = cpu_int4_block_rows()
+        if block_rows is None:
+            raise RuntimeError("torch's packed int4 layout on this CPU is not one TAP can unpack")
+    blocks = packed.shape[0] // block_rows
+    half = block_rows // 2
     low = (packed & 0x0F).view(blocks, in_features, half)
     high = (packed >> 4).view(blocks, in_features, half)
-    return torch.cat((low, high), dim=-1).permute(0, 2, 1).reshape(blocks * _PACK_BLOCK_ROWS, in_features)
+    return torch.cat((low, high), dim=-1).permute(0, 2, 1).reshape(blocks * block_rows, in_features)
 
 
-_LAYOUT_KNOWN: bool | None = None
+_BLOCK_ROWS_PROBED = False
+_BLOCK_ROWS: int | None = None
+
+
+def cpu_int4_block_rows() -> int | None:
+    """Block height of this CPU's packed int4 layout, or None if it is none TAP can read (once).
+
+    torch picks the layout by the CPU's vector unit at run time, so it is probed, not assumed:
+    random codes are packed and each candidate unpacking is checked against them.
+    """
+    global _BLOCK_ROWS_PROBED, _BLOCK_ROWS
+    if not _BLOCK_ROWS_PROBED:
+        _BLOCK_ROWS_PROBED = True
+        rows = 2 * max(_CANDIDATE_BLOCK_ROWS)
+        codes = torch.randint(0, 16, (rows, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
+        except (RuntimeError, AttributeError):
+            return None
+        if packed.shape == (codes.shape[0], codes.shape[1] // 2):
+            for block_rows in _CANDIDATE_BLOCK_ROWS:
+                if torch.equal(unpack_cpu_int4pack(packed, codes.shape[1], block_rows).to(torch.int32), codes):
+                    _BLOCK_ROWS = block_rows
+                    break
+    return _BLOCK_ROWS
 
 
 def cpu_int4_layout_known() -> bool:
-    """Whether this torch's packed layout is the one :func:`unpack_cpu_int4pack` reads (once)."""
-    global _LAYOUT_KNOWN
-    if _LAYOUT_KNOWN is None:
-        codes = torch.randint(0, 16, (2 * _PACK_BLOCK_ROWS, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-        try:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
-            _LAYOUT_KNOWN = packed.shape == (codes.shape[0], codes.shape[1] // 2) and torch.equal(
-                unpack_cpu_int4pack(packed, codes.shape[1]).to(torch.int32), codes
-            )
-        except RuntimeError:
-            _LAYOUT_KNOWN = False
-    return _LAYOUT_KNOWN
+    """Whether this CPU's packed int4 layout is one :func:`unpack_cpu_int4pack` reads."""
+    return cpu_int4_block_rows() is not None
 
 
 @dataclass
@@ -104,6 +129,7 @@ class _PackedPlane:
 class _PackedRows:
     qweight: torch.Tensor  # int8 (out_features, in_features)
     scales: torch.Tensor  # bfloat16 (out_features,)
+    exact_scales: torch.Tensor  # float32 (out_features,): the stored scales, for refine_top
 
 
 class CpuPackedKernel:
@@ -112,12 +138,15 @@ class CpuPackedKernel:
     ``dense_min_tokens``: from this many tokens in one call on, planes are unpacked to a
     transient bfloat16 matrix (measured crossover on 2 AVX-512 cores: 128 to 256 tokens depending
     on the shape; scripts/bench_kernels.py); ``None`` keeps the int4 kernel for every call.
+    ``refine_top``: how many of each decoded token's largest head outputs are recomputed in
+    float32 (see :meth:`matmul_rows`); 0 leaves the kernel's bfloat16 logits as they are.
     """
 
     name = "cpu-packed"
 
-    def __init__(self, dense_min_tokens: int | None = 256):
+    def __init__(self, dense_min_tokens: int | None = 256, refine_top: int = REFINE_TOP):
         self.dense_min_tokens = dense_min_tokens if cpu_int4_layout_known() else None
+        self.refine_top = refine_top
 
     def prepare_plane(self, plane: Plane) -> _PackedPlane:
         codes = unpack_int4(plane.qweight).to(torch.int32)  # (out, in)
@@ -185,7 +214,20 @@ class CpuPackedKernel:
     def prepare_rows(self, rows: RowQuantized) -> _PackedRows:
         if rows.qweight.shape[1] % INT8_COL_MULTIPLE:
             raise ValueError(f"int8 kernel needs in_features % {INT8_COL_MULTIPLE} == 0")
-        return _PackedRows(aligned(rows.qweight), aligned(rows.scales.to(torch.bfloat16)))
+        return _PackedRows(
+            aligned(rows.qweight), aligned(rows.scales.to(torch.bfloat16)), rows.scales.to(torch.float32).contiguous()
+        )
 
     def matmul_rows(self, x: torch.Tensor, prepared: _PackedRows) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(aligned(x.to(torch.bfloat16)), prepared.qweight, prepared.scales)
+        """The output head's logits. torch's int8 kernel takes bfloat16 inputs and rounds its
+        results to bfloat16 (3 significant digits: logits near 20 land on steps of 0.125), so
+        tokens a greedy step must tell apart tie. For a few tokens per call (decode), each
+        token's ``refine_top`` largest logits are recomputed in float32 from the float32
+        activations and the stored scales: the pick among them is then exact unless more than
+        ``refine_top`` tokens lie within the kernel's rounding of the best one."""
+        out = torch.ops.aten._weight_int8pack_mm(aligned(x.to(torch.bfloat16)), prepared.qweight, prepared.scales)
+        if not self.refine_top or x.shape[0] > REFINE_MAX_TOKENS:
+            return out
+        top = out.topk(min(self.refine_top, out.shape[-1]), dim=-1).indices  # (tokens, k)
+        exact = torch.einsum("tki,ti->tk", prepared.qweight[top].to(torch.float32), x.to(torch.float32))
+        return out.to(torch.float32).scatter_(-1, top, exact * prepared.exact_scales[top])

@@ -4,6 +4,7 @@ import torch
 from tap_convert.quantize import quantize_rows, quantize_tiers
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.format import PlaneSpec
+from tap_runtime.planes import RowQuantized
 from tap_runtime.kernels import CpuPackedKernel, ReferenceKernel, select_kernel
 from tap_runtime.kernels.native import native_kernels
 from tap_runtime.kernels.cpu import aligned, cpu_int4_layout_known, cpu_kernels_available, unpack_cpu_int4pack
@@ -67,10 +68,38 @@ def test_select_kernel(device):
 
 
 def test_cpu_int4_layout_is_the_one_we_unpack():
-    assert cpu_int4_layout_known()
+    if not cpu_int4_layout_known():
+        # A layout TAP cannot read (a CPU with neither AVX-512 nor AVX2): the dense prefill path,
+        # which unpacks planes, must be off, and the unpacker must refuse rather than misread.
+        assert CpuPackedKernel().dense_min_tokens is None
+        with pytest.raises(RuntimeError, match="not one TAP can unpack"):
+            unpack_cpu_int4pack(torch.zeros(64, 32, dtype=torch.uint8), 64)
+        pytest.skip("torch's packed int4 layout on this CPU is none TAP reads; checked that it is not used")
     codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     assert torch.equal(unpack_cpu_int4pack(packed, 96).to(torch.int32), codes)
+
+
+def pack_like_torch(codes: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """The packer's layout written out by hand: per block, per column, low nibble row d, high d + half."""
+    rows, cols = codes.shape
+    half = block_rows // 2
+    packed = torch.empty(rows * cols // 2, dtype=torch.uint8)
+    position = 0
+    for block in range(0, rows, block_rows):
+        for column in range(cols):
+            for d in range(half):
+                packed[position] = int(codes[block + d, column]) | (int(codes[block + d + half, column]) << 4)
+                position += 1
+    return packed.view(rows, cols // 2)
+
+
+@pytest.mark.parametrize("block_rows", [64, 32], ids=["avx512-layout", "avx2-layout"])
+def test_unpack_reads_both_known_int4_layouts(block_rows):
+    """CI and development machines differ in vector units; the unpacker must read either layout."""
+    codes = torch.randint(0, 16, (128, 8), generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+    packed = pack_like_torch(codes, block_rows)
+    assert torch.equal(unpack_cpu_int4pack(packed, 8, block_rows).to(torch.int32), codes)
 
 
 @pytest.mark.parametrize("shape", [(40, 96), (576, 576)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -86,3 +115,28 @@ def test_dense_prefill_path_matches_reference(shape):
     assert _relative_error(kernel.matmul_plane(x, prepared), expected) < 1e-2  # dense path
     assert _relative_error(kernel.matmul_plane(x[:5], prepared), expected[:5]) < 1e-2  # int4 path
     assert kernel.dequantize_plane(prepared).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="torch lacks its packed CPU ops here")
+def test_head_refines_the_largest_logits_in_float32():
+    """torch's int8 kernel rounds logits to bfloat16; a greedy step must still tell close tokens apart."""
+    generator = torch.Generator().manual_seed(6)
+    qweight = torch.randint(-127, 128, (320, 64), generator=generator, dtype=torch.int8)
+    # Row 7 is row 3 with one code one step higher: their logits differ by one code step only,
+    # which bfloat16 cannot resolve at this magnitude.
+    qweight[3] = torch.full((64,), 100, dtype=torch.int8)
+    qweight[7] = qweight[3]
+    qweight[7, 0] += 1
+    scales = torch.full((320,), 0.01)
+    x = torch.full((2, 64), 1.0)
+    x[1, 0] = -1.0  # the second token prefers row 3
+    rows = RowQuantized(qweight, scales)
+    exact = x @ (qweight.to(torch.float32) * scales.unsqueeze(-1)).t()
+    kernel = CpuPackedKernel()
+    refined = kernel.matmul_rows(x, kernel.prepare_rows(rows))
+    assert refined.dtype == torch.float32
+    assert refined.argmax(dim=-1).tolist() == exact.argmax(dim=-1).tolist() == [7, 3]
+    top = exact.topk(4, dim=-1).indices
+    torch.testing.assert_close(refined.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-6)
+    rounded = CpuPackedKernel(refine_top=0).matmul_rows(x, kernel.prepare_rows(rows))
+    assert rounded.dtype == torch.bfloat16 and rounded[0, 3] == rounded[0, 7]  # the tie refining breaks
