@@ -5,9 +5,11 @@ about 25x slower than the bfloat16 ones (measured with torch 2.13, AVX2), so act
 cast to bfloat16 at the kernel boundary and results come back in bfloat16.
 
 Many tokens at once (prefill) are compute-bound, where torch's int4 kernel loses to a dense
-bfloat16 GEMM (5.6 ms against 3.5 ms with the unpacking, for 512 x 576 -> 1536 on 2 cores). From
+GEMM (5.6 ms against 3.5 ms with the unpacking, for 512 x 576 -> 1536 on 2 AVX-512 cores). From
 ``dense_min_tokens`` tokens on, the plane is unpacked from the kernel's own packed layout into
-a transient bfloat16 matrix and multiplied densely; nothing dense stays resident.
+a transient matrix and multiplied densely; nothing dense stays resident. That matrix is
+bfloat16 where the CPU multiplies bfloat16 in hardware, float32 elsewhere (on AVX2 a bfloat16
+GEMM runs 7x slower than a float32 one).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import torch.nn.functional as F
 
 from ..planes import Plane, RowQuantized
 from ..packing import unpack_int4
+from .native import cpu_flags
 
 __all__ = [
     "CpuPackedKernel",
     "cpu_kernels_available",
     "cpu_int4_layout_known",
+    "cpu_bfloat16_gemm_native",
     "unpack_cpu_int4pack",
     "aligned",
     "INT4_ROW_MULTIPLE",
@@ -117,6 +121,16 @@ def cpu_int4_layout_known() -> bool:
     return cpu_int4_block_rows() is not None
 
 
+def cpu_bfloat16_gemm_native() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512_BF16 or AMX).
+
+    Without it torch widens bfloat16 in software: on 2 AVX2 cores (AMD EPYC, torch 2.13) a
+    512-token product with a 1536 x 576 matrix took 62 ms in bfloat16 against 8 ms in float32.
+    """
+    flags = set(cpu_flags().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 @dataclass
 class _PackedPlane:
     packed: torch.Tensor  # uint8, kernel layout, (padded_out, in_features // 2)
@@ -138,14 +152,21 @@ class CpuPackedKernel:
     ``dense_min_tokens``: from this many tokens in one call on, planes are unpacked to a
     transient bfloat16 matrix (measured crossover on 2 AVX-512 cores: 128 to 256 tokens depending
     on the shape; scripts/bench_kernels.py); ``None`` keeps the int4 kernel for every call.
+    ``dense_dtype``: the transient matrix's type; by default bfloat16 where the CPU multiplies it
+    in hardware and float32 elsewhere (:func:`cpu_bfloat16_gemm_native`).
     ``refine_top``: how many of each decoded token's largest head outputs are recomputed in
     float32 (see :meth:`matmul_rows`); 0 leaves the kernel's bfloat16 logits as they are.
     """
 
     name = "cpu-packed"
 
-    def __init__(self, dense_min_tokens: int | None = 256, refine_top: int = REFINE_TOP):
+    def __init__(self, dense_min_tokens: int | None = 256, refine_top: int = REFINE_TOP, dense_dtype: torch.dtype | None = None):
         self.dense_min_tokens = dense_min_tokens if cpu_int4_layout_known() else None
+        if dense_dtype is None:
+            dense_dtype = torch.bfloat16 if cpu_bfloat16_gemm_native() else torch.float32
+        if dense_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"dense_dtype must be torch.bfloat16 or torch.float32, got {dense_dtype}")
+        self.dense_dtype = dense_dtype
         self.refine_top = refine_top
 
     def prepare_plane(self, plane: Plane) -> _PackedPlane:
@@ -165,7 +186,7 @@ class CpuPackedKernel:
         return _PackedPlane(packed, scale_and_zero.to(torch.bfloat16), plane.spec.group_size, out_features)
 
     def dequantize_plane(self, prepared: _PackedPlane) -> torch.Tensor:
-        """The plane as a bfloat16 (padded_out, in_features) matrix, from the packed layout."""
+        """The plane as a ``dense_dtype`` (padded_out, in_features) matrix, from the packed layout."""
         in_features = prepared.packed.shape[1] * 2
         groups = in_features // prepared.group_size
         # float32 arithmetic: torch's elementwise bfloat16 ops on CPU are ~3x slower.
@@ -175,11 +196,11 @@ class CpuPackedKernel:
         scale = scale_and_zero[..., 0].t().unsqueeze(-1)  # (out, groups, 1)
         # (q - 8) * scale + offset = q * scale + (offset - 8 * scale)
         shift = (scale_and_zero[..., 1] - 8 * scale_and_zero[..., 0]).t().unsqueeze(-1)
-        return codes.mul_(scale).add_(shift).view(codes.shape[0], in_features).to(torch.bfloat16)
+        return codes.mul_(scale).add_(shift).view(codes.shape[0], in_features).to(self.dense_dtype)
 
     def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane) -> torch.Tensor:
         if self.dense_min_tokens is not None and x.shape[0] >= self.dense_min_tokens:
-            out = torch.mm(x.to(torch.bfloat16), self.dequantize_plane(prepared).t())
+            out = torch.mm(x.to(self.dense_dtype), self.dequantize_plane(prepared).t())
             if out.shape[-1] != prepared.out_features:
                 out = out[:, : prepared.out_features]
             return out

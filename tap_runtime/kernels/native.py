@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["native_kernels", "native_unavailable_reason", "SOURCE", "SOURCES"]
+__all__ = ["native_kernels", "native_unavailable_reason", "cpu_flags", "SOURCE", "SOURCES"]
 
 SOURCE = Path(__file__).with_name("csrc") / "tap_cpu_int4.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("tap_decode_ops.cpp"))
@@ -29,7 +29,8 @@ _log = logging.getLogger(__name__)
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them (the processor's name elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -43,7 +44,7 @@ def _module_name() -> str:
     # One build per source, CPU and torch: a home directory shared by different machines must
     # not hand one CPU's -march=native code to another.
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), _cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
         digest.update(part)
     return f"tap_cpu_int4_{digest.hexdigest()[:12]}"
 

@@ -102,19 +102,35 @@ def test_unpack_reads_both_known_int4_layouts(block_rows):
     assert torch.equal(unpack_cpu_int4pack(packed, 8, block_rows).to(torch.int32), codes)
 
 
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16-dense", "f32-dense"])
 @pytest.mark.parametrize("shape", [(40, 96), (576, 576)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dense_prefill_path_matches_reference(shape):
+def test_dense_prefill_path_matches_reference(shape, dense_dtype):
     """From dense_min_tokens on, the plane is unpacked from the packed layout and multiplied densely."""
     out_features, in_features = shape
     weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
     (plane,) = quantize_tiers(weight, (PlaneSpec(4, 32, False),))
     x = torch.randn(300, in_features, generator=torch.Generator().manual_seed(1))
     expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
-    kernel = CpuPackedKernel(dense_min_tokens=256)
+    kernel = CpuPackedKernel(dense_min_tokens=256, dense_dtype=dense_dtype)
     prepared = kernel.prepare_plane(plane)
-    assert _relative_error(kernel.matmul_plane(x, prepared), expected) < 1e-2  # dense path
+    dense = kernel.matmul_plane(x, prepared)
+    assert dense.dtype == dense_dtype
+    # float32 dense: only the kernel's bfloat16 group scales differ from the reference.
+    assert _relative_error(dense, expected) < (1e-2 if dense_dtype == torch.bfloat16 else 5e-3)
     assert _relative_error(kernel.matmul_plane(x[:5], prepared), expected[:5]) < 1e-2  # int4 path
-    assert kernel.dequantize_plane(prepared).dtype == torch.bfloat16
+    assert kernel.dequantize_plane(prepared).dtype == dense_dtype
+
+
+def test_dense_type_follows_the_cpu(monkeypatch):
+    """bfloat16 only where the CPU multiplies it in hardware; float32 on AVX2 (7x faster there)."""
+    import tap_runtime.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: "flags : fpu avx2 fma avx512f avx512_bf16")
+    assert cpu.cpu_bfloat16_gemm_native() and CpuPackedKernel().dense_dtype == torch.bfloat16
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: "flags : fpu avx2 fma")
+    assert not cpu.cpu_bfloat16_gemm_native() and CpuPackedKernel().dense_dtype == torch.float32
+    with pytest.raises(ValueError, match="dense_dtype"):
+        CpuPackedKernel(dense_dtype=torch.float16)
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="torch lacks its packed CPU ops here")
