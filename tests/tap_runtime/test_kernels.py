@@ -156,3 +156,21 @@ def test_head_refines_the_largest_logits_in_float32():
     torch.testing.assert_close(refined.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-6)
     rounded = CpuPackedKernel(refine_top=0).matmul_rows(x, kernel.prepare_rows(rows))
     assert rounded.dtype == torch.bfloat16 and rounded[0, 3] == rounded[0, 7]  # the tie refining breaks
+
+
+def test_head_many_tokens_in_float32_where_the_cpu_lacks_bfloat16():
+    """Prefill-sized head calls on a float32-dense kernel: exact float32 logits, sliced rows."""
+    import tap_runtime.kernels.cpu as cpu
+
+    generator = torch.Generator().manual_seed(7)
+    qweight = torch.randint(-127, 128, (cpu.HEAD_DENSE_ROWS + 96, 64), generator=generator, dtype=torch.int8)
+    scales = torch.rand(qweight.shape[0], generator=generator) * 0.01 + 1e-3
+    x = torch.randn(cpu.HEAD_DENSE_MIN_TOKENS, 64, generator=generator)
+    exact = x @ (qweight.to(torch.float32) * scales.unsqueeze(-1)).t()
+    kernel = CpuPackedKernel(dense_dtype=torch.float32)
+    out = kernel.matmul_rows(x, kernel.prepare_rows(RowQuantized(qweight, scales)))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
+    # The bfloat16-dense kernel keeps torch's int8 kernel, whose logits are rounded.
+    rounded = CpuPackedKernel(dense_dtype=torch.bfloat16).matmul_rows(x, kernel.prepare_rows(RowQuantized(qweight, scales)))
+    assert rounded.dtype == torch.bfloat16
