@@ -74,7 +74,8 @@ def load(
         path_or_repo_id: a directory written by ``tap-convert`` or a Hub repo id ``org/name``.
         device: where to run: ``cpu`` or ``cuda`` (packed kernels on both; sm80+ for CUDA).
         dtype: dtype of the unquantized parts (norms, attention, residual stream).
-        kernel: ``auto`` (fastest packed kernel), ``cpu-vnni`` (TAP's own), ``cpu-packed`` (torch's),
+        kernel: ``auto`` (fastest packed kernel), ``cpu-vnni`` / ``cpu-avx2`` (TAP's own, by CPU),
+            ``cpu-packed`` (torch's),
             ``cuda-packed`` or ``reference``.
         revision: Hub revision (branch, tag or commit) when loading from the Hub.
         verify: check every file's sha256 against the routing table before loading.
@@ -156,7 +157,7 @@ def _set_base_activation_bits(model, bits: int) -> None:
     unable = sorted({type(k).__name__ for k in kernels.values() if not hasattr(k, "set_base_activation_bits")})
     if unable or not kernels:
         raise InvalidConfigError(
-            f"base_activation_bits={bits} needs TAP's VNNI kernel (kernel='cpu-vnni'); this model runs on "
+            f"base_activation_bits={bits} needs TAP's native kernel (kernel='cpu-vnni' or 'cpu-avx2'); this model runs on "
             f"{', '.join(unable) or 'no TAP kernel'}."
         )
     for kernel in kernels.values():

@@ -1,7 +1,8 @@
 """Kernel choice: the fastest packed kernel available for the device, the reference otherwise.
 
-CPU: TAP's own VNNI kernels (built on first use, see .native) where the CPU has AVX-512 VNNI
-and a compiler is present, else torch's packed int4/int8 CPU ops. CUDA (sm80+): torch's
+CPU: TAP's own kernels (built on first use, see .native) where a compiler is present and the
+CPU has AVX-512 VNNI (``cpu-vnni``) or AVX2 + FMA + F16C (``cpu-avx2``), else torch's packed
+int4/int8 CPU ops (``cpu-packed``). CUDA (sm80+): torch's
 tinygemm int4 and int8 ops.
 
 Like optimum-quanto, the choice is made once per model; ``kernel="reference"`` forces the plain
@@ -32,7 +33,8 @@ __all__ = [
     "select_kernel",
 ]
 
-KERNEL_NAMES = ("auto", "cpu-vnni", "cpu-packed", "cuda-packed", "reference")
+KERNEL_NAMES = ("auto", "cpu-vnni", "cpu-avx2", "cpu-packed", "cuda-packed", "reference")
+_NATIVE_BUILDS = {"cpu-vnni": "avx512-vnni", "cpu-avx2": "avx2"}
 _log = logging.getLogger(__name__)
 
 
@@ -43,11 +45,18 @@ def select_kernel(name: str = "auto", device: torch.device | str = "cpu") -> Ker
         raise InvalidConfigError(f"kernel {name!r} is unknown; expected one of {list(KERNEL_NAMES)}.")
     if name == "reference":
         return ReferenceKernel(device)
-    if name in ("auto", "cpu-vnni") and device.type == "cpu" and cpu_kernels_available() and native_kernels() is not None:
+    native = native_kernels() if device.type == "cpu" and cpu_kernels_available() else None
+    build = native.instruction_set() if native is not None else ""
+    if native is not None and (name == "auto" or _NATIVE_BUILDS.get(name) == build):
         return CpuVnniKernel()
-    if name == "cpu-vnni":
-        reason = native_unavailable_reason() if device.type == "cpu" else f"device cpu; got {device}"
-        raise InvalidConfigError(f"kernel 'cpu-vnni' is not available: {reason}. Use kernel='auto'.")
+    if name in _NATIVE_BUILDS:
+        if device.type != "cpu":
+            reason = f"it needs device cpu; got {device}"
+        elif native is None:
+            reason = native_unavailable_reason() or "torch's packed CPU ops are missing"
+        else:
+            reason = f"this CPU's native build is {build!r} (kernel 'cpu-{'vnni' if build == 'avx512-vnni' else 'avx2'}')"
+        raise InvalidConfigError(f"kernel {name!r} is not available: {reason}. Use kernel='auto'.")
     if name in ("auto", "cpu-packed") and device.type == "cpu" and cpu_kernels_available():
         return CpuPackedKernel()
     if name in ("auto", "cuda-packed") and device.type == "cuda" and cuda_kernels_available():

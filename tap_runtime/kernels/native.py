@@ -4,7 +4,9 @@ same module).
 
 The extension is compiled on first use with torch's cpp_extension (ninja + the system C++
 compiler, ``-march=native``) into torch's extension cache, so every machine gets code for its
-own CPU. It is optional: without a compiler, on a CPU without AVX-512 VNNI, or with
+own CPU: AVX-512 VNNI where the CPU has it, else AVX2 + FMA + F16C (the same products with
+maddubs/madd for VNNI's dot product, and no many-token lane kernel; ``instruction_set()`` says
+which). It is optional: without a compiler, on a CPU with neither, or with
 ``TAP_NATIVE_KERNELS=0``, :func:`native_kernels` returns None with the reason in
 :func:`native_unavailable_reason`, and the runtime uses torch's packed kernels instead.
 """
@@ -69,8 +71,8 @@ def native_kernels() -> ModuleType | None:
             except Exception as error:  # no compiler, no ninja, a failed build: all mean "not here"
                 reason = f"building {SOURCE.name} failed: {type(error).__name__}: {str(error).strip()[:300]}"
             else:
-                if not module.compiled_with_vnni():
-                    module, reason = None, "this CPU lacks AVX-512 VNNI"
+                if not module.instruction_set():
+                    module, reason = None, "this CPU lacks both AVX-512 VNNI and AVX2 + FMA + F16C"
         _state["module"], _state["reason"] = module, reason
         if reason:
             _log.info("TAP native CPU kernels unavailable: %s; using torch's packed kernels", reason)

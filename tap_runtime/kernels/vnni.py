@@ -1,4 +1,4 @@
-"""TAP's own CPU kernels (AVX-512 VNNI): 4-bit planes and 8-bit rows times 15-bit activations.
+"""TAP's own CPU kernels (AVX-512 VNNI, or AVX2): 4-bit planes and 8-bit rows times 15-bit activations.
 
 torch's CPU int4 kernel widens every weight to bfloat16 and reads several rows as separate
 streams; on 2 Zen 4 cores it moves about 16 GB/s of weights. These kernels multiply the 4-bit
@@ -14,6 +14,11 @@ torch's packed kernel, plane by plane. From 16 tokens at once (prefill, routed s
 a plane is unpacked by the native code into a reused bfloat16 buffer and multiplied by a dense
 GEMM: at 512 tokens that is 2.4x a float32 matmul on Qwen2.5-1.5B's gate/up plane, against
 1.0x for torch's int4 kernel (scripts/bench_kernels.py).
+
+On CPUs with AVX2 but no AVX-512 VNNI the same module builds with maddubs/madd in place of the
+VNNI dot product (kernel name ``cpu-avx2``): same layouts and arithmetic, no 16-row lane kernel
+(routed tokens' residuals in a prefill go through the dense path instead), and dense matrices in
+float32 unless the CPU multiplies bfloat16 natively (``CpuPackedKernel.dense_dtype``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ CHUNK_BLOCKS = 16  # blocks per chunk of the plane layout (the C++ kernel's kChu
 _ROW_CHUNK = 32  # inputs per 32-byte chunk of an int8 row
 _DENSE_ROWS_CHUNK = 16384  # rows of the head unpacked at a time for many-token calls
 _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multiple of any tile)
+# From this many tokens in one call, planes are unpacked and multiplied densely (the default of
+# CpuVnniKernel's dense_min_tokens), per build: scripts/bench_kernels.py measured the crossover.
+DENSE_MIN_TOKENS = {"avx512-vnni": 16, "avx2": 16}
 # The native plane kernel's activation rule (its wide_above argument): a block of 64 activations
 # takes 15 bits where its peak exceeds wide_above times its RMS, else 8 bits.
 ALL_WIDE = 0.0  # every block 15 bits (a block's peak is never below its RMS)
@@ -159,30 +167,37 @@ class TiledRows:
 
 
 class CpuVnniKernel(CpuPackedKernel):
-    """Planes and rows through TAP's VNNI kernels, other shapes through torch's packed kernels.
+    """Planes and rows through TAP's native kernels (VNNI or AVX2 build), other shapes through
+    torch's packed kernels.
 
     ``dense_min_tokens``: from this many tokens in one call on, planes and rows are unpacked to a
-    transient bfloat16 matrix and multiplied densely (crossover measured by
-    scripts/bench_kernels.py).
+    transient ``dense_dtype`` matrix and multiplied densely ("auto": the build's crossover in
+    DENSE_MIN_TOKENS, measured by scripts/bench_kernels.py; None: never).
     """
-
-    name = "cpu-vnni"
 
     def __init__(
         self,
-        dense_min_tokens: int | None = 16,
+        dense_min_tokens: int | None | str = "auto",
         native: ModuleType | None = None,
         base_wide_above: float = ALL_WIDE,
         lane_residuals: bool = True,
         lane_base: bool = False,
+        dense_dtype: torch.dtype | None = None,
     ):
-        super().__init__()
+        super().__init__(dense_dtype=dense_dtype)
+        self.native = native if native is not None else native_kernels()
+        if self.native is None:
+            raise RuntimeError("the native CPU kernels are not available on this machine")
+        self.instruction_set = str(self.native.instruction_set())
+        self.name = "cpu-vnni" if self.instruction_set == "avx512-vnni" else "cpu-avx2"
+        # The 16-row lane kernel (matmul_w4_many) exists in the VNNI build only.
+        self.has_lane_kernel = bool(self.native.compiled_with_vnni())
         # lane_residuals: in a many-token call, the routed tokens' residual products go through
         # the 16-row lane kernel with 8-bit activations (reads the 4-bit plane as stored, no
         # bfloat16 unpack; 1.6x the unpack + GEMM on Qwen2.5-1.5B's shapes at 51 rows). The
         # residual is a correction about 16x smaller than the base product, so its 8-bit
         # activations cost far less than 8 bits on the base would. False: unpack + GEMM.
-        self.lane_residuals = bool(lane_residuals)
+        self.lane_residuals = bool(lane_residuals) and self.has_lane_kernel
         # base_wide_above: for a call whose tokens read the base plane alone, a block of 64
         # activations keeps 15 bits where its peak exceeds this many times its RMS, and takes 8
         # bits (one dot product per weight byte, not two) otherwise. ALL_WIDE (0, the default):
@@ -197,11 +212,10 @@ class CpuVnniKernel(CpuPackedKernel):
         # bfloat16 GEMM: VNNI multiplies 8-bit values at twice bfloat16's rate. On a rotated
         # checkpoint (format 5) the 8 bits cost little (scripts/bench_activation_bits.py); off by
         # default all the same, as every 8-bit choice here is the user's to make.
-        self.lane_base = bool(lane_base)
-        self.native = native if native is not None else native_kernels()
-        if self.native is None:
-            raise RuntimeError("the native CPU kernels are not available on this machine")
+        self.lane_base = bool(lane_base) and self.has_lane_kernel
         self.tile = int(self.native.tile_rows())
+        if dense_min_tokens == "auto":
+            dense_min_tokens = DENSE_MIN_TOKENS.get(self.instruction_set, 16)
         self.vnni_dense_min_tokens = dense_min_tokens
         self._dense_buffer: torch.Tensor | None = None
 
@@ -225,26 +239,26 @@ class CpuVnniKernel(CpuPackedKernel):
         )
 
     def dequantize_plane(self, prepared, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The plane as a bfloat16 (out_features, in_features) matrix, written into ``out`` if given."""
+        """The plane as a ``dense_dtype`` (out_features, in_features) matrix, written into ``out`` if given."""
         if type(prepared) is _PackedPlane:
             return super().dequantize_plane(prepared)
         shape = (prepared.out_features, prepared.weight.shape[1] * 2)
         if out is None:
-            out = torch.empty(shape, dtype=torch.bfloat16)
+            out = torch.empty(shape, dtype=self.dense_dtype)
         return self.native.dequantize_w4(prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, prepared.first_row, out)
 
     def _scratch(self, shape: tuple[int, int]) -> torch.Tensor:
-        """A reused bfloat16 buffer for many-token calls: a fresh matrix per call would be
+        """A reused ``dense_dtype`` buffer for many-token calls: a fresh matrix per call would be
         page-faulted in every time (most of the dense path's cost on Qwen-sized planes)."""
         needed = shape[0] * shape[1]
-        if self._dense_buffer is None or self._dense_buffer.numel() < needed:
-            self._dense_buffer = torch.empty(needed, dtype=torch.bfloat16)
+        if self._dense_buffer is None or self._dense_buffer.numel() < needed or self._dense_buffer.dtype != self.dense_dtype:
+            self._dense_buffer = torch.empty(needed, dtype=self.dense_dtype)
         return self._dense_buffer[:needed].view(shape)
 
     def matmul_plane_sum(self, x: torch.Tensor, planes: list) -> torch.Tensor | None:
         """x times the sum of ``planes`` (the nested planes a token of one tier reads), as one
-        dense product: the planes are summed in float32 while unpacking and rounded to bfloat16
-        once. For many-token calls only (None otherwise, or for planes of different layouts),
+        dense product: the planes are summed in float32 while unpacking (and rounded to bfloat16
+        once where that is the dense type). For many-token calls only (None otherwise, or for planes of different layouts),
         where it spares routed tokens a base-plane product followed by a residual one."""
         if self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens or len(planes) > 4:
             return None
@@ -259,14 +273,14 @@ class CpuVnniKernel(CpuPackedKernel):
         self.native.dequantize_w4_sum(
             [p.weight for p in planes], [p.scales for p in planes], [p.zeros for p in planes], first.group_size, first.first_row, weight,
         )
-        return torch.mm(x.to(torch.bfloat16), weight.t())
+        return torch.mm(x.to(self.dense_dtype), weight.t())
 
     def matmul_plane(self, x: torch.Tensor, prepared) -> torch.Tensor:
         if type(prepared) is _PackedPlane:
             return super().matmul_plane(x, prepared)
         if self.vnni_dense_min_tokens is not None and x.shape[0] >= self.vnni_dense_min_tokens:
             weight = self.dequantize_plane(prepared, self._scratch((prepared.out_features, prepared.weight.shape[1] * 2)))
-            return torch.mm(x.to(torch.bfloat16), weight.t())
+            return torch.mm(x.to(self.dense_dtype), weight.t())
         return self.native.matmul_w4(
             x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, ALL_WIDE,
             prepared.first_row, prepared.out_features,
@@ -310,7 +324,7 @@ class CpuVnniKernel(CpuPackedKernel):
         if bits not in BASE_ACTIVATION_BITS:
             raise ValueError(f"base activation bits must be one of {BASE_ACTIVATION_BITS}, got {bits!r}")
         self.base_wide_above = ALL_NARROW if bits == 8 else ALL_WIDE
-        self.lane_base = bits == 8
+        self.lane_base = bits == 8 and self.has_lane_kernel
 
     def fuse_planes(self, parts: list):
         if all(type(p) is _PackedPlane for p in parts):
@@ -363,12 +377,12 @@ class CpuVnniKernel(CpuPackedKernel):
         if self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens:
             return self.native.matmul_w8(x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.code_sums)
         # Many tokens: unpack the head a slice of rows at a time and multiply densely.
-        x16 = x.to(torch.bfloat16)
+        x16 = x.to(self.dense_dtype)
         out = torch.empty(x.shape[0], prepared.out_features, dtype=torch.float32)
         for start in range(0, prepared.out_features, _DENSE_ROWS_CHUNK):
             stop = min(start + _DENSE_ROWS_CHUNK, prepared.out_features)
             tile_start, tile_stop = start // self.tile * self.tile, -(-stop // self.tile) * self.tile
             codes = untile_rows(prepared.weight[tile_start:tile_stop], self.tile)[start - tile_start : stop - tile_start]
-            weight = (codes.to(torch.float32) * prepared.scales[start:stop].unsqueeze(-1)).to(torch.bfloat16)
+            weight = (codes.to(torch.float32) * prepared.scales[start:stop].unsqueeze(-1)).to(self.dense_dtype)
             out[:, start:stop] = torch.mm(x16, weight.t())
         return out

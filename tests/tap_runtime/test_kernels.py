@@ -60,9 +60,18 @@ def test_aligned_copies_only_misaligned_tensors():
 def test_select_kernel(device):
     assert select_kernel("reference", device).name == "reference"
     if device.type == "cpu":
-        expected = "cpu-vnni" if native_kernels() is not None else "cpu-packed"
+        native = native_kernels()
+        build = native.instruction_set() if native is not None else ""
+        expected = {"avx512-vnni": "cpu-vnni", "avx2": "cpu-avx2"}.get(build, "cpu-packed")
         assert select_kernel("auto", device).name == expected
         assert select_kernel("cpu-packed", device).name == "cpu-packed"
+        # A native kernel asked for by name is that build or a clear error, never the other build.
+        for name in ("cpu-vnni", "cpu-avx2"):
+            if name == expected:
+                assert select_kernel(name, device).name == name
+            else:
+                with pytest.raises(InvalidConfigError, match=f"kernel '{name}' is not available"):
+                    select_kernel(name, device)
     with pytest.raises(InvalidConfigError, match="kernel 'fast' is unknown"):
         select_kernel("fast", device)
 

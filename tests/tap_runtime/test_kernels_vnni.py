@@ -1,4 +1,5 @@
-"""TAP's VNNI CPU kernels (kernels/vnni.py, kernels/native.py): layouts, numerics, fallbacks."""
+"""TAP's native CPU kernels, VNNI or AVX2 build (kernels/vnni.py, kernels/native.py): layouts,
+numerics, fallbacks."""
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ from tap_runtime.kernels.vnni import (
 )
 
 needs_native = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+needs_lanes = pytest.mark.skipif(
+    native_kernels() is None or not native_kernels().compiled_with_vnni(), reason="the 16-row lane kernel needs the AVX-512 VNNI build"
+)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,19 +161,41 @@ def test_kernel_rejects_a_negative_or_nan_threshold():
 
 
 @needs_native
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape,group_size", [((37, 256), 128), ((64, 640), 64), ((12, 64 * 37), 64)])
-def test_dense_unpack_is_the_reference_plane_in_bfloat16(shape, group_size):
+def test_dense_unpack_is_the_reference_plane(shape, group_size, dense_dtype):
     plane = _plane(shape, group_size)
-    kernel = CpuVnniKernel()
+    kernel = CpuVnniKernel(dense_dtype=dense_dtype)
     prepared = kernel.prepare_plane(plane)
-    expected = ReferenceKernel().prepare_plane(plane).to(torch.bfloat16)
-    assert torch.equal(kernel.dequantize_plane(prepared), expected)
-    scratch = kernel._scratch(expected.shape)
-    assert torch.equal(kernel.dequantize_plane(prepared, scratch), expected)
-    assert kernel._scratch(expected.shape).data_ptr() == scratch.data_ptr()  # reused, not reallocated
+    reference = ReferenceKernel().prepare_plane(plane)
+    got = kernel.dequantize_plane(prepared)
+    assert got.dtype == dense_dtype
+    if dense_dtype == torch.bfloat16:
+        assert torch.equal(got, reference.to(torch.bfloat16))
+    else:  # q * scale - scale * zero in one fused step: within a float32 rounding of the reference
+        assert torch.allclose(got, reference, rtol=0, atol=2e-7 * float(reference.abs().max()))
+    scratch = kernel._scratch(reference.shape)
+    assert torch.equal(kernel.dequantize_plane(prepared, scratch), got)
+    assert kernel._scratch(reference.shape).data_ptr() == scratch.data_ptr()  # reused, not reallocated
 
 
 @needs_native
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dense_sum_of_planes_is_rounded_once(dense_dtype):
+    """A tier-8 token's dense weight is base + residual summed in float32, then stored as the dense type."""
+    weight = torch.randn(40, 256, generator=torch.Generator().manual_seed(11))
+    base, residual = quantize_tiers(weight, (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False)))
+    kernel = CpuVnniKernel(dense_dtype=dense_dtype)
+    tiled = [kernel.prepare_plane(p) for p in (base, residual)]
+    out = torch.empty(40, 256, dtype=dense_dtype)
+    kernel.native.dequantize_w4_sum([t.weight for t in tiled], [t.scales for t in tiled], [t.zeros for t in tiled], 64, 0, out)
+    reference = ReferenceKernel()
+    expected = reference.prepare_plane(base) + reference.prepare_plane(residual)
+    tolerance = 4e-7 if dense_dtype == torch.float32 else 2 ** -8
+    assert torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+@needs_lanes
 @pytest.mark.parametrize("tokens", [0, 1, 5, 13], ids=lambda t: f"m{t}")
 @pytest.mark.parametrize(
     "shape,group_size,symmetric",
@@ -192,7 +218,7 @@ def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tok
         assert _relative_error(lanes, expected) < 5e-2
 
 
-@needs_native
+@needs_lanes
 def test_lane_product_reads_a_view_of_a_stacked_plane():
     kernel = CpuVnniKernel()
     width = 64 * 20
@@ -205,6 +231,23 @@ def test_lane_product_reads_a_view_of_a_stacked_plane():
         assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
     with pytest.raises(RuntimeError, match="tile-aligned"):
         kernel.native.matmul_w4_many(x, parts[0].weight, parts[0].scales, parts[0].zeros, 64, 2, 8)
+
+
+@needs_native
+@pytest.mark.skipif(native_kernels() is None or native_kernels().compiled_with_vnni(), reason="tests the AVX2 build")
+def test_avx2_build_has_no_lane_kernel_and_says_so():
+    kernel = CpuVnniKernel(lane_residuals=True, lane_base=True)
+    assert kernel.name == "cpu-avx2" and kernel.instruction_set == "avx2"
+    assert not kernel.has_lane_kernel and not kernel.lane_residuals and not kernel.lane_base
+    kernel.set_base_activation_bits(8)
+    assert not kernel.lane_base and kernel.base_wide_above == ALL_NARROW
+    prepared = kernel.prepare_plane(_plane((16, 128)))
+    with pytest.raises(RuntimeError, match="needs AVX-512 VNNI"):
+        kernel.native.matmul_w4_many(torch.zeros(2, 128), prepared.weight, prepared.scales, prepared.zeros, 64, 0, 16)
+    # Routed rows of a many-token call take the dense path instead, and agree with the reference.
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(_plane((16, 128))))
+    assert _relative_error(kernel.matmul_routed(x, prepared, call_tokens=40), expected) < 1e-5
 
 
 @needs_native

@@ -113,8 +113,9 @@ class _CountingNative:
 @pytest.mark.parametrize("lane_residuals", [True, False])
 def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     """Prefill: the routed rows' residual product goes through the 8-bit lane kernel (unless
-    switched off); decode keeps the one-token kernel's 15-bit activations."""
+    switched off, or the build has none: AVX2); decode keeps the one-token kernel's 15-bit activations."""
     kernel = CpuVnniKernel(lane_residuals=lane_residuals)
+    lanes = 1 if lane_residuals and kernel.has_lane_kernel else 0
     kernel.native = _CountingNative(kernel.native)
     module, planes = _native_linear(kernel, 40, 128)
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
@@ -125,11 +126,11 @@ def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     top, base = x @ dequantize_planes(planes, 2).t(), x @ dequantize_planes(planes, 1).t()
     assert float((out[routed] - top[routed]).norm() / top[routed].norm()) < 1e-2
     assert float((out[~routed] - base[~routed]).norm() / base[~routed].norm()) < 1e-2
-    assert kernel.native.lane_calls == (1 if lane_residuals else 0)
+    assert kernel.native.lane_calls == lanes
     module.routing = LayerRouting(0, [torch.tensor([0])])
     one = module(x[:1])
     assert float((one - top[:1]).norm() / top[:1].norm()) < 1e-3  # 15-bit activations
-    assert kernel.native.lane_calls == (1 if lane_residuals else 0)
+    assert kernel.native.lane_calls == lanes
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
@@ -139,6 +140,8 @@ def test_eight_bit_base_activations_take_the_lane_kernel_in_prefill_and_narrow_b
     whose tokens read the base plane alone takes the one-token kernel's 8-bit mode, and a routed
     token's base product keeps 15 bits."""
     kernel = CpuVnniKernel()
+    if not kernel.has_lane_kernel:
+        pytest.skip("the lane kernel is the AVX-512 VNNI build's (test_avx2_build_has_no_lane_kernel_and_says_so covers AVX2)")
     kernel.set_base_activation_bits(8)
     kernel.native = _CountingNative(kernel.native)
     module, planes = _native_linear(kernel, 40, 128)
@@ -180,21 +183,30 @@ def test_eight_bit_base_activations_take_the_lane_kernel_in_prefill_and_narrow_b
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
 def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32():
-    """products() (the dense MLP's gate and up) keeps the base product in bfloat16 with routed
-    tokens and hands their rows over apart: base + residual, in float32."""
+    """products() (the dense MLP's gate and up) keeps the base product in the dense type (bfloat16
+    where the CPU multiplies it natively) with routed tokens and hands their rows over apart:
+    base + residual, in float32."""
     kernel = CpuVnniKernel()
     module, planes = _native_linear(kernel, 32, 128)
     x = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
     module.routing = LayerRouting(0, [None])
     base_only, none = module.products(x)
-    assert base_only.dtype == torch.bfloat16 and none is None
+    assert base_only.dtype == kernel.dense_dtype and none is None
     routed = torch.tensor([2, 9, 10])
     module.routing = LayerRouting(0, [routed])
     got, rows = module.products(x)
+    top = x @ dequantize_planes(planes, 2).t()
+    if kernel.dense_dtype == torch.float32:
+        # Nothing to keep apart: the residual is added in place, in float32.
+        assert rows is None and got.dtype == torch.float32
+        assert float((got[routed] - top[routed]).norm() / top[routed].norm()) < 1e-4  # 15-bit activations on 3 rows
+        unrouted = torch.ones(24, dtype=torch.bool)
+        unrouted[routed] = False
+        assert torch.equal(got[unrouted], base_only[unrouted])
+        return
     assert torch.equal(got, base_only) and torch.equal(rows.indices, routed)
     residual = kernel.matmul_routed(x[routed], module._prepared[1], 24)
     assert rows.rows.dtype == torch.float32 and torch.equal(rows.rows, base_only[routed].float() + residual)
-    top = x @ dequantize_planes(planes, 2).t()
     assert float((rows.rows - top[routed]).norm() / top[routed].norm()) < 1e-2
     merged = rows.into(got)
     assert merged.dtype == torch.float32 and torch.equal(merged[routed], rows.rows)

@@ -363,13 +363,13 @@ def test_eight_bit_base_activations_are_set_on_every_kernel_or_refused(converted
     directory = converted_factory("llama")
     with pytest.raises(InvalidConfigError, match="base_activation_bits must be one of"):
         tap_runtime.load(directory, base_activation_bits=4)
-    with pytest.raises(InvalidConfigError, match="needs TAP's VNNI kernel.*ReferenceKernel"):
+    with pytest.raises(InvalidConfigError, match="needs TAP's native kernel.*ReferenceKernel"):
         tap_runtime.load(directory, kernel="reference", base_activation_bits=8)
     if native_kernels() is None:
         pytest.skip("TAP's native CPU kernels are unavailable here")
     narrow, default = tap_runtime.load(directory, base_activation_bits=8), tap_runtime.load(directory)
     kernels = {id(m.kernel): m.kernel for m in narrow.model.modules() if isinstance(m, TapLinear)}
-    assert kernels and all(k.lane_base and k.base_wide_above == float("inf") for k in kernels.values())
+    assert kernels and all(k.lane_base == k.has_lane_kernel and k.base_wide_above == float("inf") for k in kernels.values())
     assert not any(m.kernel.lane_base for m in default.model.modules() if isinstance(m, TapLinear))
     with torch.inference_mode():
         assert _relative(narrow(_ids()).logits, default(_ids()).logits) < 2e-2

@@ -27,6 +27,16 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#include <string>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#define TAP_VNNI 1
+#endif
+// The plane and head products also build for AVX2 CPUs (AVX2 + FMA + F16C), with the VNNI dot
+// product emulated by maddubs + madd; see the ISA notes at dot_wide and tile_w8.
+#if defined(TAP_VNNI) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define TAP_PLANES 1
+#endif
 
 namespace {
 
@@ -52,14 +62,27 @@ struct PlaneView {
 };
 
 bool compiled_with_vnni() {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(TAP_VNNI)
   return true;
 #else
   return false;
 #endif
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+// Which build this is: "avx512-vnni", "avx2" (AVX2 + FMA + F16C, the same products with
+// maddubs/madd in place of VNNI's dot product, and no many-token lane kernel), or "" (no plane
+// kernels on this CPU).
+std::string instruction_set() {
+#if defined(TAP_VNNI)
+  return "avx512-vnni";
+#elif defined(TAP_PLANES)
+  return "avx2";
+#else
+  return "";
+#endif
+}
+
+#if defined(TAP_PLANES)
 
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -67,6 +90,17 @@ inline float horizontal_sum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+inline float horizontal_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#endif
+
+#if defined(TAP_VNNI)
 
 inline float horizontal_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 
@@ -135,6 +169,116 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, uint8_t* high, uint8_
   }
 }
 
+
+#elif defined(TAP_PLANES)
+
+// 64 int32 in 8 registers (values within int8) -> 64 bytes in order. packs works within each
+// 128-bit lane, so the dwords come out as (a0-3, b0-3, c0-3, d0-3 | a4-7, ...) and one permute
+// puts them back in order.
+inline void store_bytes64(int8_t* dst, const __m256i q[8]) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int i = 0; i < 2; ++i) {
+    const __m256i a = _mm256_packs_epi32(q[4 * i], q[4 * i + 1]);
+    const __m256i b = _mm256_packs_epi32(q[4 * i + 2], q[4 * i + 3]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * i), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
+  }
+}
+
+// As the AVX-512 quantize_blocks above, 8 lanes at a time.
+void quantize_blocks(const float* x, int64_t M, int64_t K, float wide_above, int8_t* high, int8_t* low, float* scales,
+                     float* sums, uint8_t* wide) {
+  const int64_t blocks = K / kBlock;
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i low_bits = _mm256_set1_epi32(127);
+  const bool all_wide = wide_above <= 0.f, none_wide = std::isinf(wide_above);
+  const float limit = wide_above * wide_above / static_cast<float>(kBlock);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + m * K + b * kBlock;
+      __m256 v[8], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps(), squares = _mm256_setzero_ps();
+      for (int i = 0; i < 8; ++i) {
+        v[i] = _mm256_loadu_ps(src + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], sign_mask));
+        total = _mm256_add_ps(total, v[i]);
+        squares = _mm256_fmadd_ps(v[i], v[i], squares);
+      }
+      const float peak = horizontal_max(amax);
+      bool is_wide = all_wide;
+      if (!all_wide && !none_wide) is_wide = peak * peak > limit * horizontal_sum(squares);
+      const float scale = peak / (is_wide ? 16383.f : 127.f);
+      const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      __m256i q[8];
+      for (int i = 0; i < 8; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // round to nearest even
+      int8_t* h = high + m * K + b * kBlock;
+      if (is_wide) {
+        __m256i part[8];
+        for (int i = 0; i < 8; ++i) part[i] = _mm256_srai_epi32(q[i], 7);  // floor(q / 128)
+        store_bytes64(h, part);
+        for (int i = 0; i < 8; ++i) part[i] = _mm256_and_si256(q[i], low_bits);  // q mod 128
+        store_bytes64(low + m * K + b * kBlock, part);
+      } else {
+        store_bytes64(h, q);
+      }
+      scales[m * blocks + b] = scale;
+      sums[m * blocks + b] = horizontal_sum(total);
+      wide[m * blocks + b] = is_wide ? 1 : 0;
+    }
+  }
+}
+
+// x (M, K) float32 -> per token one scale, 15-bit codes offset by 2^14 to [1, 32767] as int16
+// (the AVX2 head product multiplies them with madd_epi16; see tile_w8 below).
+void quantize_tokens(const float* x, int64_t M, int64_t K, int16_t* codes, float* scales) {
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i offset = _mm256_set1_epi32(16384);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * K;
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(src + k), sign_mask));
+    const float scale = horizontal_max(amax) / 16383.f;
+    const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m256i a = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + k), inverse)), offset);
+      const __m256i b = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + k + 8), inverse)), offset);
+      // packs keeps 128-bit lanes apart: (a0-3, b0-3 | a4-7, b4-7); 0xD8 orders the quadwords.
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + m * K + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    scales[m] = scale;
+  }
+}
+
+#endif
+
+#if defined(TAP_PLANES)
+
+// The 4-bit products' integer dot products of one row's 32-byte block: w_low / w_high the row's
+// codes (inputs t and t + 32), h_* the activations' signed high bytes, l_* their low bytes in
+// [0, 127]. VNNI: four (two) dpbusd. AVX2: maddubs multiplies unsigned by signed bytes and adds
+// pairs into int16 with saturation, which 4-bit codes cannot reach (|2 * 15 * 128| = 3,840, and
+// the sum of two such results 7,680); madd then adds pairs into int32, by 128 for the high bytes.
+inline __m256i dot_wide(__m256i w_low, __m256i w_high, __m256i h_low, __m256i h_high, __m256i l_low, __m256i l_high) {
+#if defined(TAP_VNNI)
+  __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
+  dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
+  dot = _mm256_slli_epi32(dot, 7);
+  dot = _mm256_dpbusd_epi32(dot, w_low, l_low);
+  return _mm256_dpbusd_epi32(dot, w_high, l_high);
+#else
+  const __m256i high = _mm256_add_epi16(_mm256_maddubs_epi16(w_low, h_low), _mm256_maddubs_epi16(w_high, h_high));
+  const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(w_low, l_low), _mm256_maddubs_epi16(w_high, l_high));
+  return _mm256_add_epi32(_mm256_madd_epi16(high, _mm256_set1_epi16(128)), _mm256_madd_epi16(low, _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i dot_narrow(__m256i w_low, __m256i w_high, __m256i h_low, __m256i h_high) {
+#if defined(TAP_VNNI)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low), w_high, h_high);
+#else
+  const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(w_low, h_low), _mm256_maddubs_epi16(w_high, h_high));
+  return _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
+#endif
+}
+
 // Per-block multipliers (weight scale x activation scale) of one row's blocks in one chunk, and
 // those blocks' zero-point term. srow / zrow: the row's scales and zeros for this chunk (group j
 // of the chunk at index j); xs / xsum: the chunk's activation scales and sums.
@@ -198,11 +342,7 @@ inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, c
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
         const __m256i w_low = _mm256_and_si256(raw, low_mask);
         const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
-        dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
-        dot = _mm256_slli_epi32(dot, 7);
-        dot = _mm256_dpbusd_epi32(dot, w_low, l_low);
-        dot = _mm256_dpbusd_epi32(dot, w_high, l_high);
+        const __m256i dot = dot_wide(w_low, w_high, h_low, h_high, l_low, l_high);
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
       }
     } else {
@@ -211,8 +351,7 @@ inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, c
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
         const __m256i w_low = _mm256_and_si256(raw, low_mask);
         const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
-        dot = _mm256_dpbusd_epi32(dot, w_high, h_high);
+        const __m256i dot = dot_narrow(w_low, w_high, h_low, h_high);
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
       }
     }
@@ -263,6 +402,11 @@ void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, con
   }
 }
 
+
+#endif
+
+#if defined(TAP_VNNI)
+
 // R rows of an int8 row-scaled matrix (the output head), one token. The token is quantized with
 // one scale to 15 bits and offset by 2^14, so both of its bytes are unsigned and the int8 weights
 // can be VNNI's signed operand; the caller takes the offset back with each row's code sum. Integer
@@ -306,6 +450,111 @@ void rows_w8(const int8_t* weight, const float* row_scales, const int32_t* row_s
     }
   }
 }
+
+
+#elif defined(TAP_PLANES)
+
+// AVX2's head product: the token's 15-bit offset codes (int16, [1, 32767]) times int8 weights
+// widened to int16, with madd_epi16. maddubs would saturate here: the codes' high bytes reach
+// 255, and 2 * 255 * 128 exceeds int16. Integer sums are flushed to float every 1,024 inputs
+// (at most 32 * 2 * 2 * 32767 * 128 per lane, below 2^31).
+template <int R>
+inline void tile_w8(const int8_t* weight, int64_t K, const int16_t* x, float* dots) {
+  constexpr int64_t kFlush = 1024;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
+    const int64_t k1 = std::min(K, k0 + kFlush);
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 32) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 16));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int8_t* w = weight + k * R + r * 32;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+        sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(_mm256_madd_epi16(x0, w0), _mm256_madd_epi16(x1, w1)));
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_ps(acc[r], _mm256_cvtepi32_ps(sum[r]));
+  }
+  for (int r = 0; r < R; ++r) dots[r] = horizontal_sum(acc[r]);
+}
+
+void rows_w8(const int8_t* weight, const float* row_scales, const int32_t* row_sums, int64_t N, int64_t K, const int16_t* x,
+             const float* x_scale, int64_t M, float* out, int64_t row_begin, int64_t row_end) {
+  constexpr int R = kTileRows;
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - n0));
+    for (int64_t m = 0; m < M; ++m) {
+      float dots[R];
+      tile_w8<R>(weight + n0 * K, K, x + m * K, dots);
+      for (int r = 0; r < rows; ++r)
+        out[m * N + n0 + r] = (dots[r] - 16384.f * static_cast<float>(row_sums[n0 + r])) * row_scales[n0 + r] * x_scale[m];
+    }
+  }
+}
+
+#endif
+
+#if defined(TAP_PLANES)
+
+// Rows of tiles [tile_begin, tile_end) of a view -> the sum over the planes of (q - zero) * scale
+// as float32 or bfloat16 (round to nearest even, once, from the float32 sum), 8 lanes at a time:
+// the dense path's matrix on CPUs whose bfloat16 GEMM is slower than float32 (no AVX512_BF16),
+// and every dense matrix on an AVX2 build. Same layout walk as the AVX-512 dequantize_tiles.
+template <typename Out>
+void dequantize_tiles_avx2(const PlaneView* planes, int plane_count, int64_t padded_rows, int64_t first_tile, int64_t N,
+                           int64_t K, int64_t group_size, Out* out, int64_t tile_begin, int64_t tile_end) {
+  const int64_t blocks = K / kBlock, blocks_per_group = group_size / kBlock;
+  const __m256i low_mask = _mm256_set1_epi32(0x0F);
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t n = t * kTileRows + r;
+      if (n >= N) break;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t c = b / kChunkBlocks, j = b - c * kChunkBlocks;
+        const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + t, r) + j / blocks_per_group;
+        const int64_t offset = (chunk_tile(planes[0].weight, padded_rows, blocks, c, first_tile + t) - planes[0].weight) +
+                               (j * kTileRows + r) * 32;
+        __m256 acc[8];  // acc[i]: inputs 8i .. 8i + 7 of the block
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+        for (int p = 0; p < plane_count; ++p) {
+          const float s = _cvtsh_ss(planes[p].scales[at].x);
+          const __m256 scale = _mm256_set1_ps(s), shift = _mm256_set1_ps(-s * _cvtsh_ss(planes[p].zeros[at].x));
+          for (int i = 0; i < 4; ++i) {
+            // byte t of the block: input t (low nibble), input t + 32 (high nibble)
+            const __m256i raw = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes[p].weight + offset + 8 * i)));
+            acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(raw, low_mask)), scale, shift));
+            acc[4 + i] = _mm256_add_ps(acc[4 + i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(raw, 4)), scale, shift));
+          }
+        }
+        Out* dst = out + n * K + b * kBlock;
+        if constexpr (sizeof(Out) == 4) {
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(dst) + 8 * i, acc[i]);
+        } else {
+          const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+          for (int i = 0; i < 4; ++i) {
+            __m256i half[2];
+            for (int h = 0; h < 2; ++h) {
+              const __m256i bits = _mm256_castps_si256(acc[2 * i + h]);
+              const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+              half[h] = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(bias, lsb)), 16);
+            }
+            // packus keeps 128-bit lanes apart: (a0-3, b0-3 | a4-7, b4-7); 0xD8 orders the quadwords.
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * i), _mm256_permute4x64_epi64(_mm256_packus_epi32(half[0], half[1]), 0xD8));
+          }
+        }
+      }
+    }
+  }
+}
+
+#endif
+
+#if defined(TAP_VNNI)
 
 // float32 -> bfloat16, round to nearest even (as torch's .to(torch.bfloat16) for finite values).
 inline __m256i to_bfloat16(__m512 v) {
@@ -504,7 +753,7 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
 // The arguments of a product by rows [first_row, first_row + N) of a stored plane.
 void check_plane_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
                          int64_t group_size, int64_t first_row, int64_t N) {
-  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(!instruction_set().empty(), "tap_cpu_int4 was built for a CPU without AVX2 + FMA + F16C");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous(), "weight must be contiguous uint8");
   const int64_t K = x.size(1);
@@ -529,7 +778,7 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   TORCH_CHECK(!std::isnan(wide_above) && wide_above >= 0, "wide_above must be >= 0 (0: every block 15-bit; inf: every block 8-bit)");
   const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(TAP_PLANES)
   const int64_t blocks = K / kBlock;
   const float threshold = static_cast<float>(wide_above);
   const int mode = threshold <= 0.f ? kWide : (std::isinf(threshold) ? kNarrow : kMixed);
@@ -561,9 +810,10 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
 torch::Tensor matmul_w4_many(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
                              int64_t first_row, int64_t N) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+  TORCH_CHECK(compiled_with_vnni(), "matmul_w4_many (the 16-row lane kernel) needs AVX-512 VNNI; this build is ", instruction_set());
   const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(TAP_VNNI)
   const int64_t blocks = K / kBlock;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * blocks), xsum(M * blocks);
@@ -586,7 +836,7 @@ torch::Tensor matmul_w4_many(torch::Tensor x, torch::Tensor weight, torch::Tenso
 }
 
 torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row_scales, torch::Tensor row_sums) {
-  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(!instruction_set().empty(), "tap_cpu_int4 was built for a CPU without AVX2 + FMA + F16C");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8 && weight.is_contiguous(), "weight must be contiguous int8");
   const int64_t M = x.size(0), K = x.size(1), N = row_scales.numel();
@@ -595,7 +845,7 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
   TORCH_CHECK(row_scales.scalar_type() == torch::kFloat32 && row_scales.numel() == N && row_scales.is_contiguous(), "row_scales: float32 (N,)");
   TORCH_CHECK(row_sums.scalar_type() == torch::kInt32 && row_sums.numel() == N && row_sums.is_contiguous(), "row_sums: int32 (N,)");
   auto out = torch::empty({M, N}, x.options());
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(TAP_VNNI)
   std::vector<uint8_t> xh(M * K), xl(M * K);
   std::vector<float> xs(M);
   quantize_tokens(x.data_ptr<float>(), M, K, xh.data(), xl.data(), xs.data());
@@ -605,24 +855,36 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
     rows_w8(w, row_scales.data_ptr<float>(), row_sums.data_ptr<int32_t>(), N, K, xh.data(), xl.data(), xs.data(), M, o,
             begin * kTileRows, std::min(end * kTileRows, N));
   });
+#elif defined(TAP_PLANES)
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M);
+  quantize_tokens(x.data_ptr<float>(), M, K, xq.data(), xs.data());
+  const int8_t* w = weight.data_ptr<int8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 64, [&](int64_t begin, int64_t end) {
+    rows_w8(w, row_scales.data_ptr<float>(), row_sums.data_ptr<int32_t>(), N, K, xq.data(), xs.data(), M, o, begin * kTileRows,
+            std::min(end * kTileRows, N));
+  });
 #endif
   return out;
 }
 
-// The sum of tiled 4-bit planes (one plane: just that plane) as a dense bfloat16 (N, K) matrix,
+// The sum of tiled 4-bit planes (one plane: just that plane) as a dense bfloat16 or float32 (N, K) matrix,
 // written into `out` (reused by the caller between calls, so many-token calls do not page-fault a
 // fresh matrix each time). Summing the nested planes of one linear gives the weight a token of
 // a higher tier reads, so a many-token call multiplies each token once, by its own tier's weight.
 torch::Tensor dequantize_w4_sum(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, std::vector<torch::Tensor> zeros,
                                 int64_t group_size, int64_t first_row, torch::Tensor out) {
   const int64_t N = out.size(0);
-  TORCH_CHECK(compiled_with_vnni(), "tap_cpu_int4 was built without AVX-512 VNNI");
+  TORCH_CHECK(!instruction_set().empty(), "tap_cpu_int4 was built for a CPU without AVX2 + FMA + F16C");
   TORCH_CHECK(!weights.empty() && weights.size() <= 4 && scales.size() == weights.size() && zeros.size() == weights.size(),
               "one to four planes, each with its scales and zeros");
   const torch::Tensor& weight = weights[0];
   const int64_t K = weight.size(1) * 2;
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
-  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(1) == K, "out: contiguous bfloat16 (N, K)");
+  TORCH_CHECK((out.scalar_type() == torch::kBFloat16 || out.scalar_type() == torch::kFloat32) && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(1) == K,
+              "out: contiguous bfloat16 or float32 (N, K)");
   PlaneView planes[4];
   for (size_t p = 0; p < weights.size(); ++p) {
     TORCH_CHECK(weights[p].scalar_type() == torch::kUInt8 && weights[p].is_contiguous() && weights[p].sizes() == weight.sizes() &&
@@ -632,15 +894,24 @@ torch::Tensor dequantize_w4_sum(std::vector<torch::Tensor> weights, std::vector<
                 zeros[p].is_contiguous() && scales[p].numel() == weight.size(0) * (K / group_size) && zeros[p].sizes() == scales[p].sizes() &&
                 kChunkBlocks * kBlock % group_size == 0,
                 "scales/zeros: contiguous float16, every stored row's groups in the chunked layout");
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(TAP_PLANES)
     planes[p] = {weights[p].data_ptr<uint8_t>(), scales[p].data_ptr<at::Half>(), zeros[p].data_ptr<at::Half>()};
 #endif
   }
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+#if defined(TAP_PLANES)
   const int count = static_cast<int>(weights.size());
+  const bool to_float = out.scalar_type() == torch::kFloat32;
+  uint16_t* o16 = to_float ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* o32 = to_float ? out.data_ptr<float>() : nullptr;
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
-    dequantize_tiles(planes, count, weight.size(0), first_row / kTileRows, N, K, group_size, o, begin, end);
+    if (to_float)
+      dequantize_tiles_avx2<float>(planes, count, weight.size(0), first_row / kTileRows, N, K, group_size, o32, begin, end);
+    else
+#if defined(TAP_VNNI)
+      dequantize_tiles(planes, count, weight.size(0), first_row / kTileRows, N, K, group_size, o16, begin, end);
+#else
+      dequantize_tiles_avx2<uint16_t>(planes, count, weight.size(0), first_row / kTileRows, N, K, group_size, o16, begin, end);
+#endif
   });
 #endif
   return out;
@@ -668,6 +939,7 @@ void register_ops(pybind11::module& m);  // tap_decode_ops.cpp: the decode step'
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   tap_decode::register_ops(m);
   m.def("compiled_with_vnni", &compiled_with_vnni);
+  m.def("instruction_set", &instruction_set);
   m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });
   m.def("matmul_w4", &matmul_w4);
   m.def("matmul_w4_many", &matmul_w4_many);
