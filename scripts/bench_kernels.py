@@ -1,9 +1,9 @@
-"""Per-matmul timings of the CPU kernel paths: TAP's VNNI kernels against torch's, and the
-dense-unpack crossover for many-token calls.
+"""Per-matmul timings of the CPU kernel paths: TAP's native kernels (VNNI or AVX2 build) against
+torch's, and the dense-unpack crossover for many-token calls.
 
 For real layer shapes (SmolLM2, gemma-3-270m, Qwen2.5-1.5B) and token counts from decode (1) to
 prefill (512): torch's packed int4 kernel, TAP's VNNI kernel, the unpack-to-bfloat16 + dense
-GEMM path and a float32 matmul, with each path's error against the reference kernel. Then the
+GEMM path (bfloat16 where the CPU multiplies it natively, else float32) and a float32 matmul, with each path's error against the reference kernel. Then the
 8-bit output head at one token: torch's int8 op against TAP's. Weight GB/s is plane bytes over
 time at one token. Then the routed rows of a many-token call (a residual plane times a prefill's
 routed tokens): the 16-row lane kernel (8-bit activations, the default) against unpacking to
@@ -67,7 +67,8 @@ def main() -> None:
         raise SystemExit(f"TAP's native kernels are unavailable here: {native_unavailable_reason()}")
     torch_int4, reference = CpuPackedKernel(dense_min_tokens=None), ReferenceKernel()
     vnni, dense = CpuVnniKernel(dense_min_tokens=None), CpuVnniKernel(dense_min_tokens=1)
-    print(f"# bench_kernels; {environment()}; ms per matmul, median of {args.repeats}; 4-bit g64 asymmetric planes")
+    print(f"# bench_kernels; {environment()}; native build {vnni.instruction_set} ({vnni.name}), dense type "
+          f"{str(dense.dense_dtype).removeprefix('torch.')}; ms per matmul, median of {args.repeats}; 4-bit g64 asymmetric planes")
     if "planes" in sections:
         _planes(args, torch_int4, reference, vnni, dense)
     if "heads" in sections:
@@ -77,7 +78,7 @@ def main() -> None:
 
 
 def _planes(args, torch_int4, reference, vnni, dense) -> None:
-    print(f"{'shape':17s} {'tokens':>6s} {'torch int4':>10s} {'TAP vnni':>9s} {'dense bf16':>10s} {'fp32':>8s} "
+    print(f"{'shape':17s} {'tokens':>6s} {'torch int4':>10s} {'TAP vnni':>9s} {'dense':>10s} {'fp32':>8s} "
           f"{'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s} {'err dense':>9s}")
     for label, (out_features, in_features) in SHAPES.items():
         weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05

@@ -162,3 +162,28 @@ def decisive_new_tokens(tap, ids: torch.Tensor, limit: int, relative_gap: float 
         if float(top[0] - top[1]) <= relative_gap * float(top[0].abs().clamp_min(1e-6)):
             return step
     return limit
+
+
+
+# Prompts for tests that compare decode paths token by token, tried in order (see decisive_prompt).
+DECISIVE_PROMPTS = (
+    "The river flows past the old mill and",
+    "Under the bridge the water was cold, and the children",
+    "At noon the market opened its doors to",
+)
+
+
+def decisive_prompt(tap, limit: int = 24, minimum: int = 16) -> tuple[torch.Tensor, int]:
+    """The first of DECISIVE_PROMPTS whose greedy continuation has at least ``minimum`` decisive
+    tokens (up to ``limit``), as (ids, decisive token count). A tiny random model's first token can
+    be a near-tie (a top-2 gap within 1e-4 of the logit) in every kernel path, the float32
+    reference included; then another prompt gives the comparison something to compare. Fails
+    the test if none does."""
+    counts = []
+    for prompt in DECISIVE_PROMPTS:
+        ids = tap.encode(prompt)
+        count = decisive_new_tokens(tap, ids, limit)
+        if count >= minimum:
+            return ids, count
+        counts.append(count)
+    raise AssertionError(f"no prompt gives {minimum} decisive greedy tokens (got {counts} of {limit})")

@@ -11,7 +11,7 @@ from tap_runtime.errors import InvalidConfigError
 from tap_runtime.kernels.native import native_kernels
 from tap_runtime.kernels.vnni import TiledPlane
 
-from ..conftest import FAST_CONVERT, build_tiny_model, decisive_new_tokens
+from ..conftest import FAST_CONVERT, build_tiny_model, decisive_prompt
 
 PROMPT = "The river flows past the old mill and"
 
@@ -39,10 +39,8 @@ def test_lean_loop_matches_transformers_generate(converted_factory, model_type, 
     if group_size == 64 and native_kernels() is not None:
         assert isinstance(tap.model.model.layers[0].mlp.down_proj._prepared[0], TiledPlane)
     tap.set_routing(routing[0], tier=routing[1])
-    ids = tap.encode(PROMPT)
     # Up to 24 new tokens: past the tiny Gemma 3's sliding window of 16 positions.
-    new_tokens = decisive_new_tokens(tap, ids, 24)
-    assert new_tokens >= 16
+    ids, new_tokens = decisive_prompt(tap, 24, 16)
     tap.router.reset_counts()
     expected = _eager_tokens(tap, ids, new_tokens)
     expected_counts = tap.router.counts.clone()

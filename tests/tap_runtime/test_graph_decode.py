@@ -10,7 +10,7 @@ from tap_runtime.decode import FastDecoder
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.graph_decode import DeviceRouter, GraphDecoder, conditional_nodes_available, graph_decode_unsupported
 
-from ..conftest import decisive_new_tokens
+from ..conftest import decisive_prompt
 
 PROMPT = "The river flows past the old mill and"
 ROUTINGS = [("budget", None), ("learned", None), ("fixed", 8), ("fixed", 4)]
@@ -39,9 +39,7 @@ def test_device_step_decodes_and_routes_as_the_lean_loop(converted_factory, mode
     past the tiny Gemma 3's sliding window), with every decision made by tensor ops."""
     tap = tap_runtime.load(converted_factory(model_type, group_size=group_size))
     tap.set_routing(routing[0], tier=routing[1])
-    ids = tap.encode(PROMPT)
-    new_tokens = decisive_new_tokens(tap, ids, 24)
-    assert new_tokens >= 16
+    ids, new_tokens = decisive_prompt(tap, 24, 16)
     tokens, counts, rows = _lean(tap, ids, new_tokens)
     got_tokens, got_counts, got_rows = _graph(tap, ids, new_tokens)
     assert got_tokens == tokens

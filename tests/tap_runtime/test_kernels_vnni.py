@@ -181,8 +181,8 @@ def test_dense_unpack_is_the_reference_plane(shape, group_size, dense_dtype):
 
 @needs_native
 @pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_dense_sum_of_planes_is_rounded_once(dense_dtype):
-    """A tier-8 token's dense weight is base + residual summed in float32, then stored as the dense type."""
+def test_summed_unpack_in_either_dense_type_is_the_float_sum(dense_dtype):
+    """A tier-8 token's dense weight is base + residual summed in float32, then stored as float32 or bfloat16."""
     weight = torch.randn(40, 256, generator=torch.Generator().manual_seed(11))
     base, residual = quantize_tiers(weight, (PlaneSpec(4, 64, False), PlaneSpec(4, 64, False)))
     kernel = CpuVnniKernel(dense_dtype=dense_dtype)
@@ -236,7 +236,7 @@ def test_lane_product_reads_a_view_of_a_stacked_plane():
 @needs_native
 @pytest.mark.skipif(native_kernels() is None or native_kernels().compiled_with_vnni(), reason="tests the AVX2 build")
 def test_avx2_build_has_no_lane_kernel_and_says_so():
-    kernel = CpuVnniKernel(lane_residuals=True, lane_base=True)
+    kernel = CpuVnniKernel(lane_residuals=True, lane_base=True, dense_min_tokens=16)
     assert kernel.name == "cpu-avx2" and kernel.instruction_set == "avx2"
     assert not kernel.has_lane_kernel and not kernel.lane_residuals and not kernel.lane_base
     kernel.set_base_activation_bits(8)
@@ -317,7 +317,7 @@ def test_row_product_matches_reference(shape, tokens):
 def test_summed_unpack_rounds_the_float_sum_of_the_planes_once(shape, group_size):
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.05
     planes = quantize_tiers(weight, (PlaneSpec(4, group_size, False), PlaneSpec(4, group_size, False)))
-    kernel = CpuVnniKernel()
+    kernel = CpuVnniKernel(dense_min_tokens=16)
     prepared = [kernel.prepare_plane(p) for p in planes]
     reference = ReferenceKernel()
     total = sum(reference.prepare_plane(p) for p in planes)

@@ -73,7 +73,7 @@ def test_all_and_none_markers():
 def test_many_tokens_reading_every_plane_take_one_summed_product(monkeypatch, always_planes):
     """A pass where every token reads planes 0..k multiplies once by their sum, not once per
     plane; routed subsets still take the residual product for their rows only."""
-    kernel = CpuVnniKernel()
+    kernel = CpuVnniKernel(dense_min_tokens=16)
     generator = torch.Generator().manual_seed(1)
     module, planes = _native_linear(kernel, 64, 128, min_tier=8 if always_planes == 2 else 4)
     module.routing = LayerRouting(0, [ALL_TOKENS] if always_planes == 1 else [])
@@ -186,7 +186,7 @@ def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32():
     """products() (the dense MLP's gate and up) keeps the base product in the dense type (bfloat16
     where the CPU multiplies it natively) with routed tokens and hands their rows over apart:
     base + residual, in float32."""
-    kernel = CpuVnniKernel()
+    kernel = CpuVnniKernel(dense_min_tokens=16)
     module, planes = _native_linear(kernel, 32, 128)
     x = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
     module.routing = LayerRouting(0, [None])

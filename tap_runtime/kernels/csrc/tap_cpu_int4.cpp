@@ -1,6 +1,9 @@
 // TAP's CPU kernels on x86 with AVX-512 VNNI: the plane and head products of few-token calls
-// (decode), the unpack of planes to bfloat16 for a many-token call's dense GEMM, and the routed
-// rows' residual products of a many-token call (matmul_w4_many, 16 rows per register).
+// (decode), the unpack of planes to bfloat16 or float32 for a many-token call's dense GEMM, and the
+// routed rows' residual products of a many-token call (matmul_w4_many, 16 rows per register).
+// On x86 with AVX2 + FMA + F16C but no VNNI, the same file builds everything but matmul_w4_many:
+// same layouts and the same integer sums, with VNNI's dot product done by maddubs + madd (see
+// dot_wide) and the head's by madd on int16 (see the AVX2 tile_w8).
 //
 // Why: torch's CPU int4 kernel widens every 4-bit weight to bfloat16 before multiplying and
 // reads several rows as separate streams; on 2 Zen 4 cores it moves about 16 GB/s of weights.
