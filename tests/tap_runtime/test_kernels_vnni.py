@@ -367,6 +367,7 @@ def test_disabled_native_kernels_fall_back_with_a_reason(monkeypatch):
 
 def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setattr(native, "_state", {})
+    monkeypatch.delenv("TAP_NATIVE_KERNELS", raising=False)
 
     def no_compiler():
         raise RuntimeError("c++: command not found")
