@@ -17,8 +17,9 @@ GEMM: at 512 tokens that is 2.4x a float32 matmul on Qwen2.5-1.5B's gate/up plan
 
 On CPUs with AVX2 but no AVX-512 VNNI the same module builds with maddubs/madd in place of the
 VNNI dot product (kernel name ``cpu-avx2``): same layouts and arithmetic, no 16-row lane kernel
-(routed tokens' residuals in a prefill go through the dense path instead), and dense matrices in
-float32 unless the CPU multiplies bfloat16 natively (``CpuPackedKernel.dense_dtype``).
+(a prefill's routed rows take the one-token kernel's 15-bit products, or the dense path from
+DENSE_MIN_TOKENS rows), and dense matrices in float32 unless the CPU multiplies bfloat16
+natively (``CpuPackedKernel.dense_dtype``).
 """
 
 from __future__ import annotations
@@ -260,8 +261,9 @@ class CpuVnniKernel(CpuPackedKernel):
     def matmul_plane_sum(self, x: torch.Tensor, planes: list) -> torch.Tensor | None:
         """x times the sum of ``planes`` (the nested planes a token of one tier reads), as one
         dense product: the planes are summed in float32 while unpacking (and rounded to bfloat16
-        once where that is the dense type). For many-token calls only (None otherwise, or for planes of different layouts),
-        where it spares routed tokens a base-plane product followed by a residual one."""
+        once where that is the dense type). For many-token calls only (None otherwise, or for
+        planes of different layouts), where it spares routed tokens a base-plane product
+        followed by a residual one."""
         if self.vnni_dense_min_tokens is None or x.shape[0] < self.vnni_dense_min_tokens or len(planes) > 4:
             return None
         first = planes[0]
