@@ -1,10 +1,10 @@
 """Hooks that run calibration windows through a model and record what TAP needs.
 
-Pass 1 (:func:`collect_input_stats`) records each linear layer's input second moment. Pass 2
-(:func:`collect_token_signals`) records, per token and decoder layer, the importance signals
-and the error the layer makes when its linears run on the base tier alone: right after each
-layer runs in full precision, a hook runs it again on the same inputs with base-tier weights
-and compares. Both passes run the model once over their windows, batch by batch.
+Pass 1 (:func:`collect_input_stats`) records each linear layer's input second moment, batch by
+batch. Pass 2 (:func:`collect_token_signals`) records, per token and decoder layer, the
+importance signals, the loss gradient, and the error the layer makes when its linears run on the
+base tier alone: right after each layer runs in full precision, a hook runs it again on the same
+inputs with base-tier weights and compares.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from .stats import ChannelMeanSquare, InputSecondMoment
 
 __all__ = [
     "TokenSignals",
-    "LossGradients",
     "collect_input_stats",
     "collect_token_signals",
-    "collect_loss_gradients",
     "base_model",
     "MAX_HESSIAN_FEATURES",
 ]
@@ -130,7 +128,11 @@ class TokenSignals:
     input), ``attention_received`` (mean attention from the queries that can see the token),
     ``base_error`` (L2 norm of the change in the layer's output with base-tier linears),
     ``error_estimate`` (log ||norm(h) P||^2 from the layer's error sketch; None without sketches),
-    ``loss_gradient`` and ``loss_impact`` (see :class:`LossGradients`; None unless collected).
+    ``loss_gradient`` (log ||dL/dh|| at the layer's output, L the window's next-token loss) and
+    ``loss_impact`` (log |dL/dh . e|, e the change in the layer's output when its linears run on
+    the base tier: a first-order estimate of how much the token's loss moves when this layer runs
+    cheap for it, the Fisher / Taylor view of importance as in DP-LLM and EXL2). The last two are
+    NaN at the last position, which predicts nothing inside the window.
     """
 
     token_ids: torch.Tensor
@@ -153,33 +155,35 @@ def _attention_received(weights: torch.Tensor) -> torch.Tensor:
     return received / visible
 
 
-def _entropy_from_hidden(model: nn.Module, hidden: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
-    """Entropy (nats) of the next-token distribution at each position: (batch, seq) -> (batch, seq)."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    flat = hidden.reshape(-1, hidden.shape[-1])
+def _entropy(logits: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at each position: (tokens, vocab) -> (tokens,).
+
+    In chunks, so a 262k-vocabulary head's log-probabilities never exist for a whole window at once.
+    """
     out = []
-    for chunk in flat.split(chunk_tokens):
-        logits = head(chunk).to(torch.float32)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        log_probs = torch.log_softmax(logits, dim=-1)
+    for chunk in logits.split(chunk_tokens):
+        log_probs = torch.log_softmax(chunk.to(torch.float32), dim=-1)
         out.append(-(log_probs.exp() * log_probs).sum(dim=-1))
-    return torch.cat(out).reshape(hidden.shape[:-1])
+    return torch.cat(out)
 
 
-@torch.inference_mode()
 def collect_token_signals(
     model: nn.Module,
     spec: ArchitectureSpec,
     sites: list[LinearSite],
     base_weight: Callable[[LinearSite], torch.Tensor],
     windows: torch.Tensor,
-    batch_size: int,
     progress: bool = True,
     error_sketches: list[torch.Tensor] | None = None,
 ) -> TokenSignals:
-    """Run ``windows`` once in full precision, recording signals and base-tier layer errors.
+    """Every router signal of ``windows`` from one forward and one backward pass per window.
+
+    The forward runs in full precision (eager attention, whose weights give
+    ``attention_received``); after each decoder layer a hook runs it again on base-tier weights,
+    which gives both ``base_error`` and the error that ``loss_impact`` projects on the gradient.
+    One pass instead of a signal pass and a gradient pass halves the reruns and drops a forward.
+    Windows go one at a time so a 262k-vocabulary head's logits and their gradient fit in memory;
+    weights are never updated or given gradients.
 
     Args:
         base_weight: returns a site's base-tier weight, (out_features, in_features), dequantized.
@@ -193,22 +197,27 @@ def collect_token_signals(
     attention_received = torch.zeros(shape)
     base_error = torch.zeros(shape)
     error_estimate = torch.zeros(shape) if error_sketches is not None else None
+    gradient_norm = torch.zeros(shape)
+    loss_impact = torch.zeros(shape)
+    entropy = torch.full((num_windows, seq_len), float("nan"))
     sites_by_layer: dict[int, list[LinearSite]] = {}
     for site in sites:
         sites_by_layer.setdefault(site.layer_index, []).append(site)
-    state = {"offset": 0, "rerun": False}
-
-    def window_slice(batch: torch.Tensor) -> slice:
-        return slice(state["offset"], state["offset"] + batch.shape[0])
+    base_weights = {site.name: base_weight(site) for site in sites}
+    state = {"row": 0, "rerun": False}
+    outputs: dict[int, torch.Tensor] = {}
+    errors: dict[int, torch.Tensor] = {}
 
     def before_layer(layer_index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not state["rerun"]:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                hidden_norm[layer_index, state["rows"]] = hidden_norm_feature(hidden)
+            if state["rerun"]:
+                return
+            with torch.no_grad():
+                hidden = (args[0] if args else kwargs["hidden_states"])[0]
+                hidden_norm[layer_index, state["row"]] = hidden_norm_feature(hidden)
                 if error_estimate is not None:
                     normed = getattr(module, spec.input_norm)(hidden)
-                    error_estimate[layer_index, state["rows"]] = error_estimate_feature(normed, error_sketches[layer_index])
+                    error_estimate[layer_index, state["row"]] = error_estimate_feature(normed, error_sketches[layer_index])
 
         return hook
 
@@ -216,92 +225,10 @@ def collect_token_signals(
         def hook(module: nn.Module, args: tuple, output) -> None:
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if not state["rerun"] and weights is not None:
-                attention_received[layer_index, state["rows"]] = _attention_received(weights)
+                with torch.no_grad():
+                    attention_received[layer_index, state["row"]] = _attention_received(weights.detach())[0]
 
         return hook
-
-    def after_layer(layer_index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            if state["rerun"]:
-                return
-            reference = output[0] if isinstance(output, tuple) else output
-            rerun = _rerun_on_base(module, args, kwargs, sites_by_layer.get(layer_index, []), base_weight, state)
-            # Absolute, not relative, error: routing by it gave the lowest end-to-end KL of the
-            # oracle targets tried (relative error was no better than random routing).
-            base_error[layer_index, state["rows"]] = (rerun - reference).to(torch.float32).norm(dim=-1)
-
-        return hook
-
-    handles = []
-    for layer_index, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(before_layer(layer_index), with_kwargs=True))
-        handles.append(layer.register_forward_hook(after_layer(layer_index), with_kwargs=True))
-        attention = getattr(layer, spec.attention, None)
-        if attention is not None:
-            handles.append(attention.register_forward_hook(after_attention(layer_index)))
-
-    previous_attention = model.config._attn_implementation
-    entropy = torch.full((num_windows, seq_len), float("nan"))
-    decoder = base_model(model)
-    model.set_attn_implementation("eager")  # attention weights exist only in eager attention
-    try:
-        with _hooks(handles):
-            for batch in tqdm(windows.split(batch_size), desc="calibration pass 2/2: token signals", disable=not progress):
-                state["rows"] = window_slice(batch)
-                hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
-                # The entropy a token "was drawn from" is the prediction made one position earlier.
-                entropy[state["rows"], 1:] = _entropy_from_hidden(model, hidden)[:, :-1]
-                state["offset"] += batch.shape[0]
-    finally:
-        model.set_attn_implementation(previous_attention)
-    positions = position_feature(torch.arange(seq_len)).expand(num_windows, seq_len).clone()
-    return TokenSignals(
-        token_ids=windows.clone(),
-        position=positions,
-        predictive_entropy=entropy,
-        hidden_norm=hidden_norm,
-        attention_received=attention_received,
-        base_error=base_error,
-        error_estimate=error_estimate,
-    )
-
-
-@dataclass
-class LossGradients:
-    """Per layer, shape (num_layers, num_windows, seq_len), from one backward pass per window.
-
-    ``gradient_norm``: log ||dL/dh|| at the layer's output, L the next-token loss of the window.
-    ``loss_impact``: log |dL/dh . e|, with e the change in the layer's output when its linears
-    run on the base tier: a first-order estimate of how much that token's loss moves when this
-    layer runs cheap for it (the Fisher / Taylor view of importance, as in DP-LLM and EXL2).
-    """
-
-    gradient_norm: torch.Tensor
-    loss_impact: torch.Tensor
-
-
-def collect_loss_gradients(
-    model: nn.Module,
-    spec: ArchitectureSpec,
-    sites: list[LinearSite],
-    base_weight: Callable[[LinearSite], torch.Tensor],
-    windows: torch.Tensor,
-    progress: bool = True,
-) -> LossGradients:
-    """Backpropagate each window's loss to every decoder layer's output (one window at a time,
-    so a 262k-vocabulary head fits in memory); weights are never updated or given gradients."""
-    layers = decoder_layers(model, spec)
-    num_layers = len(layers)
-    num_windows, seq_len = windows.shape
-    gradient_norm = torch.zeros(num_layers, num_windows, seq_len)
-    loss_impact = torch.zeros(num_layers, num_windows, seq_len)
-    sites_by_layer: dict[int, list[LinearSite]] = {}
-    for site in sites:
-        sites_by_layer.setdefault(site.layer_index, []).append(site)
-    base_weights = {site.name: base_weight(site) for site in sites}
-    state = {"rerun": False}
-    outputs: dict[int, torch.Tensor] = {}
-    errors: dict[int, torch.Tensor] = {}
 
     def after_layer(layer_index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -313,40 +240,65 @@ def collect_loss_gradients(
             with torch.no_grad():
                 layer_sites = sites_by_layer.get(layer_index, [])
                 rerun = _rerun_on_base(module, args, kwargs, layer_sites, lambda site: base_weights[site.name], state)
-                errors[layer_index] = (rerun - hidden).to(torch.float32)
+                error = (rerun - hidden).to(torch.float32)[0]
+                errors[layer_index] = error
+                # Absolute, not relative, error: routing by it gave the lowest end-to-end KL of the
+                # oracle targets tried (relative error was no better than random routing).
+                base_error[layer_index, state["row"]] = error.norm(dim=-1)
 
         return hook
 
-    handles = [layer.register_forward_hook(after_layer(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = []
+    for layer_index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(before_layer(layer_index), with_kwargs=True))
+        handles.append(layer.register_forward_hook(after_layer(layer_index), with_kwargs=True))
+        attention = getattr(layer, spec.attention, None)
+        if attention is not None:
+            handles.append(attention.register_forward_hook(after_attention(layer_index)))
+
     embed = model.get_input_embeddings()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    previous_attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights exist only in eager attention
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        _backward_windows(model, embed, windows, num_layers, outputs, errors, gradient_norm, loss_impact, handles, progress)
+        with _hooks(handles):
+            for row in tqdm(range(num_windows), desc="calibration pass 2/2: token signals and loss gradients", disable=not progress):
+                state["row"] = row
+                ids = windows[row : row + 1]
+                with torch.no_grad():
+                    embeds = embed(ids)
+                embeds.requires_grad_(True)  # the graph starts here; the weights stay frozen
+                result = model(inputs_embeds=embeds, labels=ids, use_cache=False)
+                result.loss.backward()
+                with torch.no_grad():
+                    # The entropy a token "was drawn from" is the prediction made one position earlier.
+                    entropy[row, 1:] = _entropy(result.logits.detach()[0, :-1])
+                    for layer_index in range(num_layers):
+                        grad = outputs[layer_index].grad.to(torch.float32)[0]
+                        gradient_norm[layer_index, row] = torch.log(grad.norm(dim=-1).clamp_min(1e-30))
+                        dot = (grad * errors[layer_index]).sum(dim=-1).abs()
+                        loss_impact[layer_index, row] = torch.log(dot.clamp_min(1e-30))
+                del result
+                outputs.clear()
+                errors.clear()
     finally:
+        model.set_attn_implementation(previous_attention)
         for parameter in trainable:
             parameter.requires_grad_(True)
     # The last position predicts nothing inside the window: no gradient, no signal.
     gradient_norm[:, :, -1] = float("nan")
     loss_impact[:, :, -1] = float("nan")
-    return LossGradients(gradient_norm=gradient_norm, loss_impact=loss_impact)
-
-
-def _backward_windows(model, embed, windows, num_layers, outputs, errors, gradient_norm, loss_impact, handles, progress) -> None:
-    with _hooks(handles):
-        for row in tqdm(range(windows.shape[0]), desc="calibration: loss gradients", disable=not progress):
-            ids = windows[row : row + 1]
-            with torch.no_grad():
-                embeds = embed(ids)
-            embeds.requires_grad_(True)  # the graph starts here; the weights stay frozen
-            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
-            loss.backward()
-            with torch.no_grad():
-                for layer_index in range(num_layers):
-                    grad = outputs[layer_index].grad.to(torch.float32)[0]
-                    gradient_norm[layer_index, row] = torch.log(grad.norm(dim=-1).clamp_min(1e-30))
-                    dot = (grad * errors[layer_index][0]).sum(dim=-1).abs()
-                    loss_impact[layer_index, row] = torch.log(dot.clamp_min(1e-30))
-            outputs.clear()
-            errors.clear()
+    positions = position_feature(torch.arange(seq_len)).expand(num_windows, seq_len).clone()
+    return TokenSignals(
+        token_ids=windows.clone(),
+        position=positions,
+        predictive_entropy=entropy,
+        hidden_norm=hidden_norm,
+        attention_received=attention_received,
+        base_error=base_error,
+        error_estimate=error_estimate,
+        loss_gradient=gradient_norm,
+        loss_impact=loss_impact,
+    )

@@ -8,7 +8,9 @@ VERSION="${1:-0.3.36}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)/models/.llama.cpp"
 mkdir -p "$ROOT/downloads"
 if [ ! -d "$ROOT/src" ]; then
-  python -m pip download --no-deps --no-binary=:all: "llama-cpp-python==$VERSION" -d "$ROOT/downloads"
+  # Only the binding itself as source: ":all:" would also build its build tools (cmake, hatchling) from source.
+  [ -f "$ROOT/downloads/llama_cpp_python-$VERSION.tar.gz" ] ||
+    python -m pip download --no-deps --no-binary=llama-cpp-python "llama-cpp-python==$VERSION" -d "$ROOT/downloads"
   tar -xzf "$ROOT/downloads/llama_cpp_python-$VERSION.tar.gz" -C "$ROOT"
   mv "$ROOT/llama_cpp_python-$VERSION" "$ROOT/src"
 fi

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, collect_loss_gradients, collect_token_signals
+from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.stats import InputSecondMoment, token_log_frequency
 from calibration.thresholds import fit_router, tier_shares
@@ -303,22 +303,10 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         # The weight a token not routed upward reads: the module's min-tier planes.
         lambda site: dequantize_linear(planes[site.name], policies[site.name]),
         router_windows,
-        options.batch_size,
         progress=options.progress,
         error_sketches=sketches,
     )
     timings["pass2_seconds"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    gradients = collect_loss_gradients(
-        model,
-        spec,
-        quantized_sites,
-        lambda site: dequantize_linear(planes[site.name], policies[site.name]),
-        router_windows,
-        progress=options.progress,
-    )
-    signals.loss_gradient, signals.loss_impact = gradients.gradient_norm, gradients.loss_impact
-    timings["gradient_pass_seconds"] = time.perf_counter() - tick
     tick = time.perf_counter()
     body = router_windows[:, 1:] if bos is not None else router_windows  # the BOS was not in the text
     log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings, held_out=body)

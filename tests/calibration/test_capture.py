@@ -1,34 +1,81 @@
-"""The loss-gradient pass on a tiny real model: shapes, finiteness, and weights left untouched."""
+"""The router-signal pass on tiny real models: every signal against a direct computation, the
+gradients' shapes and finiteness, and weights and settings left untouched."""
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from calibration.capture import collect_loss_gradients
+from calibration.capture import collect_token_signals
 from tap_runtime.architectures import get_architecture
 from tap_runtime.modeling import iter_linear_sites, linear_weight
 
 
-def test_loss_gradients_measure_every_layer_and_touch_no_weight(tiny_model_factory):
+def _coarse(site):
+    """A base tier that is the weight rounded to a coarse grid, so every layer has an error."""
+    return (linear_weight(site) * 8).round() / 8
+
+
+def test_gradients_measure_every_layer_and_touch_no_weight(tiny_model_factory):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("llama")), dtype=torch.float32).eval()
     spec = get_architecture("llama")
     sites = list(iter_linear_sites(model, spec))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    attention_before = model.config._attn_implementation
     windows = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(0))
-    # A base tier that is the weight rounded to a coarse grid, so every layer has an error.
-    result = collect_loss_gradients(model, spec, sites, lambda s: (linear_weight(s) * 8).round() / 8, windows, progress=False)
-    assert result.gradient_norm.shape == result.loss_impact.shape == (2, 3, 20)
-    assert torch.isnan(result.gradient_norm[:, :, -1]).all()  # the last position predicts nothing
-    assert torch.isfinite(result.gradient_norm[:, :, :-1]).all() and torch.isfinite(result.loss_impact[:, :, :-1]).all()
-    assert result.gradient_norm[:, :, :-1].std() > 0
+    result = collect_token_signals(model, spec, sites, _coarse, windows, progress=False)
+    assert result.loss_gradient.shape == result.loss_impact.shape == result.base_error.shape == (2, 3, 20)
+    assert torch.isnan(result.loss_gradient[:, :, -1]).all()  # the last position predicts nothing
+    assert torch.isfinite(result.loss_gradient[:, :, :-1]).all() and torch.isfinite(result.loss_impact[:, :, :-1]).all()
+    assert result.loss_gradient[:, :, :-1].std() > 0
+    assert (result.base_error > 0).all()
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
         assert parameter.grad is None and parameter.requires_grad  # nothing accumulated, flags restored
+    assert model.config._attn_implementation == attention_before
 
 
-def test_identical_base_weights_have_no_loss_impact(tiny_model_factory):
+def test_identical_base_weights_have_no_error_and_no_loss_impact(tiny_model_factory):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("qwen2")), dtype=torch.float32).eval()
     spec = get_architecture("qwen2")
     sites = list(iter_linear_sites(model, spec))
     windows = torch.randint(3, 320, (1, 12), generator=torch.Generator().manual_seed(1))
-    result = collect_loss_gradients(model, spec, sites, lambda s: linear_weight(s).clone(), windows, progress=False)
+    result = collect_token_signals(model, spec, sites, lambda s: linear_weight(s).clone(), windows, progress=False)
+    assert torch.equal(result.base_error, torch.zeros_like(result.base_error))
     assert (result.loss_impact[:, :, :-1] < -30).all()  # log of ~0
+
+
+def test_signals_match_a_direct_forward(tiny_model_factory):
+    """Entropy, hidden norms and attention received against the model's own outputs, and the
+    gradient norm against autograd on the hidden states HF returns."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("llama")), dtype=torch.float32).eval()
+    spec = get_architecture("llama")
+    sites = list(iter_linear_sites(model, spec))
+    windows = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(2))
+    result = collect_token_signals(model, spec, sites, _coarse, windows, progress=False)
+
+    model.set_attn_implementation("eager")
+    for row in range(windows.shape[0]):
+        out = model(input_ids=windows[row : row + 1], output_hidden_states=True, output_attentions=True)
+        log_probs = torch.log_softmax(out.logits[0].detach(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        assert torch.isnan(result.predictive_entropy[row, 0])
+        torch.testing.assert_close(result.predictive_entropy[row, 1:], entropy[:-1], rtol=1e-5, atol=1e-5)
+        for layer in range(model.config.num_hidden_layers):
+            rms = out.hidden_states[layer][0].detach().pow(2).mean(-1).sqrt()
+            torch.testing.assert_close(result.hidden_norm[layer, row], rms.log(), rtol=1e-5, atol=1e-5)
+            weights = out.attentions[layer][0].detach().mean(0)  # (q, k) averaged over heads
+            received = weights.sum(0) / torch.arange(16, 0, -1, dtype=torch.float32)
+            torch.testing.assert_close(result.attention_received[layer, row], received, rtol=1e-5, atol=1e-6)
+
+    # dL/dh at the last decoder layer's output (before the final norm) through autograd.
+    ids = windows[:1]
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    captured = {}
+    last = model.model.layers[-1]
+    handle = last.register_forward_hook(lambda m, a, o: captured.update(h=(o[0] if isinstance(o, tuple) else o)))
+    try:
+        out = model(inputs_embeds=embeds, labels=ids)
+        grad = torch.autograd.grad(out.loss, captured["h"])[0][0]
+    finally:
+        handle.remove()
+    expected = grad.norm(dim=-1).clamp_min(1e-30).log()
+    torch.testing.assert_close(result.loss_gradient[-1, 0, :-1], expected[:-1], rtol=1e-4, atol=1e-4)
