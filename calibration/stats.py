@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ChannelMeanSquare", "InputSecondMoment", "token_log_frequency"]
+__all__ = ["ChannelMeanSquare", "InputSecondMoment", "symmetric_gram", "token_log_frequency"]
 
 
 class ChannelMeanSquare:
@@ -48,7 +48,7 @@ class InputSecondMoment(ChannelMeanSquare):
         inputs = inputs.detach()
         flat = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
         super().add_batch(flat)
-        self.sum_outer += (flat.t() @ flat).to(torch.float64)
+        self.sum_outer += symmetric_gram(flat).to(torch.float64)
         if inputs.dim() >= 3:
             first = inputs.reshape(-1, inputs.shape[-2], inputs.shape[-1])[:, 0].to(torch.float32)
             self.sum_outer_first += (first.t() @ first).to(torch.float64)
@@ -70,6 +70,25 @@ class InputSecondMoment(ChannelMeanSquare):
         extra = (first_weight - 1.0) * self.sum_outer_first
         count = self.num_tokens + (first_weight - 1.0) * self.num_first
         return ((self.sum_outer + extra) / max(count, 1)).to(torch.float32)
+
+
+def symmetric_gram(rows: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``rows.T @ rows`` from its upper block triangle only, mirrored: (n, d) -> (d, d).
+
+    A Gram matrix is symmetric, so the blocks below the diagonal repeat those above; skipping
+    them takes 58% of the multiply-adds at d = 1536 (67% at 576). Pass 1 of calibration spends
+    about as long on these products as on the model's own forward.
+    """
+    width = rows.shape[1]
+    if width <= block:
+        return rows.t() @ rows
+    gram = torch.empty(width, width, dtype=rows.dtype, device=rows.device)
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        strip = rows[:, start:stop].t() @ rows[:, start:]  # (block, width - start)
+        gram[start:stop, start:] = strip
+        gram[stop:, start:stop] = strip[:, stop - start :].t()
+    return gram
 
 
 def token_log_frequency(token_ids: torch.Tensor, vocab_size: int, held_out: torch.Tensor | None = None) -> torch.Tensor:

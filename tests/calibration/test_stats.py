@@ -1,6 +1,6 @@
 import torch
 
-from calibration.stats import ChannelMeanSquare, InputSecondMoment, token_log_frequency
+from calibration.stats import ChannelMeanSquare, InputSecondMoment, symmetric_gram, token_log_frequency
 
 
 def test_channel_mean_square_accumulates_over_batches():
@@ -43,3 +43,22 @@ def test_flat_inputs_have_no_first_position():
     stats.add_batch(torch.randn(7, 3))
     assert stats.num_first == 0
     assert torch.allclose(stats.hessian_with_first_weighted(100.0), stats.hessian)
+
+
+def test_symmetric_gram_equals_the_full_product_at_widths_around_the_block():
+    generator = torch.Generator().manual_seed(0)
+    for width in (64, 256, 257, 576, 1536):
+        rows = torch.randn(300, width, generator=generator)
+        gram = symmetric_gram(rows, block=256)
+        assert torch.equal(gram, gram.t())
+        torch.testing.assert_close(gram, rows.t() @ rows, rtol=1e-5, atol=1e-3)
+
+
+def test_second_moment_hessian_is_the_mean_outer_product():
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 5, 300, generator=generator) for _ in range(3)]
+    moment = InputSecondMoment(300)
+    for batch in batches:
+        moment.add_batch(batch)
+    flat = torch.cat([b.reshape(-1, 300) for b in batches]).double()
+    torch.testing.assert_close(moment.hessian.double(), flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)
