@@ -44,7 +44,7 @@ from tap_runtime.rotation import ROTATIONS, rotate_mean_square, rotate_second_mo
 from .column_scales import choose_column_scales
 from .gptq import DAMPING, GPTQ_ORDERS, ROW_DAMPING, gptq_rows, gptq_tiers
 from .hub import render_model_card
-from .policy import allocate_min_tiers, average_bits, relative_output_error
+from .policy import allocate_min_tiers, average_bits, output_energy, relative_output_error
 from .schemes import SCHEME_CHOICES, choose_scheme, scheme_errors
 from .sketch import error_sketch_sites, error_sketches
 from .quantize import quantize_rows, quantize_tiers
@@ -253,7 +253,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         weight = rotate_weight(linear_weight(site), rotation)
         second_moment = rotate_second_moment(second_moment, rotation)
         mean_square = rotate_mean_square(site_stats.mean_square, rotation)
-        errors = scheme_errors(weight, group_sizes[site.name], second_moment, mean_square)
+        energy = output_energy(weight, second_moment)
+        errors = scheme_errors(weight, group_sizes[site.name], second_moment, mean_square, energy)
         scheme, scheme_reason = choose_scheme(errors, options.scheme)
         specs = _plane_specs(
             options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric", scale_bits=options.scale_bits
@@ -268,7 +269,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             method = "rtn"
             planes[site.name] = quantize_tiers(weight, specs, importance=mean_square)
         sensitivity = {
-            str(tier): relative_output_error(weight, dequantize_planes(planes[site.name], count), second_moment)
+            str(tier): relative_output_error(weight, dequantize_planes(planes[site.name], count), second_moment, energy)
             for count, tier in enumerate(options.tiers, start=1)
         }
         policies[site.name] = LinearPolicy(

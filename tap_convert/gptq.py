@@ -30,6 +30,7 @@ __all__ = ["gptq_plane", "gptq_tiers", "gptq_rows", "DAMPING", "ROW_DAMPING", "G
 DAMPING = 0.01
 ROW_DAMPING = 0.1
 _BLOCK = 128
+_PARAMETER_ROWS = 256  # rows whose group parameters are searched at once
 # Column orders gptq_plane knows; "activation" (act-order with static groups) is the default.
 GPTQ_ORDERS = ("activation", "column")
 
@@ -37,8 +38,13 @@ GPTQ_ORDERS = ("activation", "column")
 def _group_parameters(
     groups: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor, reference: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best clip ratio per row for one group. groups: (out, group_size); importance: (group_size,)."""
-    groups3 = groups.unsqueeze(1)  # (out, 1, group_size)
+    """Best clip ratio per row and group.
+
+    groups: (out, group_size) with importance (group_size,), giving (out,) scales and zeros; or
+    (out, groups, group_size) with importance (groups, group_size), giving (out, groups).
+    """
+    single = groups.dim() == 2
+    groups3 = groups.unsqueeze(1) if single else groups
     max_code = 2**spec.bits - 1
     best = None
     for ratio in clip_ratios(spec):
@@ -50,7 +56,8 @@ def _group_parameters(
         else:
             better = err < best[0]
             best = (torch.where(better, err, best[0]), torch.where(better, scales, best[1]), torch.where(better, zeros, best[2]))
-    return best[1].reshape(-1), best[2].reshape(-1)  # (out,), (out,)
+    shape = (groups3.shape[0],) if single else groups3.shape[:2]
+    return best[1].reshape(shape), best[2].reshape(shape)
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor, damping: float) -> torch.Tensor:
@@ -74,13 +81,14 @@ def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor, damping: 
 def _static_group_parameters(
     weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tensor, reference: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every group's scale and zero, chosen up front from the weights before any compensation."""
-    group_size = spec.group_size
-    params = [
-        _group_parameters(weight[:, start : start + group_size], spec, importance[start : start + group_size], reference)
-        for start in range(0, weight.shape[1], group_size)
-    ]
-    return torch.stack([s for s, _ in params], dim=1), torch.stack([z for _, z in params], dim=1)
+    """Every group's scale and zero, chosen up front from the weights before any compensation
+    (all groups in one search: the same arithmetic as group by group)."""
+    out_features, in_features = weight.shape
+    groups = weight.reshape(out_features, in_features // spec.group_size, spec.group_size)
+    importance = importance.reshape(-1, spec.group_size)
+    # Row chunks keep each candidate's temporaries in cache.
+    chunks = [_group_parameters(chunk, spec, importance, reference) for chunk in groups.split(_PARAMETER_ROWS)]
+    return torch.cat([s for s, _ in chunks]), torch.cat([z for _, z in chunks])
 
 
 def gptq_plane(
@@ -165,6 +173,8 @@ def _gptq_pass(
     ``order="column"`` chooses each group's scale and zero (into ``scales``/``zeros``, in place)
     when the group starts; otherwise they are fixed.
     """
+    if order != "column":
+        return _static_gptq_pass(weight, permutation, factor, scales, zeros, spec)
     out_features, in_features = weight.shape
     group_size = spec.group_size
     weight = weight[:, permutation].clone()
@@ -192,6 +202,43 @@ def _gptq_pass(
             block_weight[:, i:] -= error.unsqueeze(1) * block_factor[i, i:].unsqueeze(0)
             block_errors[:, i] = error
         weight[:, end:] -= block_errors @ factor[start:end, end:]
+    return codes
+
+
+def _static_gptq_pass(
+    weight: torch.Tensor, permutation: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: PlaneSpec
+) -> torch.Tensor:
+    """:func:`_gptq_pass` with every group's scale and zero fixed up front (act-order's static groups).
+
+    The same arithmetic on the transposed weight: each column is a contiguous row, its scale
+    and zero are gathered per column once, and the per-column work is a handful of in-place
+    ops, since Python's per-op cost dominates at these widths.
+    """
+    out_features, in_features = weight.shape
+    group_of_column = permutation // spec.group_size
+    weight_t = weight.t()[permutation].contiguous()  # (in, out), processing order
+    column_scales = scales.t()[group_of_column].to(torch.float32).contiguous()
+    column_zeros = zeros.t()[group_of_column].to(torch.float32).contiguous()
+    codes_t = torch.empty(in_features, out_features)
+    max_code = float(2**spec.bits - 1)
+    dequantized = torch.empty(out_features)
+    for start in range(0, in_features, _BLOCK):
+        end = min(start + _BLOCK, in_features)
+        block = weight_t[start:end]  # a view: updated in place
+        block_errors = torch.empty(end - start, out_features)
+        block_factor = factor[start:end, start:end]
+        pivots = block_factor.diagonal().tolist()
+        for i in range(end - start):
+            column, s, z, q = block[i], column_scales[start + i], column_zeros[start + i], codes_t[start + i]
+            torch.div(column, s, out=q).add_(z).round_().clamp_(0.0, max_code)
+            torch.sub(q, z, out=dequantized).mul_(s)
+            error = torch.sub(column, dequantized, out=block_errors[i]).div_(pivots[i])
+            if i + 1 < end - start:
+                block[i + 1 :].sub_(block_factor[i, i + 1 :].unsqueeze(1) * error.unsqueeze(0))
+        if end < in_features:
+            weight_t[end:].sub_(factor[start:end, end:].t() @ block_errors)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    codes[:, permutation] = codes_t.t().to(torch.uint8)
     return codes
 
 

@@ -16,20 +16,29 @@ import torch
 
 from tap_runtime.format import LinearPolicy
 
-__all__ = ["relative_output_error", "expected_bits", "average_bits", "allocate_min_tiers"]
+__all__ = ["output_energy", "relative_output_error", "expected_bits", "average_bits", "allocate_min_tiers"]
 
 
-def relative_output_error(weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor) -> float:
-    """tr(E H E^T) / tr(W H W^T); ``second_moment`` is H (in, in) or its diagonal (in,)."""
+def output_energy(weight: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """tr(W H W^T): the layer's output energy on the calibration inputs, the denominator of
+    :func:`relative_output_error` (computed once where one weight is scored against many
+    approximations)."""
+    weight = weight.to(torch.float32)
+    if second_moment.dim() == 2:
+        return float(((weight @ second_moment) * weight).sum())
+    return float((weight.pow(2) * second_moment).sum())
+
+
+def relative_output_error(
+    weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor, energy: float | None = None
+) -> float:
+    """tr(E H E^T) / tr(W H W^T); ``second_moment`` is H (in, in) or its diagonal (in,);
+    ``energy``: tr(W H W^T) if already known (:func:`output_energy`)."""
     weight = weight.to(torch.float32)
     error = weight - approximation.to(torch.float32)
-    if second_moment.dim() == 2:
-        numerator = float(((error @ second_moment) * error).sum())
-        denominator = float(((weight @ second_moment) * weight).sum())
-    else:
-        numerator = float((error.pow(2) * second_moment).sum())
-        denominator = float((weight.pow(2) * second_moment).sum())
-    return numerator / max(denominator, 1e-30)
+    if energy is None:
+        energy = output_energy(weight, second_moment)
+    return output_energy(error, second_moment) / max(energy, 1e-30)
 
 
 def expected_bits(policy: LinearPolicy, tier_shares: dict[str, float]) -> float:

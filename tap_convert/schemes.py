@@ -19,7 +19,7 @@ import torch
 from tap_runtime.format import PlaneSpec
 from tap_runtime.planes import dequantize_plane
 
-from .policy import relative_output_error
+from .policy import output_energy, relative_output_error
 from .quantize import quantize_plane
 
 __all__ = ["SCHEMES", "RUNNABLE_SCHEMES", "SCHEME_CHOICES", "log_quantize", "scheme_errors", "choose_scheme"]
@@ -42,13 +42,18 @@ def log_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return (torch.sign(groups) * values).reshape(out_features, in_features)
 
 
-def scheme_errors(weight: torch.Tensor, group_size: int, second_moment: torch.Tensor, importance: torch.Tensor) -> dict[str, float]:
-    """Relative output error of a 4-bit base plane under each scheme (round to nearest)."""
+def scheme_errors(
+    weight: torch.Tensor, group_size: int, second_moment: torch.Tensor, importance: torch.Tensor, energy: float | None = None
+) -> dict[str, float]:
+    """Relative output error of a 4-bit base plane under each scheme (round to nearest);
+    ``energy``: the weight's tr(W H W^T) if already known."""
+    if energy is None:
+        energy = output_energy(weight, second_moment)
     errors = {}
     for scheme in RUNNABLE_SCHEMES:
         plane = quantize_plane(weight, PlaneSpec(4, group_size, scheme == "symmetric"), importance=importance)
-        errors[scheme] = relative_output_error(weight, dequantize_plane(plane), second_moment)
-    errors["logarithmic"] = relative_output_error(weight, log_quantize(weight, group_size), second_moment)
+        errors[scheme] = relative_output_error(weight, dequantize_plane(plane), second_moment, energy)
+    errors["logarithmic"] = relative_output_error(weight, log_quantize(weight, group_size), second_moment, energy)
     return errors
 
 
