@@ -21,4 +21,6 @@ cmake --build "$ROOT/build" -j "$(nproc)" --target llama-quantize llama-imatrix 
 # The Python binding without its own copy of llama.cpp; it loads the libraries built above
 # (scripts/llama_cpp_peer.py sets LLAMA_CPP_LIB_PATH).
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install "$ROOT/downloads/llama_cpp_python-$VERSION.tar.gz"
+# convert_hf_to_gguf.py reads SentencePiece tokenizers (Llama-family vocabularies, SmolLM2's too).
+python -m pip install "sentencepiece>=0.2"
 echo "llama.cpp tools in $ROOT/build/bin"
