@@ -433,20 +433,28 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 8, dampin
     scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-8).to(torch.float16)
     scales_f32 = scales.to(torch.float32).clamp_min(1e-8)
     codes = torch.empty(rows, in_features, dtype=torch.int8)
+    quantized = torch.empty(min(rows, _ROW_CHUNK))
     for first in range(0, rows, _ROW_CHUNK):
-        chunk = weight[first : first + _ROW_CHUNK].clone()
-        chunk[:, dead] = 0.0
+        # Transposed, so each column is a contiguous row and each step a few in-place ops.
+        chunk_t = weight[first : first + _ROW_CHUNK].t().contiguous()
+        chunk_t[dead] = 0.0
+        count = chunk_t.shape[1]
         scale = scales_f32[first : first + _ROW_CHUNK]
+        q = quantized[:count]
+        codes_t = torch.empty(in_features, count, dtype=torch.int8)
         for start in range(0, in_features, _BLOCK):
             end = min(start + _BLOCK, in_features)
-            block = chunk[:, start:end]
-            block_errors = torch.zeros_like(block)
+            block = chunk_t[start:end]
+            block_errors = torch.empty(end - start, count)
             block_factor = factor[start:end, start:end]
+            pivots = block_factor.diagonal().tolist()
             for i in range(end - start):
-                q = torch.clamp(torch.round(block[:, i] / scale), -127, 127)
-                codes[first : first + _ROW_CHUNK, start + i] = q.to(torch.int8)
-                error = (block[:, i] - q * scale) / block_factor[i, i]
-                block[:, i:] -= error.unsqueeze(1) * block_factor[i, i:].unsqueeze(0)
-                block_errors[:, i] = error
-            chunk[:, end:] -= block_errors @ factor[start:end, end:]
+                torch.div(block[i], scale, out=q).round_().clamp_(-127, 127)
+                codes_t[start + i] = q.to(torch.int8)
+                error = torch.sub(block[i], q.mul_(scale), out=block_errors[i]).div_(pivots[i])
+                if i + 1 < end - start:
+                    block[i + 1 :].sub_(block_factor[i, i + 1 :].unsqueeze(1) * error.unsqueeze(0))
+            if end < in_features:
+                chunk_t[end:].sub_(factor[start:end, end:].t() @ block_errors)
+        codes[first : first + _ROW_CHUNK] = codes_t.t()
     return RowQuantized(qweight=codes.contiguous(), scales=scales.contiguous())
