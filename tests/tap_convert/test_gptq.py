@@ -319,3 +319,27 @@ def test_static_pass_matches_textbook_gptq(symmetric):
         work[:, i + 1 :] -= ((work[:, i] - (q - z) * s) / upper[i, i]).unsqueeze(1) * upper[i, i + 1 :].unsqueeze(0)
     assert (codes == expected).float().mean() > 0.995  # float32 against float64: rare ties may round apart
     assert (codes.int() - expected.int()).abs().max() <= 1
+
+
+def test_gptq_rows_match_textbook_gptq_across_row_chunks(monkeypatch):
+    """The blocked, transposed head pass (several row chunks) against unblocked float64 GPTQ."""
+    import tap_convert.gptq as gptq_module
+    from tap_convert.gptq import _inverse_hessian_factor
+
+    monkeypatch.setattr(gptq_module, "_ROW_CHUNK", 128)
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(2048, 192, generator=generator) * torch.linspace(0.2, 2.0, 192)
+    hessian = inputs.t() @ inputs / inputs.shape[0]
+    weight = torch.randn(300, 192, generator=generator)
+    rows = gptq_rows(weight, hessian, damping=0.1)
+
+    scale = rows.scales.double().clamp_min(1e-8)
+    upper = _inverse_hessian_factor(hessian, torch.zeros(192, dtype=torch.bool), 0.1).double()
+    work = weight.double().clone()
+    expected = torch.empty(300, 192, dtype=torch.int8)
+    for i in range(192):
+        q = torch.clamp(torch.round(work[:, i] / scale), -127, 127)
+        expected[:, i] = q.to(torch.int8)
+        work[:, i + 1 :] -= ((work[:, i] - q * scale) / upper[i, i]).unsqueeze(1) * upper[i, i + 1 :].unsqueeze(0)
+    assert (rows.qweight == expected).float().mean() > 0.995
+    assert (rows.qweight.int() - expected.int()).abs().max() <= 1
