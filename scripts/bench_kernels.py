@@ -3,11 +3,13 @@ torch's, and the dense-unpack crossover for many-token calls.
 
 For real layer shapes (SmolLM2, gemma-3-270m, Qwen2.5-1.5B) and token counts from decode (1) to
 prefill (512): torch's packed int4 kernel, TAP's VNNI kernel, the unpack-to-bfloat16 + dense
-GEMM path (bfloat16 where the CPU multiplies it natively, else float32) and a float32 matmul, with each path's error against the reference kernel. Then the
+GEMM path (bfloat16 where the CPU multiplies it natively, else float32), the 8-row lane kernel
+with 15-bit activations (matmul_w4_lanes; many-token calls on AVX2) and a float32 matmul, with
+each path's error against the reference kernel. Then the
 8-bit output head at one token: torch's int8 op against TAP's. Weight GB/s is plane bytes over
 time at one token. Then the routed rows of a many-token call (a residual plane times a prefill's
-routed tokens): the 16-row lane kernel (8-bit activations, the default) against unpacking to
-bfloat16 + GEMM and the one-token kernel. Every path alternates in the same process; medians of
+routed tokens): the lane kernel (8-bit activations, the default; 16 rows per register on VNNI,
+8 on AVX2) against unpacking + GEMM and the one-token kernel. Every path alternates in the same process; medians of
 --repeats.
 
     python scripts/bench_kernels.py --threads 2
@@ -66,7 +68,7 @@ def main() -> None:
     if native_kernels() is None:
         raise SystemExit(f"TAP's native kernels are unavailable here: {native_unavailable_reason()}")
     torch_int4, reference = CpuPackedKernel(dense_min_tokens=None), ReferenceKernel()
-    vnni, dense = CpuVnniKernel(dense_min_tokens=None), CpuVnniKernel(dense_min_tokens=1)
+    vnni, dense = CpuVnniKernel(dense_min_tokens=None), CpuVnniKernel(dense_min_tokens=1, wide_lanes=False)
     print(f"# bench_kernels; {environment()}; native build {vnni.instruction_set} ({vnni.name}), dense type "
           f"{str(dense.dense_dtype).removeprefix('torch.')}; ms per matmul, median of {args.repeats}; 4-bit g64 asymmetric planes")
     if "planes" in sections:
@@ -78,8 +80,10 @@ def main() -> None:
 
 
 def _planes(args, torch_int4, reference, vnni, dense) -> None:
-    print(f"{'shape':17s} {'tokens':>6s} {'torch int4':>10s} {'TAP vnni':>9s} {'dense':>10s} {'fp32':>8s} "
-          f"{'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s} {'err dense':>9s}")
+    lanes = CpuVnniKernel(dense_min_tokens=1, wide_lanes=True)
+    lanes.lane_min_tokens = 1  # every call through the 15-bit lanes, whatever the build's threshold
+    print(f"{'shape':17s} {'tokens':>6s} {'torch int4':>10s} {'TAP vnni':>9s} {'dense':>10s} {'lanes15':>8s} {'fp32':>8s} "
+          f"{'vnni x torch':>12s} {'GB/s torch':>10s} {'GB/s vnni':>9s} {'err torch':>9s} {'err vnni':>9s} {'err dense':>9s} {'err lanes':>9s}")
     for label, (out_features, in_features) in SHAPES.items():
         weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.05
         (plane,) = quantize_tiers(weight, (PlaneSpec(4, 64, False),))
@@ -92,12 +96,14 @@ def _planes(args, torch_int4, reference, vnni, dense) -> None:
                 "torch": _median_ms(lambda: torch_int4.matmul_plane(x, packed), args.repeats),
                 "vnni": _median_ms(lambda: vnni.matmul_plane(x, tiled), args.repeats),
                 "dense": _median_ms(lambda: dense.matmul_plane(x, tiled), args.repeats),
+                "lanes": _median_ms(lambda: lanes.matmul_plane(x, tiled), args.repeats),
                 "fp32": _median_ms(lambda: x @ weight.t(), args.repeats),
             }
             bandwidth = (f"{plane_gb / times['torch'] * 1e3:10.1f} {plane_gb / times['vnni'] * 1e3:9.1f}" if tokens == 1 else f"{'':10s} {'':9s}")
-            print(f"{label:17s} {tokens:6d} {times['torch']:10.3f} {times['vnni']:9.3f} {times['dense']:10.3f} {times['fp32']:8.3f} "
+            print(f"{label:17s} {tokens:6d} {times['torch']:10.3f} {times['vnni']:9.3f} {times['dense']:10.3f} {times['lanes']:8.3f} {times['fp32']:8.3f} "
                   f"{times['torch'] / times['vnni']:12.2f} {bandwidth} {_error(torch_int4.matmul_plane(x, packed), expected):9.1e} "
-                  f"{_error(vnni.matmul_plane(x, tiled), expected):9.1e} {_error(dense.matmul_plane(x, tiled), expected):9.1e}")
+                  f"{_error(vnni.matmul_plane(x, tiled), expected):9.1e} {_error(dense.matmul_plane(x, tiled), expected):9.1e} "
+                  f"{_error(lanes.matmul_plane(x, tiled), expected):9.1e}")
 
 
 def _heads(args, torch_int4, reference, vnni) -> None:
@@ -116,7 +122,7 @@ def _heads(args, torch_int4, reference, vnni) -> None:
 
 def _routed(args, reference, vnni) -> None:
     """A residual plane times the routed rows of a many-token call, three ways."""
-    lanes, unpack = CpuVnniKernel(), CpuVnniKernel(lane_residuals=False)
+    lanes, unpack = CpuVnniKernel(), CpuVnniKernel(lane_residuals=False, wide_lanes=False, dense_min_tokens=1)
     print(f"\n{'routed rows':17s} {'rows':>6s} {'lanes ms':>9s} {'unpack+GEMM':>11s} {'1-token':>8s} {'lanes x unpack':>14s} "
           f"{'GMAC/s lanes':>12s} {'GMAC/s unpack':>13s} {'err lanes':>9s} {'err unpack':>10s}")
     for label, (out_features, in_features) in SHAPES.items():

@@ -1,16 +1,18 @@
-"""Routed tokens' residual products in a prefill: the lane kernel against unpack + GEMM, in one process.
+"""A prefill's plane products through the lane kernels against unpack + GEMM, in one process.
 
 In a many-token call the tokens the router sends to tier 8 need the residual plane for their
 rows only. ``CpuVnniKernel.lane_residuals`` (default on) multiplies those rows with the native
-16-row lane kernel (8-bit activations per block of 64, the 4-bit plane read as stored); off, the
-plane is unpacked to bfloat16 and multiplied densely, as before. This script times one --tokens
-forward (last logits kept, as generate's prefill) on the base tier and with the default routing
-both ways, alternated --rounds times, with the seconds spent in the routed residual products;
-with --model (the fp32 source) it then measures perplexity and mean KL against fp32 on
---windows held-out windows both ways.
+lane kernel (8-bit activations per block of 64, the 4-bit plane read as stored: 16 rows per
+register on VNNI, 8 on AVX2); off, the plane is unpacked and multiplied densely, as before. On
+the AVX2 build ``CpuVnniKernel.wide_lanes`` (default on there) also sends the products every
+token reads (the base plane's) through the 8-row lanes, with 15-bit activations. This script
+times one --tokens forward (last logits kept, as generate's prefill) on the base tier and with
+the default routing under each setting, alternated --rounds times, with the seconds spent in the
+routed residual products; with --model (the fp32 source) it then measures perplexity and mean
+KL against fp32 on --windows held-out windows under each setting.
 
     python scripts/bench_lane_residuals.py --tap models/qwen1.5b-tap-v4 --model models/qwen1.5b --windows 2
-    python scripts/bench_lane_residuals.py --tap models/smollm2-tap-v4 --model models/smollm2 --windows 8
+    python scripts/bench_lane_residuals.py --tap models/smollm2-tap --model models/smollm2 --windows 8
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ def _kernels(tap) -> list:
     return [k for k in kernels.values() if hasattr(k, "lane_residuals")]
 
 
-def _set_lanes(kernels, on: bool) -> None:
+# Settings compared: (lane_residuals, wide_lanes, lanes from the build's lane threshold or, off,
+# from the dense one, as before the AVX2 lanes existed).
+SETTINGS = {"lanes": (True, True, True), "residual lanes": (True, False, True), "unpack": (False, False, False)}
+
+
+def _set_lanes(kernels, setting: str, defaults: dict) -> None:
+    residuals, wide, lane_threshold = SETTINGS[setting]
     for kernel in kernels:
-        kernel.lane_residuals = on
+        default_wide, default_min = defaults[id(kernel)]
+        kernel.lane_residuals = residuals
+        kernel.wide_lanes = wide and default_wide
+        kernel.lane_min_tokens = default_min if lane_threshold else kernel.vnni_dense_min_tokens
 
 
 def main() -> None:
@@ -41,7 +52,9 @@ def main() -> None:
     kernels = _kernels(tap)
     if not kernels:
         raise SystemExit(f"{args.tap}: its linears did not load on TAP's native CPU kernels here, so there is no lane kernel to compare")
-    print(f"# bench_lane_residuals: {args.tap}; {environment()}")
+    defaults = {id(k): (k.wide_lanes, k.lane_min_tokens) for k in kernels}
+    settings = [name for name in SETTINGS if name != "residual lanes" or any(wide for wide, _ in defaults.values())]
+    print(f"# bench_lane_residuals: {args.tap}; {environment()}; kernel {kernels[0].name}")
     ids = tap.tokenizer(heldout_text("wikitext"), return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.tokens]
     routed_seconds = [0.0]
     for kernel in kernels:
@@ -55,7 +68,7 @@ def main() -> None:
                 routed_seconds[0] += time.perf_counter() - tick
 
         kernel.matmul_routed = timed
-    configs = ("base tier", "lanes", "unpack")
+    configs = ("base tier", *settings)
     rates: dict[str, list[float]] = {c: [] for c in configs}
     routed: dict[str, list[float]] = {c: [] for c in configs}
     with torch.inference_mode():
@@ -63,9 +76,10 @@ def main() -> None:
             for config in configs:
                 if config == "base tier":
                     tap.set_routing("fixed", tier=tap.table.tiers[0])
+                    _set_lanes(kernels, "lanes", defaults)
                 else:
                     tap.set_routing("budget")
-                    _set_lanes(kernels, config == "lanes")
+                    _set_lanes(kernels, config, defaults)
                 routed_seconds[0] = 0.0
                 tick = time.perf_counter()
                 tap.model(ids, use_cache=False, logits_to_keep=1)
@@ -75,23 +89,24 @@ def main() -> None:
     for kernel in kernels:
         del kernel.matmul_routed  # back to the class's method
     for config in configs:
-        print(f"prefill {config:9s} {ids.shape[1]} tokens: {statistics.median(rates[config]):7.1f} tok/s; "
+        print(f"prefill {config:14s} {ids.shape[1]} tokens: {statistics.median(rates[config]):7.1f} tok/s; "
               f"routed residual products {statistics.median(routed[config]):.3f} s")
-    for a, b in (("lanes", "unpack"), ("lanes", "base tier"), ("unpack", "base tier")):
+    pairs = [(a, b) for a in settings for b in settings if settings.index(a) < settings.index(b)]
+    for a, b in pairs + [(a, "base tier") for a in settings]:
         ratios = [x / y for x, y in zip(rates[a], rates[b])]
         print(f"  {a} / {b}: median {statistics.median(ratios):.3f} (rounds {[round(r, 3) for r in ratios]})")
     tap.set_routing("budget")
-    _set_lanes(kernels, True)
+    _set_lanes(kernels, "lanes", defaults)
     if not args.model or args.windows <= 0:
         return
 
     windows = eval_windows(tap.tokenizer, heldout_text("wikitext"), 512, args.windows, tap.tokenizer.bos_token_id)
     references = reference_logprobs(args.model, windows)
-    for on in (True, False):
-        _set_lanes(kernels, on)
+    for setting in settings:
+        _set_lanes(kernels, setting, defaults)
         ppl, kl = window_quality(lambda ids: tap.model(ids).logits, windows, references)
-        print(f"quality default routing, {len(windows)} windows: {'lanes ' if on else 'unpack'} ppl {ppl:.4f}  mean KL {kl:.5f}")
-    _set_lanes(kernels, True)
+        print(f"quality default routing, {len(windows)} windows: {setting:14s} ppl {ppl:.4f}  mean KL {kl:.5f}")
+    _set_lanes(kernels, "lanes", defaults)
 
 
 if __name__ == "__main__":

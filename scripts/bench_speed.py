@@ -37,6 +37,9 @@ ROWS = ("hf-fp32", "hf-fp32-heap", "hf-bf16", "tap-base", "tap-learned", "tap-bu
 # or -amix (decode only: 8 bits per block of 64 unless the block's peak exceeds 4 x its RMS),
 # see CpuVnniKernel.base_wide_above and .lane_base.
 ACTIVATION_SUFFIXES = {"-a8": math.inf, "-amix": 4.0}
+# -unpacked rows (tap-base-unpacked, tap-budget-unpacked, ...) switch TAP's lane kernels off:
+# many-token calls unpack planes and multiply densely, as before the AVX2 lanes existed, so one
+# run shows what the lanes change.
 # -heap rows set glibc to keep freed heap memory for the next layer's activations
 # (pages.keep_freed_heap; tap_runtime.load(keep_freed_memory=True), off by default), for HF fp32
 # and TAP alike, so the setting's share of a ratio can be read off.
@@ -142,6 +145,9 @@ def run_row(row: str, args) -> dict:
             if not args.other_tap:
                 raise SystemExit(f"{row}: needs --other-tap")
             checkpoint, row = args.other_tap, row[: -len("-other")]
+        unpacked = row.endswith("-unpacked")
+        if unpacked:
+            row = row[: -len("-unpacked")]
         wide_above = next((v for suffix, v in ACTIVATION_SUFFIXES.items() if row.endswith(suffix)), None)
         row_kind = row[: row.rindex("-")] if wide_above is not None else row
         tap = tap_runtime.load(
@@ -161,6 +167,12 @@ def run_row(row: str, args) -> dict:
             "tap-budget-heap": ("budget", None),
         }[row_kind]
         tap.set_routing(mode[0], tier=mode[1])
+        if unpacked:
+            from tap_runtime.kernels.vnni import CpuVnniKernel
+
+            for kernel in {id(m.kernel): m.kernel for m in tap.model.modules() if isinstance(getattr(m, "kernel", None), CpuVnniKernel)}.values():
+                kernel.wide_lanes = kernel.lane_residuals = kernel.lane_base = False
+                kernel.lane_min_tokens = kernel.vnni_dense_min_tokens
         if row.endswith("-amix"):
             from tap_runtime.kernels.vnni import CpuVnniKernel
 

@@ -16,10 +16,13 @@ GEMM: at 512 tokens that is 2.4x a float32 matmul on Qwen2.5-1.5B's gate/up plan
 1.0x for torch's int4 kernel (scripts/bench_kernels.py).
 
 On CPUs with AVX2 but no AVX-512 VNNI the same module builds with maddubs/madd in place of the
-VNNI dot product (kernel name ``cpu-avx2``): same layouts and arithmetic, no 16-row lane kernel
-(a prefill's routed rows take the one-token kernel's 15-bit products, or the dense path from
-DENSE_MIN_TOKENS rows), and dense matrices in float32 unless the CPU multiplies bfloat16
-natively (``CpuPackedKernel.dense_dtype``).
+VNNI dot product (kernel name ``cpu-avx2``): same layouts and arithmetic, and an 8-row lane
+kernel in place of the 16-row one. Its float32 dense GEMM is no faster than the integer
+products, so from AVX2_LANE_MIN_TOKENS tokens on every plane product goes through the lanes,
+reading the plane as stored: 15-bit activations for products every token reads (the one-token
+kernel's arithmetic; ``wide_lanes``), 8-bit for the routed rows' residuals as on VNNI. Dense
+matrices (plane sums, the head's many-token products) are float32 unless the CPU multiplies
+bfloat16 natively (``CpuPackedKernel.dense_dtype``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multip
 # AVX2 (2 EPYC cores, float32 GEMM): summed over SmolLM2's, gemma's and Qwen2.5-1.5B's planes
 # the native kernel took 175 ms at 128 tokens against 209 ms unpacked, 400 against 334 at 256.
 DENSE_MIN_TOKENS = {"avx512-vnni": 16, "avx2": 192}
+# From this many tokens in one call, the AVX2 build multiplies planes with its 8-row lane kernel
+# (matmul_w4_lanes): 15-bit activations for base products, 8-bit for routed residuals. On 2 EPYC
+# cores the 15-bit lanes took 0.19 ms at 16 tokens against the one-token kernel's 0.28 (a
+# 960 x 576 plane; 0.57 against 0.78 at 3,072 x 576), and 8.3 against the unpack + float32
+# GEMM's 12.5 at 256 (scripts/bench_kernels.py --lanes). The VNNI build keeps DENSE_MIN_TOKENS.
+AVX2_LANE_MIN_TOKENS = 16
 # The native plane kernel's activation rule (its wide_above argument): a block of 64 activations
 # takes 15 bits where its peak exceeds wide_above times its RMS, else 8 bits.
 ALL_WIDE = 0.0  # every block 15 bits (a block's peak is never below its RMS)
@@ -186,6 +195,7 @@ class CpuVnniKernel(CpuPackedKernel):
         lane_residuals: bool = True,
         lane_base: bool = False,
         dense_dtype: torch.dtype | None = None,
+        wide_lanes: bool | None = None,
     ):
         super().__init__(dense_dtype=dense_dtype)
         self.native = native if native is not None else native_kernels()
@@ -193,8 +203,10 @@ class CpuVnniKernel(CpuPackedKernel):
             raise RuntimeError("the native CPU kernels are not available on this machine")
         self.instruction_set = str(self.native.instruction_set())
         self.name = "cpu-vnni" if self.instruction_set == "avx512-vnni" else "cpu-avx2"
-        # The 16-row lane kernel (matmul_w4_many) exists in the VNNI build only.
-        self.has_lane_kernel = bool(self.native.compiled_with_vnni())
+        # Both builds have an 8-bit lane kernel (matmul_w4_many): 16 rows per register on VNNI,
+        # 8 on AVX2. The AVX2 build's also takes 15-bit activations (wide_lanes, below).
+        vnni = bool(self.native.compiled_with_vnni())
+        self.has_lane_kernel = True
         # lane_residuals: in a many-token call, the routed tokens' residual products go through
         # the 16-row lane kernel with 8-bit activations (reads the 4-bit plane as stored, no
         # bfloat16 unpack; 1.6x the unpack + GEMM on Qwen2.5-1.5B's shapes at 51 rows). The
@@ -220,6 +232,16 @@ class CpuVnniKernel(CpuPackedKernel):
         if dense_min_tokens == "auto":
             dense_min_tokens = DENSE_MIN_TOKENS.get(self.instruction_set, 16)
         self.vnni_dense_min_tokens = dense_min_tokens
+        # lane_min_tokens: calls with at least this many tokens are "many-token" calls for the lane
+        # kernels (the routed residuals, lane_base, wide_lanes); None: never.
+        self.lane_min_tokens = dense_min_tokens if vnni or dense_min_tokens is None else min(dense_min_tokens, AVX2_LANE_MIN_TOKENS)
+        # wide_lanes: a many-token call's 15-bit plane products (the base plane's, and any plane
+        # every token reads) go through the 8-row lane kernel with matmul_w4's 15-bit activations
+        # per block of 64, reading the plane as stored, instead of unpack + dense GEMM (or the
+        # one-token kernel below DENSE_MIN_TOKENS). Default: on in the AVX2 build, where the dense
+        # GEMM is float32 and the lanes measured faster at every call size from 16 tokens
+        # (AVX2_LANE_MIN_TOKENS); off in the VNNI build, whose bfloat16 GEMM runs at twice float32's rate.
+        self.wide_lanes = (not vnni) if wide_lanes is None else bool(wide_lanes)
         self._dense_buffer: torch.Tensor | None = None
 
     # --- 4-bit planes -------------------------------------------------------------------------
@@ -279,9 +301,21 @@ class CpuVnniKernel(CpuPackedKernel):
         )
         return torch.mm(x.to(self.dense_dtype), weight.t())
 
+    def _many(self, tokens: int) -> bool:
+        return self.lane_min_tokens is not None and tokens >= self.lane_min_tokens
+
+    def _lanes(self, x: torch.Tensor, prepared: TiledPlane, wide: bool) -> torch.Tensor:
+        """x times the plane through the lane kernel: 15-bit activations (wide, the AVX2 kernel)
+        or 8-bit (the build's own: 16 rows per register on VNNI, 8 on AVX2)."""
+        args = (x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
+                prepared.first_row, prepared.out_features)
+        return self.native.matmul_w4_lanes(*args, True) if wide else self.native.matmul_w4_many(*args)
+
     def matmul_plane(self, x: torch.Tensor, prepared) -> torch.Tensor:
         if type(prepared) is _PackedPlane:
             return super().matmul_plane(x, prepared)
+        if self.wide_lanes and self._many(x.shape[0]):
+            return self._lanes(x, prepared, wide=True)
         if self.vnni_dense_min_tokens is not None and x.shape[0] >= self.vnni_dense_min_tokens:
             weight = self.dequantize_plane(prepared, self._scratch((prepared.out_features, prepared.weight.shape[1] * 2)))
             return torch.mm(x.to(self.dense_dtype), weight.t())
@@ -295,25 +329,16 @@ class CpuVnniKernel(CpuPackedKernel):
         plane. Many-token calls take the lane kernel (see ``lane_residuals``); a few-token call
         (decode) keeps matmul_plane's 15-bit activations, so a token's arithmetic does not depend
         on how many others were routed with it."""
-        if (
-            self.lane_residuals and type(prepared) is TiledPlane and self.vnni_dense_min_tokens is not None
-            and call_tokens >= self.vnni_dense_min_tokens
-        ):
-            return self.native.matmul_w4_many(
-                x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
-                prepared.first_row, prepared.out_features,
-            )
+        if self.lane_residuals and type(prepared) is TiledPlane and self._many(call_tokens):
+            return self._lanes(x, prepared, wide=False)
         return self.matmul_plane(x, prepared)
 
     def matmul_base(self, x: torch.Tensor, prepared, alone: bool) -> torch.Tensor:
         """The base plane's product; ``alone``: no token of this call reads a residual plane."""
         if type(prepared) is TiledPlane:
-            many = self.vnni_dense_min_tokens is not None and x.shape[0] >= self.vnni_dense_min_tokens
+            many = self._many(x.shape[0])
             if many and self.lane_base:
-                return self.native.matmul_w4_many(
-                    x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
-                    prepared.first_row, prepared.out_features,
-                )
+                return self._lanes(x, prepared, wide=False)
             if not many and alone and self.base_wide_above != ALL_WIDE:
                 return self.native.matmul_w4(
                     x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,

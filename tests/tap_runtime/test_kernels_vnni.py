@@ -25,8 +25,8 @@ from tap_runtime.kernels.vnni import (
 )
 
 needs_native = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
-needs_lanes = pytest.mark.skipif(
-    native_kernels() is None or not native_kernels().compiled_with_vnni(), reason="the 16-row lane kernel needs the AVX-512 VNNI build"
+needs_avx2_build = pytest.mark.skipif(
+    native_kernels() is None or native_kernels().compiled_with_vnni(), reason="tests the AVX2 build"
 )
 
 
@@ -195,7 +195,7 @@ def test_summed_unpack_in_either_dense_type_is_the_float_sum(dense_dtype):
     assert torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
 
 
-@needs_lanes
+@needs_native
 @pytest.mark.parametrize("tokens", [0, 1, 5, 13], ids=lambda t: f"m{t}")
 @pytest.mark.parametrize(
     "shape,group_size,symmetric",
@@ -203,8 +203,9 @@ def test_summed_unpack_in_either_dense_type_is_the_float_sum(dense_dtype):
     ids=["576-g64-asym", "37rows-g128-sym", "3-chunks-g64", "partial-chunk", "one-group"],
 )
 def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tokens):
-    """The 16-row lane kernel (routed rows of a prefill) does matmul_w4's all-8-bit arithmetic:
-    the same integer dot products, summed in another order, including rows past a multiple of 16."""
+    """The lane kernel (routed rows of a prefill; 16 rows per register on VNNI, 8 on AVX2) does
+    matmul_w4's all-8-bit arithmetic: the same integer dot products, summed in another order,
+    including rows past a multiple of 16 or 8."""
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(_plane(shape, group_size, symmetric))
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(3))
@@ -218,7 +219,7 @@ def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tok
         assert _relative_error(lanes, expected) < 5e-2
 
 
-@needs_lanes
+@needs_native
 def test_lane_product_reads_a_view_of_a_stacked_plane():
     kernel = CpuVnniKernel()
     width = 64 * 20
@@ -234,20 +235,84 @@ def test_lane_product_reads_a_view_of_a_stacked_plane():
 
 
 @needs_native
-@pytest.mark.skipif(native_kernels() is None or native_kernels().compiled_with_vnni(), reason="tests the AVX2 build")
-def test_avx2_build_has_no_lane_kernel_and_says_so():
-    kernel = CpuVnniKernel(lane_residuals=True, lane_base=True, dense_min_tokens=16)
-    assert kernel.name == "cpu-avx2" and kernel.instruction_set == "avx2"
-    assert not kernel.has_lane_kernel and not kernel.lane_residuals and not kernel.lane_base
+@pytest.mark.parametrize("tokens", [0, 1, 2, 5, 13], ids=lambda t: f"m{t}")
+@pytest.mark.parametrize(
+    "shape,group_size,symmetric",
+    [((100, 576), 64, False), ((37, 256), 128, True), ((24, 64 * 37), 64, False), ((20, 64 * 17), 64, True), ((16, 1024), 1024, False)],
+    ids=["576-g64-asym", "37rows-g128-sym", "3-chunks-g64", "partial-chunk", "one-group"],
+)
+def test_wide_lane_product_is_the_fifteen_bit_product(shape, group_size, symmetric, tokens):
+    """matmul_w4_lanes with 15-bit activations (a many-token call's base product on AVX2) does the
+    one-token kernel's default arithmetic: the same integer sums, summed in another order."""
+    native = native_kernels()
+    prepared = CpuVnniKernel().prepare_plane(_plane(shape, group_size, symmetric))
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(3))
+    args = (prepared.weight, prepared.scales, prepared.zeros, group_size)
+    lanes = native.matmul_w4_lanes(x, *args, 0, shape[0], True)
+    assert lanes.shape == (tokens, shape[0]) and lanes.dtype == torch.float32
+    if tokens:
+        wide = native.matmul_w4(x, *args, ALL_WIDE, 0, shape[0])
+        assert torch.allclose(lanes, wide, rtol=1e-5, atol=1e-5 * float(wide.abs().max()))
+        expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(_plane(shape, group_size, symmetric)))
+        assert _relative_error(lanes, expected) < 1e-3
+        narrow = native.matmul_w4_lanes(x, *args, 0, shape[0], False)
+        assert torch.allclose(narrow, native.matmul_w4(x, *args, ALL_NARROW, 0, shape[0]), rtol=1e-5, atol=1e-5 * float(wide.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_lane_kernel_int16_sums_hold_at_the_extremes(sign):
+    """Every code 15 and every activation at its largest code (15 bits: high byte 127 or -128)
+    is the most the kernel's int16 half-block sums ever hold (8 x 2 x 15 x 128 = 30,720): the
+    result is still exact."""
+    rows, width = 16, 64 * 18
+    codes = torch.full((rows, width), 15, dtype=torch.uint8)
+    weight = tile_plane_codes(codes, 4)
+    ones, zeros = torch.ones(rows, width // 64, dtype=torch.float16), torch.zeros(rows, width // 64, dtype=torch.float16)
+    tiled_scales, tiled_zeros = tile_group_params(ones, 4, 64), tile_group_params(zeros, 4, 64)
+    x = torch.full((3, width), sign)
+    for wide in (True, False):
+        out = native_kernels().matmul_w4_lanes(x, weight, tiled_scales, tiled_zeros, 64, 0, rows, wide)
+        assert torch.allclose(out, torch.full((3, rows), sign * 15 * width), rtol=1e-6)
+
+
+@needs_native
+def test_wide_lane_product_reads_a_view_of_a_stacked_plane():
+    kernel = CpuVnniKernel()
+    width = 64 * 20
+    parts = [kernel.prepare_plane(_plane((rows, width), seed=rows)) for rows in (36, 20, 24)]
+    _, views = kernel.fuse_planes(parts)
+    x = torch.randn(7, width, generator=torch.Generator().manual_seed(4))
+    for view, part in zip(views, parts):
+        got = kernel.native.matmul_w4_lanes(x, view.weight, view.scales, view.zeros, view.group_size, view.first_row, view.out_features, True)
+        alone = kernel.native.matmul_w4(x, part.weight, part.scales, part.zeros, part.group_size, ALL_WIDE, 0, part.out_features)
+        assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
+
+
+@needs_avx2_build
+def test_avx2_build_multiplies_many_tokens_through_its_lanes():
+    """On AVX2 a many-token call's plane products take the 8-row lanes: 15-bit activations where
+    every token reads the plane, 8-bit for routed rows' residuals and, when asked, base products;
+    a few-token call keeps the one-token kernel."""
+    kernel = CpuVnniKernel()
+    assert kernel.name == "cpu-avx2" and kernel.has_lane_kernel and kernel.wide_lanes and kernel.lane_residuals
+    assert kernel.lane_min_tokens == 16 and not kernel.lane_base
+    plane = _plane((40, 128))
+    prepared = kernel.prepare_plane(plane)
+    args = (prepared.weight, prepared.scales, prepared.zeros, 64, 0, 40)
+    x = torch.randn(24, 128, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(kernel.matmul_plane(x, prepared), kernel.native.matmul_w4_lanes(x, *args, True))
+    assert torch.equal(kernel.matmul_base(x, prepared, alone=True), kernel.native.matmul_w4_lanes(x, *args, True))
+    assert torch.equal(kernel.matmul_routed(x[:3], prepared, call_tokens=24), kernel.native.matmul_w4_lanes(x[:3], *args, False))
+    assert torch.equal(kernel.matmul_plane(x[:4], prepared), kernel.native.matmul_w4(x[:4], prepared.weight, prepared.scales, prepared.zeros, 64, ALL_WIDE, 0, 40))
     kernel.set_base_activation_bits(8)
-    assert not kernel.lane_base and kernel.base_wide_above == ALL_NARROW
-    prepared = kernel.prepare_plane(_plane((16, 128)))
-    with pytest.raises(RuntimeError, match="needs AVX-512 VNNI"):
-        kernel.native.matmul_w4_many(torch.zeros(2, 128), prepared.weight, prepared.scales, prepared.zeros, 64, 0, 16)
-    # Routed rows of a many-token call take the dense path instead, and agree with the reference.
-    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
-    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(_plane((16, 128))))
-    assert _relative_error(kernel.matmul_routed(x, prepared, call_tokens=40), expected) < 1e-5
+    assert kernel.lane_base and kernel.base_wide_above == ALL_NARROW
+    assert torch.equal(kernel.matmul_base(x, prepared, alone=False), kernel.native.matmul_w4_many(x, *args))
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    assert _relative_error(kernel.matmul_base(x, prepared, alone=False), expected) < 5e-2
+    # wide_lanes=False: many-token calls unpack the plane and multiply densely again.
+    dense = CpuVnniKernel(wide_lanes=False, dense_min_tokens=16)
+    assert _relative_error(dense.matmul_plane(x, prepared), expected) < 1e-5
 
 
 @needs_native

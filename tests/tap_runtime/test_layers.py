@@ -113,7 +113,7 @@ class _CountingNative:
 @pytest.mark.parametrize("lane_residuals", [True, False])
 def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     """Prefill: the routed rows' residual product goes through the 8-bit lane kernel (unless
-    switched off, or the build has none: AVX2); decode keeps the one-token kernel's 15-bit activations."""
+    switched off); decode keeps the one-token kernel's 15-bit activations."""
     kernel = CpuVnniKernel(lane_residuals=lane_residuals)
     lanes = 1 if lane_residuals and kernel.has_lane_kernel else 0
     kernel.native = _CountingNative(kernel.native)
@@ -140,8 +140,6 @@ def test_eight_bit_base_activations_take_the_lane_kernel_in_prefill_and_narrow_b
     whose tokens read the base plane alone takes the one-token kernel's 8-bit mode, and a routed
     token's base product keeps 15 bits."""
     kernel = CpuVnniKernel()
-    if not kernel.has_lane_kernel:
-        pytest.skip("the lane kernel is the AVX-512 VNNI build's (test_avx2_build_has_no_lane_kernel_and_says_so covers AVX2)")
     kernel.set_base_activation_bits(8)
     kernel.native = _CountingNative(kernel.native)
     module, planes = _native_linear(kernel, 40, 128)
@@ -199,7 +197,7 @@ def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32():
     if kernel.dense_dtype == torch.float32:
         # Nothing to keep apart: the residual is added in place, in float32.
         assert rows is None and got.dtype == torch.float32
-        assert float((got[routed] - top[routed]).norm() / top[routed].norm()) < 1e-4  # 15-bit activations on 3 rows
+        assert float((got[routed] - top[routed]).norm() / top[routed].norm()) < 1e-2  # the residual's 8-bit lanes
         unrouted = torch.ones(24, dtype=torch.bool)
         unrouted[routed] = False
         assert torch.equal(got[unrouted], base_only[unrouted])

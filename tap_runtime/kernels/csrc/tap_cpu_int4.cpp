@@ -1,9 +1,11 @@
 // TAP's CPU kernels on x86 with AVX-512 VNNI: the plane and head products of few-token calls
 // (decode), the unpack of planes to bfloat16 or float32 for a many-token call's dense GEMM, and the
 // routed rows' residual products of a many-token call (matmul_w4_many, 16 rows per register).
-// On x86 with AVX2 + FMA + F16C but no VNNI, the same file builds everything but matmul_w4_many:
-// same layouts and the same integer sums, with VNNI's dot product done by maddubs + madd (see
-// dot_wide) and the head's by madd on int16 (see the AVX2 tile_w8).
+// On x86 with AVX2 + FMA + F16C but no VNNI, the same file builds with the same layouts and the
+// same integer sums, VNNI's dot product done by maddubs + madd (see dot_wide) and the head's by
+// madd on int16 (see the AVX2 tile_w8); matmul_w4_many there is the 8-row lane kernel
+// (lane8_rows_w4), which also takes 15-bit activations (matmul_w4_lanes) for a many-token
+// call's base products.
 //
 // Why: torch's CPU int4 kernel widens every 4-bit weight to bfloat16 before multiplying and
 // reads several rows as separate streams; on 2 Zen 4 cores it moves about 16 GB/s of weights.
@@ -14,6 +16,7 @@
 // (wide, two dot products per weight byte: signed high byte, low byte in [0, 127]) or to 8 bits,
 // for all blocks or per block by how peaked its values are (see quantize_blocks).
 // matmul_w8: per token, to 15 bits offset to unsigned. matmul_w4_many: per block, to 8 bits.
+// matmul_w4_lanes: per block, to 15 bits (wide) or 8.
 // Integer sums are exact; the result differs from float32 by the activation rounding only
 // (relative ~1e-4 at 15 bits).
 //
@@ -555,6 +558,134 @@ void dequantize_tiles_avx2(const PlaneView* planes, int plane_count, int64_t pad
   }
 }
 
+// Many-token products on AVX2 (built wherever the plane kernels are): 8 rows per register, one
+// row per 32-bit lane. For each group of 8 rows and block of 64 inputs the rows' packed bytes are
+// read from their two 4-row tiles as stored, transposed (8 x 8 dwords) and split into nibbles
+// once per call, then multiplied by every token: maddubs takes 4 unsigned codes of 8 rows times
+// one token's 4 signed activation bytes (broadcast) and adds pairs into int16. Eight such sums
+// fit int16 (8 x 2 x 15 x 128 = 30,720), so each half block takes one madd into int32.
+// Narrow: 8-bit activations per block of 64 (matmul_w4's kNarrow codes). Wide: 15 bits as a
+// signed high byte and a low byte in [0, 127] (kWide's codes), two maddubs per weight dword: the
+// same integer sums as matmul_w4 in kWide mode, with no unpacked float copy of the plane.
+constexpr int kLanes8 = 8;
+
+// The 16 registers of rows [n0, n0 + 8) for block jb of a chunk: w[d] holds inputs 4d..4d+3
+// (low nibbles), w[8 + d] inputs 32+4d..32+4d+3 (high nibbles), one row per dword lane. Rows at
+// or past `rows` are zero.
+inline void unpack_lanes8(const uint8_t* chunk, int64_t tile_bytes, int64_t jb, int rows, __m256i* w) {
+  __m256i r[8];
+  for (int i = 0; i < 8; ++i)
+    r[i] = i < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + (i / kTileRows) * tile_bytes + (jb * kTileRows + i % kTileRows) * 32))
+                    : _mm256_setzero_si256();
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);      // rows 2i, 2i+1: dwords 0, 1 | 4, 5
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);  // dwords 2, 3 | 6, 7
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3
+    u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);      // dword 0 | 4
+    u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);      // dword 1 | 5
+    u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);  // dword 2 | 6
+    u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);  // dword 3 | 7
+  }
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  for (int d = 0; d < 4; ++d) {
+    const __m256i first = _mm256_permute2x128_si256(u[d], u[4 + d], 0x20);   // dword d, rows 0..7
+    const __m256i second = _mm256_permute2x128_si256(u[d], u[4 + d], 0x31);  // dword d + 4
+    w[d] = _mm256_and_si256(first, low_mask);
+    w[8 + d] = _mm256_and_si256(_mm256_srli_epi16(first, 4), low_mask);
+    w[4 + d] = _mm256_and_si256(second, low_mask);
+    w[12 + d] = _mm256_and_si256(_mm256_srli_epi16(second, 4), low_mask);
+  }
+}
+
+// acc + maddubs(w, the 4 signed bytes at x broadcast), as one unit: written with intrinsics, GCC
+// hoisted every maddubs of a half block ahead of the adds and spilled the products to the stack.
+inline __m256i maddubs_broadcast_add(__m256i acc, __m256i w, const int8_t* x) {
+  __m256i product;
+  asm("vpbroadcastd %[x], %[p]\n\t"
+      "vpmaddubsw %[p], %[w], %[p]\n\t"
+      "vpaddw %[p], %[acc], %[acc]"
+      : [acc] "+x"(acc), [p] "=&x"(product)
+      : [w] "x"(w), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+}
+
+// T tokens from m, one group of 8 rows: out[m + t, n0 .. n0 + rows). wbuf: the group's unpacked
+// registers, 16 per block; ws / wz: each block's scale and scale x zero, 8 lanes.
+template <int T, bool Wide>
+inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz, int64_t blocks, int64_t K, const int8_t* xh,
+                          const int8_t* xl, const float* xs, const float* xsum, int64_t m, float* out, int64_t N, int64_t n0,
+                          __m256i store_mask, bool full) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i dot[T];
+    for (int half = 0; half < 2; ++half) {
+      __m256i high[T], low[T];
+      for (int t = 0; t < T; ++t) high[t] = low[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int d = 0; d < 8; ++d) {
+        const __m256i w = _mm256_load_si256(wbuf + b * 16 + half * 8 + d);
+        const int64_t at = b * kBlock + half * 32 + 4 * d;
+        for (int t = 0; t < T; ++t) {
+          high[t] = maddubs_broadcast_add(high[t], w, xh + (m + t) * K + at);
+          if constexpr (Wide) low[t] = maddubs_broadcast_add(low[t], w, xl + (m + t) * K + at);
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        __m256i part = _mm256_madd_epi16(high[t], Wide ? _mm256_set1_epi16(128) : ones);
+        if constexpr (Wide) part = _mm256_add_epi32(part, _mm256_madd_epi16(low[t], ones));
+        dot[t] = half == 0 ? part : _mm256_add_epi32(dot[t], part);
+      }
+    }
+    const __m256 scale = _mm256_loadu_ps(ws + b * kLanes8), shift = _mm256_loadu_ps(wz + b * kLanes8);
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_mul_ps(scale, _mm256_set1_ps(xs[(m + t) * blocks + b])), acc[t]);
+      acc[t] = _mm256_fnmadd_ps(shift, _mm256_set1_ps(xsum[(m + t) * blocks + b]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    float* o = out + (m + t) * N + n0;
+    if (full) _mm256_storeu_ps(o, acc[t]);
+    else _mm256_maskstore_ps(o, store_mask, acc[t]);
+  }
+}
+
+// Rows [n0, n0 + 8) (fewer at the end of the view) for all M tokens, into out (M, N). wbuf, ws
+// and wz are the caller's scratch for 16 registers and 8 + 8 floats per block.
+template <bool Wide>
+void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
+                   int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const int8_t* xl, const float* xs,
+                   const float* xsum, int64_t M, float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz) {
+  const int64_t blocks = K / kBlock;
+  const int rows = static_cast<int>(std::min<int64_t>(kLanes8, N - n0));
+  for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+    const int64_t c = b0 / kChunkBlocks, count = std::min(kChunkBlocks, blocks - b0);
+    const uint8_t* chunk = chunk_tile(weight, padded_rows, blocks, c, first_tile + n0 / kTileRows);
+    for (int64_t jb = 0; jb < count; ++jb) unpack_lanes8(chunk, 32 * kTileRows * count, jb, rows, wbuf + (b0 + jb) * 16);
+    for (int i = 0; i < kLanes8; ++i) {
+      for (int64_t j = 0; j < count; ++j) ws[(b0 + j) * kLanes8 + i] = wz[(b0 + j) * kLanes8 + i] = 0.f;
+      if (i >= rows) continue;
+      const int64_t n = n0 + i;
+      const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + n / kTileRows, static_cast<int>(n % kTileRows));
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t g = at + j / blocks_per_group;
+        const float s = _cvtsh_ss(scales[g].x);
+        ws[(b0 + j) * kLanes8 + i] = s;
+        wz[(b0 + j) * kLanes8 + i] = s * _cvtsh_ss(zeros[g].x);
+      }
+    }
+  }
+  const __m256i store_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const bool full = rows == kLanes8;
+  constexpr int T = Wide ? 3 : 4;
+  int64_t m = 0;
+  for (; m + T <= M; m += T) lanes8_tokens<T, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full);
+  for (; m < M; ++m) lanes8_tokens<1, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full);
+}
+
 #endif
 
 #if defined(TAP_VNNI)
@@ -807,13 +938,74 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   return out;
 }
 
+#if defined(TAP_PLANES)
+// x's blocks of 64 quantized for the lane kernels, tokens split over the threads: 8 bits
+// (low stays empty) or, wide, 15 bits as high and low bytes.
+void quantize_lane_activations(const torch::Tensor& x, bool wide, std::vector<int8_t>& xh, std::vector<int8_t>& xl,
+                               std::vector<float>& xs, std::vector<float>& xsum) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+  xh.resize(M * K), xl.resize(wide ? M * K : 0), xs.resize(M * blocks), xsum.resize(M * blocks);
+  std::vector<uint8_t> flags(M * blocks);
+  const float* src = x.data_ptr<float>();
+  const float wide_above = wide ? 0.f : std::numeric_limits<float>::infinity();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    quantize_blocks(src + begin * K, end - begin, K, wide_above, xh.data() + begin * K, wide ? xl.data() + begin * K : nullptr,
+                    xs.data() + begin * blocks, xsum.data() + begin * blocks, flags.data() + begin * blocks);
+  });
+}
+
+// The AVX2 lane kernel over every group of 8 rows of the view (see lane8_rows_w4).
+torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
+                             int64_t group_size, int64_t first_row, int64_t N, bool wide) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+  auto out = torch::empty({M, N}, x.options());
+  std::vector<int8_t> xh, xl;
+  std::vector<float> xs, xsum;
+  quantize_lane_activations(x, wide, xh, xl, xs, xsum);
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* z = zeros.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
+  at::parallel_for(0, (N + kLanes8 - 1) / kLanes8, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m256i> wbuf(blocks * 16);  // std::vector honours __m256i's 32-byte alignment (C++17)
+    std::vector<float> ws(blocks * kLanes8), wz(blocks * kLanes8);
+    for (int64_t g = begin; g < end; ++g) {
+      if (wide)
+        lane8_rows_w4<true>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xl.data(), xs.data(), xsum.data(), M, o,
+                            g * kLanes8, wbuf.data(), ws.data(), wz.data());
+      else
+        lane8_rows_w4<false>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M, o,
+                             g * kLanes8, wbuf.data(), ws.data(), wz.data());
+    }
+  });
+  return out;
+}
+#endif
+
+// x (M, K) times rows [first_row, first_row + N) of a stored plane through the AVX2 lane kernel
+// (8 rows per register; lane8_rows_w4), in any build with the plane kernels: activations per block
+// of 64 at 15 bits (wide: matmul_w4's default arithmetic, for a many-token call's base product)
+// or 8 bits.
+torch::Tensor matmul_w4_lanes(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
+                              int64_t first_row, int64_t N, bool wide) {
+  check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+#if defined(TAP_PLANES)
+  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, wide);
+#else
+  return torch::empty({x.size(0), N}, x.options());
+#endif
+}
+
 // x (M, K) times rows [first_row, first_row + N) of a stored plane, for calls with many tokens
 // (the routed tokens of a prefill): activations at 8 bits per block of 64, 16 rows per register
 // (see lane_rows_w4). Same arithmetic as matmul_w4 with every block 8-bit, summed in another order.
 torch::Tensor matmul_w4_many(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
                              int64_t first_row, int64_t N) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
-  TORCH_CHECK(compiled_with_vnni(), "matmul_w4_many (the 16-row lane kernel) needs AVX-512 VNNI; this build is ", instruction_set());
+#if !defined(TAP_VNNI) && defined(TAP_PLANES)
+  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false);  // AVX2: 8 rows per register
+#endif
   const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
 #if defined(TAP_VNNI)
@@ -946,6 +1138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });
   m.def("matmul_w4", &matmul_w4);
   m.def("matmul_w4_many", &matmul_w4_many);
+  m.def("matmul_w4_lanes", &matmul_w4_lanes);
   m.def("matmul_w8", &matmul_w8);
   m.def("dequantize_w4", &dequantize_w4);
   m.def("dequantize_w4_sum", &dequantize_w4_sum);
