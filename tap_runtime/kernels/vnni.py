@@ -53,10 +53,11 @@ _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multip
 # the native kernel took 175 ms at 128 tokens against 209 ms unpacked, 400 against 334 at 256.
 DENSE_MIN_TOKENS = {"avx512-vnni": 16, "avx2": 192}
 # From this many tokens in one call, the AVX2 build multiplies planes with its 8-row lane kernel
-# (matmul_w4_lanes): 15-bit activations for base products, 8-bit for routed residuals. On 2 EPYC
-# cores the 15-bit lanes took 0.19 ms at 16 tokens against the one-token kernel's 0.28 (a
-# 960 x 576 plane; 0.57 against 0.78 at 3,072 x 576), and 8.3 against the unpack + float32
-# GEMM's 12.5 at 256 (scripts/bench_kernels.py --lanes). The VNNI build keeps DENSE_MIN_TOKENS.
+# (matmul_w4_lanes): 15-bit activations for base products, 8-bit for routed residuals. Summed
+# over the six plane shapes of scripts/bench_kernels.py (2 EPYC cores, 2 threads), the 15-bit
+# lanes took 17.6 ms at 16 tokens against the one-token kernel's 22.8, and 424 ms at 512 tokens
+# against 588 for unpack + float32 GEMM, with the one-token kernel's error (1.1e-4). The VNNI
+# build keeps DENSE_MIN_TOKENS (its bfloat16 GEMM runs at twice float32's rate).
 AVX2_LANE_MIN_TOKENS = 16
 # The native plane kernel's activation rule (its wide_above argument): a block of 64 activations
 # takes 15 bits where its peak exceeds wide_above times its RMS, else 8 bits.
