@@ -220,18 +220,24 @@ def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tok
 
 
 @needs_native
-def test_lane_product_reads_a_view_of_a_stacked_plane():
+@pytest.mark.parametrize("wide", [False, True], ids=["8-bit", "15-bit"])
+def test_lane_product_reads_a_view_of_a_stacked_plane(wide):
     kernel = CpuVnniKernel()
     width = 64 * 20
     parts = [kernel.prepare_plane(_plane((rows, width), seed=rows)) for rows in (36, 20, 24)]
     _, views = kernel.fuse_planes(parts)
     x = torch.randn(7, width, generator=torch.Generator().manual_seed(4))
+
+    def lanes(plane, first_row, rows):
+        args = (x, plane.weight, plane.scales, plane.zeros, plane.group_size, first_row, rows)
+        return kernel.native.matmul_w4_lanes(*args, True) if wide else kernel.native.matmul_w4_many(*args)
+
     for view, part in zip(views, parts):
-        got = kernel.native.matmul_w4_many(x, view.weight, view.scales, view.zeros, view.group_size, view.first_row, view.out_features)
-        alone = kernel.native.matmul_w4(x, part.weight, part.scales, part.zeros, part.group_size, ALL_NARROW, 0, part.out_features)
+        got = lanes(view, view.first_row, view.out_features)
+        alone = kernel.native.matmul_w4(x, part.weight, part.scales, part.zeros, part.group_size, ALL_WIDE if wide else ALL_NARROW, 0, part.out_features)
         assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
     with pytest.raises(RuntimeError, match="tile-aligned"):
-        kernel.native.matmul_w4_many(x, parts[0].weight, parts[0].scales, parts[0].zeros, 64, 2, 8)
+        lanes(parts[0], 2, 8)
 
 
 @needs_native
@@ -274,19 +280,6 @@ def test_lane_kernel_int16_sums_hold_at_the_extremes(sign):
     for wide in (True, False):
         out = native_kernels().matmul_w4_lanes(x, weight, tiled_scales, tiled_zeros, 64, 0, rows, wide)
         assert torch.allclose(out, torch.full((3, rows), sign * 15 * width), rtol=1e-6)
-
-
-@needs_native
-def test_wide_lane_product_reads_a_view_of_a_stacked_plane():
-    kernel = CpuVnniKernel()
-    width = 64 * 20
-    parts = [kernel.prepare_plane(_plane((rows, width), seed=rows)) for rows in (36, 20, 24)]
-    _, views = kernel.fuse_planes(parts)
-    x = torch.randn(7, width, generator=torch.Generator().manual_seed(4))
-    for view, part in zip(views, parts):
-        got = kernel.native.matmul_w4_lanes(x, view.weight, view.scales, view.zeros, view.group_size, view.first_row, view.out_features, True)
-        alone = kernel.native.matmul_w4(x, part.weight, part.scales, part.zeros, part.group_size, ALL_WIDE, 0, part.out_features)
-        assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
 
 
 @needs_avx2_build
