@@ -1,11 +1,11 @@
 """What 8-bit activations on the base plane cost and buy, in decode and in prefill.
 
-TAP's VNNI kernel quantizes activations per block of 64 to 15 bits; with
+TAP's native kernel (VNNI or AVX2 build) quantizes activations per block of 64 to 15 bits; with
 ``CpuVnniKernel(base_wide_above=T)`` a call whose tokens read the base plane alone (they already
 carry the 4-bit plane's error) takes 8 bits in the blocks whose peak is at most T times their RMS
 (T = inf: every block 8 bits). ``load(base_activation_bits=8)`` sets T = inf and also sends every
-many-token call's base product through the 8-bit lane kernel instead of a bfloat16 GEMM
-(``CpuVnniKernel.lane_base``). This script measures, on one checkpoint in one process:
+many-token call's base product through the 8-bit lane kernel instead of the 15-bit path (a
+bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2) (``CpuVnniKernel.lane_base``). This script measures, on one checkpoint in one process:
 
 - decode quality: held-out windows fed one token at a time through the lean loop (so every
   product goes through the one-token kernel, as in decode), KL and perplexity against fp32, for
@@ -37,7 +37,7 @@ from tap_runtime.kernels.vnni import ALL_NARROW, ALL_WIDE, BASE_ACTIVATION_BITS,
 def _kernels(tap) -> list[CpuVnniKernel]:
     kernels = {id(m.kernel): m.kernel for m in tap.model.modules() if isinstance(getattr(m, "kernel", None), CpuVnniKernel)}
     if not kernels:
-        raise SystemExit("the checkpoint did not load with TAP's VNNI kernel (kernel 'cpu-vnni'); nothing to compare")
+        raise SystemExit("the checkpoint did not load with TAP's native kernel (cpu-vnni or cpu-avx2); nothing to compare")
     return list(kernels.values())
 
 
@@ -184,7 +184,9 @@ def main() -> None:
         print("\nblocks of base-only calls kept at 15 bits (default routing, same windows): "
               + ", ".join(f"T = {t:g}: {share:.1%}" for t, share in shares.items()))
     if not args.skip_quality:
-        print("\nprefill path (each window one forward; base products bfloat16 GEMM at 15 bits, lane kernel at 8):")
+        first = _kernels(tap)[0]
+        wide_path = "the 15-bit lanes" if first.wide_lanes else f"a {str(first.dense_dtype).removeprefix('torch.')} GEMM"
+        print(f"\nprefill path (each window one forward; base products through {wide_path} at 15 bits, the lane kernel at 8):")
         print("| routing | base activations | ppl ratio | mean KL |")
         print("|---|---|---|---|")
         for name, bits, ratio, kl in prefill_rows:
