@@ -209,8 +209,8 @@ class CpuVnniKernel(CpuPackedKernel):
         vnni = bool(self.native.compiled_with_vnni())
         self.has_lane_kernel = True
         # lane_residuals: in a many-token call, the routed tokens' residual products go through
-        # the 16-row lane kernel with 8-bit activations (reads the 4-bit plane as stored, no
-        # bfloat16 unpack; 1.6x the unpack + GEMM on Qwen2.5-1.5B's shapes at 51 rows). The
+        # the lane kernel with 8-bit activations (reads the 4-bit plane as stored, no unpack; on
+        # VNNI 1.6x the unpack + bfloat16 GEMM on Qwen2.5-1.5B's shapes at 51 rows). The
         # residual is a correction about 16x smaller than the base product, so its 8-bit
         # activations cost far less than 8 bits on the base would. False: unpack + GEMM.
         self.lane_residuals = bool(lane_residuals) and self.has_lane_kernel
