@@ -10,6 +10,7 @@ from tap_runtime.format import PlaneSpec
 from tap_runtime.kernels import ReferenceKernel, native, select_kernel
 from tap_runtime.kernels.cpu import _PackedPlane, _PackedRows
 from tap_runtime.kernels.native import native_kernels
+from tap_runtime.planes import dequantize_plane
 from tap_runtime.kernels.vnni import (
     ALL_NARROW,
     ALL_WIDE,
@@ -107,6 +108,44 @@ def test_eight_bit_activations_are_available_and_coarser():
     narrow = _relative_error(kernel.native.matmul_w4(x, *args, ALL_NARROW, 0, 128), expected)
     assert wide < 5e-4 < narrow < 5e-2
 
+
+
+def _block_quantized(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """x's blocks of 64 rounded as the native kernels round them: scale = peak / levels, codes
+    rounded to nearest even, back to values."""
+    blocks = x.reshape(x.shape[0], -1, 64)
+    scale = blocks.abs().amax(-1, keepdim=True) / levels
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape_as(x)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 15])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_products_are_the_plane_times_the_quantized_activations(bits, symmetric):
+    """The zero-point term takes the quantized activations' sum, so every product (the one-token
+    kernel and both lane kernels) is the dequantized plane times the block-quantized activations.
+    With the exact float sum, the activations' rounding errors were multiplied by the raw codes
+    (0..15) instead of code - zero: 2-3x the error."""
+    plane = _plane((40, 64 * 9), 64, symmetric)
+    kernel = CpuVnniKernel()
+    prepared = kernel.prepare_plane(plane)
+    x = torch.randn(6, 64 * 9, generator=torch.Generator().manual_seed(5)) + 0.5
+    expected = _block_quantized(x, 127 if bits == 8 else 16383).double() @ dequantize_plane(plane, torch.float64).t()
+    args = (x, prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
+    products = {
+        "one-token": kernel.native.matmul_w4(*args, ALL_NARROW if bits == 8 else ALL_WIDE, 0, 40),
+        "lanes": kernel.native.matmul_w4_many(*args, 0, 40) if bits == 8 else kernel.native.matmul_w4_lanes(*args, 0, 40, True),
+    }
+    tolerance = 1e-5 * float(expected.abs().max())  # float32 sums
+    for name, got in products.items():
+        assert torch.allclose(got.double(), expected, rtol=0, atol=tolerance), name
+    if bits == 8:
+        # The exact-sum arithmetic differs from this by the sum over blocks of scale x zero x the
+        # block's rounding errors, far outside the tolerance at 8 bits: the test tells them apart.
+        rounding = (x - _block_quantized(x, 127)).double().reshape(6, 9, 64).sum(-1)
+        exact_sum_shift = rounding @ (plane.scales.double() * plane.zeros_or_implied().double()).t()
+        assert float(exact_sum_shift.abs().max()) > 10 * tolerance
 
 def _spiky_block(generator) -> torch.Tensor:
     """64 activations whose peak is about 8x their RMS (an outlier channel)."""
