@@ -4,8 +4,9 @@ In a many-token call the tokens the router sends to tier 8 need the residual pla
 rows only. ``CpuVnniKernel.lane_residuals`` (default on) multiplies those rows with the native
 lane kernel (8-bit activations per block of 64, the 4-bit plane read as stored: 16 rows per
 register on VNNI, 8 on AVX2); off, the plane is unpacked and multiplied densely, as before. On
-the AVX2 build ``CpuVnniKernel.wide_lanes`` (default on there) also sends the products every
-token reads (the base plane's) through the 8-row lanes, with 15-bit activations. This script
+the AVX2 build the base plane's products go through the 8-row lanes too: with 8-bit activations
+(``CpuVnniKernel.lane_base``, the AVX2 default) or 15-bit ones (``wide_lanes``; the "15-bit
+lanes" setting). This script
 times one --tokens forward (last logits kept, as generate's prefill) on the base tier and with
 the default routing under each setting, alternated --rounds times, with the seconds spent in the
 routed residual products; with --model (the fp32 source) it then measures perplexity and mean
@@ -32,17 +33,24 @@ def _kernels(tap) -> list:
     return [k for k in kernels.values() if hasattr(k, "lane_residuals")]
 
 
-# Settings compared: (lane_residuals, wide_lanes, lanes from the build's lane threshold or, off,
-# from the dense one, as before the AVX2 lanes existed).
-SETTINGS = {"lanes": (True, True, True), "residual lanes": (True, False, True), "unpack": (False, False, False)}
+# Settings compared: (lane_residuals, wide_lanes, lane_base (8-bit base products; None: the
+# build's default), lanes from the build's lane threshold or, off, from the dense one, as before
+# the AVX2 lanes existed).
+SETTINGS = {
+    "lanes": (True, True, None, True),
+    "15-bit lanes": (True, True, False, True),
+    "residual lanes": (True, False, False, True),
+    "unpack": (False, False, False, False),
+}
 
 
 def _set_lanes(kernels, setting: str, defaults: dict) -> None:
-    residuals, wide, lane_threshold = SETTINGS[setting]
+    residuals, wide, base, lane_threshold = SETTINGS[setting]
     for kernel in kernels:
-        default_wide, default_min = defaults[id(kernel)]
+        default_wide, default_min, default_base = defaults[id(kernel)]
         kernel.lane_residuals = residuals
         kernel.wide_lanes = wide and default_wide
+        kernel.lane_base = default_base if base is None else base
         kernel.lane_min_tokens = default_min if lane_threshold else kernel.vnni_dense_min_tokens
 
 
@@ -52,8 +60,10 @@ def main() -> None:
     kernels = _kernels(tap)
     if not kernels:
         raise SystemExit(f"{args.tap}: its linears did not load on TAP's native CPU kernels here, so there is no lane kernel to compare")
-    defaults = {id(k): (k.wide_lanes, k.lane_min_tokens) for k in kernels}
-    settings = [name for name in SETTINGS if name != "residual lanes" or any(wide for wide, _ in defaults.values())]
+    defaults = {id(k): (k.wide_lanes, k.lane_min_tokens, k.lane_base) for k in kernels}
+    # Settings that differ from "lanes" on this build only (VNNI: no 15-bit lanes, no 8-bit base by default).
+    wide_build, base_build = any(d[0] for d in defaults.values()), any(d[2] for d in defaults.values())
+    settings = [name for name in SETTINGS if (name != "residual lanes" or wide_build) and (name != "15-bit lanes" or base_build)]
     print(f"# bench_lane_residuals: {args.tap}; {environment()}; kernel {kernels[0].name}")
     ids = tap.tokenizer(heldout_text("wikitext"), return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.tokens]
     routed_seconds = [0.0]

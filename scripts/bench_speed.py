@@ -33,10 +33,12 @@ from tap_runtime.metrics import FirstTokenClock
 ROWS = ("hf-fp32", "hf-fp32-heap", "hf-bf16", "tap-base", "tap-learned", "tap-budget", "tap-learned-eager", "tap-top", "tap-base-lowmem", "tap-learned-lowmem",
         "tap-base-torch", "tap-budget-torch", "tap-budget-heap", "llama.cpp-Q4_K_M", "llama.cpp-Q8_0")
 # Optional rows (not run by default): tap-base / tap-budget with -a8 (load(base_activation_bits=8):
-# 8-bit activations on every base-only product in decode and on every base product in prefill)
-# or -amix (decode only: 8 bits per block of 64 unless the block's peak exceeds 4 x its RMS),
-# see CpuVnniKernel.base_wide_above and .lane_base.
-ACTIVATION_SUFFIXES = {"-a8": math.inf, "-amix": 4.0}
+# 8-bit activations on every base-only product in decode and on every base product in prefill),
+# -a15 (load(base_activation_bits=15): 15 bits everywhere; the default takes 8 in an AVX2
+# prefill's base products) or -amix (decode only: 8 bits per block of 64 unless the block's peak
+# exceeds 4 x its RMS), see CpuVnniKernel.base_wide_above and .lane_base.
+ACTIVATION_SUFFIXES = {"-a8": math.inf, "-a15": 0.0, "-amix": 4.0}
+ACTIVATION_BITS = {"-a8": 8, "-a15": 15}
 # -unpacked rows (tap-base-unpacked, tap-budget-unpacked, ...) switch TAP's lane kernels off:
 # many-token calls unpack planes and multiply densely, as before the AVX2 lanes existed, so one
 # run shows what the lanes change.
@@ -152,7 +154,8 @@ def run_row(row: str, args) -> dict:
         row_kind = row[: row.rindex("-")] if wide_above is not None else row
         tap = tap_runtime.load(
             checkpoint, memory_efficient=row.endswith("-lowmem"), kernel="cpu-packed" if row.endswith("-torch") else "auto",
-            keep_freed_memory=row.endswith("-heap"), base_activation_bits=8 if row.endswith("-a8") else 15,
+            keep_freed_memory=row.endswith("-heap"),
+            base_activation_bits=next((bits for suffix, bits in ACTIVATION_BITS.items() if row.endswith(suffix)), None),
         )
         mode = {
             "tap-base": ("fixed", tap.table.tiers[0]),

@@ -24,8 +24,9 @@ def main() -> None:
     parser.add_argument("--tier", type=int, default=None, help="the tier for --routing fixed")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--base-activation-bits", type=int, choices=[15, 8], default=15,
-                        help="8: faster base-plane products on TAP's VNNI kernel, at some KL (README, 8-bit activations)")
+    parser.add_argument("--base-activation-bits", type=int, choices=[15, 8], default=None,
+                        help="TAP's native kernel: 15 everywhere, or 8 in decode too (default: 15 in decode, and in "
+                             "prefill 8 on cpu-avx2, 15 on cpu-vnni; README, 8-bit activations in prefill)")
     parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
     args = parser.parse_args()
     if args.threads:

@@ -66,7 +66,7 @@ def load(
     device_map: dict[str, Any] | str | None = None,
     max_gpu_memory_mb: float | None = None,
     keep_freed_memory: bool = False,
-    base_activation_bits: int = 15,
+    base_activation_bits: int | None = None,
 ) -> TapModel:
     """Load a TAP checkpoint.
 
@@ -95,12 +95,13 @@ def load(
             so a prefill does not fault its temporaries in afresh in every layer. Process-wide.
             Off by default: on Qwen2.5-1.5B it made 512-token prefill 6-10% faster but decode
             4-8% slower (scripts/bench_speed.py rows tap-budget / tap-budget-heap).
-        base_activation_bits: 15 (default) or 8: the activations of the base plane's products on
-            TAP's VNNI kernel, per block of 64 inputs. 8 bits take half the dot products, in
-            decode (tokens that read the base plane alone) and in prefill (every token's base
-            product, instead of a bfloat16 GEMM); it costs some KL, far less on a rotated
-            (format 5) checkpoint than on an unrotated one (README, "8-bit activations").
-            Other kernels refuse 8.
+        base_activation_bits: the activations of the base plane's products on TAP's native
+            kernel, per block of 64 inputs. None (default): the build's choice, 15 bits in
+            decode, and in prefill 8 bits on ``cpu-avx2`` (whose 15-bit products are no faster
+            than a float32 GEMM) and 15 on ``cpu-vnni``. 15: 15 bits everywhere. 8: 8 bits in
+            decode too (tokens that read the base plane alone). 8 bits take half the dot
+            products; they cost 0-2% of KL on a rotated (format 5) checkpoint (README, "8-bit
+            activations in prefill"). Other kernels refuse 8 (15 changes nothing there).
     Returns:
         a :class:`TapModel`; its ``.model`` is a regular transformers model.
     Example:
@@ -109,8 +110,10 @@ def load(
     """
     if kernel not in KERNEL_NAMES:
         raise InvalidConfigError(f"kernel {kernel!r} is unknown; expected one of {list(KERNEL_NAMES)}.")
-    if base_activation_bits not in BASE_ACTIVATION_BITS:
-        raise InvalidConfigError(f"base_activation_bits must be one of {list(BASE_ACTIVATION_BITS)}, got {base_activation_bits!r}.")
+    if base_activation_bits is not None and base_activation_bits not in BASE_ACTIVATION_BITS:
+        raise InvalidConfigError(
+            f"base_activation_bits must be None (the kernel's default) or one of {list(BASE_ACTIVATION_BITS)}, got {base_activation_bits!r}."
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_checkpoint(path_or_repo_id, revision=revision)
@@ -142,7 +145,7 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError):
         tokenizer = None
-    if base_activation_bits != 15:
+    if base_activation_bits is not None:
         _set_base_activation_bits(model, base_activation_bits)
     return_freed_heap()  # transient unpacked codes from packing, freed but still resident
     if keep_freed_memory:
@@ -151,11 +154,14 @@ def load(
 
 
 def _set_base_activation_bits(model, bits: int) -> None:
-    """Every linear's kernel takes ``bits`` on its base products; a kernel without that choice is
-    an error, not a silent no-op (the user asked for a speed/quality trade it cannot make)."""
+    """Every linear's kernel takes ``bits`` on its base products. 8 on a kernel without that
+    choice is an error, not a silent no-op (the user asked for a speed/quality trade it cannot
+    make); 15 there is what such a kernel does anyway (no 8-bit activations)."""
     kernels = {id(m.kernel): m.kernel for m in model.modules() if getattr(m, "kernel", None) is not None}
     unable = sorted({type(k).__name__ for k in kernels.values() if not hasattr(k, "set_base_activation_bits")})
-    if unable or not kernels:
+    if bits == 15:
+        kernels = {key: k for key, k in kernels.items() if hasattr(k, "set_base_activation_bits")}
+    elif unable or not kernels:
         raise InvalidConfigError(
             f"base_activation_bits={bits} needs TAP's native kernel (kernel='cpu-vnni' or 'cpu-avx2'); this model runs on "
             f"{', '.join(unable) or 'no TAP kernel'}."

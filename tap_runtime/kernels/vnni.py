@@ -19,10 +19,11 @@ On CPUs with AVX2 but no AVX-512 VNNI the same module builds with maddubs/madd i
 VNNI dot product (kernel name ``cpu-avx2``): same layouts and arithmetic, and an 8-row lane
 kernel in place of the 16-row one. Its float32 dense GEMM is no faster than the integer
 products, so from AVX2_LANE_MIN_TOKENS tokens on every plane product goes through the lanes,
-reading the plane as stored: 15-bit activations for products every token reads (the one-token
-kernel's arithmetic; ``wide_lanes``), 8-bit for the routed rows' residuals as on VNNI. Dense
-matrices (plane sums, the head's many-token products) are float32 unless the CPU multiplies
-bfloat16 natively (``CpuPackedKernel.dense_dtype``).
+reading the plane as stored: 8-bit activations for a prefill's base products (``lane_base``, on
+by default in this build) and the routed rows' residuals, 15-bit for other products every token
+reads (the one-token kernel's arithmetic; ``wide_lanes``). Decode keeps 15 bits. Dense matrices
+(plane sums, the head's many-token products) are float32 unless the CPU multiplies bfloat16
+natively (``CpuPackedKernel.dense_dtype``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ AVX2_LANE_MIN_TOKENS = 16
 # takes 15 bits where its peak exceeds wide_above times its RMS, else 8 bits.
 ALL_WIDE = 0.0  # every block 15 bits (a block's peak is never below its RMS)
 ALL_NARROW = math.inf  # every block 8 bits
-BASE_ACTIVATION_BITS = (15, 8)  # load(base_activation_bits=...): the default first
+BASE_ACTIVATION_BITS = (15, 8)  # load(base_activation_bits=...); None there: the build's default (lane_base)
 
 
 def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
@@ -194,7 +195,7 @@ class CpuVnniKernel(CpuPackedKernel):
         native: ModuleType | None = None,
         base_wide_above: float = ALL_WIDE,
         lane_residuals: bool = True,
-        lane_base: bool = False,
+        lane_base: bool | None = None,
         dense_dtype: torch.dtype | None = None,
         wide_lanes: bool | None = None,
     ):
@@ -223,12 +224,14 @@ class CpuVnniKernel(CpuPackedKernel):
         if not base_wide_above >= 0:
             raise ValueError(f"base_wide_above must be >= 0 (0: all activations 15-bit, inf: all 8-bit), got {base_wide_above}")
         self.base_wide_above = float(base_wide_above)
-        # lane_base: in a many-token call, the base plane's product too goes through the lane
-        # kernel (8-bit activations per block of 64, the plane read as stored) instead of unpack +
-        # bfloat16 GEMM: VNNI multiplies 8-bit values at twice bfloat16's rate. On a rotated
-        # checkpoint (format 5) the 8 bits cost little (scripts/bench_activation_bits.py); off by
-        # default all the same, as every 8-bit choice here is the user's to make.
-        self.lane_base = bool(lane_base) and self.has_lane_kernel
+        # lane_base: in a many-token call (prefill), the base plane's product too goes through the
+        # 8-bit lane kernel (8-bit activations per block of 64, the plane read as stored) instead
+        # of the 15-bit path (unpack + bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2): one
+        # maddubs / dpbusd per weight byte, not two. None: on in the AVX2 build, where 15 bits
+        # have no faster path than the float32 GEMM's rate and 8 bits made Qwen2.5-1.5B's prefill
+        # 1.6x faster; off on VNNI. Since the zero-point term uses the quantized activations' sum,
+        # 8 bits cost 0-2% of KL on the rotated checkpoints (README, "8-bit activations in prefill").
+        self.lane_base = (not vnni if lane_base is None else bool(lane_base)) and self.has_lane_kernel
         self.tile = int(self.native.tile_rows())
         if dense_min_tokens == "auto":
             dense_min_tokens = DENSE_MIN_TOKENS.get(self.instruction_set, 16)
@@ -236,8 +239,8 @@ class CpuVnniKernel(CpuPackedKernel):
         # lane_min_tokens: calls with at least this many tokens are "many-token" calls for the lane
         # kernels (the routed residuals, lane_base, wide_lanes); None: never.
         self.lane_min_tokens = dense_min_tokens if vnni or dense_min_tokens is None else min(dense_min_tokens, AVX2_LANE_MIN_TOKENS)
-        # wide_lanes: a many-token call's 15-bit plane products (the base plane's, and any plane
-        # every token reads) go through the 8-row lane kernel with matmul_w4's 15-bit activations
+        # wide_lanes: a many-token call's 15-bit plane products (the base plane's where lane_base
+        # is off, and any plane every token reads) go through the 8-row lane kernel with matmul_w4's 15-bit activations
         # per block of 64, reading the plane as stored, instead of unpack + dense GEMM (or the
         # one-token kernel below DENSE_MIN_TOKENS). Default: on in the AVX2 build, where the dense
         # GEMM is float32 and the lanes measured faster at every call size from 16 tokens
@@ -348,9 +351,11 @@ class CpuVnniKernel(CpuPackedKernel):
         return self.matmul_plane(x, prepared)
 
     def set_base_activation_bits(self, bits: int) -> None:
-        """15: the base plane's products take 15-bit activations (bfloat16 in many-token calls),
-        the default. 8: 8 bits per block of 64 in every call whose tokens read the base plane
-        alone (decode) and in every many-token call's base product (prefill)."""
+        """15: the base plane's products take 15-bit activations everywhere (in many-token calls
+        bfloat16 on VNNI, the 15-bit lanes on AVX2). 8: 8 bits per block of 64 in every call whose
+        tokens read the base plane alone (decode) and in every many-token call's base product
+        (prefill). The constructor's default is neither: 15 bits in decode, and in prefill 8 on
+        AVX2 and 15 on VNNI (``lane_base``)."""
         if bits not in BASE_ACTIVATION_BITS:
             raise ValueError(f"base activation bits must be one of {BASE_ACTIVATION_BITS}, got {bits!r}")
         self.base_wide_above = ALL_NARROW if bits == 8 else ALL_WIDE

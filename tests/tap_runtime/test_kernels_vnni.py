@@ -323,28 +323,35 @@ def test_lane_kernel_int16_sums_hold_at_the_extremes(sign):
 
 @needs_avx2_build
 def test_avx2_build_multiplies_many_tokens_through_its_lanes():
-    """On AVX2 a many-token call's plane products take the 8-row lanes: 15-bit activations where
-    every token reads the plane, 8-bit for routed rows' residuals and, when asked, base products;
-    a few-token call keeps the one-token kernel."""
+    """On AVX2 a many-token call's plane products take the 8-row lanes: by default 8-bit
+    activations for base products and routed rows' residuals, 15-bit where every token reads a
+    plane; base_activation_bits 15 sends base products to the 15-bit lanes; a few-token call
+    keeps the one-token kernel's 15 bits."""
     kernel = CpuVnniKernel()
     assert kernel.name == "cpu-avx2" and kernel.has_lane_kernel and kernel.wide_lanes and kernel.lane_residuals
-    assert kernel.lane_min_tokens == 16 and not kernel.lane_base
+    assert kernel.lane_min_tokens == 16 and kernel.lane_base and kernel.base_wide_above == ALL_WIDE
     plane = _plane((40, 128))
     prepared = kernel.prepare_plane(plane)
     args = (prepared.weight, prepared.scales, prepared.zeros, 64, 0, 40)
     x = torch.randn(24, 128, generator=torch.Generator().manual_seed(5))
+    one_token = kernel.native.matmul_w4(x[:4], prepared.weight, prepared.scales, prepared.zeros, 64, ALL_WIDE, 0, 40)
     assert torch.equal(kernel.matmul_plane(x, prepared), kernel.native.matmul_w4_lanes(x, *args, True))
-    assert torch.equal(kernel.matmul_base(x, prepared, alone=True), kernel.native.matmul_w4_lanes(x, *args, True))
+    assert torch.equal(kernel.matmul_base(x, prepared, alone=True), kernel.native.matmul_w4_many(x, *args))
+    assert torch.equal(kernel.matmul_base(x[:4], prepared, alone=True), one_token)  # decode keeps 15 bits
     assert torch.equal(kernel.matmul_routed(x[:3], prepared, call_tokens=24), kernel.native.matmul_w4_lanes(x[:3], *args, False))
-    assert torch.equal(kernel.matmul_plane(x[:4], prepared), kernel.native.matmul_w4(x[:4], prepared.weight, prepared.scales, prepared.zeros, 64, ALL_WIDE, 0, 40))
+    assert torch.equal(kernel.matmul_plane(x[:4], prepared), one_token)
+    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
+    assert _relative_error(kernel.matmul_base(x, prepared, alone=False), expected) < 5e-2
+    kernel.set_base_activation_bits(15)
+    assert not kernel.lane_base and kernel.base_wide_above == ALL_WIDE
+    assert torch.equal(kernel.matmul_base(x, prepared, alone=True), kernel.native.matmul_w4_lanes(x, *args, True))
     kernel.set_base_activation_bits(8)
     assert kernel.lane_base and kernel.base_wide_above == ALL_NARROW
     assert torch.equal(kernel.matmul_base(x, prepared, alone=False), kernel.native.matmul_w4_many(x, *args))
-    expected = ReferenceKernel().matmul_plane(x, ReferenceKernel().prepare_plane(plane))
-    assert _relative_error(kernel.matmul_base(x, prepared, alone=False), expected) < 5e-2
     # wide_lanes=False: many-token calls unpack the plane and multiply densely again.
-    dense = CpuVnniKernel(wide_lanes=False, dense_min_tokens=16)
+    dense = CpuVnniKernel(wide_lanes=False, lane_base=False, dense_min_tokens=16)
     assert _relative_error(dense.matmul_plane(x, prepared), expected) < 1e-5
+    assert _relative_error(dense.matmul_base(x, prepared, alone=True), expected) < 1e-5
 
 
 @needs_native

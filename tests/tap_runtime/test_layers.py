@@ -113,8 +113,9 @@ class _CountingNative:
 @pytest.mark.parametrize("lane_residuals", [True, False])
 def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     """Prefill: the routed rows' residual product goes through the 8-bit lane kernel (unless
-    switched off); decode keeps the one-token kernel's 15-bit activations."""
-    kernel = CpuVnniKernel(lane_residuals=lane_residuals)
+    switched off); decode keeps the one-token kernel's 15-bit activations. (The base product
+    keeps its 15-bit path here, so that only the residual's lane calls are counted.)"""
+    kernel = CpuVnniKernel(lane_residuals=lane_residuals, lane_base=False)
     lanes = 1 if lane_residuals and kernel.has_lane_kernel else 0
     kernel.native = _CountingNative(kernel.native)
     module, planes = _native_linear(kernel, 40, 128)

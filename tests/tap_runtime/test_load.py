@@ -354,25 +354,36 @@ def test_load_keeps_freed_heap_for_activations_only_when_asked(converted_factory
     assert calls == ([True] if keep else [])
 
 
-def test_eight_bit_base_activations_are_set_on_every_kernel_or_refused(converted_factory):
-    """load(base_activation_bits=8) reaches every linear's VNNI kernel and changes the logits
-    only slightly; a kernel without the choice, or another width, is refused by name."""
+def test_base_activation_bits_are_set_on_every_kernel_or_refused(converted_factory):
+    """load(base_activation_bits=8 or 15) reaches every linear's native kernel and changes the
+    logits only slightly; the default is the build's (8 bits in an AVX2 prefill's base products,
+    15 in decode and on VNNI); 8 on a kernel without the choice, or another width, is refused by
+    name, and 15 there changes nothing."""
     from tap_runtime.errors import InvalidConfigError
     from tap_runtime.kernels.native import native_kernels
 
     directory = converted_factory("llama")
-    with pytest.raises(InvalidConfigError, match="base_activation_bits must be one of"):
+    with pytest.raises(InvalidConfigError, match="base_activation_bits must be None .* or one of"):
         tap_runtime.load(directory, base_activation_bits=4)
     with pytest.raises(InvalidConfigError, match="needs TAP's native kernel.*ReferenceKernel"):
         tap_runtime.load(directory, kernel="reference", base_activation_bits=8)
+    reference = tap_runtime.load(directory, kernel="reference", base_activation_bits=15)
+    with torch.inference_mode():
+        assert torch.equal(reference(_ids()).logits, tap_runtime.load(directory, kernel="reference")(_ids()).logits)
     if native_kernels() is None:
         pytest.skip("TAP's native CPU kernels are unavailable here")
-    narrow, default = tap_runtime.load(directory, base_activation_bits=8), tap_runtime.load(directory)
-    kernels = {id(m.kernel): m.kernel for m in narrow.model.modules() if isinstance(m, TapLinear)}
-    assert kernels and all(k.lane_base == k.has_lane_kernel and k.base_wide_above == float("inf") for k in kernels.values())
-    assert not any(m.kernel.lane_base for m in default.model.modules() if isinstance(m, TapLinear))
+    loaded = {bits: tap_runtime.load(directory, base_activation_bits=bits) for bits in (8, 15, None)}
+
+    def kernels(bits):
+        return {id(m.kernel): m.kernel for m in loaded[bits].model.modules() if isinstance(m, TapLinear)}.values()
+
+    avx2 = not native_kernels().compiled_with_vnni()
+    assert kernels(8) and all(k.lane_base and k.base_wide_above == float("inf") for k in kernels(8))
+    assert all(not k.lane_base and k.base_wide_above == 0.0 for k in kernels(15))
+    assert all(k.lane_base == avx2 and k.base_wide_above == 0.0 for k in kernels(None))
     with torch.inference_mode():
-        assert _relative(narrow(_ids()).logits, default(_ids()).logits) < 2e-2
+        logits = {bits: model(_ids()).logits for bits, model in loaded.items()}
+    assert _relative(logits[8], logits[15]) < 2e-2 and _relative(logits[None], logits[15]) < 2e-2
 
 
 def _mapped_file_of(tensor: torch.Tensor) -> str | None:
