@@ -5,7 +5,8 @@ TAP's native kernel (VNNI or AVX2 build) quantizes activations per block of 64 t
 carry the 4-bit plane's error) takes 8 bits in the blocks whose peak is at most T times their RMS
 (T = inf: every block 8 bits). ``load(base_activation_bits=8)`` sets T = inf and also sends every
 many-token call's base product through the 8-bit lane kernel instead of the 15-bit path (a
-bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2) (``CpuVnniKernel.lane_base``). This script measures, on one checkpoint in one process:
+bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2) (``CpuVnniKernel.lane_base``, the AVX2 build's
+default in prefill). This script measures, on one checkpoint in one process:
 
 - decode quality: held-out windows fed one token at a time through the lean loop (so every
   product goes through the one-token kernel, as in decode), KL and perplexity against fp32, for
@@ -97,7 +98,8 @@ def main() -> None:
     set_threads(args.threads)
     started = time.perf_counter()
     tap, _, windows = load_tap_and_windows(args)
-    settings = {"15-bit everywhere (default)": ALL_WIDE, "8-bit on base-only calls": ALL_NARROW}
+    default_bits = 8 if _kernels(tap)[0].lane_base else 15  # the build's prefill default (lane_base)
+    settings = {"15-bit everywhere (decode default)": ALL_WIDE, "8-bit on base-only calls": ALL_NARROW}
     for threshold in args.wide_above:
         settings[f"8-bit on base-only calls, 15-bit blocks above {threshold:g} x RMS"] = threshold
     shares: dict[float, float] = {}
@@ -192,14 +194,14 @@ def main() -> None:
         for name, bits, ratio, kl in prefill_rows:
             print(f"| {name} | {bits}-bit | {ratio:.4f} | {kl:.4f} |")
     print(f"\nprefill tok/s, {prefill_text.shape[1]} tokens, medians of {args.rounds} alternated rounds:")
-    print("| routing | 15-bit (default) | 8-bit | 8 / 15 (median of rounds) |")
+    print(f"| routing | 15-bit | 8-bit | 8 / 15 (median of rounds) |  (default in prefill: {default_bits}-bit)")
     print("|---|---|---|---|")
     for routing, name in (("fixed", "base tier"), ("budget", "default routing")):
         wide, narrow = prefill_rates[(routing, 15)], prefill_rates[(routing, 8)]
         ratio = statistics.median(n / w for n, w in zip(narrow, wide))
         print(f"| {name} | {statistics.median(wide):.1f} | {statistics.median(narrow):.1f} | {ratio:.3f} |")
     medians = {label: statistics.median(r) for label, r in rates.items()}
-    default = medians["15-bit everywhere (default)"]
+    default = medians["15-bit everywhere (decode default)"]
     print(f"\ndecode tok/s, default routing, {args.new_tokens} new tokens, medians of {args.rounds} alternated rounds:")
     print("| activations | tok/s | x 15-bit everywhere |")
     print("|---|---|---|")
