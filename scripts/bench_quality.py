@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernel", default="auto", help="tap_runtime.load's kernel (reference: float32 dequantized weights)")
+    parser.add_argument("--base-activation-bits", type=int, choices=[15, 8], default=None,
+                        help="tap_runtime.load's base_activation_bits (default: the kernel's; cpu-avx2 takes 8 bits in "
+                             "a window's base products, 15 reproduces the figures measured before that default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-routing row")
     parser.add_argument("--rows", default=None, help="comma list of budget / top; each alone runs only that row (and its random twin)")
     parser.add_argument("--budget-bits", type=float, default=None,
@@ -44,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
 
-    tap = tap_runtime.load(args.tap, kernel=args.kernel)
+    tap = tap_runtime.load(args.tap, kernel=args.kernel, base_activation_bits=args.base_activation_bits)
     reference_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
@@ -91,7 +94,10 @@ def main() -> None:
 
     fp32_ppl = rows["fp32"]["ppl"]
     print(f"# bench_quality: {args.tap} vs {args.model}; text={args.text} held-out, {args.windows} windows x {args.ctx} tokens")
-    print(f"# {environment()}; {time.perf_counter() - started:.0f}s")
+    kernel = tap.kernel
+    prefill_bits = (8 if getattr(kernel, "lane_base", False) else 15) if hasattr(kernel, "lane_base") else None
+    kernel_line = f"kernel {getattr(kernel, 'name', type(kernel).__name__)}" + (f", {prefill_bits}-bit base activations in a window's products" if prefill_bits else "")
+    print(f"# {environment()}; {kernel_line}; {time.perf_counter() - started:.0f}s")
     print(f"{'config':34s} {'ppl':>9s} {'ppl ratio':>10s} {'mean KL':>9s} {'top-1 agree':>11s} {'share>base':>11s} {'avg bits':>9s}")
     for label, row in rows.items():
         share = "-" if row["share_above_base"] is None else f"{row['share_above_base']:.3f}"
