@@ -97,15 +97,19 @@ def reference_logprobs(model_dir: str, windows) -> list[torch.Tensor]:
     return references
 
 
-def window_quality(forward, windows, references) -> tuple[float, float]:
-    """(perplexity, mean KL against the references) of ``forward(ids (1, T)) -> logits`` over windows."""
+def window_quality(forward, windows, references, inference: bool = True) -> tuple[float, float]:
+    """(perplexity, mean KL against the references) of ``forward(ids (1, T)) -> logits`` over
+    windows. references: log-probabilities (float32, or bfloat16 to save memory: widened here).
+    ``inference=False`` runs under no_grad rather than inference_mode, for models whose tensors
+    refuse inference tensors (optimum-quanto's int4)."""
     import math
 
     nll = kl = count = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else torch.no_grad():
         for window, reference in zip(windows, references):
             logprobs = torch.log_softmax(forward(window.unsqueeze(0))[0, :-1].float(), -1)
             nll -= logprobs.gather(-1, window[1:, None]).sum().item()
+            reference = reference.float()
             kl += (reference.exp() * (reference - logprobs)).sum().item()
             count += window.numel() - 1
     return math.exp(nll / count), kl / count

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from bench_common import environment, load_tap_and_windows, set_threads
+from bench_common import environment, load_tap_and_windows, set_threads, window_quality
 from tap_runtime.metrics import weight_bits_read
 
 
@@ -99,17 +99,9 @@ PEERS: dict[str, Callable[[nn.Module], float]] = {
 
 
 def evaluate(forward: Callable, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict:
-    nll = kl = 0.0
-    count = 0
     # no_grad, not inference_mode: optimum-quanto's int4 tensors refuse inference tensors.
-    with torch.no_grad():
-        for window, ref in zip(windows, reference):
-            logprobs = torch.log_softmax(forward(window.unsqueeze(0)).logits[0, :-1].float(), -1)
-            nll -= logprobs.gather(-1, window[1:, None]).sum().item()
-            ref = ref.float()
-            kl += (ref.exp() * (ref - logprobs)).sum().item()
-            count += window.numel() - 1
-    return {"ppl": math.exp(nll / count), "kl": kl / count}
+    ppl, kl = window_quality(lambda ids: forward(ids).logits, windows, reference, inference=False)
+    return {"ppl": ppl, "kl": kl}
 
 
 def llama_cpp_row(label: str, args, calib: str, imatrix_settings: tuple[int, int], windows, reference) -> dict:

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, eval_windows, heldout_text, set_threads, window_quality
 from tap_convert.policy import allocate_min_tiers, average_bits
 from tap_runtime.metrics import weight_bits_read
 
@@ -59,19 +59,11 @@ def main() -> None:
 
     def measure(label: str) -> dict:
         tap.router.reset_counts()
-        nll = kl = 0.0
-        count = 0
-        with torch.inference_mode():
-            for window, ref in zip(windows, reference_logprobs):
-                logprobs = torch.log_softmax(tap(window.unsqueeze(0)).logits[0, :-1].float(), -1)
-                nll -= logprobs.gather(-1, window[1:, None]).sum().item()
-                ref = ref.float()
-                kl += (ref.exp() * (ref - logprobs)).sum().item()
-                count += window.numel() - 1
+        ppl, kl = window_quality(lambda ids: tap(ids).logits, windows, reference_logprobs)
         counts = tap.router.counts.clone()
         rows[label] = {
-            "ppl": math.exp(nll / count),
-            "kl": kl / count,
+            "ppl": ppl,
+            "kl": kl,
             "share_above_base": 1.0 - float(counts[:, 0].sum()) / float(counts.sum()),
             "avg_bits": weight_bits_read(tap.table, counts)["avg_weight_bits_per_token"],
         }
