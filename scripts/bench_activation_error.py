@@ -24,16 +24,8 @@ import torch
 
 import tap_runtime
 from bench_common import environment, eval_windows, heldout_text, set_threads
-from tap_runtime.kernels.vnni import BLOCK, CpuVnniKernel, untile_group_params
+from tap_runtime.kernels.vnni import BLOCK, CpuVnniKernel, block_quantized_activations, untile_group_params
 from tap_runtime.layers import TapLinear
-
-
-def _quantized(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """x's blocks rounded as the native kernels round them (peak / levels, nearest even)."""
-    blocks = x.reshape(x.shape[0], -1, BLOCK)
-    scale = blocks.abs().amax(-1, keepdim=True) / levels
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    return (torch.round(blocks * inverse) * scale).reshape_as(x)
 
 
 def main() -> None:
@@ -80,7 +72,7 @@ def main() -> None:
             scales = _untiled(p.scales, p.group_size, p.out_features, p.first_row)
             zeros = _untiled(p.zeros, p.group_size, p.out_features, p.first_row)
             per_block = (scales * zeros).repeat_interleave(p.group_size // BLOCK, dim=1)  # (rows, blocks)
-            shift = (x.double() - _quantized(x, 127).double()).reshape(x.shape[0], -1, BLOCK).sum(-1) @ per_block.t()
+            shift = (x.double() - block_quantized_activations(x, 127).double()).reshape(x.shape[0], -1, BLOCK).sum(-1) @ per_block.t()
             before = narrow - shift  # the exact sum subtracted s * z * sum(x) instead of s * z * sum(x_q)
 
             def relative(product):

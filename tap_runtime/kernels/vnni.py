@@ -41,7 +41,7 @@ from ..planes import Plane, RowQuantized
 from .cpu import CpuPackedKernel, _PackedPlane, _PackedRows
 from .native import native_kernels
 
-__all__ = ["ALL_NARROW", "ALL_WIDE", "BASE_ACTIVATION_BITS", "CpuVnniKernel", "TiledPlane", "TiledRows", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
+__all__ = ["ALL_NARROW", "ALL_WIDE", "BASE_ACTIVATION_BITS", "CpuVnniKernel", "TiledPlane", "TiledRows", "block_quantized_activations", "tile_plane_codes", "untile_plane_codes", "tile_rows", "untile_rows"]
 
 BLOCK = 64  # inputs per activation scale, and per 32 bytes of packed plane
 CHUNK_BLOCKS = 16  # blocks per chunk of the plane layout (the C++ kernel's kChunkBlocks)
@@ -75,6 +75,17 @@ def _pad_rows(tensor: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
 def _chunks(blocks: int):
     """(first block, block count) of each chunk of CHUNK_BLOCKS blocks."""
     return [(start, min(CHUNK_BLOCKS, blocks - start)) for start in range(0, blocks, CHUNK_BLOCKS)]
+
+
+def block_quantized_activations(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """x (tokens, in) as the native kernels see it: each block of BLOCK inputs rounded to
+    integers at scale peak / levels (127: 8 bits, 16383: 15 bits), nearest even, and back to
+    values. A native product is the dequantized plane times this, up to float32 rounding (the
+    tests' and scripts/bench_activation_error.py's ground truth)."""
+    blocks = x.reshape(x.shape[0], -1, BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True) / levels
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape_as(x)
 
 
 def tile_plane_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:

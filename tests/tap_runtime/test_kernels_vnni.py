@@ -17,6 +17,7 @@ from tap_runtime.kernels.vnni import (
     CpuVnniKernel,
     TiledPlane,
     TiledRows,
+    block_quantized_activations,
     tile_group_params,
     tile_plane_codes,
     tile_rows,
@@ -110,15 +111,6 @@ def test_eight_bit_activations_are_available_and_coarser():
 
 
 
-def _block_quantized(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """x's blocks of 64 rounded as the native kernels round them: scale = peak / levels, codes
-    rounded to nearest even, back to values."""
-    blocks = x.reshape(x.shape[0], -1, 64)
-    scale = blocks.abs().amax(-1, keepdim=True) / levels
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    return (torch.round(blocks * inverse) * scale).reshape_as(x)
-
-
 @needs_native
 @pytest.mark.parametrize("bits", [8, 15])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
@@ -131,7 +123,7 @@ def test_products_are_the_plane_times_the_quantized_activations(bits, symmetric)
     kernel = CpuVnniKernel()
     prepared = kernel.prepare_plane(plane)
     x = torch.randn(6, 64 * 9, generator=torch.Generator().manual_seed(5)) + 0.5
-    expected = _block_quantized(x, 127 if bits == 8 else 16383).double() @ dequantize_plane(plane, torch.float64).t()
+    expected = block_quantized_activations(x, 127 if bits == 8 else 16383).double() @ dequantize_plane(plane, torch.float64).t()
     args = (x, prepared.weight, prepared.scales, prepared.zeros, prepared.group_size)
     products = {
         "one-token": kernel.native.matmul_w4(*args, ALL_NARROW if bits == 8 else ALL_WIDE, 0, 40),
@@ -143,7 +135,7 @@ def test_products_are_the_plane_times_the_quantized_activations(bits, symmetric)
     if bits == 8:
         # The exact-sum arithmetic differs from this by the sum over blocks of scale x zero x the
         # block's rounding errors, far outside the tolerance at 8 bits: the test tells them apart.
-        rounding = (x - _block_quantized(x, 127)).double().reshape(6, 9, 64).sum(-1)
+        rounding = (x - block_quantized_activations(x, 127)).double().reshape(6, 9, 64).sum(-1)
         exact_sum_shift = rounding @ (plane.scales.double() * plane.zeros_or_implied().double()).t()
         assert float(exact_sum_shift.abs().max()) > 10 * tolerance
 
