@@ -112,6 +112,26 @@ def test_silu_mul_rows_rotates_in_float32_before_rounding():
         native_kernels().silu_mul_rows(gate, up, 48)
 
 
+def _butterflies(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The fast transform in the scalar loop's order, stage by stage in torch: (a, c) -> (a + c, a - c)."""
+    values = x.reshape(-1, block).clone()
+    h = 1
+    while h < block:
+        pairs = values.view(-1, block // (2 * h), 2, h)
+        a, c = pairs[:, :, 0].clone(), pairs[:, :, 1].clone()
+        pairs[:, :, 0], pairs[:, :, 1] = a + c, a - c
+        h *= 2
+    return (values * (1 / math.sqrt(block))).reshape_as(x)
+
+
+@pytest.mark.parametrize("block", [2, 8, 16, 32, 64, 128, 256])
+def test_hadamard_blocks_gives_the_scalar_butterflies_bits_in_every_build(block):
+    # The vector paths (AVX-512, AVX2) must add in the scalar loop's order, so that every CPU
+    # path (module, decode step, dense MLP) rotates an input to the same bits.
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(native_kernels().hadamard_blocks(x, block), _butterflies(x, block))
+
+
 @pytest.mark.parametrize("block", [16, 64, 128])
 def test_hadamard_blocks_is_the_block_hadamard_matmul_and_its_own_inverse(block):
     generator = torch.Generator().manual_seed(5)

@@ -171,7 +171,10 @@ void check_float_vector(const torch::Tensor& t, const char* name) {
 // Stage h pairs value j with j + h: (a, c) -> (a + c, a - c). With AVX-512 and blocks of 16 or
 // more, stages below 16 run within a register (each lane's partner is lane i ^ h; lanes whose
 // bit h is set take partner - self) and the others between registers: the same additions in
-// the same order as the scalar loop, so both give the same bits.
+// the same order as the scalar loop, so both give the same bits. With AVX2 only, blocks of 8 to
+// 64 go the same way in 8-lane registers.
+constexpr int64_t kRegisterBlock = 64;  // the largest block the AVX2 path holds in registers
+
 void hadamard_inplace(float* x, int64_t count, int64_t block) {
   const float norm = 1.f / std::sqrt(static_cast<float>(block));
 #if defined(__AVX512F__)
@@ -204,6 +207,35 @@ void hadamard_inplace(float* x, int64_t count, int64_t block) {
             _mm512_storeu_ps(v + j + h, _mm512_sub_ps(a, c));
           }
       for (int64_t r = 0; r < block; r += 16) _mm512_storeu_ps(v + r, _mm512_mul_ps(_mm512_loadu_ps(v + r), scale));
+    }
+    return;
+  }
+#elif defined(__AVX2__)
+  if (block >= 8 && block <= kRegisterBlock && block % 8 == 0) {
+    // The same scheme in 8-lane registers, the whole block held in registers: stages 1, 2 and 4
+    // by in-lane and cross-lane permutes (lanes whose bit h is set take partner - self), the
+    // others between registers.
+    const int registers = static_cast<int>(block / 8);
+    const __m256 scale = _mm256_set1_ps(norm);
+    for (int64_t b = 0; b < count; ++b) {
+      float* v = x + b * block;
+      __m256 value[kRegisterBlock / 8];
+      for (int r = 0; r < registers; ++r) {
+        __m256 a = _mm256_loadu_ps(v + 8 * r), other = _mm256_permute_ps(a, 0xB1);  // lanes 1 0 3 2 ...
+        a = _mm256_blend_ps(_mm256_add_ps(a, other), _mm256_sub_ps(other, a), 0xAA);
+        other = _mm256_permute_ps(a, 0x4E);  // lanes 2 3 0 1 ...
+        a = _mm256_blend_ps(_mm256_add_ps(a, other), _mm256_sub_ps(other, a), 0xCC);
+        other = _mm256_permute2f128_ps(a, a, 0x01);  // the two halves swapped
+        value[r] = _mm256_blend_ps(_mm256_add_ps(a, other), _mm256_sub_ps(other, a), 0xF0);
+      }
+      for (int h = 1; h < registers; h *= 2)
+        for (int i = 0; i < registers; i += 2 * h)
+          for (int j = i; j < i + h; ++j) {
+            const __m256 a = value[j], c = value[j + h];
+            value[j] = _mm256_add_ps(a, c);
+            value[j + h] = _mm256_sub_ps(a, c);
+          }
+      for (int r = 0; r < registers; ++r) _mm256_storeu_ps(v + 8 * r, _mm256_mul_ps(value[r], scale));
     }
     return;
   }
