@@ -8,7 +8,8 @@ products left them, in bfloat16, with the routed tokens' rows apart in float32 (
 residual), one native pass makes the down projection's bfloat16 input (a second, small one the
 routed rows'), and only the (tokens, hidden) output is widened. The arithmetic is the module
 path's: SiLU and the product in float32, rounded to bfloat16 once where the down GEMM would
-have rounded it.
+have rounded it. Where the down projection reads float32 (the AVX2 build's lane kernels), its
+input is made in float32 and not rounded at all.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if projection._forward_hooks or projection._forward_pre_hooks or getattr(projection, "_hf_hook", None) is not None:
             return None  # hooks (offloading's plane swaps, a user's) must see the module calls
     native = native_kernels()
+    # The down projection's input in the dtype its kernel reads (float32 for the AVX2 lanes):
+    # rounding it to bfloat16 there only to widen it again cost a (tokens, intermediate) copy.
+    reads = getattr(mlp.down_proj.kernel, "many_token_input_dtype", None)
+    float_output = reads is not None and reads() == torch.float32
     # The down projection's input rotation happens inside the native pass, in float32 before
     # the rounding to bfloat16 (rotating the rounded values would round twice).
     rotation = mlp.down_proj.policy.input_rotation
@@ -52,19 +57,19 @@ def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     else:
         (gate, gate_routed), (up, up_routed) = mlp.gate_proj.products(flat), mlp.up_proj.products(flat)
     if gate_routed is None and up_routed is None:
-        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation)
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output)
     elif (
         gate_routed is not None and up_routed is not None and gate.dtype == up.dtype
         and torch.equal(gate_routed.indices, up_routed.indices)
     ):
         # Every row from the bfloat16 base products, then the routed rows again from their
         # float32 sums: the routed tokens keep float32 gate and up, as on the module path.
-        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation)
-        activated.index_copy_(0, gate_routed.indices, native.silu_mul_rows(gate_routed.rows, up_routed.rows, rotation))
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output)
+        activated.index_copy_(0, gate_routed.indices, native.silu_mul_rows(gate_routed.rows, up_routed.rows, rotation, float_output))
     else:  # gate and up routed differently: both in float32
         gate = gate_routed.into(gate) if gate_routed is not None else gate.to(torch.float32)
         up = up_routed.into(up) if up_routed is not None else up.to(torch.float32)
-        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation)
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output)
     out, out_routed = mlp.down_proj.products(activated, input_rotated=True)
     out = out_routed.into(out) if out_routed is not None else out.to(torch.float32)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -361,6 +361,13 @@ class CpuVnniKernel(CpuPackedKernel):
                 )
         return self.matmul_plane(x, prepared)
 
+    def many_token_input_dtype(self) -> torch.dtype:
+        """The dtype a many-token (prefill) base product reads without converting its input:
+        float32 where the lane kernels take it (lane_base or wide_lanes: the AVX2 build),
+        else the dense GEMM's (bfloat16 on VNNI). tap_runtime.dense_mlp makes the down
+        projection's input in it."""
+        return torch.float32 if self.lane_base or self.wide_lanes else self.dense_dtype
+
     def set_base_activation_bits(self, bits: int) -> None:
         """15: the base plane's products take 15-bit activations everywhere (in many-token calls
         bfloat16 on VNNI, the 15-bit lanes on AVX2). 8: 8 bits per block of 64 in every call whose

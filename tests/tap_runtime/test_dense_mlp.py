@@ -75,3 +75,21 @@ def test_lean_loop_prefill_takes_the_dense_mlp(converted_factory, monkeypatch):
 def test_torchs_kernels_keep_the_module_path(converted_factory):
     tap = tap_runtime.load(converted_factory("llama", group_size=64), kernel="cpu-packed")
     assert not _mlps(tap)
+
+
+def test_the_down_projection_gets_its_input_in_the_dtype_its_kernel_reads(converted_factory, monkeypatch):
+    tap = tap_runtime.load(converted_factory("llama", group_size=64))
+    tap.kernel.vnni_dense_min_tokens = 16
+    mlp = _mlps(tap)[0]
+    seen = []
+    original = mlp.down_proj.products
+    monkeypatch.setattr(mlp.down_proj, "products", lambda x, **kw: seen.append(x.dtype) or original(x, **kw))
+    x = torch.randn(1, 40, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        tap.router.route_layer(0, x)
+        for lanes in (True, False):
+            tap.kernel.lane_base = tap.kernel.wide_lanes = lanes
+            assert dense_mlp_forward(mlp, x) is not None
+            # The lanes read float32; the dense GEMM its own dtype (bfloat16 where the CPU has it).
+            assert seen[-1] == tap.kernel.many_token_input_dtype()
+            assert seen[-1] == (torch.float32 if lanes else tap.kernel.dense_dtype)

@@ -112,6 +112,19 @@ def test_silu_mul_rows_rotates_in_float32_before_rounding():
         native_kernels().silu_mul_rows(gate, up, 48)
 
 
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_silu_mul_rows_float_output_is_the_unrounded_product(rotation):
+    generator = torch.Generator().manual_seed(6)
+    gate = (torch.randn(11, 320, generator=generator) * 4).to(torch.bfloat16)
+    up = torch.randn(11, 320, generator=generator)
+    got = native_kernels().silu_mul_rows(gate, up, rotation, True)
+    expected = rotate_input(F.silu(gate.float()) * up, rotation)
+    assert got.dtype == torch.float32 and got.shape == gate.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # The bfloat16 output is this one rounded once (the same float32 values before the rounding).
+    assert torch.equal(native_kernels().silu_mul_rows(gate, up, rotation), got.to(torch.bfloat16))
+
+
 def _butterflies(x: torch.Tensor, block: int) -> torch.Tensor:
     """The fast transform in the scalar loop's order, stage by stage in torch: (a, c) -> (a + c, a - c)."""
     values = x.reshape(-1, block).clone()

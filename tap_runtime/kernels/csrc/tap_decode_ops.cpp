@@ -394,8 +394,10 @@ void load_row(const torch::Tensor& t, int64_t row, int64_t n, float* dst) {
 // The torch path widened gate and up to float32, ran SiLU and the product as two passes and
 // narrowed the result again for the down GEMM: four passes over (M, I) floats become one.
 // rotation: the down projection's input rotation (0: none), applied in float32 before the
-// rounding, as the module path rotates its float32 input.
-torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotation) {
+// rounding, as the module path rotates its float32 input. float_output: float32 out, not
+// rounded, for a down projection that reads float32 (the AVX2 lane kernels): widening the
+// bfloat16 result again cost Qwen2.5-1.5B's prefill a (512, 8960) copy per layer.
+torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotation, bool float_output) {
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.is_contiguous() && up.is_contiguous() &&
               gate.device().is_cpu() && up.device().is_cpu(), "gate and up must be contiguous CPU (M, I) tensors of one shape");
   for (const auto* t : {&gate, &up})
@@ -403,8 +405,9 @@ torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotati
   const int64_t rows = gate.size(0), n = gate.size(1);
   TORCH_CHECK(rotation >= 0 && (rotation & (rotation - 1)) == 0 && (rotation == 0 || n % rotation == 0),
               "rotation must be 0 or a power of two that divides ", n, ", got ", rotation);
-  auto out = torch::empty({rows, n}, gate.options().dtype(torch::kBFloat16));
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  auto out = torch::empty({rows, n}, gate.options().dtype(float_output ? torch::kFloat32 : torch::kBFloat16));
+  uint16_t* o = float_output ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* of = float_output ? out.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> g(n), u(n), e(n);
     for (int64_t row = begin; row < end; ++row) {
@@ -412,13 +415,12 @@ torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotati
       load_row(up, row, n, u.data());
       for (int64_t i = 0; i < n; ++i) e[i] = -g[i];
       exp_inplace(e.data(), n);
-      uint16_t* dst = o + row * n;
-      if (rotation) {
-        for (int64_t i = 0; i < n; ++i) e[i] = g[i] / (1.f + e[i]) * u[i];
-        hadamard_inplace(e.data(), n / rotation, rotation);
-        for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(e[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(g[i] / (1.f + e[i]) * u[i]);
+      float* value = float_output ? of + row * n : e.data();  // float32 output: computed in place
+      for (int64_t i = 0; i < n; ++i) value[i] = g[i] / (1.f + e[i]) * u[i];
+      if (rotation) hadamard_inplace(value, n / rotation, rotation);
+      if (!float_output) {
+        uint16_t* dst = o + row * n;
+        for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bfloat16(value[i]);
       }
     }
   });
@@ -529,7 +531,7 @@ void register_ops(pybind11::module& m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("attend_one", &attend_one);
   m.def("silu_mul", &silu_mul);
-  m.def("silu_mul_rows", &silu_mul_rows);
+  m.def("silu_mul_rows", &silu_mul_rows, py::arg("gate"), py::arg("up"), py::arg("rotation"), py::arg("float_output") = false);
   m.def("router_features", &router_features);
   m.def("decode_layer", &decode_layer);
   m.def("hadamard_blocks", &hadamard_blocks);
