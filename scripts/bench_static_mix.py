@@ -5,10 +5,10 @@ every layer's tokens reads the residual planes. The converter's per-layer policy
 (``--target-bits``) spends them on modules instead: the ones whose calibration error falls most
 per extra bit read run the top tier for every token. This script splits one budget between
 the two and measures each split on held-out text, with no refit and no conversion: for each
-fraction f in --fractions, modules are promoted (tap_convert.policy.allocate_min_tiers on the
-sensitivities the checkpoint recorded at calibration) until f of the bits above the base tier
-are spent, then budget routing fills the rest to exactly --budget-bits (shares_for_bits counts
-the promoted modules). f = 0 is the default routing at that budget; f = 1 promotes modules only
+fraction f in --fractions, ``set_routing("budget", bits=B, promote=f)`` promotes modules
+(tap_runtime.allocation.allocate_min_tiers on the sensitivities the checkpoint recorded at
+calibration) until f of the bits above the base tier are spent, then budget routing fills the
+rest to exactly --budget-bits (shares_for_bits counts the promoted modules). f = 0 is the default routing at that budget; f = 1 promotes modules only
 (the routing gets whatever whole modules leave over). Every split is first measured on
 --calib-windows fresh windows of the checkpoint's own calibration source (never the evaluation
 text), and the split with the lowest KL there is marked as the one chosen; then on the held-out
@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tap_runtime
 from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
 from calibration.data import load_calibration_text, make_windows, tokenize_text
-from tap_convert.policy import allocate_min_tiers, average_bits
+from tap_runtime.allocation import average_bits
 
 
 def main() -> None:
@@ -53,11 +53,12 @@ def main() -> None:
     base_bits = average_bits(table.linear, no_routing)
     if args.budget_bits <= base_bits:
         raise SystemExit(f"--budget-bits {args.budget_bits} is not above the base tier's {base_bits:.3f} bits")
+    converted = dict(table.linear)
     splits = []
     for fraction in (float(f) for f in args.fractions.split(",")):
-        policies = allocate_min_tiers(table.linear, no_routing, base_bits + fraction * (args.budget_bits - base_bits))
-        min_tiers = {name: p.min_tier for name, p in policies.items() if p.min_tier != table.tiers[0]}
-        splits.append((fraction, min_tiers, average_bits(policies, no_routing)))
+        tap.set_routing("budget", bits=args.budget_bits, promote=fraction)  # the runtime's own allocation
+        promoted = sum(1 for name, p in tap.table.linear.items() if p.min_tier != converted[name].min_tier)
+        splits.append((fraction, promoted, average_bits(tap.table.linear, no_routing)))
     reference_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if table.calibration.extra.get("bos_prepended") else None
@@ -70,15 +71,14 @@ def main() -> None:
         else:
             windows = eval_windows(tokenizer, body, args.ctx, args.windows, bos)
         references, fp32_ppl = fp32_references(reference_model, windows)
-        for fraction, min_tiers, static_bits in splits:
-            tap.set_min_tiers(min_tiers)
-            tap.set_routing("budget", bits=args.budget_bits)
+        for fraction, promoted, static_bits in splits:
+            tap.set_routing("budget", bits=args.budget_bits, promote=fraction)
             row = tap_quality(tap, windows, references)
-            row.update(text=text, fraction=fraction, promoted=len(min_tiers), static_bits=static_bits, ppl_ratio=row["ppl"] / fp32_ppl)
+            row.update(text=text, fraction=fraction, promoted=promoted, static_bits=static_bits, ppl_ratio=row["ppl"] / fp32_ppl)
             results.append(row)
-            print(f"  {text} f={fraction:g}: {len(min_tiers)} modules promoted ({static_bits:.3f} bits with no routing), "
+            print(f"  {text} f={fraction:g}: {promoted} modules promoted ({static_bits:.3f} bits with no routing), "
                   f"{row['avg_bits']:.3f} bits read, ppl ratio {row['ppl_ratio']:.4f}, KL {row['kl']:.5f}", flush=True)
-        tap.set_min_tiers({})
+        tap.set_routing("budget", bits=args.budget_bits, promote=0)
         del references
     calibration_rows = [row for row in results if row["text"] == "calibration"]
     chosen = min(calibration_rows, key=lambda row: row["kl"])["fraction"]

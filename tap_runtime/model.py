@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from .allocation import allocate_min_tiers, average_bits
 from .checkpoint import Checkpoint
 from .decode import FastDecoder, fast_decode_unsupported
 from .graph_decode import GraphDecoder, graph_decode_unsupported
@@ -52,6 +53,8 @@ class TapModel:
         self.checkpoint = checkpoint
         self._fast_decoder: FastDecoder | None = None
         self._graph_decoder: GraphDecoder | None = None
+        # The modules' policies as converted: set_routing's promote starts from them (0 restores them).
+        self._converted_linear = dict(checkpoint.table.linear)
 
     @property
     def router(self) -> TokenRouter:
@@ -82,6 +85,7 @@ class TapModel:
         score: str = "learned",
         sign: float = 1.0,
         bits: float | None = None,
+        promote: float | None = None,
     ) -> None:
         """``budget`` (default: the learned score, share held at the converted one on any text),
         ``learned`` (the learned score against fixed calibrated thresholds: the share follows the
@@ -90,12 +94,23 @@ class TapModel:
         ``bits`` (budget, random, topk): instead of ``shares``, the average weight bits read per
         token to spend; the fitted shares are scaled to meet it exactly (``shares_for_bits``),
         e.g. ``set_routing("budget", bits=4.6)`` to compare with 4.6-bit quantizers.
+
+        ``promote`` (with ``bits``): the fraction of the bits above the base tier spent on whole
+        modules before the routing spends the rest on tokens. The modules whose recorded
+        calibration error falls most per extra bit run the top tier for every token (the
+        converter's ``--target-bits`` rule, :func:`tap_runtime.allocation.allocate_min_tiers`).
+        0 restores the converted modules' tiers; None (default) leaves the modules as they are.
         """
         if bits is not None:
             if shares is not None:
                 raise InvalidConfigError("give shares or bits, not both")
             if mode not in ("budget", "random", "topk"):
                 raise InvalidConfigError(f"bits sets the routed share of budget, random or topk routing, not of {mode!r}")
+        if promote is not None:
+            if bits is None:
+                raise InvalidConfigError("promote spends a fraction of a bit budget: give bits too")
+            self._promote_modules(float(bits), float(promote))
+        if bits is not None:
             fitted = tuple(float(self.table.router.tier_shares.get(str(t), 0.0)) for t in self.table.tiers[1:])
             shares = shares_for_bits(self.table, float(bits), fitted)
         self.router.set_mode(mode, tier=tier, shares=shares, seed=seed, score=score, sign=sign)
@@ -108,6 +123,30 @@ class TapModel:
         linear = {}
         for name, policy in self.table.linear.items():
             linear[name] = replace(policy, min_tier=min_tiers.get(name, policy.tiers[0]))
+        self._set_linear_policies(linear)
+
+    def _promote_modules(self, bits: float, fraction: float) -> None:
+        """Promote whole modules (from their converted tiers) until ``fraction`` of the bits
+        between the converted modules' and ``bits`` is spent."""
+        if not 0.0 <= fraction <= 1.0:
+            raise InvalidConfigError(f"promote is a fraction of the bits above the base tier, in [0, 1], not {fraction}")
+        converted = self._converted_linear
+        no_routing = {str(t): 0.0 for t in self.table.tiers[1:]}
+        base = average_bits(converted, no_routing)
+        if bits < base - 1e-9:
+            raise InvalidConfigError(
+                f"{bits} bits per weight is below this checkpoint's base tier ({base:.3f} bits read per token); "
+                f"the lowest budget is the base tier alone."
+            )
+        if fraction > 0 and not any(p.sensitivity for p in converted.values()):
+            raise InvalidConfigError(
+                "this checkpoint records no per-module calibration sensitivity (routing_table.json, linear.*.sensitivity), "
+                "so there is nothing to choose the promoted modules by; convert it again with tap-convert"
+            )
+        target = base + fraction * (bits - base)
+        self._set_linear_policies(allocate_min_tiers(converted, no_routing, target, f"set_routing(bits={bits:g}, promote={fraction:g})"))
+
+    def _set_linear_policies(self, linear: dict) -> None:
         for name, module in self.model.named_modules():
             if isinstance(module, TapLinear) and name in linear:
                 module.policy = linear[name]
