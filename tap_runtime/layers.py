@@ -138,11 +138,12 @@ def run_planes(
     if work:
         # Residual planes are small corrections: add them in float32.
         out = out.to(torch.float32)
+        routed_add = getattr(kernel, "matmul_routed_add", None)
         for plane_index, indices in work:
             plane = _packed(prepared[plane_index])
             if indices is ALL_TOKENS:
                 out += kernel.matmul_plane(flat, plane)
-            else:
+            elif routed_add is None or not routed_add(flat, indices, plane, out):
                 extra = residual(flat.index_select(0, indices), plane)
                 out.index_add_(0, indices, extra.to(torch.float32))
     if bias is not None:

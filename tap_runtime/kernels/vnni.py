@@ -348,6 +348,23 @@ class CpuVnniKernel(CpuPackedKernel):
             return self._lanes(x, prepared, wide=False)
         return self.matmul_plane(x, prepared)
 
+    def matmul_routed_add(self, x: torch.Tensor, indices: torch.Tensor, prepared, out: torch.Tensor) -> bool:
+        """``out[indices] += x[indices]`` times a residual plane, in place, in one native call that
+        reads the routed rows of x where they are and adds into out's rows: no gathered copy of x
+        and no index_add_ (the AVX2 build's 8-bit lanes, the arithmetic of :meth:`matmul_routed`).
+        Returns False, having done nothing, where that call does not apply (the caller then
+        gathers, multiplies and scatters)."""
+        rows_add = getattr(self.native, "matmul_w4_rows_add", None)
+        if (
+            rows_add is None or not self.lane_residuals or type(prepared) is not TiledPlane or not self._many(x.shape[0])
+            or x.dtype != torch.float32 or not x.is_contiguous() or out.dtype != torch.float32 or not out.is_contiguous()
+            or indices.dtype != torch.int64 or indices.device.type != "cpu"
+        ):
+            return False
+        rows_add(x, indices.contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
+                 prepared.first_row, prepared.out_features, out)
+        return True
+
     def matmul_base(self, x: torch.Tensor, prepared, alone: bool) -> torch.Tensor:
         """The base plane's product; ``alone``: no token of this call reads a residual plane."""
         if type(prepared) is TiledPlane:

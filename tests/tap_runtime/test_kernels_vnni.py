@@ -250,6 +250,38 @@ def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tok
         assert _relative_error(lanes, expected) < 5e-2
 
 
+@needs_avx2_build
+@pytest.mark.parametrize("rows", [[], [3], [12, 0, 7, 29, 30], list(range(31))], ids=["none", "one", "unsorted", "all"])
+@pytest.mark.parametrize("shape,group_size", [((100, 576), 64), ((37, 256), 128), ((20, 64 * 17), 64)], ids=["576", "37rows", "partial-chunk"])
+def test_rows_add_is_the_lane_product_of_those_rows_added_in(shape, group_size, rows):
+    """matmul_w4_rows_add (a prefill's routed residuals on AVX2) reads the listed rows of x and
+    adds their 8-bit lane products into the same rows of `into`: bitwise index_add_ of
+    matmul_w4_many over the gathered rows, other rows untouched."""
+    native = native_kernels()
+    prepared = CpuVnniKernel().prepare_plane(_plane(shape, group_size))
+    args = (prepared.weight, prepared.scales, prepared.zeros, group_size, 0, shape[0])
+    x = torch.randn(31, shape[1], generator=torch.Generator().manual_seed(5))
+    into = torch.randn(31, shape[0], generator=torch.Generator().manual_seed(6))
+    index = torch.tensor(rows, dtype=torch.int64)
+    expected = into.clone().index_add_(0, index, native.matmul_w4_many(x.index_select(0, index).contiguous(), *args))
+    got = native.matmul_w4_rows_add(x, index, *args, into)
+    assert got.data_ptr() == into.data_ptr() and torch.equal(into, expected)
+
+
+@needs_avx2_build
+def test_rows_add_refuses_rows_outside_x_and_a_misshaped_output():
+    native = native_kernels()
+    prepared = CpuVnniKernel().prepare_plane(_plane((16, 128)))
+    args = (prepared.weight, prepared.scales, prepared.zeros, 64, 0, 16)
+    x = torch.randn(4, 128)
+    with pytest.raises(RuntimeError, match="rows must index x's 4 rows"):
+        native.matmul_w4_rows_add(x, torch.tensor([1, 4]), *args, torch.zeros(4, 16))
+    with pytest.raises(RuntimeError, match="into must be contiguous float32"):
+        native.matmul_w4_rows_add(x, torch.tensor([1]), *args, torch.zeros(3, 16))
+    with pytest.raises(RuntimeError, match="int64"):
+        native.matmul_w4_rows_add(x, torch.tensor([1], dtype=torch.int32), *args, torch.zeros(4, 16))
+
+
 @needs_native
 @pytest.mark.parametrize("wide", [False, True], ids=["8-bit", "15-bit"])
 def test_lane_product_reads_a_view_of_a_stacked_plane(wide):

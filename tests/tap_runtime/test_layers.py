@@ -108,6 +108,19 @@ class _CountingNative:
         self.lane_calls += 1
         return self._native.matmul_w4_many(*args)
 
+    def __dir__(self):
+        return dir(self._native)
+
+    @property
+    def matmul_w4_rows_add(self):
+        rows_add = getattr(self._native, "matmul_w4_rows_add")  # AttributeError on the VNNI build, as there
+
+        def call(*args):
+            self.lane_calls += 1
+            return rows_add(*args)
+
+        return call
+
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
 @pytest.mark.parametrize("lane_residuals", [True, False])
@@ -132,6 +145,25 @@ def test_routed_rows_of_a_many_token_call_take_the_lane_kernel(lane_residuals):
     one = module(x[:1])
     assert float((one - top[:1]).norm() / top[:1].norm()) < 1e-3  # 15-bit activations
     assert kernel.native.lane_calls == lanes
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+@pytest.mark.parametrize("routed", [[0, 5, 6, 39], [38, 2, 17], list(range(40))], ids=["sorted", "unsorted", "every"])
+def test_routed_residuals_added_in_place_give_the_gather_and_scatter_bits(monkeypatch, routed):
+    """Prefill on the AVX2 build: the routed rows' residual products read x's rows where they
+    are and add into the base product's rows (matmul_routed_add). The output is bitwise what
+    gathering the rows, multiplying and index_add_ gave."""
+    kernel = CpuVnniKernel()
+    module, _ = _native_linear(kernel, 44, 192)  # 44 rows: a partial group of 8
+    x = torch.randn(40, 192, generator=torch.Generator().manual_seed(2))
+    module.routing = LayerRouting(0, [torch.tensor(routed)])
+    calls = []
+    routed_add = kernel.matmul_routed_add
+    monkeypatch.setattr(kernel, "matmul_routed_add", lambda *a: calls.append(routed_add(*a)) or calls[-1])
+    in_place = module(x)
+    assert calls == [not kernel.native.compiled_with_vnni()]  # the VNNI build keeps gather and scatter
+    monkeypatch.setattr(kernel, "matmul_routed_add", lambda *a: False)
+    assert torch.equal(in_place, module(x))
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")

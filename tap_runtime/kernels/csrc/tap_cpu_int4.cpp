@@ -628,10 +628,12 @@ inline __m256i maddubs_broadcast_add(__m256i acc, __m256i w, const int8_t* x) {
 
 // T tokens from m, one group of 8 rows: out[m + t, n0 .. n0 + rows). wbuf: the group's unpacked
 // registers, 16 per block; ws / wz: each block's scale and scale x zero, 8 lanes.
+// out_rows: token t's output row is out_rows[m + t] (nullptr: m + t); accumulate: added to what
+// the row holds (the routed residual products of a prefill, into the base product's rows).
 template <int T, bool Wide>
 inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz, int64_t blocks, int64_t K, const int8_t* xh,
                           const int8_t* xl, const float* xs, const float* xsum, int64_t m, float* out, int64_t N, int64_t n0,
-                          __m256i store_mask, bool full) {
+                          __m256i store_mask, bool full, const int64_t* out_rows, bool accumulate) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
@@ -662,7 +664,8 @@ inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz,
     }
   }
   for (int t = 0; t < T; ++t) {
-    float* o = out + (m + t) * N + n0;
+    float* o = out + (out_rows ? out_rows[m + t] : m + t) * N + n0;
+    if (accumulate) acc[t] = _mm256_add_ps(full ? _mm256_loadu_ps(o) : _mm256_maskload_ps(o, store_mask), acc[t]);
     if (full) _mm256_storeu_ps(o, acc[t]);
     else _mm256_maskstore_ps(o, store_mask, acc[t]);
   }
@@ -673,7 +676,8 @@ inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz,
 template <bool Wide>
 void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
                    int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const int8_t* xl, const float* xs,
-                   const float* xsum, int64_t M, float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz) {
+                   const float* xsum, int64_t M, float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz,
+                   const int64_t* out_rows = nullptr, bool accumulate = false) {
   const int64_t blocks = K / kBlock;
   const int rows = static_cast<int>(std::min<int64_t>(kLanes8, N - n0));
   for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
@@ -697,8 +701,8 @@ void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_til
   const bool full = rows == kLanes8;
   constexpr int T = Wide ? 3 : 4;
   int64_t m = 0;
-  for (; m + T <= M; m += T) lanes8_tokens<T, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full);
-  for (; m < M; ++m) lanes8_tokens<1, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full);
+  for (; m + T <= M; m += T) lanes8_tokens<T, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
+  for (; m < M; ++m) lanes8_tokens<1, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
 }
 
 #endif
@@ -956,27 +960,40 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
 #if defined(TAP_PLANES)
 // x's blocks of 64 quantized for the lane kernels, tokens split over the threads: 8 bits
 // (low stays empty) or, wide, 15 bits as high and low bytes.
+// rows (optional, `M` of them): quantize x's rows rows[0..M) instead of all of x, in that order.
 void quantize_lane_activations(const torch::Tensor& x, bool wide, std::vector<int8_t>& xh, std::vector<int8_t>& xl,
-                               std::vector<float>& xs, std::vector<float>& xsum) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+                               std::vector<float>& xs, std::vector<float>& xsum, const int64_t* rows = nullptr, int64_t M = -1) {
+  const int64_t K = x.size(1), blocks = K / kBlock;
+  if (rows == nullptr) M = x.size(0);
   xh.resize(M * K), xl.resize(wide ? M * K : 0), xs.resize(M * blocks), xsum.resize(M * blocks);
   std::vector<uint8_t> flags(M * blocks);
   const float* src = x.data_ptr<float>();
   const float wide_above = wide ? 0.f : std::numeric_limits<float>::infinity();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    quantize_blocks(src + begin * K, end - begin, K, wide_above, xh.data() + begin * K, wide ? xl.data() + begin * K : nullptr,
-                    xs.data() + begin * blocks, xsum.data() + begin * blocks, flags.data() + begin * blocks);
+    if (rows == nullptr) {
+      quantize_blocks(src + begin * K, end - begin, K, wide_above, xh.data() + begin * K, wide ? xl.data() + begin * K : nullptr,
+                      xs.data() + begin * blocks, xsum.data() + begin * blocks, flags.data() + begin * blocks);
+      return;
+    }
+    for (int64_t i = begin; i < end; ++i)
+      quantize_blocks(src + rows[i] * K, 1, K, wide_above, xh.data() + i * K, wide ? xl.data() + i * K : nullptr, xs.data() + i * blocks,
+                      xsum.data() + i * blocks, flags.data() + i * blocks);
   });
 }
 
 // The AVX2 lane kernel over every group of 8 rows of the view (see lane8_rows_w4).
+// With `rows` (int64 indices into x's rows) and `into` (x.size(0), N): only those tokens, each
+// product added to its own row of `into` (returned), with no gathered copy of x.
 torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
-                             int64_t group_size, int64_t first_row, int64_t N, bool wide) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
-  auto out = torch::empty({M, N}, x.options());
+                             int64_t group_size, int64_t first_row, int64_t N, bool wide, const torch::Tensor* rows = nullptr,
+                             torch::Tensor* into = nullptr) {
+  const int64_t K = x.size(1), blocks = K / kBlock;
+  const int64_t M = rows ? rows->numel() : x.size(0);
+  const int64_t* out_rows = rows ? rows->data_ptr<int64_t>() : nullptr;
+  auto out = into ? *into : torch::empty({M, N}, x.options());
   std::vector<int8_t> xh, xl;
   std::vector<float> xs, xsum;
-  quantize_lane_activations(x, wide, xh, xl, xs, xsum);
+  quantize_lane_activations(x, wide, xh, xl, xs, xsum, out_rows, M);
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const at::Half* s = scales.data_ptr<at::Half>();
   const at::Half* z = zeros.data_ptr<at::Half>();
@@ -988,10 +1005,10 @@ torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight
     for (int64_t g = begin; g < end; ++g) {
       if (wide)
         lane8_rows_w4<true>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xl.data(), xs.data(), xsum.data(), M, o,
-                            g * kLanes8, wbuf.data(), ws.data(), wz.data());
+                            g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
       else
         lane8_rows_w4<false>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M, o,
-                             g * kLanes8, wbuf.data(), ws.data(), wz.data());
+                             g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
     }
   });
   return out;
@@ -1011,6 +1028,29 @@ torch::Tensor matmul_w4_lanes(torch::Tensor x, torch::Tensor weight, torch::Tens
   return torch::empty({x.size(0), N}, x.options());
 #endif
 }
+
+#if !defined(TAP_VNNI) && defined(TAP_PLANES)
+// into[rows] += x[rows] times rows [first_row, first_row + N) of a stored plane, through the AVX2
+// 8-bit lane kernel (matmul_w4_many's arithmetic): a prefill's routed residual products read
+// their tokens' rows of x and add into the base product's rows in place, where gathering the
+// rows (index_select) and scattering the sums (index_add_) cost more than the product's epilogue.
+// rows: distinct int64 indices into x's rows; into: contiguous float32 (x.size(0), N).
+torch::Tensor matmul_w4_rows_add(torch::Tensor x, torch::Tensor rows, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
+                                 int64_t group_size, int64_t first_row, int64_t N, torch::Tensor into) {
+  check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kLong && rows.is_contiguous() && rows.device().is_cpu(),
+              "rows must be a contiguous int64 CPU vector");
+  TORCH_CHECK(into.dim() == 2 && into.scalar_type() == torch::kFloat32 && into.is_contiguous() && into.size(0) == x.size(0) && into.size(1) == N,
+              "into must be contiguous float32 (", x.size(0), ", ", N, ")");
+  if (rows.numel()) {
+    const auto range = rows.aminmax();
+    TORCH_CHECK(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < x.size(0),
+                "rows must index x's ", x.size(0), " rows");
+  }
+  lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false, &rows, &into);
+  return into;
+}
+#endif
 
 // x (M, K) times rows [first_row, first_row + N) of a stored plane, for calls with many tokens
 // (the routed tokens of a prefill): activations at 8 bits per block of 64, 16 rows per register
@@ -1154,6 +1194,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_w4", &matmul_w4);
   m.def("matmul_w4_many", &matmul_w4_many);
   m.def("matmul_w4_lanes", &matmul_w4_lanes);
+#if !defined(TAP_VNNI) && defined(TAP_PLANES)
+  m.def("matmul_w4_rows_add", &matmul_w4_rows_add);
+#endif
   m.def("matmul_w8", &matmul_w8);
   m.def("dequantize_w4", &dequantize_w4);
   m.def("dequantize_w4_sum", &dequantize_w4_sum);
