@@ -26,7 +26,7 @@ from bench_common import environment, heldout_text, set_threads
 from tap_runtime.kernels.native import native_kernels
 
 _ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
-_NATIVE_PRODUCTS = ("matmul_w4", "matmul_w4_lanes", "matmul_w4_many", "matmul_w8")
+_NATIVE_PRODUCTS = ("matmul_w4", "matmul_w4_lanes", "matmul_w4_many", "matmul_w4_rows_add", "matmul_w8")
 _NATIVE_OTHER = ("hadamard_blocks", "silu_mul_rows", "dequantize_w4", "dequantize_w4_sum")
 _CATEGORIES = ("matrix products", "attention", "TAP native other", "other operators")
 
