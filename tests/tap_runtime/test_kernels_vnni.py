@@ -269,6 +269,35 @@ def test_rows_add_is_the_lane_product_of_those_rows_added_in(shape, group_size, 
 
 
 @needs_avx2_build
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 31], ids=lambda t: f"m{t}")
+@pytest.mark.parametrize(
+    "shape,group_size", [((8, 128), 64), ((16, 256), 128), ((20, 192), 64), ((36, 64 * 17), 64), ((100, 576), 64)],
+    ids=["one-group", "two-groups", "short-second", "odd-groups-partial-chunk", "576"],
+)
+def test_paired_row_groups_give_the_bits_of_one_group_at_a_time(shape, group_size, tokens):
+    """The AVX2 8-bit lanes take two groups of 8 rows per pass over the tokens (each broadcast
+    activation feeds both); every lane's arithmetic is the single group's, in its order, so the
+    products and the in-place routed sums are bitwise those of one group at a time, also where the
+    second group is short or the number of groups is odd."""
+    native = native_kernels()
+    prepared = CpuVnniKernel().prepare_plane(_plane(shape, group_size))
+    args = (prepared.weight, prepared.scales, prepared.zeros, group_size, 0, shape[0])
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(7))
+    into = torch.randn(tokens, shape[0], generator=torch.Generator().manual_seed(8))
+    rows = torch.arange(tokens - 1, -1, -2)
+    assert native.lane_pairs()
+    try:
+        results = {}
+        for pairs in (True, False):
+            native.set_lane_pairs(pairs)
+            results[pairs] = (native.matmul_w4_many(x, *args), native.matmul_w4_rows_add(x, rows, *args, into.clone()))
+    finally:
+        native.set_lane_pairs(True)
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+    assert not torch.equal(results[True][1], into)
+
+
+@needs_avx2_build
 def test_rows_add_refuses_rows_outside_x_and_a_misshaped_output():
     native = native_kernels()
     prepared = CpuVnniKernel().prepare_plane(_plane((16, 128)))

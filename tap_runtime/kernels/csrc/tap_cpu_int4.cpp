@@ -4,8 +4,8 @@
 // On x86 with AVX2 + FMA + F16C but no VNNI, the same file builds with the same layouts and the
 // same integer sums, VNNI's dot product done by maddubs + madd (see dot_wide) and the head's by
 // madd on int16 (see the AVX2 tile_w8); matmul_w4_many there is the 8-row lane kernel
-// (lane8_rows_w4), which also takes 15-bit activations (matmul_w4_lanes) for a many-token
-// call's base products.
+// (lane8_rows_w4, two groups of 8 rows per pass at 8 bits: lane16_rows_w4), which also takes
+// 15-bit activations (matmul_w4_lanes) for a many-token call's base products.
 //
 // Why: torch's CPU int4 kernel widens every 4-bit weight to bfloat16 before multiplying and
 // reads several rows as separate streams; on 2 Zen 4 cores it moves about 16 GB/s of weights.
@@ -671,13 +671,12 @@ inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz,
   }
 }
 
-// Rows [n0, n0 + 8) (fewer at the end of the view) for all M tokens, into out (M, N). wbuf, ws
-// and wz are the caller's scratch for 16 registers and 8 + 8 floats per block.
-template <bool Wide>
-void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
-                   int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const int8_t* xl, const float* xs,
-                   const float* xsum, int64_t M, float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz,
-                   const int64_t* out_rows = nullptr, bool accumulate = false) {
+// The registers and block parameters of rows [n0, n0 + 8) (fewer at the end of the view) into
+// the caller's scratch: wbuf 16 registers per block, ws / wz 8 + 8 floats per block (zero past
+// the view's end). Returns how many rows the group has.
+inline int prepare_lane8_group(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales,
+                               const at::Half* zeros, int64_t blocks_per_group, int64_t N, int64_t K, int64_t n0, __m256i* wbuf,
+                               float* ws, float* wz) {
   const int64_t blocks = K / kBlock;
   const int rows = static_cast<int>(std::min<int64_t>(kLanes8, N - n0));
   for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
@@ -697,13 +696,120 @@ void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_til
       }
     }
   }
-  const __m256i store_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return rows;
+}
+
+inline __m256i rows_store_mask(int rows) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Rows [n0, n0 + 8) (fewer at the end of the view) for all M tokens, into out (M, N). wbuf, ws
+// and wz are the caller's scratch for 16 registers and 8 + 8 floats per block.
+template <bool Wide>
+void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
+                   int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const int8_t* xl, const float* xs,
+                   const float* xsum, int64_t M, float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz,
+                   const int64_t* out_rows = nullptr, bool accumulate = false) {
+  const int64_t blocks = K / kBlock;
+  const int rows = prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0, wbuf, ws, wz);
+  const __m256i store_mask = rows_store_mask(rows);
   const bool full = rows == kLanes8;
   constexpr int T = Wide ? 3 : 4;
   int64_t m = 0;
   for (; m + T <= M; m += T) lanes8_tokens<T, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
   for (; m < M; ++m) lanes8_tokens<1, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
 }
+
+// Two maddubs products of one broadcast: a0 += maddubs(w0, x), a1 += maddubs(w1, x), the 4 signed
+// bytes at x loaded once for both (one asm unit, for the reason given at maddubs_broadcast_add).
+inline void maddubs_broadcast_add2(__m256i& a0, __m256i& a1, __m256i w0, __m256i w1, const int8_t* x) {
+  __m256i b, p, q;
+  asm("vpbroadcastd %[x], %[b]\n\t"
+      "vpmaddubsw %[b], %[w0], %[p]\n\t"
+      "vpmaddubsw %[b], %[w1], %[q]\n\t"
+      "vpaddw %[p], %[a0], %[a0]\n\t"
+      "vpaddw %[q], %[a1], %[a1]"
+      : [a0] "+x"(a0), [a1] "+x"(a1), [b] "=&x"(b), [p] "=&x"(p), [q] "=&x"(q)
+      : [w0] "x"(w0), [w1] "x"(w1), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
+}
+
+// The 8-bit lane product of two groups of 8 rows at once (rows [n0, n0 + 8) from wa, ws_a, wz_a,
+// always full, and [n0 + 8, n0 + 8 + rows_b) from wb, ws_b, wz_b), T tokens from m: each token's
+// broadcast activation bytes feed both groups' maddubs, so a block takes half the broadcasts of
+// two lanes8_tokens calls. Each lane's arithmetic is lanes8_tokens<T, false>'s, in its order, so
+// the sums are bitwise the same.
+template <int T>
+inline void lanes16_tokens(const __m256i* wa, const __m256i* wb, const float* ws_a, const float* wz_a, const float* ws_b,
+                           const float* wz_b, int64_t blocks, int64_t K, const int8_t* xh, const float* xs, const float* xsum, int64_t m,
+                           float* out, int64_t N, int64_t n0, __m256i mask_b, bool full_b, const int64_t* out_rows, bool accumulate) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[2 * T];
+  for (int t = 0; t < 2 * T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i dot[2 * T];
+    for (int half = 0; half < 2; ++half) {
+      __m256i sums[2 * T];
+      for (int t = 0; t < 2 * T; ++t) sums[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int d = 0; d < 8; ++d) {
+        const __m256i w0 = _mm256_load_si256(wa + b * 16 + half * 8 + d);
+        const __m256i w1 = _mm256_load_si256(wb + b * 16 + half * 8 + d);
+        const int64_t at = b * kBlock + half * 32 + 4 * d;
+        for (int t = 0; t < T; ++t) maddubs_broadcast_add2(sums[2 * t], sums[2 * t + 1], w0, w1, xh + (m + t) * K + at);
+      }
+      for (int t = 0; t < 2 * T; ++t) {
+        const __m256i part = _mm256_madd_epi16(sums[t], ones);
+        dot[t] = half == 0 ? part : _mm256_add_epi32(dot[t], part);
+      }
+    }
+    const __m256 scale_a = _mm256_loadu_ps(ws_a + b * kLanes8), shift_a = _mm256_loadu_ps(wz_a + b * kLanes8);
+    const __m256 scale_b = _mm256_loadu_ps(ws_b + b * kLanes8), shift_b = _mm256_loadu_ps(wz_b + b * kLanes8);
+    for (int t = 0; t < T; ++t) {
+      const __m256 token_scale = _mm256_set1_ps(xs[(m + t) * blocks + b]), token_sum = _mm256_set1_ps(xsum[(m + t) * blocks + b]);
+      acc[2 * t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[2 * t]), _mm256_mul_ps(scale_a, token_scale), acc[2 * t]);
+      acc[2 * t] = _mm256_fnmadd_ps(shift_a, token_sum, acc[2 * t]);
+      acc[2 * t + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[2 * t + 1]), _mm256_mul_ps(scale_b, token_scale), acc[2 * t + 1]);
+      acc[2 * t + 1] = _mm256_fnmadd_ps(shift_b, token_sum, acc[2 * t + 1]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    float* o = out + (out_rows ? out_rows[m + t] : m + t) * N + n0;
+    __m256 a = acc[2 * t], c = acc[2 * t + 1];
+    if (accumulate) {
+      a = _mm256_add_ps(_mm256_loadu_ps(o), a);
+      c = _mm256_add_ps(full_b ? _mm256_loadu_ps(o + kLanes8) : _mm256_maskload_ps(o + kLanes8, mask_b), c);
+    }
+    _mm256_storeu_ps(o, a);
+    if (full_b) _mm256_storeu_ps(o + kLanes8, c);
+    else _mm256_maskstore_ps(o + kLanes8, mask_b, c);
+  }
+}
+
+// Rows [n0, n0 + 16) (n0 + 8 <= N; the second group may be short) for all M tokens, 8-bit
+// activations, through lanes16_tokens. wbuf: scratch for 2 x 16 registers per block; ws, wz: 2 x 8
+// floats per block each.
+void lane16_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
+                    int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const float* xs, const float* xsum, int64_t M,
+                    float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz, const int64_t* out_rows, bool accumulate) {
+  const int64_t blocks = K / kBlock;
+  __m256i* wa = wbuf;
+  __m256i* wb = wbuf + blocks * 16;
+  float *ws_a = ws, *ws_b = ws + blocks * kLanes8, *wz_a = wz, *wz_b = wz + blocks * kLanes8;
+  prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0, wa, ws_a, wz_a);
+  const int rows_b = prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0 + kLanes8, wb, ws_b, wz_b);
+  const __m256i mask_b = rows_store_mask(rows_b);
+  const bool full_b = rows_b == kLanes8;
+  constexpr int T = 3;
+  int64_t m = 0;
+  for (; m + T <= M; m += T)
+    lanes16_tokens<T>(wa, wb, ws_a, wz_a, ws_b, wz_b, blocks, K, xh, xs, xsum, m, out, N, n0, mask_b, full_b, out_rows, accumulate);
+  for (; m < M; ++m)
+    lanes16_tokens<1>(wa, wb, ws_a, wz_a, ws_b, wz_b, blocks, K, xh, xs, xsum, m, out, N, n0, mask_b, full_b, out_rows, accumulate);
+}
+
+// Whether 8-bit lane products take two groups of 8 rows at a time (lane16_rows_w4) or one
+// (lane8_rows_w4); the same bits either way. A switch for measuring one against the other.
+bool g_lane_pairs = true;
 
 #endif
 
@@ -999,7 +1105,25 @@ torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight
   const at::Half* z = zeros.data_ptr<at::Half>();
   float* o = out.data_ptr<float>();
   const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
-  at::parallel_for(0, (N + kLanes8 - 1) / kLanes8, 1, [&](int64_t begin, int64_t end) {
+  const int64_t groups = (N + kLanes8 - 1) / kLanes8;
+  if (!wide && g_lane_pairs && groups >= 2) {
+    // Pairs of groups (the last group alone when their number is odd).
+    at::parallel_for(0, (groups + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+      std::vector<__m256i> wbuf(2 * blocks * 16);
+      std::vector<float> ws(2 * blocks * kLanes8), wz(2 * blocks * kLanes8);
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t g = 2 * pair;
+        if (g + 1 < groups)
+          lane16_rows_w4(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xs.data(), xsum.data(), M, o, g * kLanes8,
+                         wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
+        else
+          lane8_rows_w4<false>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M, o,
+                               g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
+      }
+    });
+    return out;
+  }
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<__m256i> wbuf(blocks * 16);  // std::vector honours __m256i's 32-byte alignment (C++17)
     std::vector<float> ws(blocks * kLanes8), wz(blocks * kLanes8);
     for (int64_t g = begin; g < end; ++g) {
@@ -1196,6 +1320,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_w4_lanes", &matmul_w4_lanes);
 #if !defined(TAP_VNNI) && defined(TAP_PLANES)
   m.def("matmul_w4_rows_add", &matmul_w4_rows_add);
+  m.def("set_lane_pairs", [](bool on) { g_lane_pairs = on; });
+  m.def("lane_pairs", []() { return g_lane_pairs; });
 #endif
   m.def("matmul_w8", &matmul_w8);
   m.def("dequantize_w4", &dequantize_w4);
