@@ -1,4 +1,5 @@
-"""Many-token passes (prefill) through a Llama-family SiLU MLP without float32 round trips.
+"""Many-token passes (prefill) through a gated MLP (SiLU: Llama, Qwen, Mistral; GELU tanh: Gemma)
+without float32 round trips.
 
 A dense pass multiplies each plane in bfloat16 (kernels/vnni.py). The module path then widens
 gate and up to float32, runs SiLU and the product as separate passes, and the down projection
@@ -26,8 +27,15 @@ from .rotation import rotate_input
 __all__ = ["install_dense_mlp", "dense_mlp_forward"]
 
 
-def _silu(act_fn: nn.Module) -> bool:
-    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ in ("SiLUActivation", "SiLU")
+def _gate_activation(act_fn: nn.Module) -> str | None:
+    """Which gate activation the native pass computes for ``act_fn``: "silu" (Llama, Qwen,
+    Mistral), "gelu_tanh" (GELU's tanh form: Gemma), or None (the module path keeps it)."""
+    name = type(act_fn).__name__
+    if isinstance(act_fn, nn.SiLU) or name in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if (isinstance(act_fn, nn.GELU) and act_fn.approximate == "tanh") or name in ("GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"
+    return None
 
 
 def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -42,6 +50,7 @@ def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if projection._forward_hooks or projection._forward_pre_hooks or getattr(projection, "_hf_hook", None) is not None:
             return None  # hooks (offloading's plane swaps, a user's) must see the module calls
     native = native_kernels()
+    gelu_tanh = mlp.tap_gate_activation == "gelu_tanh"
     # The down projection's input in the dtype its kernel reads (float32 for the AVX2 lanes):
     # rounding it to bfloat16 there only to widen it again cost a (tokens, intermediate) copy.
     reads = getattr(mlp.down_proj.kernel, "many_token_input_dtype", None)
@@ -57,26 +66,27 @@ def dense_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     else:
         (gate, gate_routed), (up, up_routed) = mlp.gate_proj.products(flat), mlp.up_proj.products(flat)
     if gate_routed is None and up_routed is None:
-        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output)
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output, gelu_tanh)
     elif (
         gate_routed is not None and up_routed is not None and gate.dtype == up.dtype
         and torch.equal(gate_routed.indices, up_routed.indices)
     ):
         # Every row from the bfloat16 base products, then the routed rows again from their
         # float32 sums: the routed tokens keep float32 gate and up, as on the module path.
-        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output)
-        activated.index_copy_(0, gate_routed.indices, native.silu_mul_rows(gate_routed.rows, up_routed.rows, rotation, float_output))
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output, gelu_tanh)
+        activated.index_copy_(0, gate_routed.indices, native.silu_mul_rows(gate_routed.rows, up_routed.rows, rotation, float_output, gelu_tanh))
     else:  # gate and up routed differently: both in float32
         gate = gate_routed.into(gate) if gate_routed is not None else gate.to(torch.float32)
         up = up_routed.into(up) if up_routed is not None else up.to(torch.float32)
-        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output)
+        activated = native.silu_mul_rows(gate.contiguous(), up.contiguous(), rotation, float_output, gelu_tanh)
     out, out_routed = mlp.down_proj.products(activated, input_rotated=True)
     out = out_routed.into(out) if out_routed is not None else out.to(torch.float32)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def install_dense_mlp(model: nn.Module) -> int:
-    """Route every Llama-family MLP's many-token calls through :func:`dense_mlp_forward`
+    """Route every gated MLP's (gate, up and down TapLinears; SiLU or GELU tanh) many-token calls
+    through :func:`dense_mlp_forward`
     (fewer tokens keep the module's own forward; ``mlp.tap_dense_mlp = False`` turns it off
     for one MLP, for A/B and debugging). Returns how many MLPs were set up."""
     native = native_kernels()
@@ -85,7 +95,8 @@ def install_dense_mlp(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(p, TapLinear) for p in projections) or not _silu(getattr(module, "act_fn", None)):
+        activation = _gate_activation(getattr(module, "act_fn", None))
+        if not all(isinstance(p, TapLinear) for p in projections) or activation is None:
             continue
         if not all(hasattr(p.kernel, "matmul_plane_sum") for p in projections):
             continue  # torch's kernels: their products are bfloat16 too, but the dense path is theirs
@@ -97,5 +108,6 @@ def install_dense_mlp(model: nn.Module) -> int:
 
         module.forward = types.MethodType(forward, module)
         module.tap_dense_mlp = True
+        module.tap_gate_activation = activation
         count += 1
     return count

@@ -1,4 +1,4 @@
-"""Many-token passes through Llama-family MLPs without float32 round trips (tap_runtime.dense_mlp)."""
+"""Many-token passes through gated MLPs (SiLU, GELU tanh) without float32 round trips (tap_runtime.dense_mlp)."""
 
 import pytest
 import torch
@@ -53,6 +53,33 @@ def test_dense_mlp_gives_the_module_paths_output(converted_factory, routing, gro
         off = tap.model(ids).logits
     torch.testing.assert_close(on, off, rtol=1e-2, atol=1e-2 * float(off.abs().max()))
     assert original is mlps[0].forward
+
+
+@pytest.mark.parametrize("routing", [("fixed", 4), ("budget", None)])
+def test_gemmas_gelu_tanh_mlp_takes_the_native_pass_and_gives_the_module_paths_output(converted_factory, routing):
+    """Gemma's MLPs gate with GELU's tanh form: they take the native pass too (the activation
+    computed in the same pass as SiLU's), and give the module path's output and logits."""
+    tap = tap_runtime.load(converted_factory("gemma3_text", group_size=64))
+    tap.kernel.vnni_dense_min_tokens = 16
+    tap.kernel.lane_base = False  # 15-bit base products: see the Llama test above
+    mlps = _mlps(tap)
+    assert len(mlps) == tap.table.num_layers and all(m.tap_gate_activation == "gelu_tanh" for m in mlps)
+    tap.set_routing(routing[0], tier=routing[1])
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        x = torch.randn(1, 40, mlps[0].gate_proj.in_features, generator=torch.Generator().manual_seed(6))
+        tap.router.route_layer(0, x)
+        dense = dense_mlp_forward(mlps[0], x)
+        mlps[0].tap_dense_mlp = False
+        module = mlps[0](x)
+        mlps[0].tap_dense_mlp = True
+        assert dense is not None and dense.shape == module.shape
+        torch.testing.assert_close(dense, module, rtol=1e-2, atol=1e-2 * float(module.abs().max()))
+        on = tap.model(ids).logits
+        for m in mlps:
+            m.tap_dense_mlp = False
+        off = tap.model(ids).logits
+    torch.testing.assert_close(on, off, rtol=1e-2, atol=1e-2 * float(off.abs().max()))
 
 
 def test_lean_loop_prefill_takes_the_dense_mlp(converted_factory, monkeypatch):

@@ -84,6 +84,24 @@ def test_silu_mul_matches_torch_across_the_float_range():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_gelu_tanh_gated_rows_are_torchs_tanh_gelu_times_up(rotation):
+    """Gemma's gate activation (GELU, tanh form) through the same pass as SiLU's, computed as
+    g * sigmoid(2u): torch's 0.5 g (1 + tanh u) to float32 rounding, far tails included."""
+    generator = torch.Generator().manual_seed(4)
+    gate = torch.randn(23, 256, generator=generator) * 4
+    gate[0, :4] = torch.tensor([-60.0, -12.0, 12.0, 60.0])
+    up = torch.randn(23, 256, generator=generator)
+    got = native_kernels().silu_mul_rows(gate, up, rotation, True, True)
+    expected = F.gelu(gate, approximate="tanh") * up
+    if rotation:
+        expected = rotate_input(expected, rotation)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    silu = native_kernels().silu_mul_rows(gate, up, rotation, True)
+    assert not torch.allclose(silu, got, rtol=1e-3, atol=1e-3)  # the flag does change the activation
+
+
 @pytest.mark.parametrize("gate_dtype,up_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_silu_mul_rows_rounds_torchs_float32_product_once(gate_dtype, up_dtype):
     generator = torch.Generator().manual_seed(3)

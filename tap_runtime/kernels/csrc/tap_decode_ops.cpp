@@ -397,7 +397,9 @@ void load_row(const torch::Tensor& t, int64_t row, int64_t n, float* dst) {
 // rounding, as the module path rotates its float32 input. float_output: float32 out, not
 // rounded, for a down projection that reads float32 (the AVX2 lane kernels): widening the
 // bfloat16 result again cost Qwen2.5-1.5B's prefill a (512, 8960) copy per layer.
-torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotation, bool float_output) {
+// gelu_tanh: GELU's tanh form in place of SiLU (Gemma's MLPs), as g * sigmoid(2u) with
+// u = sqrt(2/pi) (g + 0.044715 g^3), which is 0.5 g (1 + tanh u): the same e^x pass as SiLU's.
+torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotation, bool float_output, bool gelu_tanh) {
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.is_contiguous() && up.is_contiguous() &&
               gate.device().is_cpu() && up.device().is_cpu(), "gate and up must be contiguous CPU (M, I) tensors of one shape");
   for (const auto* t : {&gate, &up})
@@ -413,7 +415,12 @@ torch::Tensor silu_mul_rows(torch::Tensor gate, torch::Tensor up, int64_t rotati
     for (int64_t row = begin; row < end; ++row) {
       load_row(gate, row, n, g.data());
       load_row(up, row, n, u.data());
-      for (int64_t i = 0; i < n; ++i) e[i] = -g[i];
+      if (gelu_tanh) {
+        constexpr float kTwiceSqrt2OverPi = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+        for (int64_t i = 0; i < n; ++i) e[i] = -kTwiceSqrt2OverPi * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) e[i] = -g[i];
+      }
       exp_inplace(e.data(), n);
       float* value = float_output ? of + row * n : e.data();  // float32 output: computed in place
       for (int64_t i = 0; i < n; ++i) value[i] = g[i] / (1.f + e[i]) * u[i];
@@ -531,7 +538,8 @@ void register_ops(pybind11::module& m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("attend_one", &attend_one);
   m.def("silu_mul", &silu_mul);
-  m.def("silu_mul_rows", &silu_mul_rows, py::arg("gate"), py::arg("up"), py::arg("rotation"), py::arg("float_output") = false);
+  m.def("silu_mul_rows", &silu_mul_rows, py::arg("gate"), py::arg("up"), py::arg("rotation"), py::arg("float_output") = false,
+        py::arg("gelu_tanh") = false);
   m.def("router_features", &router_features);
   m.def("decode_layer", &decode_layer);
   m.def("hadamard_blocks", &hadamard_blocks);
