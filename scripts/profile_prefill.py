@@ -27,6 +27,7 @@ from tap_runtime.kernels.native import native_kernels
 
 _ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
 _NATIVE_PRODUCTS = ("matmul_w4", "matmul_w4_lanes", "matmul_w4_many", "matmul_w4_rows_add", "matmul_w8")
+_NATIVE_ATTENTION = ("attend_causal",)
 _NATIVE_OTHER = ("hadamard_blocks", "silu_mul_rows", "dequantize_w4", "dequantize_w4_sum")
 _CATEGORIES = ("matrix products", "attention", "TAP native other", "other operators")
 
@@ -35,7 +36,7 @@ _CATEGORIES = ("matrix products", "attention", "TAP native other", "other operat
 def _labelled_native_calls():
     """Each native kernel call inside a record_function named after it (restored on exit)."""
     native = native_kernels()
-    names = [n for n in _NATIVE_PRODUCTS + _NATIVE_OTHER if native is not None and hasattr(native, n)]
+    names = [n for n in _NATIVE_PRODUCTS + _NATIVE_ATTENTION + _NATIVE_OTHER if native is not None and hasattr(native, n)]
     originals = {n: getattr(native, n) for n in names}
 
     def labelled(name, function):
@@ -57,7 +58,7 @@ def _labelled_native_calls():
 def _category(key: str) -> str:
     if key == "aten::mm" or key in {f"tap::{n}" for n in _NATIVE_PRODUCTS}:
         return "matrix products"
-    if key == _ATTENTION:
+    if key == _ATTENTION or key in {f"tap::{n}" for n in _NATIVE_ATTENTION}:
         return "attention"
     if key in {f"tap::{n}" for n in _NATIVE_OTHER}:
         return "TAP native other"

@@ -19,6 +19,7 @@ from .architectures import ArchitectureSpec, get_architecture
 from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMismatchError
 from .format import embedding_tensor_suffix, plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
 from .dense_mlp import install_dense_mlp
+from .prefill_attention import install_prefill_attention
 from .kernels import select_kernel
 from .layers import TapEmbedding, TapHead, TapLinear, share_input_rotations
 from .pages import page_out, return_freed_heap
@@ -281,6 +282,8 @@ def prepare_model(
     spec = get_architecture(config.model_type)
     _install_router_hooks(model, spec, router)
     install_dense_mlp(model)
+    # Prompts attend on the native kernel; other calls fall through to sdpa per call.
+    model.tap_native_attention = install_prefill_attention(model)
     share_input_rotations(model)
     model.tap_router = router
     model.tap_residual_cache = residual_cache

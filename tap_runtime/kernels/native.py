@@ -1,6 +1,6 @@
 """Build (once per machine) and load TAP's own C++ CPU kernels (csrc/tap_cpu_int4.cpp, with the
-decode step's fused small operations and whole-layer step from csrc/tap_decode_ops.cpp in the
-same module).
+decode step's fused small operations and whole-layer step from csrc/tap_decode_ops.cpp and the
+prefill's causal attention from csrc/tap_prefill_attention.cpp in the same module).
 
 The extension is compiled on first use with torch's cpp_extension (ninja + the system C++
 compiler, ``-march=native``) into torch's extension cache, so every machine gets code for its
@@ -22,10 +22,11 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["native_kernels", "native_unavailable_reason", "cpu_flags", "SOURCE", "SOURCES"]
+__all__ = ["native_kernels", "native_unavailable_reason", "cpu_flags", "SOURCE", "SOURCES", "HEADERS"]
 
 SOURCE = Path(__file__).with_name("csrc") / "tap_cpu_int4.cpp"
-SOURCES = (SOURCE, SOURCE.with_name("tap_decode_ops.cpp"))
+SOURCES = (SOURCE, SOURCE.with_name("tap_decode_ops.cpp"), SOURCE.with_name("tap_prefill_attention.cpp"))
+HEADERS = (SOURCE.with_name("vector_exp.h"),)
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _log = logging.getLogger(__name__)
 _state: dict[str, object] = {}
@@ -46,7 +47,7 @@ def _module_name() -> str:
     # One build per source, CPU and torch: a home directory shared by different machines must
     # not hand one CPU's -march=native code to another.
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
+    for part in (*(source.read_bytes() for source in SOURCES + HEADERS), cpu_flags().encode(), torch.__version__.encode(), " ".join(_FLAGS).encode()):
         digest.update(part)
     return f"tap_cpu_int4_{digest.hexdigest()[:12]}"
 

@@ -1307,9 +1307,13 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
 namespace tap_decode {
 void register_ops(pybind11::module& m);  // tap_decode_ops.cpp: the decode step's small fused operations
 }
+namespace tap_attention {
+void register_ops(pybind11::module& m);  // tap_prefill_attention.cpp: causal attention over a whole prompt
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   tap_decode::register_ops(m);
+  tap_attention::register_ops(m);
   m.def("compiled_with_vnni", &compiled_with_vnni);
   m.def("instruction_set", &instruction_set);
   m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });

@@ -1,0 +1,97 @@
+"""A prompt's causal self-attention on TAP's native CPU kernel (``attend_causal``).
+
+transformers picks each layer's attention function by name from its ``AttentionInterface``.
+This module registers ``tap_sdpa``: the native kernel where a call is plain causal
+self-attention over a whole float32 prompt on the CPU (no mask beyond causality, as many queries
+as keys, no dropout, softcap or position bias), and torch's SDPA, exactly as transformers' own
+``sdpa`` runs it, for every other call (decode steps, padded batches, sliding windows shorter
+than the prompt). Masks are made as for ``sdpa``, so the two agree on which calls are causal.
+The HF models a process loads itself keep ``sdpa``: only models TAP loads use the name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .kernels.native import native_kernels
+
+__all__ = ["ATTENTION_NAME", "install_prefill_attention", "prefill_attention_forward", "native_prefill_applies"]
+
+ATTENTION_NAME = "tap_sdpa"
+_log = logging.getLogger(__name__)
+_LANES = 16  # the kernel's head_dim granularity
+
+
+def native_prefill_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
+    """Whether this call is one the native kernel computes exactly as SDPA with is_causal=True."""
+    if attention_mask is not None or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return False
+    if kwargs.get("output_attentions", False) or (dropout and module.training):
+        return False
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal or query.dim() != 4 or query.shape[2] < 2 or key.shape[2] < query.shape[2]:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in (query, key, value)):
+        return False
+    head_dim = query.shape[-1]
+    if head_dim % _LANES or key.shape[-1] != head_dim or value.shape[-1] != head_dim:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return False  # the kernel has no backward
+    return query.shape[1] % key.shape[1] == 0
+
+
+def prefill_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: (batch, seq_len, heads, head_dim) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    native = native_kernels()
+    if native is None or not hasattr(native, "attend_causal") or not native_prefill_applies(
+        module, query, key, value, attention_mask, dropout, is_causal, kwargs
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    q_length = query.shape[2]
+    # As sdpa does for a prefill into an empty static cache: keys past the prompt are unused.
+    key, value = key[:, :, :q_length], value[:, :, :q_length]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return native.attend_causal(query, key, value, float(scale)), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, prefill_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+def install_prefill_attention(model: nn.Module) -> bool:
+    """Switch a loaded model from ``sdpa`` to ``tap_sdpa`` where the native kernel is built.
+    Other implementations (``eager`` asked for by a user, flash kernels) are left alone.
+    Returns whether the model now uses it."""
+    native = native_kernels()
+    config = model.config
+    if native is None or not hasattr(native, "attend_causal") or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    _register()
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (ValueError, AttributeError) as error:  # a model outside the AttentionInterface keeps its own
+        _log.info("native prefill attention not installed: %s", error)
+        return False
+    return config._attn_implementation == ATTENTION_NAME
