@@ -351,7 +351,7 @@ class CpuVnniKernel(CpuPackedKernel):
     def matmul_routed_add(self, x: torch.Tensor, indices: torch.Tensor, prepared, out: torch.Tensor) -> bool:
         """``out[indices] += x[indices]`` times a residual plane, in place, in one native call that
         reads the routed rows of x where they are and adds into out's rows: no gathered copy of x
-        and no index_add_ (the AVX2 build's 8-bit lanes, the arithmetic of :meth:`matmul_routed`).
+        and no index_add_ (the build's 8-bit lanes, the arithmetic of :meth:`matmul_routed`).
         Returns False, having done nothing, where that call does not apply (the caller then
         gathers, multiplies and scatters)."""
         rows_add = getattr(self.native, "matmul_w4_rows_add", None)

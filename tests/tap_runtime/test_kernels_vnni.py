@@ -250,13 +250,13 @@ def test_lane_product_is_the_eight_bit_product(shape, group_size, symmetric, tok
         assert _relative_error(lanes, expected) < 5e-2
 
 
-@needs_avx2_build
+@needs_native
 @pytest.mark.parametrize("rows", [[], [3], [12, 0, 7, 29, 30], list(range(31))], ids=["none", "one", "unsorted", "all"])
 @pytest.mark.parametrize("shape,group_size", [((100, 576), 64), ((37, 256), 128), ((20, 64 * 17), 64)], ids=["576", "37rows", "partial-chunk"])
 def test_rows_add_is_the_lane_product_of_those_rows_added_in(shape, group_size, rows):
-    """matmul_w4_rows_add (a prefill's routed residuals on AVX2) reads the listed rows of x and
-    adds their 8-bit lane products into the same rows of `into`: bitwise index_add_ of
-    matmul_w4_many over the gathered rows, other rows untouched."""
+    """matmul_w4_rows_add (a prefill's routed residuals; 16 rows per register on VNNI, 8 on AVX2)
+    reads the listed rows of x and adds their 8-bit lane products into the same rows of `into`:
+    bitwise index_add_ of matmul_w4_many over the gathered rows, other rows untouched."""
     native = native_kernels()
     prepared = CpuVnniKernel().prepare_plane(_plane(shape, group_size))
     args = (prepared.weight, prepared.scales, prepared.zeros, group_size, 0, shape[0])
@@ -297,7 +297,7 @@ def test_paired_row_groups_give_the_bits_of_one_group_at_a_time(shape, group_siz
     assert not torch.equal(results[True][1], into)
 
 
-@needs_avx2_build
+@needs_native
 def test_rows_add_refuses_rows_outside_x_and_a_misshaped_output():
     native = native_kernels()
     prepared = CpuVnniKernel().prepare_plane(_plane((16, 128)))

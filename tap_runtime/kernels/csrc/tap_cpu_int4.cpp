@@ -945,9 +945,11 @@ void lane_params(const at::Half* scales, const at::Half* zeros, int64_t padded_r
   }
 }
 
-// Rows [n0, n0 + 16) (fewer at the end of the view) for all M tokens, into out (M, N).
+// Rows [n0, n0 + 16) (fewer at the end of the view) for all M tokens: token m's 16 outputs at
+// out + m * out_stride (the caller points out at column n0 of an (M, N) product, or at a
+// (M, 16) scratch block).
 void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const float* ws, const float* wz, int64_t N,
-                  int64_t K, const int8_t* xq, const float* xs, const float* xsum, int64_t M, float* out, int64_t n0) {
+                  int64_t K, const int8_t* xq, const float* xs, const float* xsum, int64_t M, float* out, int64_t out_stride, int64_t n0) {
   const int64_t blocks = K / kBlock;
   const int rows = static_cast<int>(std::min<int64_t>(kLaneRows, N - n0));
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1u);
@@ -987,7 +989,7 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
           for (int t = 0; t < kTokenStep; ++t)
             dot[t] = dot_broadcast(dot[t], w[q], xq + (m + t) * K + b * kBlock + 4 * q);
         for (int t = 0; t < kTokenStep; ++t) {
-          float* o = out + (m + t) * N + n0;
+          float* o = out + (m + t) * out_stride;
           const __m512 prior = b == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(live, o);
           __m512 value = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(xs[(m + t) * blocks + b])), scale, prior);
           value = _mm512_fnmadd_ps(shift, _mm512_set1_ps(xsum[(m + t) * blocks + b]), value);
@@ -998,7 +1000,7 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
         __m512i dot = _mm512_setzero_si512();
         for (int q = 0; q < 16; ++q)
           dot = dot_broadcast(dot, w[q], xq + m * K + b * kBlock + 4 * q);
-        float* o = out + m * N + n0;
+        float* o = out + m * out_stride;
         const __m512 prior = b == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(live, o);
         __m512 value = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * blocks + b])), scale, prior);
         value = _mm512_fnmadd_ps(shift, _mm512_set1_ps(xsum[m * blocks + b]), value);
@@ -1139,6 +1141,46 @@ torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight
 }
 #endif
 
+#if defined(TAP_VNNI)
+// The VNNI lane kernel (16 rows per register, 8-bit activations) over every group of 16 rows of
+// the view (see lane_rows_w4); `rows` and `into` as for lanes8_product.
+torch::Tensor lanes16_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
+                              int64_t group_size, int64_t first_row, int64_t N, const torch::Tensor* rows = nullptr,
+                              torch::Tensor* into = nullptr) {
+  const int64_t K = x.size(1), blocks = K / kBlock;
+  const int64_t M = rows ? rows->numel() : x.size(0);
+  const int64_t* out_rows = rows ? rows->data_ptr<int64_t>() : nullptr;
+  auto out = into ? *into : torch::empty({M, N}, x.options());
+  std::vector<int8_t> xq, unused;
+  std::vector<float> xs, xsum;
+  quantize_lane_activations(x, false, xq, unused, xs, xsum, out_rows, M);
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* z = zeros.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
+  at::parallel_for(0, (N + kLaneRows - 1) / kLaneRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ws(blocks * kLaneRows), wz(blocks * kLaneRows), sums(out_rows ? M * kLaneRows : 0);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g * kLaneRows;
+      lane_params(s, z, padded, first_tile, blocks, group_size / kBlock, n0, N, ws.data(), wz.data());
+      if (!out_rows) {
+        lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, o + n0, N, n0);
+        continue;
+      }
+      // Each token's sums start from zero and are added to its row once, as index_add_ would.
+      lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, sums.data(), kLaneRows, n0);
+      const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(kLaneRows, N - n0)) - 1u);
+      for (int64_t m = 0; m < M; ++m) {
+        float* row = o + out_rows[m] * N + n0;
+        _mm512_mask_storeu_ps(row, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, row), _mm512_loadu_ps(sums.data() + m * kLaneRows)));
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 // x (M, K) times rows [first_row, first_row + N) of a stored plane through the AVX2 lane kernel
 // (8 rows per register; lane8_rows_w4), in any build with the plane kernels: activations per block
 // of 64 at 15 bits (wide: matmul_w4's default arithmetic, for a many-token call's base product)
@@ -1153,8 +1195,8 @@ torch::Tensor matmul_w4_lanes(torch::Tensor x, torch::Tensor weight, torch::Tens
 #endif
 }
 
-#if !defined(TAP_VNNI) && defined(TAP_PLANES)
-// into[rows] += x[rows] times rows [first_row, first_row + N) of a stored plane, through the AVX2
+#if defined(TAP_PLANES)
+// into[rows] += x[rows] times rows [first_row, first_row + N) of a stored plane, through the build's
 // 8-bit lane kernel (matmul_w4_many's arithmetic): a prefill's routed residual products read
 // their tokens' rows of x and add into the base product's rows in place, where gathering the
 // rows (index_select) and scattering the sums (index_add_) cost more than the product's epilogue.
@@ -1169,7 +1211,11 @@ torch::Tensor matmul_w4_rows_add(torch::Tensor x, torch::Tensor rows, torch::Ten
   const int64_t* listed = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows.numel(); ++i)  // a loop, not aminmax: two torch ops cost more than the check
     TORCH_CHECK(listed[i] >= 0 && listed[i] < x.size(0), "rows must index x's ", x.size(0), " rows, got ", listed[i]);
+#if defined(TAP_VNNI)
+  lanes16_product(x, weight, scales, zeros, group_size, first_row, N, &rows, &into);
+#else
   lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false, &rows, &into);
+#endif
   return into;
 }
 #endif
@@ -1180,31 +1226,13 @@ torch::Tensor matmul_w4_rows_add(torch::Tensor x, torch::Tensor rows, torch::Ten
 torch::Tensor matmul_w4_many(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
                              int64_t first_row, int64_t N) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
-#if !defined(TAP_VNNI) && defined(TAP_PLANES)
-  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false);  // AVX2: 8 rows per register
-#endif
-  const int64_t M = x.size(0), K = x.size(1);
-  auto out = torch::empty({M, N}, x.options());
 #if defined(TAP_VNNI)
-  const int64_t blocks = K / kBlock;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xs(M * blocks), xsum(M * blocks);
-  std::vector<uint8_t> wide(M * blocks);
-  quantize_blocks(x.data_ptr<float>(), M, K, std::numeric_limits<float>::infinity(), xq.data(), nullptr, xs.data(), xsum.data(), wide.data());
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  const at::Half* s = scales.data_ptr<at::Half>();
-  const at::Half* z = zeros.data_ptr<at::Half>();
-  float* o = out.data_ptr<float>();
-  const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
-  at::parallel_for(0, (N + kLaneRows - 1) / kLaneRows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(blocks * kLaneRows), wz(blocks * kLaneRows);
-    for (int64_t g = begin; g < end; ++g) {
-      lane_params(s, z, padded, first_tile, blocks, group_size / kBlock, g * kLaneRows, N, ws.data(), wz.data());
-      lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, o, g * kLaneRows);
-    }
-  });
+  return lanes16_product(x, weight, scales, zeros, group_size, first_row, N);
+#elif defined(TAP_PLANES)
+  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false);  // AVX2: 8 rows per register
+#else
+  return torch::empty({x.size(0), N}, x.options());
 #endif
-  return out;
 }
 
 torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row_scales, torch::Tensor row_sums) {
@@ -1320,8 +1348,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_w4", &matmul_w4);
   m.def("matmul_w4_many", &matmul_w4_many);
   m.def("matmul_w4_lanes", &matmul_w4_lanes);
-#if !defined(TAP_VNNI) && defined(TAP_PLANES)
+#if defined(TAP_PLANES)
   m.def("matmul_w4_rows_add", &matmul_w4_rows_add);
+#endif
+#if !defined(TAP_VNNI) && defined(TAP_PLANES)
   m.def("set_lane_pairs", [](bool on) { g_lane_pairs = on; });
   m.def("lane_pairs", []() { return g_lane_pairs; });
 #endif
