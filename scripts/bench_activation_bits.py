@@ -5,7 +5,7 @@ TAP's native kernel (VNNI or AVX2 build) quantizes activations per block of 64 t
 carry the 4-bit plane's error) takes 8 bits in the blocks whose peak is at most T times their RMS
 (T = inf: every block 8 bits). ``load(base_activation_bits=8)`` sets T = inf and also sends every
 many-token call's base product through the 8-bit lane kernel instead of the 15-bit path (a
-bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2) (``CpuVnniKernel.lane_base``, the AVX2 build's
+bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2) (``CpuVnniKernel.lane_base``, both builds'
 default in prefill). This script measures, on one checkpoint in one process:
 
 - decode quality: held-out windows fed one token at a time through the lean loop (so every

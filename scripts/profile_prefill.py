@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of wall-time measurement (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--base-activation-bits", type=int, default=None, choices=(8, 15),
+                        help="tap_runtime.load's base_activation_bits (default: the kernel's own choice)")
     args = parser.parse_args()
     set_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -88,7 +90,7 @@ def main() -> None:
     if getattr(tokenizer, "bos_token_id", None) is not None and "gemma" in type(tokenizer).__name__.lower():
         ids[0, 0] = tokenizer.bos_token_id  # gemma needs its BOS token first
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tap = tap_runtime.load(args.tap)
+    tap = tap_runtime.load(args.tap, base_activation_bits=args.base_activation_bits)
 
     def run(model, routing=None):
         def prepare():

@@ -96,9 +96,9 @@ def load(
             Off by default: on Qwen2.5-1.5B it made 512-token prefill 6-10% faster but decode
             4-8% slower (scripts/bench_speed.py rows tap-budget / tap-budget-heap).
         base_activation_bits: the activations of the base plane's products on TAP's native
-            kernel, per block of 64 inputs. None (default): the build's choice, 15 bits in
-            decode, and in prefill 8 bits on ``cpu-avx2`` (whose 15-bit products are no faster
-            than a float32 GEMM) and 15 on ``cpu-vnni``. 15: 15 bits everywhere. 8: 8 bits in
+            kernel, per block of 64 inputs. None (default): 15 bits in decode and 8 bits in
+            a prefill's base products (the lane kernels, faster than the 15-bit paths on both
+            ``cpu-avx2`` and ``cpu-vnni``). 15: 15 bits everywhere. 8: 8 bits in
             decode too (tokens that read the base plane alone). 8 bits take half the dot
             products; they cost 0-2% of KL on a rotated (format 5) checkpoint (README, "8-bit
             activations in prefill"). Other kernels refuse 8 (15 changes nothing there).

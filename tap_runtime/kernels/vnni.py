@@ -11,16 +11,18 @@ activations of torch's kernel (relative error ~1e-4 against ~3e-3).
 Layouts are made at load time from the portable planes; shapes the kernels do not take (group
 sizes or widths that are not multiples of 64, rows not a multiple of 32 wide) fall back to
 torch's packed kernel, plane by plane. From 16 tokens at once (prefill, routed subsets of it)
-a plane is unpacked by the native code into a reused bfloat16 buffer and multiplied by a dense
-GEMM: at 512 tokens that is 2.4x a float32 matmul on Qwen2.5-1.5B's gate/up plane, against
-1.0x for torch's int4 kernel (scripts/bench_kernels.py).
+a base product goes through the 16-row lane kernel with 8-bit activations per block of 64
+(``lane_base``, the default), and a 15-bit product that every token reads (plane sums,
+``lane_base=False``) unpacks the plane into a reused bfloat16 buffer for a dense GEMM: at 512
+tokens that is 2.4x a float32 matmul on Qwen2.5-1.5B's gate/up plane, against 1.0x for torch's
+int4 kernel (scripts/bench_kernels.py).
 
 On CPUs with AVX2 but no AVX-512 VNNI the same module builds with maddubs/madd in place of the
 VNNI dot product (kernel name ``cpu-avx2``): same layouts and arithmetic, and an 8-row lane
 kernel in place of the 16-row one. Its float32 dense GEMM is no faster than the integer
 products, so from AVX2_LANE_MIN_TOKENS tokens on every plane product goes through the lanes,
-reading the plane as stored: 8-bit activations for a prefill's base products (``lane_base``, on
-by default in this build) and the routed rows' residuals, 15-bit for other products every token
+reading the plane as stored: 8-bit activations for a prefill's base products (``lane_base``, as
+in the VNNI build) and the routed rows' residuals, 15-bit for other products every token
 reads (the one-token kernel's arithmetic; ``wide_lanes``). Decode keeps 15 bits. Dense matrices
 (plane sums, the head's many-token products) are float32 unless the CPU multiplies bfloat16
 natively (``CpuPackedKernel.dense_dtype``).
@@ -238,11 +240,13 @@ class CpuVnniKernel(CpuPackedKernel):
         # lane_base: in a many-token call (prefill), the base plane's product too goes through the
         # 8-bit lane kernel (8-bit activations per block of 64, the plane read as stored) instead
         # of the 15-bit path (unpack + bfloat16 GEMM on VNNI, the 15-bit lanes on AVX2): one
-        # maddubs / dpbusd per weight byte, not two. None: on in the AVX2 build, where 15 bits
+        # maddubs / dpbusd per weight byte, not two. None: on in both builds. On AVX2 15 bits
         # have no faster path than the float32 GEMM's rate and 8 bits made Qwen2.5-1.5B's prefill
-        # 1.6x faster; off on VNNI. Since the zero-point term uses the quantized activations' sum,
+        # 1.6x faster; on Zen 4's VNNI the 16-row lanes made SmolLM2's 512-token default prefill
+        # 1.48x faster than unpack + bfloat16 GEMM. Both builds then take the same 8-bit
+        # arithmetic in prefill. Since the zero-point term uses the quantized activations' sum,
         # 8 bits cost 0-2% of KL on the rotated checkpoints (README, "8-bit activations in prefill").
-        self.lane_base = (not vnni if lane_base is None else bool(lane_base)) and self.has_lane_kernel
+        self.lane_base = (True if lane_base is None else bool(lane_base)) and self.has_lane_kernel
         self.tile = int(self.native.tile_rows())
         if dense_min_tokens == "auto":
             dense_min_tokens = DENSE_MIN_TOKENS.get(self.instruction_set, 16)

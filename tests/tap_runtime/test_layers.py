@@ -213,21 +213,24 @@ def test_eight_bit_base_activations_take_the_lane_kernel_in_prefill_and_narrow_b
 
 
 @pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
-def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32():
-    """products() (the dense MLP's gate and up) keeps the base product in the dense type (bfloat16
-    where the CPU multiplies it natively) with routed tokens and hands their rows over apart:
-    base + residual, in float32."""
-    kernel = CpuVnniKernel(dense_min_tokens=16)
+@pytest.mark.parametrize("lane_base", [False, True], ids=["15-bit-dense-base", "8-bit-lane-base"])
+def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32(lane_base):
+    """products() (the dense MLP's gate and up) keeps a 15-bit base product in the dense type
+    (bfloat16 where the CPU multiplies it natively) with routed tokens and hands their rows over
+    apart: base + residual, in float32. The 8-bit lane base product (the default) is float32,
+    and the routed residuals are added into it in place."""
+    kernel = CpuVnniKernel(dense_min_tokens=16, lane_base=lane_base)
     module, planes = _native_linear(kernel, 32, 128)
     x = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
     module.routing = LayerRouting(0, [None])
     base_only, none = module.products(x)
-    assert base_only.dtype == kernel.dense_dtype and none is None
+    float_base = kernel.lane_base or kernel.dense_dtype == torch.float32
+    assert base_only.dtype == (torch.float32 if float_base else kernel.dense_dtype) and none is None
     routed = torch.tensor([2, 9, 10])
     module.routing = LayerRouting(0, [routed])
     got, rows = module.products(x)
     top = x @ dequantize_planes(planes, 2).t()
-    if kernel.dense_dtype == torch.float32:
+    if float_base:
         # Nothing to keep apart: the residual is added in place, in float32.
         assert rows is None and got.dtype == torch.float32
         assert float((got[routed] - top[routed]).norm() / top[routed].norm()) < 1e-2  # the residual's 8-bit lanes
