@@ -31,6 +31,7 @@ from .kernels.cpu import aligned
 from .kernels.native import native_kernels
 from .kernels.vnni import ALL_WIDE, TiledPlane
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
+from .prefill_attention import attend_prompt
 from .rotation import rotate_input
 from .router import ALL_TOKENS
 
@@ -529,16 +530,19 @@ class FastDecoder:
             cache.write(index, start, key, value)
             first_key, mask, causal = masks[window]
             keys, values = cache.read(index, first_key, end)
-            attended = F.scaled_dot_product_attention(
-                query,
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=causal,
-                scale=attention.scaling,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            attended = attended.transpose(1, 2).reshape(1, count, -1)
+            # A whole prompt from position 0: the native kernel's causal attention where it applies.
+            attended = attend_prompt(query, keys, values, attention.scaling) if causal and mask is None else None
+            if attended is None:
+                attended = F.scaled_dot_product_attention(
+                    query,
+                    keys,
+                    values,
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=attention.scaling,
+                    enable_gqa=self.num_kv_heads != self.num_heads,
+                ).transpose(1, 2)
+            attended = attended.reshape(1, count, -1)
             out = direct.single(attention.o_proj, attended) if direct is not None else None
             attended = out if out is not None else attention.o_proj(attended)
             mlp = layer.mlp

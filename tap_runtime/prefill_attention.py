@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernels.native import native_kernels
 
-__all__ = ["ATTENTION_NAME", "install_prefill_attention", "prefill_attention_forward", "native_prefill_applies"]
+__all__ = ["ATTENTION_NAME", "attend_prompt", "install_prefill_attention", "prefill_attention_forward", "native_prefill_applies"]
 
 ATTENTION_NAME = "tap_sdpa"
 _log = logging.getLogger(__name__)
@@ -43,6 +43,25 @@ def native_prefill_applies(module: nn.Module, query: torch.Tensor, key: torch.Te
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return False  # the kernel has no backward
     return query.shape[1] % key.shape[1] == 0
+
+
+def attend_prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Causal self-attention of a whole prompt (as many queries as keys, no other mask) on the
+    native kernel: (batch, seq_len, heads, head_dim), or None where the kernel does not take
+    these tensors (the caller then runs SDPA). For TAP's own decoder loop (tap_runtime.decode)."""
+    native = native_kernels()
+    if native is None or not hasattr(native, "attend_causal") or key.shape[2] != query.shape[2]:
+        return None
+    if not native_prefill_applies(_CAUSAL, query, key, value, None, 0.0, True, {}):
+        return None
+    return native.attend_causal(query, key, value, float(scale))
+
+
+class _CausalModule(nn.Module):
+    is_causal = True
+
+
+_CAUSAL = _CausalModule()
 
 
 def prefill_attention_forward(

@@ -134,3 +134,24 @@ def test_gemmas_sliding_layers_keep_their_window(converted_factory, monkeypatch)
     assert len(calls) == layer_types.count("full_attention")
     reference = _logits(tap, ids, "sdpa")
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+def test_the_lean_loops_prompt_attends_natively_and_gives_sdpas_logits(converted_factory, monkeypatch):
+    """TAP's own decoder loop (tap_runtime.decode) runs a prompt from position 0 through the
+    kernel too; a chunk after cached positions (an explicit mask) and decode steps keep SDPA."""
+    import tap_runtime.decode as decode
+
+    tap = _load(converted_factory("llama"))
+    calls = _count_native_calls(monkeypatch)
+    ids = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(3))
+    decoder = decode.FastDecoder(tap.model)
+    decoder._allocate(ids.shape[1] + 4, torch.float32, ids.device)
+    with torch.inference_mode():
+        native = decoder.forward(ids, 0, all_logits=True)
+        assert len(calls) == tap.table.num_layers
+        decoder.forward(ids[:, :10], 0)
+        decoder.forward(ids[:, 10:], 10)
+        assert len(calls) == 2 * tap.table.num_layers
+        monkeypatch.setattr(decode, "attend_prompt", lambda *args: None)
+        reference = decoder.forward(ids, 0, all_logits=True)
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
