@@ -5,8 +5,9 @@ prefill's causal attention from csrc/tap_prefill_attention.cpp in the same modul
 The extension is compiled on first use with torch's cpp_extension (ninja + the system C++
 compiler, ``-march=native``) into torch's extension cache, so every machine gets code for its
 own CPU: AVX-512 VNNI where the CPU has it, else AVX2 + FMA + F16C (the same products with
-maddubs/madd for VNNI's dot product, and no many-token lane kernel; ``instruction_set()`` says
-which). It is optional: without a compiler, on a CPU with neither, or with
+maddubs/madd for VNNI's dot product, and 8-row lanes for 16-row ones; ``instruction_set()`` says
+which; ``TAP_NATIVE_MARCH=znver3`` builds the AVX2 variant on an AVX-512 machine, for testing
+it). It is optional: without a compiler, on a CPU with neither, or with
 ``TAP_NATIVE_KERNELS=0``, :func:`native_kernels` returns None with the reason in
 :func:`native_unavailable_reason`, and the runtime uses torch's packed kernels instead.
 """
@@ -27,7 +28,9 @@ __all__ = ["native_kernels", "native_unavailable_reason", "cpu_flags", "SOURCE",
 SOURCE = Path(__file__).with_name("csrc") / "tap_cpu_int4.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("tap_decode_ops.cpp"), SOURCE.with_name("tap_prefill_attention.cpp"))
 HEADERS = (SOURCE.with_name("vector_exp.h"),)
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# TAP_NATIVE_MARCH: the -march to build for (default native). A developer on an AVX-512 machine
+# can build and test the AVX2 build with TAP_NATIVE_MARCH=znver3 (or haswell).
+_FLAGS = ["-O3", f"-march={os.environ.get('TAP_NATIVE_MARCH', 'native')}", "-fopenmp"]
 _log = logging.getLogger(__name__)
 _state: dict[str, object] = {}
 

@@ -403,8 +403,11 @@ def test_avx2_build_multiplies_many_tokens_through_its_lanes():
     assert torch.equal(kernel.matmul_base(x, prepared, alone=False), kernel.native.matmul_w4_many(x, *args))
     # wide_lanes=False: many-token calls unpack the plane and multiply densely again.
     dense = CpuVnniKernel(wide_lanes=False, lane_base=False, dense_min_tokens=16)
-    assert _relative_error(dense.matmul_plane(x, prepared), expected) < 1e-5
-    assert _relative_error(dense.matmul_base(x, prepared, alone=True), expected) < 1e-5
+    # float32 on an AVX2 CPU; bfloat16 where the AVX2 build runs on a CPU with AVX512-BF16
+    # (TAP_NATIVE_MARCH=znver3 on Zen 4).
+    tolerance = 1e-5 if dense.dense_dtype == torch.float32 else 1e-2
+    assert _relative_error(dense.matmul_plane(x, prepared), expected) < tolerance
+    assert _relative_error(dense.matmul_base(x, prepared, alone=True), expected) < tolerance
 
 
 @needs_native

@@ -224,7 +224,7 @@ def test_a_bfloat16_caller_gets_the_routed_rows_apart_in_float32(lane_base):
     x = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
     module.routing = LayerRouting(0, [None])
     base_only, none = module.products(x)
-    float_base = kernel.lane_base or kernel.dense_dtype == torch.float32
+    float_base = kernel.many_token_input_dtype() == torch.float32  # lanes, or a float32 dense GEMM
     assert base_only.dtype == (torch.float32 if float_base else kernel.dense_dtype) and none is None
     routed = torch.tensor([2, 9, 10])
     module.routing = LayerRouting(0, [routed])
