@@ -31,7 +31,7 @@ from .kernels.cpu import aligned
 from .kernels.native import native_kernels
 from .kernels.vnni import ALL_WIDE, TiledPlane
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
-from .prefill_attention import attend_prompt
+from .prefill_attention import attend_prompt, is_plain_causal
 from .rotation import rotate_input
 from .router import ALL_TOKENS
 
@@ -531,7 +531,8 @@ class FastDecoder:
             first_key, mask, causal = masks[window]
             keys, values = cache.read(index, first_key, end)
             # A whole prompt from position 0: the native kernel's causal attention where it applies.
-            attended = attend_prompt(query, keys, values, attention.scaling) if causal and mask is None else None
+            plain = causal and mask is None or (first_key == 0 and start == 0 and mask is not None and is_plain_causal(mask, count))
+            attended = attend_prompt(query, keys, values, attention.scaling) if plain else None
             if attended is None:
                 attended = F.scaled_dot_product_attention(
                     query,

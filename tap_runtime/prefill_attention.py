@@ -3,9 +3,10 @@
 transformers picks each layer's attention function by name from its ``AttentionInterface``.
 This module registers ``tap_sdpa``: the native kernel where a call is plain causal
 self-attention over a whole float32 prompt on the CPU (no mask beyond causality, as many queries
-as keys, no dropout, softcap or position bias), and torch's SDPA, exactly as transformers' own
-``sdpa`` runs it, for every other call (decode steps, padded batches, sliding windows shorter
-than the prompt). Masks are made as for ``sdpa``, so the two agree on which calls are causal.
+as keys, no dropout, softcap or position bias; a boolean mask is accepted where it is the causal
+pattern itself, as transformers builds for a sliding window that covers the whole prompt), and
+torch's SDPA, exactly as transformers' own ``sdpa`` runs it, for every other call (decode steps,
+padded batches, sliding windows shorter than the prompt). Masks are made as for ``sdpa``, so the two agree on which calls are causal.
 The HF models a process loads itself keep ``sdpa``: only models TAP loads use the name.
 """
 
@@ -18,21 +19,47 @@ from torch import nn
 
 from .kernels.native import native_kernels
 
-__all__ = ["ATTENTION_NAME", "attend_prompt", "install_prefill_attention", "prefill_attention_forward", "native_prefill_applies"]
+__all__ = ["ATTENTION_NAME", "attend_prompt", "install_prefill_attention", "is_plain_causal", "native_prefill_applies",
+           "prefill_attention_forward"]
 
 ATTENTION_NAME = "tap_sdpa"
 _log = logging.getLogger(__name__)
 _LANES = 16  # the kernel's head_dim granularity
 
 
+_CAUSAL_PATTERNS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def is_plain_causal(mask: torch.Tensor, seq_len: int) -> bool:
+    """Whether a boolean mask (seq_len, seq_len), or (batch, 1, seq_len, seq_len), lets each query
+    see exactly the keys up to its own position. transformers builds such a mask for sliding
+    layers whose window covers the whole prompt (gemma-3's 512 at a 512-token prompt)."""
+    if mask.dtype != torch.bool or mask.shape[-2:] != (seq_len, seq_len) or mask.dim() not in (2, 4):
+        return False
+    if mask.dim() == 4 and mask.shape[1] != 1:
+        return False
+    key = (seq_len, str(mask.device))
+    pattern = _CAUSAL_PATTERNS.get(key)
+    if pattern is None:
+        if len(_CAUSAL_PATTERNS) > 8:
+            _CAUSAL_PATTERNS.clear()
+        pattern = _CAUSAL_PATTERNS[key] = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril_()
+    return bool(torch.equal(mask, pattern.expand_as(mask)))
+
+
 def native_prefill_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
-    """Whether this call is one the native kernel computes exactly as SDPA with is_causal=True."""
-    if attention_mask is not None or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+    """Whether this call is one the native kernel computes exactly as SDPA with is_causal=True:
+    no mask, or a mask that is the causal pattern itself (with as many keys as queries)."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return False
+    if attention_mask is not None and not (key.shape[2] == query.shape[2] and is_plain_causal(attention_mask, query.shape[2])):
         return False
     if kwargs.get("output_attentions", False) or (dropout and module.training):
         return False
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None:
+        causal = True  # the mask itself is the causal pattern (checked above)
     if not causal or query.dim() != 4 or query.shape[2] < 2 or key.shape[2] < query.shape[2]:
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in (query, key, value)):

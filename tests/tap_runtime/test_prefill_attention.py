@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import tap_runtime
 from tap_runtime.kernels.native import native_kernels
-from tap_runtime.prefill_attention import ATTENTION_NAME, prefill_attention_forward
+from tap_runtime.prefill_attention import ATTENTION_NAME, is_plain_causal, prefill_attention_forward
 
 pytestmark = pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
 
@@ -134,16 +134,36 @@ def test_gemmas_sliding_layers_keep_their_window(converted_factory, monkeypatch)
     assert len(calls) == layer_types.count("full_attention")
     reference = _logits(tap, ids, "sdpa")
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    # A prompt within the window: transformers still builds the sliding layers' mask, and it is
+    # the causal pattern itself, so every layer attends natively.
+    calls.clear()
+    short = ids[:, :12]
+    native = _logits(tap, short, ATTENTION_NAME)
+    assert len(calls) == len(layer_types)
+    reference = _logits(tap, short, "sdpa")
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
 
 
-def test_the_lean_loops_prompt_attends_natively_and_gives_sdpas_logits(converted_factory, monkeypatch):
+def test_only_the_causal_pattern_itself_counts_as_plain_causal():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert is_plain_causal(causal, 6) and is_plain_causal(causal.expand(2, 1, 6, 6), 6)
+    padded = causal.clone()
+    padded[:, 0] = False  # a padded first position
+    window = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)  # a window of 3
+    for mask in (padded, window, causal.float(), causal[:5, :5], causal.expand(1, 2, 6, 6)):
+        assert not is_plain_causal(mask, 6)
+
+
+@pytest.mark.parametrize("model_type,prompt_len", [("llama", 30), ("gemma3_text", 12)])
+def test_the_lean_loops_prompt_attends_natively_and_gives_sdpas_logits(converted_factory, monkeypatch, model_type, prompt_len):
     """TAP's own decoder loop (tap_runtime.decode) runs a prompt from position 0 through the
-    kernel too; a chunk after cached positions (an explicit mask) and decode steps keep SDPA."""
+    kernel too (gemma's sliding layers as well, while the prompt fits their window); a chunk
+    after cached positions (an explicit mask) and decode steps keep SDPA."""
     import tap_runtime.decode as decode
 
-    tap = _load(converted_factory("llama"))
+    tap = _load(converted_factory(model_type))
     calls = _count_native_calls(monkeypatch)
-    ids = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 320, (1, prompt_len), generator=torch.Generator().manual_seed(3))
     decoder = decode.FastDecoder(tap.model)
     decoder._allocate(ids.shape[1] + 4, torch.float32, ids.device)
     with torch.inference_mode():
