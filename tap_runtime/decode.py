@@ -530,9 +530,11 @@ class FastDecoder:
             cache.write(index, start, key, value)
             first_key, mask, causal = masks[window]
             keys, values = cache.read(index, first_key, end)
-            # A whole prompt from position 0: the native kernel's causal attention where it applies.
-            plain = causal and mask is None or (first_key == 0 and start == 0 and mask is not None and is_plain_causal(mask, count))
-            attended = attend_prompt(query, keys, values, attention.scaling) if plain else None
+            # A whole prompt from position 0 (in a sliding layer: the window's own pattern).
+            plain = causal and mask is None or (
+                first_key == 0 and start == 0 and mask is not None and is_plain_causal(mask, count, window or 0)
+            )
+            attended = attend_prompt(query, keys, values, attention.scaling, window or 0) if plain else None
             if attended is None:
                 attended = F.scaled_dot_product_attention(
                     query,

@@ -4,9 +4,9 @@ transformers picks each layer's attention function by name from its ``AttentionI
 This module registers ``tap_sdpa``: the native kernel where a call is plain causal
 self-attention over a whole float32 prompt on the CPU (no mask beyond causality, as many queries
 as keys, no dropout, softcap or position bias; a boolean mask is accepted where it is the causal
-pattern itself, as transformers builds for a sliding window that covers the whole prompt), and
-torch's SDPA, exactly as transformers' own ``sdpa`` runs it, for every other call (decode steps,
-padded batches, sliding windows shorter than the prompt). Masks are made as for ``sdpa``, so the two agree on which calls are causal.
+pattern itself or the sliding-window pattern of the layer's window, as transformers builds for
+sliding layers), and torch's SDPA, exactly as transformers' own ``sdpa`` runs it, for every
+other call (decode steps, padded batches, chunks after cached positions). Masks are made as for ``sdpa``, so the two agree on which calls are causal.
 The HF models a process loads itself keep ``sdpa``: only models TAP loads use the name.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from .kernels.native import native_kernels
 
-__all__ = ["ATTENTION_NAME", "attend_prompt", "install_prefill_attention", "is_plain_causal", "native_prefill_applies",
+__all__ = ["ATTENTION_NAME", "attend_prompt", "install_prefill_attention", "is_plain_causal", "native_prefill_window",
            "prefill_attention_forward"]
 
 ATTENTION_NAME = "tap_sdpa"
@@ -27,61 +27,75 @@ _log = logging.getLogger(__name__)
 _LANES = 16  # the kernel's head_dim granularity
 
 
-_CAUSAL_PATTERNS: dict[tuple[int, str], torch.Tensor] = {}
+_CAUSAL_PATTERNS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
-def is_plain_causal(mask: torch.Tensor, seq_len: int) -> bool:
+def is_plain_causal(mask: torch.Tensor, seq_len: int, window: int = 0) -> bool:
     """Whether a boolean mask (seq_len, seq_len), or (batch, 1, seq_len, seq_len), lets each query
-    see exactly the keys up to its own position. transformers builds such a mask for sliding
-    layers whose window covers the whole prompt (gemma-3's 512 at a 512-token prompt)."""
+    see exactly the keys up to its own position (with ``window``: only the last ``window`` of
+    them, itself included, as transformers' sliding-window layers do). transformers builds such
+    masks for sliding layers, also where the window covers the whole prompt."""
     if mask.dtype != torch.bool or mask.shape[-2:] != (seq_len, seq_len) or mask.dim() not in (2, 4):
         return False
     if mask.dim() == 4 and mask.shape[1] != 1:
         return False
-    key = (seq_len, str(mask.device))
+    key = (seq_len, window, str(mask.device))
     pattern = _CAUSAL_PATTERNS.get(key)
     if pattern is None:
         if len(_CAUSAL_PATTERNS) > 8:
             _CAUSAL_PATTERNS.clear()
-        pattern = _CAUSAL_PATTERNS[key] = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril_()
+        pattern = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril_()
+        if window > 0:
+            pattern &= ~torch.ones_like(pattern).tril_(-window)  # keys j > i - window
+        _CAUSAL_PATTERNS[key] = pattern
     return bool(torch.equal(mask, pattern.expand_as(mask)))
 
 
-def native_prefill_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
-    """Whether this call is one the native kernel computes exactly as SDPA with is_causal=True:
-    no mask, or a mask that is the causal pattern itself (with as many keys as queries)."""
+def native_prefill_window(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> int | None:
+    """The native kernel's window (0: none) for a call it computes exactly as SDPA, else None:
+    no mask and a causal call, or a mask that is the causal pattern itself, or the sliding-window
+    pattern of the layer's ``sliding_window`` (with as many keys as queries)."""
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        return False
-    if attention_mask is not None and not (key.shape[2] == query.shape[2] and is_plain_causal(attention_mask, query.shape[2])):
-        return False
+        return None
     if kwargs.get("output_attentions", False) or (dropout and module.training):
-        return False
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return None
+    if query.dim() != 4 or query.shape[2] < 2 or key.shape[2] < query.shape[2]:
+        return None
+    window = 0
     if attention_mask is not None:
-        causal = True  # the mask itself is the causal pattern (checked above)
-    if not causal or query.dim() != 4 or query.shape[2] < 2 or key.shape[2] < query.shape[2]:
-        return False
+        seq_len, sliding = query.shape[2], kwargs.get("sliding_window") or 0
+        if key.shape[2] != seq_len:
+            return None
+        if is_plain_causal(attention_mask, seq_len):
+            window = 0
+        elif 0 < sliding < seq_len and is_plain_causal(attention_mask, seq_len, sliding):
+            window = sliding
+        else:
+            return None
+    elif not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        return None
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in (query, key, value)):
-        return False
+        return None
     head_dim = query.shape[-1]
     if head_dim % _LANES or key.shape[-1] != head_dim or value.shape[-1] != head_dim:
-        return False
+        return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        return False  # the kernel has no backward
-    return query.shape[1] % key.shape[1] == 0
+        return None  # the kernel has no backward
+    return window if query.shape[1] % key.shape[1] == 0 else None
 
 
-def attend_prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Causal self-attention of a whole prompt (as many queries as keys, no other mask) on the
-    native kernel: (batch, seq_len, heads, head_dim), or None where the kernel does not take
-    these tensors (the caller then runs SDPA). For TAP's own decoder loop (tap_runtime.decode)."""
+def attend_prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor | None:
+    """Causal self-attention of a whole prompt (as many queries as keys; with ``window``, each
+    query sees its last ``window`` keys) on the native kernel: (batch, seq_len, heads, head_dim),
+    or None where the kernel does not take these tensors (the caller then runs SDPA). For TAP's
+    own decoder loop (tap_runtime.decode)."""
     native = native_kernels()
     if native is None or not hasattr(native, "attend_causal") or key.shape[2] != query.shape[2]:
         return None
-    if not native_prefill_applies(_CAUSAL, query, key, value, None, 0.0, True, {}):
+    if native_prefill_window(_CAUSAL, query, key, value, None, 0.0, True, {}) is None:
         return None
-    return native.attend_causal(query, key, value, float(scale))
+    return native.attend_causal(query, key, value, float(scale), int(window))
 
 
 class _CausalModule(nn.Module):
@@ -106,16 +120,17 @@ def prefill_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     native = native_kernels()
-    if native is None or not hasattr(native, "attend_causal") or not native_prefill_applies(
-        module, query, key, value, attention_mask, dropout, is_causal, kwargs
-    ):
+    window = None
+    if native is not None and hasattr(native, "attend_causal"):
+        window = native_prefill_window(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    if window is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     q_length = query.shape[2]
     # As sdpa does for a prefill into an empty static cache: keys past the prompt are unused.
     key, value = key[:, :, :q_length], value[:, :, :q_length]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return native.attend_causal(query, key, value, float(scale)), None
+    return native.attend_causal(query, key, value, float(scale), window), None
 
 
 def _register() -> None:

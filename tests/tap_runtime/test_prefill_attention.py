@@ -39,6 +39,20 @@ def test_attend_causal_is_sdpas_causal_attention(batch, heads, kv_heads, seq_len
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window,seq_len", [(16, 130), (1, 40), (50, 200), (7, 49), (300, 130)])
+def test_attend_causal_with_a_window_is_sdpa_under_the_sliding_window_mask(window, seq_len):
+    """window > 0: each query sees its last `window` keys (itself included), as transformers'
+    sliding-window layers do; a window past the prompt is plain causal attention."""
+    q, k, v = _qkv(1, 4, 2, seq_len, 64, strided=True, seed=window)
+    i = torch.arange(seq_len)
+    visible = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.125, enable_gqa=True)
+    got = native_kernels().attend_causal(q, k, v, 0.125, window)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        native_kernels().attend_causal(q, k, v, 0.125, -1)
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -76,6 +90,16 @@ def _load(path):
         tap.kernel.vnni_dense_min_tokens = 1 << 30
     tap.set_routing("fixed", tier=8)
     return tap
+
+
+def _assert_logits_agree(native, reference):
+    """Attention outputs agree to float32 rounding; downstream, a last-bit difference can still
+    flip a 15-bit activation code, most visibly in the head (one scale per token, and gemma's
+    hidden states have large outliers), which moves a few logits by up to ~1e-3 of the peak.
+    So: every logit within 5e-3 of the peak, and on average within 1e-4 of it."""
+    peak = float(reference.abs().max())
+    assert float((native - reference).abs().max()) <= 5e-3 * peak
+    assert float((native - reference).abs().mean()) <= 1e-4 * peak
 
 
 def _logits(tap, ids, attention, **kwargs):
@@ -123,25 +147,26 @@ def test_calls_the_kernel_cannot_take_fall_through_to_sdpa(converted_factory, mo
     assert calls == [] and q.grad is not None
 
 def test_gemmas_sliding_layers_keep_their_window(converted_factory, monkeypatch):
-    """gemma-3's sliding layers (window 16 here) get a mask for a 40-token prompt and run on sdpa;
-    its full-attention layers, maskless, run natively. Logits match sdpa's throughout."""
+    """gemma-3's sliding layers (window 16 here) get a sliding-window mask for a 40-token prompt,
+    and the kernel takes it with their window; its full-attention layers, maskless, run natively
+    too. Logits match sdpa's throughout."""
     tap = _load(converted_factory("gemma3_text"))
     assert tap.model.config._attn_implementation == ATTENTION_NAME
     calls = _count_native_calls(monkeypatch)
     ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(2))
     native = _logits(tap, ids, ATTENTION_NAME)
     layer_types = tap.model.config.get_text_config().layer_types
-    assert len(calls) == layer_types.count("full_attention")
+    assert len(calls) == len(layer_types) and "sliding_attention" in layer_types
     reference = _logits(tap, ids, "sdpa")
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    _assert_logits_agree(native, reference)
     # A prompt within the window: transformers still builds the sliding layers' mask, and it is
-    # the causal pattern itself, so every layer attends natively.
+    # the causal pattern itself.
     calls.clear()
     short = ids[:, :12]
     native = _logits(tap, short, ATTENTION_NAME)
     assert len(calls) == len(layer_types)
     reference = _logits(tap, short, "sdpa")
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    _assert_logits_agree(native, reference)
 
 
 def test_only_the_causal_pattern_itself_counts_as_plain_causal():
@@ -152,13 +177,15 @@ def test_only_the_causal_pattern_itself_counts_as_plain_causal():
     window = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)  # a window of 3
     for mask in (padded, window, causal.float(), causal[:5, :5], causal.expand(1, 2, 6, 6)):
         assert not is_plain_causal(mask, 6)
+    assert is_plain_causal(window, 6, window=3) and is_plain_causal(causal, 6, window=6)
+    assert not is_plain_causal(window, 6, window=2) and not is_plain_causal(padded & window, 6, window=3)
 
 
-@pytest.mark.parametrize("model_type,prompt_len", [("llama", 30), ("gemma3_text", 12)])
+@pytest.mark.parametrize("model_type,prompt_len", [("llama", 30), ("gemma3_text", 12), ("gemma3_text", 30)])
 def test_the_lean_loops_prompt_attends_natively_and_gives_sdpas_logits(converted_factory, monkeypatch, model_type, prompt_len):
     """TAP's own decoder loop (tap_runtime.decode) runs a prompt from position 0 through the
-    kernel too (gemma's sliding layers as well, while the prompt fits their window); a chunk
-    after cached positions (an explicit mask) and decode steps keep SDPA."""
+    kernel too (gemma's sliding layers with their window, 16 here); a chunk after cached
+    positions (an explicit mask) and decode steps keep SDPA."""
     import tap_runtime.decode as decode
 
     tap = _load(converted_factory(model_type))
@@ -174,4 +201,4 @@ def test_the_lean_loops_prompt_attends_natively_and_gives_sdpas_logits(converted
         assert len(calls) == 2 * tap.table.num_layers
         monkeypatch.setattr(decode, "attend_prompt", lambda *args: None)
         reference = decoder.forward(ids, 0, all_logits=True)
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    _assert_logits_agree(native, reference)

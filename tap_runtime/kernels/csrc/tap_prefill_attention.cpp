@@ -32,11 +32,13 @@ constexpr int64_t kQueryBlock = 8 * kRows;     // query rows per task (their sco
 constexpr int64_t kKeys = 16;                  // keys per register block (two 8-float vectors)
 constexpr int64_t kLanes = 16;                 // head_dim values per register block of the value product
 
-// scores[r][j] = q[r] . kt[:, j] for rows [0, kRows) and keys [0, key_end) rounded up to kKeys.
+// scores[r][j] = q[r] . kt[:, j] for rows [0, kRows) and keys [key_begin, key_end), widened to
+// whole chunks of kKeys (key_begin a multiple of kKeys).
 // q: (kRows, head_dim) row-major; kt: (head_dim, padded_keys); scores: (kRows, padded_keys).
-void score_block(const float* q, const float* kt, int64_t head_dim, int64_t padded_keys, int64_t key_end, float* scores) {
+void score_block(const float* q, const float* kt, int64_t head_dim, int64_t padded_keys, int64_t key_begin, int64_t key_end,
+                 float* scores) {
 #if defined(__AVX2__) && defined(__FMA__)
-  for (int64_t j = 0; j < key_end; j += kKeys) {
+  for (int64_t j = key_begin; j < key_end; j += kKeys) {
     __m256 acc[kRows][2];
     for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const float* column = kt + j;
@@ -55,7 +57,7 @@ void score_block(const float* q, const float* kt, int64_t head_dim, int64_t padd
     }
   }
 #else
-  for (int64_t j = 0; j < key_end; ++j)
+  for (int64_t j = key_begin; j < key_end; ++j)
     for (int r = 0; r < kRows; ++r) {
       float total = 0.f;
       for (int64_t d = 0; d < head_dim; ++d) total += q[r * head_dim + d] * kt[d * padded_keys + j];
@@ -64,14 +66,14 @@ void score_block(const float* q, const float* kt, int64_t head_dim, int64_t padd
 #endif
 }
 
-// out[r] = sum_{j < key_end} p[r][j] v[j] for kRows rows; v rows are value_stride apart.
-void value_block(const float* p, int64_t padded_keys, int64_t key_end, const float* v, int64_t value_stride, int64_t head_dim,
-                 float* out) {
+// out[r] = sum_{key_begin <= j < key_end} p[r][j] v[j] for kRows rows; v rows are value_stride apart.
+void value_block(const float* p, int64_t padded_keys, int64_t key_begin, int64_t key_end, const float* v, int64_t value_stride,
+                 int64_t head_dim, float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
   for (int64_t c = 0; c < head_dim; c += kLanes) {
     __m256 acc[kRows][2];
     for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < key_end; ++j) {
+    for (int64_t j = key_begin; j < key_end; ++j) {
       const float* row = v + j * value_stride + c;
       const __m256 v0 = _mm256_loadu_ps(row), v1 = _mm256_loadu_ps(row + 8);
       for (int r = 0; r < kRows; ++r) {
@@ -89,15 +91,18 @@ void value_block(const float* p, int64_t padded_keys, int64_t key_end, const flo
   for (int r = 0; r < kRows; ++r)
     for (int64_t c = 0; c < head_dim; ++c) {
       float total = 0.f;
-      for (int64_t j = 0; j < key_end; ++j) total += p[r * padded_keys + j] * v[j * value_stride + c];
+      for (int64_t j = key_begin; j < key_end; ++j) total += p[r * padded_keys + j] * v[j * value_stride + c];
       out[r * head_dim + c] = total;
     }
 #endif
 }
 
-// Softmax of one row's scores over keys [0, length) in place; zeroes keys [length, zero_end)
-// so the value product can run over the whole block. Returns 1 / sum of the exponentials.
-float softmax_row(float* scores, int64_t length, int64_t zero_end) {
+// Softmax of one row's scores over keys [begin, length) in place; zeroes keys [zero_begin, begin)
+// and [length, zero_end) so the value product can run over the whole block. Returns 1 / sum of
+// the exponentials. Here `scores` points at key 0 of the row.
+float softmax_row(float* scores, int64_t zero_begin, int64_t begin, int64_t length, int64_t zero_end) {
+  for (int64_t j = zero_begin; j < begin; ++j) scores[j] = 0.f;
+  scores += begin, length -= begin, zero_end -= begin;
   float peak = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
 #if defined(__AVX2__)
@@ -131,11 +136,12 @@ void check_attention_input(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-// softmax(q k^T * scale, causal) v for a prompt with as many queries as keys.
+// softmax(q k^T * scale, causal) v for a prompt with as many queries as keys; with window > 0,
+// each query sees only the `window` keys up to its own position (a sliding-window layer).
 // q (batch, num_heads, seq_len, head_dim); k, v (batch, num_kv_heads, seq_len, head_dim), any
 // strides with a contiguous head_dim; num_heads a multiple of num_kv_heads, head_dim a multiple
 // of 16. Returns (batch, seq_len, num_heads, head_dim), the layout the output projection reads.
-torch::Tensor attend_causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+torch::Tensor attend_causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t window) {
   check_attention_input(q, "q");
   check_attention_input(k, "k");
   check_attention_input(v, "v");
@@ -147,6 +153,7 @@ torch::Tensor attend_causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, d
   TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
               ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   TORCH_CHECK(head_dim % kLanes == 0, "head_dim must be a multiple of ", kLanes, "; got ", head_dim);
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: no window); got ", window);
   auto out = torch::empty({batch, seq_len, num_heads, head_dim}, q.options());
   if (seq_len == 0 || batch == 0 || num_heads == 0) return out;
   const int64_t padded_keys = (seq_len + kKeys - 1) / kKeys * kKeys, group = num_heads / num_kv_heads;
@@ -187,15 +194,19 @@ torch::Tensor attend_causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, d
       const float* kt = kt_data + (b * num_kv_heads + g) * head_dim * padded_keys;
       const float* v_head = v_data + b * v.stride(0) + g * v.stride(1);
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const int64_t last = std::min(first + r0 + kRows, seq_len);  // keys [0, last) cover the block's rows
+        // Keys [lowest, last) cover the block's rows: each row sees [its position - window + 1,
+        // its position], or from key 0 without a window.
+        const int64_t last = std::min(first + r0 + kRows, seq_len);
+        const int64_t lowest = window > 0 ? std::max<int64_t>(0, first + r0 - window + 1) : 0;
         float* block_scores = scores.data() + r0 * padded_keys;
-        score_block(queries.data() + r0 * head_dim, kt, head_dim, padded_keys, last, block_scores);
+        score_block(queries.data() + r0 * head_dim, kt, head_dim, padded_keys, lowest / kKeys * kKeys, last, block_scores);
         float inverse[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
           const int64_t position = std::min(first + r0 + r, seq_len - 1);
-          inverse[r] = softmax_row(block_scores + r * padded_keys, position + 1, last);
+          const int64_t begin = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0;
+          inverse[r] = softmax_row(block_scores + r * padded_keys, lowest, begin, position + 1, last);
         }
-        value_block(block_scores, padded_keys, last, v_head, v.stride(2), head_dim, attended.data());
+        value_block(block_scores, padded_keys, lowest, last, v_head, v.stride(2), head_dim, attended.data());
         for (int64_t r = 0; r < kRows && r0 + r < rows; ++r) {
           float* target = o_data + ((b * seq_len + first + r0 + r) * num_heads + h) * head_dim;
           for (int64_t d = 0; d < head_dim; ++d) target[d] = attended[r * head_dim + d] * inverse[r];
@@ -207,7 +218,7 @@ torch::Tensor attend_causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, d
 }
 
 void register_ops(pybind11::module& m) {
-  m.def("attend_causal", &attend_causal, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+  m.def("attend_causal", &attend_causal, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("window") = 0);
 }
 
 }  // namespace tap_attention
