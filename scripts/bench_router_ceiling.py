@@ -16,7 +16,8 @@ of tokens per layer (so the same average weight bits read):
   probe                     a ridge regression of log |g . e| on what the router could see (the
                             layer's normed input, the sketched error estimate, the hidden norm,
                             the position), fitted on calibration windows of the checkpoint's own
-                            source, never on the evaluated text
+                            source, never on the evaluated text (--probe-target: g and e as the
+                            oracle has them, or as the converter's calibration pass has them)
 The oracles use the evaluated text's own gradients: they are ceilings, not routers. The
 gradients come from a float32 copy of the model with the planes dequantized (tier 8 = all planes),
 the routed rows run on the TAP model itself.
@@ -65,10 +66,14 @@ def tier_models(model_dir: str, portable) -> tuple[torch.nn.Module, torch.nn.Mod
 
 def token_impacts(base, top, spec, sketches, windows, references) -> list[list[dict]]:
     """Per window, per layer: the router's inputs (normed input, error estimate, hidden norm,
-    position) and the oracle scores of every position but the last."""
+    position) and the oracle scores of every position but the last.
+
+    ``base`` runs the window and gives the gradients, ``top`` reruns each layer on the same
+    inputs, which gives e. With ``references`` None the loss is the window's own next-token
+    loss (no fp32 logits needed), else the KL to those logits."""
     base_layers, top_layers = decoder_layers(base, spec), decoder_layers(top, spec)
     results = []
-    for window, reference in zip(windows, references):
+    for window, reference in zip(windows, references if references is not None else [None] * len(windows)):
         inputs: dict[int, tuple] = {}
         outputs: dict[int, torch.Tensor] = {}
 
@@ -91,8 +96,11 @@ def token_impacts(base, top, spec, sketches, windows, references) -> list[list[d
         handles.append(base.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         with torch.enable_grad():
             logprobs = torch.log_softmax(base(window.unsqueeze(0), use_cache=False).logits[0, :-1].float(), -1)
-            target = torch.log_softmax(reference.float(), -1)
-            (target.exp() * (target - logprobs)).sum().backward()
+            if reference is None:
+                (-logprobs.gather(-1, window[1:, None])).sum().backward()
+            else:
+                target = torch.log_softmax(reference.float(), -1)
+                (target.exp() * (target - logprobs)).sum().backward()
         for handle in handles:
             handle.remove()
         per_layer = []
@@ -166,6 +174,12 @@ def main() -> None:
     parser.add_argument("--bits", type=float, default=4.6, help="the share is the one that reads this many average bits")
     parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows the probe is fitted on")
     parser.add_argument("--penalty", type=float, default=10.0, help="the probe's ridge penalty")
+    parser.add_argument(
+        "--probe-target", choices=("kl-base", "nll-fp32"), default="kl-base",
+        help="what the probe learns: |g.e| with g the KL gradient at the base-tier model and e the "
+        "base-to-top change (as the oracle), or with g the next-token loss gradient at the float32 "
+        "model and e the fp32-to-base change (what the converter's calibration pass records today)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -192,7 +206,10 @@ def main() -> None:
     )[-args.calib_windows :]
     with torch.inference_mode():
         calibration_references = [teacher(w.unsqueeze(0)).logits[0, :-1].to(torch.bfloat16) for w in calibration]
-    fitted = token_impacts(base, top, spec, sketches, calibration, calibration_references)
+    if args.probe_target == "kl-base":
+        fitted = token_impacts(base, top, spec, sketches, calibration, calibration_references)
+    else:
+        fitted = token_impacts(teacher, base, spec, sketches, calibration, None)
     num_layers = len(fitted[0])
     train = max(1, int(len(fitted) * 0.75))
     probes, aucs = [], []
@@ -203,7 +220,7 @@ def main() -> None:
             held_probe = RidgeProbe(torch.cat(features[:train]), torch.cat(targets[:train]), args.penalty)
             aucs.append(top_share_auc(held_probe(torch.cat(features[train:])), torch.cat(targets[train:]), share))
         probes.append(RidgeProbe(torch.cat(features), torch.cat(targets), args.penalty))
-    print(f"probe: fitted on {len(fitted)} calibration windows; on the last {len(fitted) - train} held out of its fit, "
+    print(f"probe ({args.probe_target}): fitted on {len(fitted)} calibration windows; on the last {len(fitted) - train} held out of its fit, "
           f"AUC for the top {share:.1%} by |g.e|: mean {np.mean(aucs):.3f} (per layer {', '.join(f'{a:.2f}' for a in aucs)})", flush=True)
 
     windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
