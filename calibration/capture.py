@@ -98,23 +98,32 @@ def collect_input_stats(
     return stats
 
 
-def _rerun_on_base(module: nn.Module, args: tuple, kwargs: dict, sites: list[LinearSite], base_weight: Callable, state: dict) -> torch.Tensor:
-    """Run a decoder layer again with its linears on their base-tier weights; restore them after.
+def _swap_weights(sites: list[LinearSite], data: dict[str, torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Point each site's weight at ``data[site.name]`` (stored layout); returns what to restore."""
+    saved = []
+    for site in sites:
+        saved.append((site.module, site.module.weight.data))
+        site.module.weight.data = data[site.name]
+    return saved
+
+
+def _restore_weights(saved: list[tuple[nn.Module, torch.Tensor]]) -> None:
+    for module, data in saved:
+        module.weight.data = data
+
+
+def _rerun_with(module: nn.Module, args: tuple, kwargs: dict, sites: list[LinearSite], data: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
+    """Run a decoder layer again with its linears on other weights (``data``); restore them after.
 
     ``state["rerun"]`` is set meanwhile so the caller's own hooks can ignore the second pass.
     """
-    saved = []
-    for site in sites:
-        weight = base_weight(site)
-        saved.append((site.module, site.module.weight.data))
-        site.module.weight.data = weight if site.layout == "linear" else weight.t().contiguous()
+    saved = _swap_weights(sites, data)
     state["rerun"] = True
     try:
         rerun = module(*args, **kwargs)
     finally:
         state["rerun"] = False
-        for layer_module, data in saved:
-            layer_module.weight.data = data
+        _restore_weights(saved)
     return rerun[0] if isinstance(rerun, tuple) else rerun
 
 
@@ -133,6 +142,14 @@ class TokenSignals:
     the base tier: a first-order estimate of how much the token's loss moves when this layer runs
     cheap for it, the Fisher / Taylor view of importance as in DP-LLM and EXL2). The last two are
     NaN at the last position, which predicts nothing inside the window.
+
+    With ``at_base_tier`` the window ran on the base-tier weights instead: ``base_error`` and
+    ``loss_impact``'s e are then the change to full precision at the base-tier model's own inputs
+    (what routing a token up changes at run time), and L is the KL of the base-tier model's
+    next-token distributions to the float32 model's, defined at every position.
+    ``normed_inputs`` (num_layers, num_windows, seq_len, hidden), bfloat16, is each layer's normed
+    input when it was asked for (the sensitivity probe's features); ``sensitivity`` is the probe's
+    value once one is fitted (calibration.probe).
     """
 
     token_ids: torch.Tensor
@@ -144,6 +161,9 @@ class TokenSignals:
     error_estimate: torch.Tensor | None = None
     loss_gradient: torch.Tensor | None = None
     loss_impact: torch.Tensor | None = None
+    at_base_tier: bool = False
+    normed_inputs: torch.Tensor | None = None
+    sensitivity: torch.Tensor | None = None
 
 
 def _attention_received(weights: torch.Tensor) -> torch.Tensor:
@@ -167,6 +187,19 @@ def _entropy(logits: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
+    """Summed KL(reference || model) over positions, (tokens, vocab) each; differentiable in ``logits``.
+
+    In chunks: the reference's probabilities never exist for a whole 262k-vocabulary window at once.
+    """
+    total = logits.new_zeros((), dtype=torch.float32)
+    for model_chunk, reference_chunk in zip(logits.split(chunk_tokens), reference.split(chunk_tokens)):
+        target = torch.log_softmax(reference_chunk.to(torch.float32), dim=-1)
+        log_probs = torch.log_softmax(model_chunk.to(torch.float32), dim=-1)
+        total = total + (target.exp() * (target - log_probs)).sum()
+    return total
+
+
 def collect_token_signals(
     model: nn.Module,
     spec: ArchitectureSpec,
@@ -175,6 +208,8 @@ def collect_token_signals(
     windows: torch.Tensor,
     progress: bool = True,
     error_sketches: list[torch.Tensor] | None = None,
+    at_base_tier: bool = False,
+    keep_normed: bool = False,
 ) -> TokenSignals:
     """Every router signal of ``windows`` from one forward and one backward pass per window.
 
@@ -182,12 +217,16 @@ def collect_token_signals(
     ``attention_received``); after each decoder layer a hook runs it again on base-tier weights,
     which gives both ``base_error`` and the error that ``loss_impact`` projects on the gradient.
     One pass instead of a signal pass and a gradient pass halves the reruns and drops a forward.
-    Windows go one at a time so a 262k-vocabulary head's logits and their gradient fit in memory;
-    weights are never updated or given gradients.
+    With ``at_base_tier`` the roles swap: a no-grad full-precision forward gives the reference
+    logits, the forward with gradients runs on base-tier weights against the KL to them, and
+    each layer is rerun in full precision. Windows go one at a time so a 262k-vocabulary head's
+    logits and their gradient fit in memory; weights are never updated or given gradients.
 
     Args:
         base_weight: returns a site's base-tier weight, (out_features, in_features), dequantized.
         error_sketches: per layer (hidden, rank) sketches for the error-estimate signal.
+        at_base_tier: measure at the base-tier model, against the KL to full precision.
+        keep_normed: keep every layer's normed input (TokenSignals.normed_inputs).
     """
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
@@ -199,32 +238,45 @@ def collect_token_signals(
     error_estimate = torch.zeros(shape) if error_sketches is not None else None
     gradient_norm = torch.zeros(shape)
     loss_impact = torch.zeros(shape)
+    normed_inputs = None
     entropy = torch.full((num_windows, seq_len), float("nan"))
     sites_by_layer: dict[int, list[LinearSite]] = {}
     for site in sites:
         sites_by_layer.setdefault(site.layer_index, []).append(site)
-    base_weights = {site.name: base_weight(site) for site in sites}
-    state = {"row": 0, "rerun": False}
+    # Both weight sets in each module's stored layout, so a swap is a pointer assignment.
+    full_data = {site.name: site.module.weight.data for site in sites}
+    base_data = {}
+    for site in sites:
+        weight = base_weight(site)
+        base_data[site.name] = weight if site.layout == "linear" else weight.t().contiguous()
+    rerun_data = full_data if at_base_tier else base_data
+    state = {"row": 0, "rerun": False, "quiet": False}
     outputs: dict[int, torch.Tensor] = {}
     errors: dict[int, torch.Tensor] = {}
 
     def before_layer(layer_index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if state["rerun"]:
+            nonlocal normed_inputs
+            if state["rerun"] or state["quiet"]:
                 return
             with torch.no_grad():
                 hidden = (args[0] if args else kwargs["hidden_states"])[0]
                 hidden_norm[layer_index, state["row"]] = hidden_norm_feature(hidden)
-                if error_estimate is not None:
+                if error_estimate is not None or keep_normed:
                     normed = getattr(module, spec.input_norm)(hidden)
+                if error_estimate is not None:
                     error_estimate[layer_index, state["row"]] = error_estimate_feature(normed, error_sketches[layer_index])
+                if keep_normed:
+                    if normed_inputs is None:
+                        normed_inputs = torch.zeros((*shape, normed.shape[-1]), dtype=torch.bfloat16)
+                    normed_inputs[layer_index, state["row"]] = normed.to(torch.bfloat16)
 
         return hook
 
     def after_attention(layer_index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output) -> None:
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if not state["rerun"] and weights is not None:
+            if not (state["rerun"] or state["quiet"]) and weights is not None:
                 with torch.no_grad():
                     attention_received[layer_index, state["row"]] = _attention_received(weights.detach())[0]
 
@@ -232,14 +284,14 @@ def collect_token_signals(
 
     def after_layer(layer_index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            if state["rerun"]:
+            if state["rerun"] or state["quiet"]:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
             hidden.retain_grad()
             outputs[layer_index] = hidden
             with torch.no_grad():
                 layer_sites = sites_by_layer.get(layer_index, [])
-                rerun = _rerun_on_base(module, args, kwargs, layer_sites, lambda site: base_weights[site.name], state)
+                rerun = _rerun_with(module, args, kwargs, layer_sites, rerun_data, state)
                 error = (rerun - hidden).to(torch.float32)[0]
                 errors[layer_index] = error
                 # Absolute, not relative, error: routing by it gave the lowest end-to-end KL of the
@@ -262,16 +314,37 @@ def collect_token_signals(
     model.set_attn_implementation("eager")  # attention weights exist only in eager attention
     for parameter in trainable:
         parameter.requires_grad_(False)
+    description = (
+        "calibration pass 2/2: token signals and KL gradients at the base tier"
+        if at_base_tier
+        else "calibration pass 2/2: token signals and loss gradients"
+    )
     try:
         with _hooks(handles):
-            for row in tqdm(range(num_windows), desc="calibration pass 2/2: token signals and loss gradients", disable=not progress):
+            for row in tqdm(range(num_windows), desc=description, disable=not progress):
                 state["row"] = row
                 ids = windows[row : row + 1]
-                with torch.no_grad():
-                    embeds = embed(ids)
-                embeds.requires_grad_(True)  # the graph starts here; the weights stay frozen
-                result = model(inputs_embeds=embeds, labels=ids, use_cache=False)
-                result.loss.backward()
+                saved = []
+                try:
+                    if at_base_tier:
+                        state["quiet"] = True
+                        with torch.no_grad():
+                            reference = model(input_ids=ids, use_cache=False).logits[0]
+                        state["quiet"] = False
+                        saved = _swap_weights(sites, base_data)
+                    with torch.no_grad():
+                        embeds = embed(ids)
+                    embeds.requires_grad_(True)  # the graph starts here; the weights stay frozen
+                    if at_base_tier:
+                        result = model(inputs_embeds=embeds, use_cache=False)
+                        _kl_to_reference(result.logits[0], reference).backward()
+                        del reference
+                    else:
+                        result = model(inputs_embeds=embeds, labels=ids, use_cache=False)
+                        result.loss.backward()
+                finally:
+                    state["quiet"] = False
+                    _restore_weights(saved)
                 with torch.no_grad():
                     # The entropy a token "was drawn from" is the prediction made one position earlier.
                     entropy[row, 1:] = _entropy(result.logits.detach()[0, :-1])
@@ -287,9 +360,11 @@ def collect_token_signals(
         model.set_attn_implementation(previous_attention)
         for parameter in trainable:
             parameter.requires_grad_(True)
-    # The last position predicts nothing inside the window: no gradient, no signal.
-    gradient_norm[:, :, -1] = float("nan")
-    loss_impact[:, :, -1] = float("nan")
+    if not at_base_tier:
+        # The last position predicts nothing inside the window: no gradient, no signal. (The KL
+        # to the reference is defined at every position.)
+        gradient_norm[:, :, -1] = float("nan")
+        loss_impact[:, :, -1] = float("nan")
     positions = position_feature(torch.arange(seq_len)).expand(num_windows, seq_len).clone()
     return TokenSignals(
         token_ids=windows.clone(),
@@ -301,4 +376,6 @@ def collect_token_signals(
         error_estimate=error_estimate,
         loss_gradient=gradient_norm,
         loss_impact=loss_impact,
+        at_base_tier=at_base_tier,
+        normed_inputs=normed_inputs,
     )

@@ -20,6 +20,7 @@ from scipy.stats import rankdata
 from tap_runtime.format import ALL_SIGNALS, PER_LAYER_SIGNALS, ROUTER_TARGETS, RUNTIME_SIGNALS, RouterSpec
 
 from .capture import TokenSignals
+from .probe import holdout_windows
 
 __all__ = ["tier_shares", "signal_matrix", "roc_auc", "fit_router"]
 
@@ -60,6 +61,7 @@ def signal_matrix(signals: TokenSignals, token_log_frequency: torch.Tensor) -> _
         "hidden_norm": (signals.hidden_norm, "log_rms"),
         "attention_received": (signals.attention_received, "mean_attention_from_later_queries"),
         "error_estimate": (signals.error_estimate, "log_sketched_base_error"),
+        "sensitivity": (signals.sensitivity, "normed_input_dot_probe"),
         "loss_gradient": (signals.loss_gradient, "log_norm_of_loss_gradient_at_layer_output"),
     }
     for name in PER_LAYER_SIGNALS:
@@ -154,22 +156,25 @@ def fit_router(
     """Fit weights on part of the router windows, measure on the rest, set thresholds on all.
 
     ``target`` is what the top ``share`` is taken of: ``layer_error`` (L2 of the base-tier
-    change in the layer output) or ``loss_impact`` (|dL/dh . e|, needs ``signals.loss_impact``).
+    change in the layer output), ``loss_impact`` (|dL/dh . e|, needs ``signals.loss_impact``) or
+    ``kl_impact`` (the same from a pass at the base tier against the KL to full precision).
+    The window split is :func:`calibration.probe.holdout_windows`', the sensitivity probe's too.
     """
     if target not in ROUTER_TARGETS:
         raise ValueError(f"router target {target!r} is unknown; expected one of {list(ROUTER_TARGETS)}")
     normalised = signal_matrix(signals, token_log_frequency)
-    if target == "loss_impact":
+    if target == "kl_impact" and not signals.at_base_tier:
+        raise ValueError("router target 'kl_impact' needs the calibration pass at the base tier (at_base_tier=True)")
+    if target in ("loss_impact", "kl_impact"):
         if signals.loss_impact is None:
-            raise ValueError("router target 'loss_impact' needs the loss-gradient pass (signals.loss_impact)")
+            raise ValueError(f"router target {target!r} needs the loss-gradient pass (signals.loss_impact)")
         impact = signals.loss_impact.numpy().astype(np.float64)
         errors = np.exp(np.where(np.isfinite(impact), impact, -np.inf))  # last position: 0, never a target
     else:
         errors = signals.base_error.numpy().astype(np.float64)
     labels = _top_share_labels(errors, share)
     num_windows = errors.shape[1]
-    num_holdout = int(math.floor(num_windows * holdout_fraction)) if num_windows >= 2 else 0
-    num_holdout = max(num_holdout, 1) if num_windows >= 2 else 0
+    num_holdout = holdout_windows(num_windows, holdout_fraction)
     train = slice(0, num_windows - num_holdout)
     held = slice(num_windows - num_holdout, num_windows) if num_holdout else slice(0, num_windows)
 
@@ -197,11 +202,14 @@ def fit_router(
         for layer in range(flat_scores.shape[0])
     ]
     fit = {
-        "target": (
-            f"top {share:.0%} of tokens by layer-output error (L2) on the base tier, per layer"
-            if target == "layer_error"
-            else f"top {share:.0%} of tokens by first-order loss change |dL/dh . e| on the base tier, per layer"
-        ),
+        "target": {
+            "layer_error": f"top {share:.0%} of tokens by layer-output error (L2) on the base tier, per layer",
+            "loss_impact": f"top {share:.0%} of tokens by first-order loss change |dL/dh . e| on the base tier, per layer",
+            "kl_impact": (
+                f"top {share:.0%} of tokens by first-order change |dKL/dh . e| of the KL to the float32 model, "
+                "at the base-tier model, e the layer output's change to full precision, per layer"
+            ),
+        }[target],
         "target_name": target,
         "method": "logistic regression on z-scored runtime signals, L2 1e-3",
         "train_windows": train.stop - train.start,
@@ -210,6 +218,11 @@ def fit_router(
         "random_routing_expectation": {"auc": 0.5, "precision_at_share": share, "error_mass_routed": share},
         "single_signal_auc": single,
     }
+    if "sensitivity" in runtime:
+        fit["sensitivity_probe"] = (
+            "per layer, a ridge regression of the target's log |dKL/dh . e| on the layer's normed input "
+            "(calibration.probe), fitted on the train windows only"
+        )
     runtime_normalisation = {name: normalised.normalisation[name] for name in runtime}
     return RouterSpec(
         signals=runtime,

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
+from calibration.probe import add_sensitivity, fit_sensitivity_probes
 from calibration.stats import InputSecondMoment, token_log_frequency
 from calibration.thresholds import fit_router, tier_shares
 from tap_runtime.architectures import ArchitectureSpec, get_architecture
@@ -36,6 +37,7 @@ from tap_runtime.format import (
     encode_token_log_frequency,
     plane_tensor_name,
     quantization_config_dict,
+    sensitivity_probe_name,
 )
 from tap_runtime.modeling import LinearSite, decoder_layers, iter_embeddings, iter_linear_sites, linear_weight, output_head
 from tap_runtime.planes import dequantize_linear, dequantize_planes
@@ -297,6 +299,8 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     sketch_sites = error_sketch_sites(quantized_sites, stats, len(decoder_layers(model, spec)))
     sketches = error_sketches(sketch_sites, planes, policies, text_config.hidden_size)
     tick = time.perf_counter()
+    # The KL target is measured where routing acts: at the base-tier model, with the probe's features.
+    at_base_tier = options.router_target == "kl_impact"
     signals = collect_token_signals(
         model,
         spec,
@@ -306,9 +310,17 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         router_windows,
         progress=options.progress,
         error_sketches=sketches,
+        at_base_tier=at_base_tier,
+        keep_normed=at_base_tier,
     )
     timings["pass2_seconds"] = time.perf_counter() - tick
     tick = time.perf_counter()
+    probe_tensors: dict[str, torch.Tensor] = {}
+    if at_base_tier:
+        probes = fit_sensitivity_probes(signals)
+        signals = add_sensitivity(signals, probes)
+        signals.normed_inputs = None
+        probe_tensors = {sensitivity_probe_name(i): p.contiguous() for i, p in enumerate(probes)}
     body = router_windows[:, 1:] if bos is not None else router_windows  # the BOS was not in the text
     log_frequency = token_log_frequency(token_ids, model.get_input_embeddings().num_embeddings, held_out=body)
     router = fit_router(
@@ -395,7 +407,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     return writer.finish(
         config_dict,
         table,
-        encode_token_log_frequency(log_frequency),
+        {**encode_token_log_frequency(log_frequency), **probe_tensors},
         save_extra_files,
         lambda written, total: render_model_card(written, total),
     )

@@ -184,8 +184,8 @@ def read_checkpoint(directory: str | os.PathLike, verify: bool = True) -> Checkp
 
 
 def read_router_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """The router's tensors (the float32 token log-frequency table, and up to format 3 the error
-    sketches), read without executing anything."""
+    """The router's tensors (the float32 token log-frequency table, up to format 3 the error
+    sketches, from format 6 the sensitivity probes), read without executing anything."""
     path = Path(directory) / ROUTER_TENSORS_FILE
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: file missing; expected the router tensors. Convert again.")

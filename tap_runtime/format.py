@@ -50,6 +50,7 @@ __all__ = [
     "EMBEDDING_BITS",
     "ROUTER_TOKEN_LOG_FREQUENCY",
     "error_sketch_name",
+    "sensitivity_probe_name",
     "ROUTER_TOKEN_LOG_FREQUENCY_CODES",
     "ROUTER_TOKEN_LOG_FREQUENCY_PALETTE",
     "encode_token_log_frequency",
@@ -86,8 +87,11 @@ __all__ = [
 # 5: a linear's planes may store W H, its weight times a block Hadamard rotation of its input
 # (LinearPolicy.input_rotation, tap_runtime.rotation); a version-4 runtime would multiply
 # unrotated inputs by them. Versions 1-4 still load.
-FORMAT_VERSION = 5
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5})
+# 6: the router may read the ``sensitivity`` signal, one dot product of the layer's normed input
+# with a per-layer probe vector stored in the router file (sensitivity_probe_name); a version-5
+# runtime would meet a signal it cannot compute. Versions 1-5 still load.
+FORMAT_VERSION = 6
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
 QUANT_METHOD = "tap"
 
 CONFIG_FILE = "config.json"
@@ -179,6 +183,13 @@ def error_sketch_name(layer_index: int) -> str:
     """
     return f"error_sketch.{layer_index}"
 
+
+def sensitivity_probe_name(layer_index: int) -> str:
+    """float32 (hidden_size,) per decoder layer, format 6: the vector v with sensitivity = norm(h) . v,
+    a linear predictor (fitted at calibration) of how much the token's output distribution moves
+    when this layer runs on the base tier for it (see RouterSpec)."""
+    return f"sensitivity_probe.{layer_index}"
+
 # Per-token importance signals measured during calibration.
 ALL_SIGNALS = (
     "hidden_norm",
@@ -187,17 +198,21 @@ ALL_SIGNALS = (
     "token_frequency",
     "predictive_entropy",
     "error_estimate",
+    "sensitivity",
     "loss_gradient",
 )
 # The subset a causal runtime can compute before a layer runs: attention received needs tokens
 # that come later, predictive entropy needs the logits the forward pass has not produced yet, and
 # the loss gradient needs the next token and a backward pass.
-RUNTIME_SIGNALS = ("hidden_norm", "position", "token_frequency", "error_estimate")
+RUNTIME_SIGNALS = ("hidden_norm", "position", "token_frequency", "error_estimate", "sensitivity")
 # Signals measured per decoder layer (normalised per layer); the others are per token.
-PER_LAYER_SIGNALS = ("hidden_norm", "attention_received", "error_estimate", "loss_gradient")
+PER_LAYER_SIGNALS = ("hidden_norm", "attention_received", "error_estimate", "sensitivity", "loss_gradient")
 # What the router is fitted to predict, per layer: the tokens whose base-tier layer-output error
-# is largest (L2), or whose first-order loss change |dL/dh . e| is largest (needs a backward pass).
-ROUTER_TARGETS = ("layer_error", "loss_impact")
+# is largest (L2); whose first-order loss change |dL/dh . e| is largest, with the next-token loss
+# at the float32 model (loss_impact); or whose first-order change of the KL to the float32 model
+# is largest, taken at the base-tier model with e the change to full precision (kl_impact: what
+# routing a token up actually buys, README "How far token routing could go").
+ROUTER_TARGETS = ("layer_error", "loss_impact", "kl_impact")
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -580,7 +595,11 @@ class RouterSpec:
     Per-layer signals (``hidden_norm``, ``error_estimate``) are normalised per decoder layer
     (``layer_mean``/``layer_std``); the others once. ``error_estimate`` is log ||norm(h) P_l||^2
     with P_l the layer's error sketch (see :func:`error_sketch_name`), a low-rank estimate of
-    the base tier's output error for this very token, as DP-LLM's error estimator does. A token runs at ``tiers[k+1]`` or above in layer l when score >= thresholds[l][k].
+    the base tier's output error for this very token, as DP-LLM's error estimator does.
+    ``sensitivity`` (format 6) is norm(h) . v_l with v_l the layer's probe vector (see
+    :func:`sensitivity_probe_name`): a ridge fit, on calibration windows, of how much the KL to
+    the float32 model moves to first order when the layer runs cheap for the token. A token runs
+    at ``tiers[k+1]`` or above in layer l when score >= thresholds[l][k].
     """
 
     signals: tuple[str, ...]

@@ -172,6 +172,9 @@ class DeviceRouter:
         self.sketches = None
         if "error_estimate" in self.slopes:
             self.sketches = [router._float_sketch(layer, device) for layer in range(router.num_layers)]
+        self.probes = None
+        if "sensitivity" in self.slopes:
+            self.probes = [router._float_probe(layer, device).reshape(-1, 1) for layer in range(router.num_layers)]
         self.frequency = None
         if router.token_log_frequency is not None:
             self.frequency = router.token_log_frequency.to(device=device, dtype=torch.float32)
@@ -183,6 +186,8 @@ class DeviceRouter:
         """Decide each layer with one Triton kernel (kernels/route.py) instead of ~20 tensor ops."""
         if self.mode == "fixed":
             return  # nothing to score: the tier is a constant
+        if self.probes is not None:
+            return  # the kernel reads two signals; the sensitivity's dot product stays in tensor ops
         f64 = torch.float64
         self.params = torch.tensor(
             [
@@ -261,6 +266,8 @@ class DeviceRouter:
                 if name == "hidden_norm":
                     length = torch.linalg.vector_norm(hidden.reshape(-1), dtype=torch.float32).to(torch.float64)
                     feature = torch.log((length / math.sqrt(self.hidden_size)).clamp_min(1e-12))
+                elif name == "sensitivity":
+                    feature = (normed.reshape(1, -1).to(torch.float32) @ self.probes[layer]).reshape(()).to(torch.float64)
                 else:
                     projected = normed.reshape(1, -1).to(torch.float32) @ self.sketches[layer]
                     energy = torch.linalg.vector_norm(projected).to(torch.float64) ** 2

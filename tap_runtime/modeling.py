@@ -17,7 +17,7 @@ from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
 from .errors import CorruptCheckpointError, InvalidConfigError, RoutingTableMismatchError
-from .format import embedding_tensor_suffix, plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name
+from .format import embedding_tensor_suffix, plane_tensor_suffix, ROUTER_TENSORS_FILE, ROUTER_TOKEN_LOG_FREQUENCY, ROUTING_FILE, RoutingTable, error_sketch_name, sensitivity_probe_name
 from .dense_mlp import install_dense_mlp
 from .prefill_attention import install_prefill_attention
 from .kernels import select_kernel
@@ -217,8 +217,11 @@ def prepare_model(
                 f"router's error_estimate signal. Convert again."
             )
         sketches = [router_tensors[error_sketch_name(i)] for i in range(table.num_layers)]
+    probes = None
+    if "sensitivity" in table.router.signals:
+        probes = sensitivity_probes(router_tensors, table, model.config.get_text_config().hidden_size)
     router = TokenRouter(
-        table.router, table.tiers, table.num_layers, router_tensors.get(ROUTER_TOKEN_LOG_FREQUENCY), sketches
+        table.router, table.tiers, table.num_layers, router_tensors.get(ROUTER_TOKEN_LOG_FREQUENCY), sketches, probes
     )
     residual_cache = None
     if residual_cache_bytes is not None:
@@ -288,6 +291,22 @@ def prepare_model(
     model.tap_router = router
     model.tap_residual_cache = residual_cache
     return router
+
+
+def sensitivity_probes(router_tensors: dict[str, torch.Tensor], table: RoutingTable, hidden_size: int) -> list[torch.Tensor]:
+    """The router's per-layer sensitivity probe vectors, float32 (hidden_size,), checked."""
+    probes = []
+    for layer_index in range(table.num_layers):
+        name = sensitivity_probe_name(layer_index)
+        probe = router_tensors.get(name)
+        if probe is None or probe.dim() != 1 or probe.numel() != hidden_size or not probe.is_floating_point():
+            found = "missing" if probe is None else f"{tuple(probe.shape)} {probe.dtype}"
+            raise CorruptCheckpointError(
+                f"{ROUTER_TENSORS_FILE}: tensor {name!r} is {found}; expected a float ({hidden_size},) probe vector per "
+                f"layer for the router's sensitivity signal. The file is corrupt or from another model; convert again."
+            )
+        probes.append(probe.to(torch.float32).contiguous())
+    return probes
 
 
 def derive_error_sketches(model: nn.Module, table: RoutingTable) -> list[torch.Tensor]:

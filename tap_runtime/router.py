@@ -25,6 +25,7 @@ __all__ = [
     "hidden_norm_feature",
     "position_feature",
     "error_estimate_feature",
+    "sensitivity_feature",
     "LayerRouting",
     "TokenRouter",
 ]
@@ -52,6 +53,15 @@ def error_estimate_feature(normed: torch.Tensor, sketch: torch.Tensor) -> torch.
     """log ||x P||^2 for each token x of the layer's normed input: (..., hidden) -> (...)."""
     projected = normed.detach().to(torch.float32) @ sketch.to(device=normed.device, dtype=torch.float32)
     return torch.log(projected.pow(2).sum(dim=-1).clamp_min(1e-20))
+
+
+def sensitivity_feature(normed: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """norm(h) . v for each token of the layer's normed input: (..., hidden) -> (...).
+
+    v is the layer's probe (format 6), fitted so that this predicts log |g . e|: how much the
+    KL to the float32 model moves when the layer runs on the base tier for this token.
+    """
+    return normed.detach().to(torch.float32) @ probe.to(device=normed.device, dtype=torch.float32)
 
 
 def position_feature(positions: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,7 @@ class TokenRouter:
         num_layers: int,
         token_log_frequency: torch.Tensor | None,
         error_sketches: list[torch.Tensor] | None = None,
+        sensitivity_probes: list[torch.Tensor] | None = None,
     ):
         self.spec = spec
         self.tiers = tuple(tiers)
@@ -93,6 +104,7 @@ class TokenRouter:
         self.layers = [LayerRouting(i) for i in range(num_layers)]
         self.token_log_frequency = token_log_frequency
         self.error_sketches = error_sketches
+        self.sensitivity_probes = sensitivity_probes
         # Set by the model wiring: each layer's input norm, which the error estimate reads through.
         self.input_norms: list | None = None
         # (num_layers, len(tiers) - 1): a token reaches tier k+1 when its score >= thresholds[l, k].
@@ -339,6 +351,8 @@ class TokenRouter:
             return hidden_norm_feature(hidden_states).reshape(-1)
         if normed is None:
             normed = self.input_norms[layer_index](hidden_states)
+        if name == "sensitivity":
+            return sensitivity_feature(normed, self._float_probe(layer_index, normed.device)).reshape(-1)
         sketch = self.error_sketches[layer_index]
         if sketch.device != normed.device:
             # Once per layer and device: the sketch then stays beside the activations.
@@ -376,9 +390,17 @@ class TokenRouter:
             hidden_norm, error_estimate = native_features
             slopes = self._slopes
             score += slopes["hidden_norm"][layer_index] * hidden_norm + slopes["error_estimate"][layer_index] * error_estimate
+            if "sensitivity" in slopes:
+                probe = self._float_probe(layer_index, normed.device)
+                score += slopes["sensitivity"][layer_index] * float(torch.dot(normed.reshape(-1), probe))
             return score + self._offsets[layer_index]
         for name, slopes in self._slopes.items():
-            if name == "hidden_norm":
+            if name == "sensitivity":
+                if normed is None:
+                    normed = self.input_norms[layer_index](hidden_states)
+                probe = self._float_probe(layer_index, normed.device)
+                feature = float(torch.dot(normed.reshape(-1).to(torch.float32), probe))
+            elif name == "hidden_norm":
                 # log rms = log(||h|| / sqrt(hidden)), as hidden_norm_feature computes it.
                 norm = float(torch.linalg.vector_norm(hidden_states.reshape(-1), dtype=torch.float32))
                 feature = math.log(max(norm / math.sqrt(hidden_states.shape[-1]), 1e-12))
@@ -394,10 +416,12 @@ class TokenRouter:
 
     def _native_decode_features(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> tuple[float, float] | None:
         """(hidden_norm, error_estimate) of one token in one native call (about 7 against 27
-        microseconds of torch operators), when the router uses exactly those two signals and
-        both vectors are contiguous float32 on the CPU; else None."""
+        microseconds of torch operators), when the router uses those two signals (and at most
+        the sensitivity besides, one dot product the caller adds) and both vectors are contiguous
+        float32 on the CPU; else None."""
         slopes = self._slopes
-        if normed is None or len(slopes) != 2 or "hidden_norm" not in slopes or "error_estimate" not in slopes:
+        others = set(slopes) - {"hidden_norm", "error_estimate", "sensitivity"}
+        if normed is None or others or "hidden_norm" not in slopes or "error_estimate" not in slopes:
             return None
         for t in (hidden_states, normed):
             if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
@@ -409,6 +433,15 @@ class TokenRouter:
         if not sketch.is_contiguous():
             return None
         return tuple(native.router_features(hidden_states, normed, sketch))
+
+    def _float_probe(self, layer_index: int, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_float_probes", {})
+        key = (layer_index, device)
+        if key not in cache:
+            if self.sensitivity_probes is None:
+                raise InvalidConfigError("the router reads the sensitivity signal but was given no probe vectors.")
+            cache[key] = self.sensitivity_probes[layer_index].to(device=device, dtype=torch.float32).contiguous()
+        return cache[key]
 
     def _float_sketch(self, layer_index: int, device: torch.device) -> torch.Tensor:
         cache = self.__dict__.setdefault("_float_sketches", {})

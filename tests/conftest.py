@@ -132,11 +132,12 @@ def converted_factory(tmp_path_factory, tiny_model_factory, calibration_text_fil
 
     cache: dict[tuple, Path] = {}
 
-    def make(model_type: str, tiers: tuple[int, ...] = (4, 8), group_size: int = 32) -> Path:
-        key = (model_type, tiers, group_size)
+    def make(model_type: str, tiers: tuple[int, ...] = (4, 8), group_size: int = 32, router_target: str | None = None) -> Path:
+        key = (model_type, tiers, group_size, router_target)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"tap-{model_type}-{'-'.join(map(str, tiers))}-g{group_size}") / "ckpt"
-            options = ConvertOptions(calib=str(calibration_text_file), tiers=tiers, group_size=group_size, **FAST_CONVERT)
+            out = tmp_path_factory.mktemp(f"tap-{model_type}-{'-'.join(map(str, tiers))}-g{group_size}-{router_target}") / "ckpt"
+            target = {} if router_target is None else {"router_target": router_target}
+            options = ConvertOptions(calib=str(calibration_text_file), tiers=tiers, group_size=group_size, **target, **FAST_CONVERT)
             convert(str(tiny_model_factory(model_type)), out, options)
             cache[key] = out
         return cache[key]

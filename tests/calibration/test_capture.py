@@ -79,3 +79,55 @@ def test_signals_match_a_direct_forward(tiny_model_factory):
         handle.remove()
     expected = grad.norm(dim=-1).clamp_min(1e-30).log()
     torch.testing.assert_close(result.loss_gradient[-1, 0, :-1], expected[:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_base_tier_pass_takes_the_kl_gradient_at_the_base_model(tiny_model_factory):
+    """at_base_tier: the forward runs on the base-tier weights, L is the KL to the full-precision
+    logits, e the change to full precision; checked against autograd on a base-tier copy."""
+    path = str(tiny_model_factory("llama"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    spec = get_architecture("llama")
+    sites = list(iter_linear_sites(model, spec))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    windows = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(3))
+    result = collect_token_signals(model, spec, sites, _coarse, windows, progress=False, at_base_tier=True, keep_normed=True)
+    assert result.at_base_tier
+    assert result.normed_inputs.shape == (2, 2, 16, model.config.hidden_size)
+    assert torch.isfinite(result.loss_gradient).all() and torch.isfinite(result.loss_impact).all()  # every position
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for site in iter_linear_sites(base, spec):
+        site.module.weight.data = _coarse(site)
+    ids = windows[1:2]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    captured = {}
+    first = base.model.layers[0]
+    handles = [
+        first.register_forward_pre_hook(lambda m, a, k: captured.update(x=(a[0] if a else k["hidden_states"])), with_kwargs=True),
+        first.register_forward_hook(lambda m, a, o: captured.update(h=(o[0] if isinstance(o, tuple) else o))),
+    ]
+    try:
+        embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+        log_probs = torch.log_softmax(base(inputs_embeds=embeds).logits[0], -1)
+        kl = (reference.exp() * (reference - log_probs)).sum()
+        grad = torch.autograd.grad(kl, captured["h"])[0][0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(result.loss_gradient[0, 1], grad.norm(dim=-1).clamp_min(1e-30).log(), rtol=1e-4, atol=1e-4)
+    normed = first.input_layernorm(captured["x"])[0].detach()
+    torch.testing.assert_close(result.normed_inputs[0, 1].float(), normed, rtol=1e-2, atol=1e-2)
+    # e: layer 0 reads the embeddings, which no tier changes, so the full-precision model's own
+    # layer-0 output is the rerun's.
+    full = {}
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, o: full.update(h=(o[0] if isinstance(o, tuple) else o)))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    error = (full["h"] - captured["h"].detach())[0]
+    torch.testing.assert_close(result.base_error[0, 1], error.norm(dim=-1), rtol=1e-3, atol=1e-4)

@@ -69,3 +69,20 @@ def test_unknown_or_uncollected_target_is_refused():
         fit_router(_signals(), torch.zeros(50), (4, 8), share=0.1, target="oracle")
     with pytest.raises(ValueError, match="needs the loss-gradient pass"):
         fit_router(_signals(), torch.zeros(50), (4, 8), share=0.1, target="loss_impact")
+
+
+def test_kl_impact_target_needs_the_base_tier_pass_and_uses_the_sensitivity():
+    signals = _signals()
+    generator = torch.Generator().manual_seed(6)
+    sensitivity = torch.randn(signals.hidden_norm.shape, generator=generator)
+    signals.loss_impact = 2.0 * sensitivity + 0.2 * torch.randn(signals.hidden_norm.shape, generator=generator)
+    with pytest.raises(ValueError, match="needs the calibration pass at the base tier"):
+        fit_router(signals, torch.zeros(50), (4, 8), share=0.1, target="kl_impact")
+    signals.at_base_tier = True
+    signals.sensitivity = sensitivity
+    spec = fit_router(signals, torch.zeros(50), (4, 8), share=0.1, target="kl_impact")
+    assert spec.fit["target_name"] == "kl_impact" and "sensitivity_probe" in spec.fit
+    assert "sensitivity" in spec.signals
+    assert spec.weights["sensitivity"] > 3 * abs(spec.weights["hidden_norm"])
+    assert spec.fit["holdout"]["auc"] > 0.9
+    assert len(spec.normalisation["sensitivity"]["layer_mean"]) == 3

@@ -330,3 +330,46 @@ def test_kept_tensors_are_float16_only_where_that_is_exact():
     full = torch.tensor([1.0, 1.0 + 2.0**-20])  # beyond float16's 11 significant bits
     assert kept_tensor_storage(full).dtype == torch.float32
     assert kept_tensor_storage(torch.tensor([70000.0])).dtype == torch.float32  # beyond float16's range
+
+
+def test_kl_impact_target_stores_a_sensitivity_probe_the_runtime_reads(converted_factory, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    import tap_runtime
+    from tap_runtime.checkpoint import read_router_tensors
+    from tap_runtime.errors import CorruptCheckpointError
+    from tap_runtime.format import ROUTER_TOKEN_LOG_FREQUENCY, SAFETENSORS_METADATA, sensitivity_probe_name
+
+    directory = converted_factory("llama", router_target="kl_impact")
+    table = RoutingTable.from_json(directory / ROUTING_FILE)
+    assert table.format_version == FORMAT_VERSION == 6
+    assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate", "sensitivity")
+    assert table.router.fit["target_name"] == "kl_impact" and "sensitivity_probe" in table.router.fit
+    assert "sensitivity" in table.router.fit["single_signal_auc"]
+    tensors = read_router_tensors(directory)
+    hidden = AutoConfig.from_pretrained(directory).hidden_size
+    for layer in range(2):
+        probe = tensors[sensitivity_probe_name(layer)]
+        assert probe.shape == (hidden,) and probe.dtype == torch.float32 and probe.abs().sum() > 0
+    tap = tap_runtime.load(directory)
+    assert tap.router.sensitivity_probes is not None
+    tap.router.reset_counts()
+    tap.generate("The river flows past", max_new_tokens=6)
+    assert tap.router.counts.sum() > 0
+
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    tensors[sensitivity_probe_name(1)] = tensors[sensitivity_probe_name(1)][:-1].contiguous()
+    stored = {k: v for k, v in tensors.items() if k != ROUTER_TOKEN_LOG_FREQUENCY}  # the file keeps the codes
+    save_file(stored, str(broken / ROUTER_TENSORS_FILE), metadata=SAFETENSORS_METADATA)
+    shards = tuple(
+        replace(s, sha256=file_sha256(broken / s.file_name), num_bytes=(broken / s.file_name).stat().st_size)
+        for s in table.shards
+    )
+    (broken / ROUTING_FILE).write_text(replace(table, shards=shards).to_json())
+    with pytest.raises(CorruptCheckpointError, match=r"tap_router.safetensors: tensor 'sensitivity_probe.1' is \(\d+,\)"):
+        tap_runtime.load(broken)
+

@@ -31,6 +31,7 @@ GOLDEN_V1 = Path(__file__).parent / "golden" / "routing_table_v1.json"
 GOLDEN_V2 = Path(__file__).parent / "golden" / "routing_table_v2.json"
 GOLDEN_V3 = Path(__file__).parent / "golden" / "routing_table_v3.json"
 GOLDEN_V4 = Path(__file__).parent / "golden" / "routing_table_v4.json"
+GOLDEN_V5 = Path(__file__).parent / "golden" / "routing_table_v5.json"
 
 
 def sample_table() -> RoutingTable:
@@ -121,6 +122,22 @@ def test_version_4_tables_still_read_unrotated():
     expected = sample_table()
     assert table == replace(expected, format_version=4, linear=_unrotated(expected))
     assert all(p.input_rotation == 0 for p in table.linear.values())
+
+
+def test_version_5_tables_still_read():
+    # Format 6 only added the sensitivity signal; a version-5 table is read as it was written.
+    table = RoutingTable.from_json(GOLDEN_V5)
+    assert table == replace(sample_table(), format_version=5)
+
+
+def test_a_router_signal_the_runtime_cannot_compute_is_refused(tmp_path):
+    data = json.loads(sample_table().to_json())
+    data["router"]["signals"].append("attention_received")
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match="attention_received") as caught:
+        RoutingTable.from_json(path)
+    assert str(path) in str(caught.value)
 
 
 @pytest.mark.parametrize("rotation", [48, 128, -64, 1.5, True])
@@ -244,7 +261,7 @@ def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
     data["format_version"] = 99
     path = tmp_path / "tap_routing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4, 5\]"):
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4, 5, 6\]"):
         RoutingTable.from_json(path)
 
 

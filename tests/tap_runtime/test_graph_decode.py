@@ -151,3 +151,17 @@ def test_cuda_auto_takes_the_graph(converted_factory):
     # loop) round differently, so only the first tokens must agree.
     assert out.token_ids[:4] == fast.token_ids[:4]
     assert sum(out.metrics.tier_token_layer_counts.values()) == sum(fast.metrics.tier_token_layer_counts.values())
+
+
+def test_device_router_reads_the_sensitivity_probe_as_the_host_does(converted_factory):
+    """A router fitted to the KL target adds one dot product per layer; the device step and the
+    lean loop still decode the same tokens with the same per-layer tier counts."""
+    tap = tap_runtime.load(converted_factory("llama", router_target="kl_impact"))
+    assert "sensitivity" in tap.router._slopes
+    tap.set_routing("budget")
+    ids, new_tokens = decisive_prompt(tap, 24, 16)
+    tokens, counts, rows = _lean(tap, ids, new_tokens)
+    got_tokens, got_counts, got_rows = _graph(tap, ids, new_tokens)
+    assert got_tokens == tokens and torch.equal(got_counts, counts)
+    assert counts[:, 1:].sum() > 0
+    torch.testing.assert_close(torch.tensor(got_rows), torch.tensor(rows), rtol=0, atol=1e-12)

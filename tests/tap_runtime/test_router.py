@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -245,3 +247,83 @@ def test_default_routing_holds_the_share_and_restarts_per_sequence():
     first = one_sequence()
     assert router._budget_rows[0][0] > threshold  # the shifted text pushed the threshold up
     assert one_sequence() == first
+
+
+def _sensitivity_spec(num_layers: int) -> RouterSpec:
+    return RouterSpec(
+        signals=("hidden_norm", "error_estimate", "sensitivity"),
+        normalisation={
+            "hidden_norm": {"transform": "log_rms", "layer_mean": [0.3, -0.2][:num_layers], "layer_std": [1.5, 0.7][:num_layers]},
+            "error_estimate": {"transform": "log_sketched_base_error", "layer_mean": [1.0, 2.0][:num_layers], "layer_std": [2.0, 3.0][:num_layers]},
+            "sensitivity": {"transform": "normed_input_dot_probe", "layer_mean": [0.1, -0.3][:num_layers], "layer_std": [0.8, 1.2][:num_layers]},
+        },
+        weights={"hidden_norm": 0.4, "error_estimate": 0.3, "sensitivity": 1.5},
+        bias=-0.4,
+        thresholds=((0.1,), (-0.2,))[:num_layers],
+        tier_shares={"8": 0.1},
+    )
+
+
+def test_sensitivity_signal_decides_alike_in_decode_and_in_a_batch():
+    """The probe's dot product joins the score in the scalar decode path as in the batch path."""
+    spec = _sensitivity_spec(2)
+    hidden = _hidden(tokens=300, seed=5)
+    sketches = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)).half() for i in range(2)]
+    probes = [torch.randn(32, generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
+    norms = [torch.nn.LayerNorm(32) for _ in range(2)]
+
+    def make() -> TokenRouter:
+        router = TokenRouter(spec, (4, 8), 2, token_log_frequency=None, error_sketches=list(sketches), sensitivity_probes=probes)
+        router.input_norms = norms
+        router.set_mode("learned")
+        return router
+
+    for layer in range(2):
+        batched = make()
+        batched.route_layer(layer, hidden)
+        indices = batched.layers[layer].indices_for_plane(1)
+        expected = torch.zeros(hidden.shape[1], dtype=torch.bool)
+        expected[indices] = True
+        single = make()
+        decided = []
+        for t in range(hidden.shape[1]):
+            token = hidden[:, t : t + 1].contiguous()
+            single.route_layer(layer, token, norms[layer](token).detach())
+            decided.append(single.layers[layer].indices_for_plane(1) is ALL_TOKENS)
+        assert torch.equal(torch.tensor(decided), expected)
+        assert 0 < int(expected.sum()) < hidden.shape[1]
+    # The probe matters: with its weight at zero the same router routes other tokens.
+    with_probe = make()
+    with_probe.route_layer(0, hidden)
+    spec_without = replace(spec, weights={**spec.weights, "sensitivity": 0.0})
+    without = TokenRouter(spec_without, (4, 8), 2, token_log_frequency=None, error_sketches=list(sketches), sensitivity_probes=probes)
+    without.input_norms = norms
+    without.set_mode("learned")
+    without.route_layer(0, hidden)
+    assert not torch.equal(with_probe.layers[0].indices_for_plane(1), without.layers[0].indices_for_plane(1))
+
+
+@pytest.mark.skipif(native_kernels() is None, reason="TAP's native CPU kernels are unavailable here")
+def test_sensitivity_signal_scores_alike_with_and_without_the_native_module(monkeypatch):
+    spec = _sensitivity_spec(1)
+    router = TokenRouter(
+        spec, (4, 8), 1, token_log_frequency=None, error_sketches=[torch.randn(32, 4).half()], sensitivity_probes=[torch.randn(32)]
+    )
+    norm = torch.nn.LayerNorm(32)
+    hidden = _hidden(tokens=50, seed=6)
+    for t in range(hidden.shape[1]):
+        token = hidden[:, t : t + 1].contiguous()
+        normed = norm(token).detach()
+        assert router._native_decode_features(0, token, normed) is not None
+        native = router._decode_score(0, token, normed)
+        with monkeypatch.context() as patch:
+            patch.setattr("tap_runtime.router.native_kernels", lambda: None)
+            assert native == pytest.approx(router._decode_score(0, token, normed), rel=1e-5, abs=1e-5)
+
+
+def test_a_router_reading_the_sensitivity_without_probes_is_refused():
+    router = TokenRouter(_sensitivity_spec(1), (4, 8), 1, token_log_frequency=None, error_sketches=[torch.randn(32, 4)])
+    router.input_norms = [torch.nn.LayerNorm(32)]
+    router.set_mode("learned")
+    with pytest.raises(InvalidConfigError, match="no probe vectors"):
+        router.route_layer(0, _hidden(tokens=20))
