@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-bits", type=int, choices=list(SCALE_BITS_CHOICES), default=defaults.scale_bits,
                         help="group scales as 8-bit log codes (default) or float16, as format 2 stored them")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
-                        help="what the router learns to predict: layer_error (the layer output's base-tier error), "
-                        "loss_impact (its first-order next-token loss change at float32) or kl_impact (its first-order "
-                        "change of the KL to float32 at the base-tier model, with a per-layer sensitivity probe on the "
-                        "normed input as a router signal)")
+                        help="what the router learns to predict: kl_impact (default: the first-order change of the KL to "
+                        "float32 when a layer runs on the base tier for a token, measured at the base-tier model, with a "
+                        "per-layer sensitivity probe on the normed input as a router signal), layer_error (the layer "
+                        "output's base-tier error) or loss_impact (its first-order next-token loss change at float32)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -185,7 +185,7 @@ def error_sketch_name(layer_index: int) -> str:
 
 
 def sensitivity_probe_name(layer_index: int) -> str:
-    """float32 (hidden_size,) per decoder layer, format 6: the vector v with sensitivity = norm(h) . v,
+    """float16 (hidden_size,) per decoder layer, format 6: the vector v with sensitivity = norm(h) . v,
     a linear predictor (fitted at calibration) of how much the token's output distribution moves
     when this layer runs on the base tier for it (see RouterSpec)."""
     return f"sensitivity_probe.{layer_index}"
@@ -807,6 +807,11 @@ class RoutingTable:
                     f"{path}: a router threshold row has {len(row)} entries; expected "
                     f"{len(tiers) - 1} (one per tier above the base), all numbers."
                 )
+        if "sensitivity" in table.router.signals and table.format_version < 6:
+            raise CorruptCheckpointError(
+                f"{path}: the router reads the sensitivity signal, which format 6 introduced, but the table says format "
+                f"{table.format_version}. The file is corrupt or edited; convert the model again."
+            )
         sketch_sites = table.router.error_sketch_sites
         if sketch_sites:
             unknown = [n for row in sketch_sites for n in row if n not in linear]

@@ -294,7 +294,7 @@ def prepare_model(
 
 
 def sensitivity_probes(router_tensors: dict[str, torch.Tensor], table: RoutingTable, hidden_size: int) -> list[torch.Tensor]:
-    """The router's per-layer sensitivity probe vectors, float32 (hidden_size,), checked."""
+    """The router's per-layer sensitivity probe vectors (stored float16), checked, as float32 (hidden_size,)."""
     probes = []
     for layer_index in range(table.num_layers):
         name = sensitivity_probe_name(layer_index)

@@ -33,16 +33,19 @@ def test_routing_table_records_policy_router_provenance_and_checksums(converted_
     assert table.embeddings["lm_head"].tied_to == "model.embed_tokens"
     # A fresh model's norms are ones: float16 holds them exactly, so that is how they are kept.
     assert "model.norm.weight" in table.kept and table.kept["model.norm.weight"].tier == 16
-    assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate")
+    # The default target (kl_impact) adds the sensitivity probe to the runtime signals.
+    assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate", "sensitivity")
     # Format 4: each layer's sketch is q/k/v's next planes, derived at load, not stored.
     assert table.router.error_sketch_sites == tuple(
         tuple(f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv") for i in range(2)
     )
     with safe_open(str(directory / ROUTER_TENSORS_FILE), framework="pt") as handle:
-        assert set(handle.keys()) == {ROUTER_TOKEN_LOG_FREQUENCY_CODES, ROUTER_TOKEN_LOG_FREQUENCY_PALETTE}
+        assert set(handle.keys()) == {
+            ROUTER_TOKEN_LOG_FREQUENCY_CODES, ROUTER_TOKEN_LOG_FREQUENCY_PALETTE, "sensitivity_probe.0", "sensitivity_probe.1",
+        }
     assert set(table.router.fit["single_signal_auc"]) == {
         "hidden_norm", "attention_received", "position", "token_frequency", "predictive_entropy", "error_estimate",
-        "loss_gradient",
+        "sensitivity", "loss_gradient",
     }
     assert len(table.router.thresholds) == 2
     assert table.calibration.seed == 0 and table.calibration.seconds > 0
@@ -332,7 +335,7 @@ def test_kept_tensors_are_float16_only_where_that_is_exact():
     assert kept_tensor_storage(torch.tensor([70000.0])).dtype == torch.float32  # beyond float16's range
 
 
-def test_kl_impact_target_stores_a_sensitivity_probe_the_runtime_reads(converted_factory, tmp_path):
+def test_the_default_kl_impact_target_stores_a_sensitivity_probe_the_runtime_reads(converted_factory, tmp_path):
     import shutil
     from dataclasses import replace
 
@@ -343,7 +346,7 @@ def test_kl_impact_target_stores_a_sensitivity_probe_the_runtime_reads(converted
     from tap_runtime.errors import CorruptCheckpointError
     from tap_runtime.format import ROUTER_TOKEN_LOG_FREQUENCY, SAFETENSORS_METADATA, sensitivity_probe_name
 
-    directory = converted_factory("llama", router_target="kl_impact")
+    directory = converted_factory("llama")
     table = RoutingTable.from_json(directory / ROUTING_FILE)
     assert table.format_version == FORMAT_VERSION == 6
     assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate", "sensitivity")
@@ -353,7 +356,7 @@ def test_kl_impact_target_stores_a_sensitivity_probe_the_runtime_reads(converted
     hidden = AutoConfig.from_pretrained(directory).hidden_size
     for layer in range(2):
         probe = tensors[sensitivity_probe_name(layer)]
-        assert probe.shape == (hidden,) and probe.dtype == torch.float32 and probe.abs().sum() > 0
+        assert probe.shape == (hidden,) and probe.dtype == torch.float16 and probe.abs().sum() > 0
     tap = tap_runtime.load(directory)
     assert tap.router.sensitivity_probes is not None
     tap.router.reset_counts()
@@ -373,3 +376,18 @@ def test_kl_impact_target_stores_a_sensitivity_probe_the_runtime_reads(converted
     with pytest.raises(CorruptCheckpointError, match=r"tap_router.safetensors: tensor 'sensitivity_probe.1' is \(\d+,\)"):
         tap_runtime.load(broken)
 
+
+
+def test_the_layer_error_target_keeps_the_four_signal_router(converted_factory):
+    """--router-target layer_error: pass 2 at full precision, no probe stored or read."""
+    import tap_runtime
+    from tap_runtime.checkpoint import read_router_tensors
+
+    directory = converted_factory("llama", router_target="layer_error")
+    table = RoutingTable.from_json(directory / ROUTING_FILE)
+    assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate")
+    assert table.router.fit["target_name"] == "layer_error" and "sensitivity_probe" not in table.router.fit
+    assert not any(name.startswith("sensitivity_probe") for name in read_router_tensors(directory))
+    tap = tap_runtime.load(directory)
+    assert tap.router.sensitivity_probes is None
+    assert tap.generate("The river flows past", max_new_tokens=4).metrics.new_tokens == 4

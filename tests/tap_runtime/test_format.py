@@ -140,6 +140,17 @@ def test_a_router_signal_the_runtime_cannot_compute_is_refused(tmp_path):
     assert str(path) in str(caught.value)
 
 
+def test_the_sensitivity_signal_in_a_table_older_than_format_6_is_refused(tmp_path):
+    data = json.loads(sample_table().to_json())
+    data["format_version"] = 5
+    data["router"]["signals"].append("sensitivity")
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match="sensitivity signal, which format 6 introduced") as caught:
+        RoutingTable.from_json(path)
+    assert str(path) in str(caught.value)
+
+
 @pytest.mark.parametrize("rotation", [48, 128, -64, 1.5, True])
 def test_input_rotation_must_be_a_power_of_two_dividing_the_width(tmp_path, rotation):
     data = json.loads(sample_table().to_json())

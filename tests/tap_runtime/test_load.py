@@ -196,7 +196,9 @@ def test_format_1_checkpoint_with_float16_zeros_still_loads(tiny_model_factory, 
     from ..conftest import FAST_CONVERT
 
     source = tmp_path / "v2"
-    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, column_scales=False, **FAST_CONVERT)
+    options = ConvertOptions(
+        calib=str(calibration_text_file), group_size=32, column_scales=False, router_target="layer_error", **FAST_CONVERT
+    )
     table = convert(str(tiny_model_factory("llama")), source, options)
     legacy = tmp_path / "v1"
     shutil.copytree(source, legacy)
@@ -295,7 +297,8 @@ def test_format_3_checkpoint_with_stored_sketches_still_loads(tiny_model_factory
     from ..conftest import FAST_CONVERT
 
     source = tmp_path / "v4"
-    table = convert(str(tiny_model_factory("llama")), source, ConvertOptions(calib=str(calibration_text_file), **FAST_CONVERT))
+    options = ConvertOptions(calib=str(calibration_text_file), router_target="layer_error", **FAST_CONVERT)  # no probe before format 6
+    table = convert(str(tiny_model_factory("llama")), source, options)
     current = tap_runtime.load(source)
     legacy = tmp_path / "v3"
     shutil.copytree(source, legacy)
