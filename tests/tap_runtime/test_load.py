@@ -239,7 +239,7 @@ def test_format_2_checkpoint_with_float16_scales_still_loads(tiny_model_factory,
     from ..conftest import FAST_CONVERT
 
     source = tmp_path / "wide"
-    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, scale_bits=16, **FAST_CONVERT)
+    options = ConvertOptions(calib=str(calibration_text_file), group_size=32, scale_bits=16, router_target="layer_error", **FAST_CONVERT)
     convert(str(tiny_model_factory("llama")), source, options)
     legacy = tmp_path / "v2"
     shutil.copytree(source, legacy)
