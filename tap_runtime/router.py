@@ -387,12 +387,10 @@ class TokenRouter:
             score = float(static[0]) if static is not None and static.numel() == 1 else self.spec.bias
         native_features = self._native_decode_features(layer_index, hidden_states, normed)
         if native_features is not None:
-            hidden_norm, error_estimate = native_features
             slopes = self._slopes
-            score += slopes["hidden_norm"][layer_index] * hidden_norm + slopes["error_estimate"][layer_index] * error_estimate
+            score += slopes["hidden_norm"][layer_index] * native_features[0] + slopes["error_estimate"][layer_index] * native_features[1]
             if "sensitivity" in slopes:
-                probe = self._float_probe(layer_index, normed.device)
-                score += slopes["sensitivity"][layer_index] * float(torch.dot(normed.reshape(-1), probe))
+                score += slopes["sensitivity"][layer_index] * native_features[2]
             return score + self._offsets[layer_index]
         for name, slopes in self._slopes.items():
             if name == "sensitivity":
@@ -414,11 +412,10 @@ class TokenRouter:
             score += slopes[layer_index] * feature
         return score + self._offsets[layer_index]
 
-    def _native_decode_features(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> tuple[float, float] | None:
-        """(hidden_norm, error_estimate) of one token in one native call (about 7 against 27
-        microseconds of torch operators), when the router uses those two signals (and at most
-        the sensitivity besides, one dot product the caller adds) and both vectors are contiguous
-        float32 on the CPU; else None."""
+    def _native_decode_features(self, layer_index: int, hidden_states: torch.Tensor, normed: torch.Tensor | None) -> tuple[float, ...] | None:
+        """(hidden_norm, error_estimate[, sensitivity]) of one token in one native call (about 7
+        against 27 microseconds of torch operators), when the router uses those two signals (and
+        at most the sensitivity besides) and both vectors are contiguous float32 on the CPU; else None."""
         slopes = self._slopes
         others = set(slopes) - {"hidden_norm", "error_estimate", "sensitivity"}
         if normed is None or others or "hidden_norm" not in slopes or "error_estimate" not in slopes:
@@ -432,6 +429,9 @@ class TokenRouter:
         sketch = self._float_sketch(layer_index, normed.device)
         if not sketch.is_contiguous():
             return None
+        if "sensitivity" in slopes:
+            probe = self._float_probe(layer_index, normed.device)
+            return tuple(native.router_features_with_probe(hidden_states, normed, sketch, probe))
         return tuple(native.router_features(hidden_states, normed, sketch))
 
     def _float_probe(self, layer_index: int, device: torch.device) -> torch.Tensor:

@@ -314,7 +314,9 @@ def test_sensitivity_signal_scores_alike_with_and_without_the_native_module(monk
     for t in range(hidden.shape[1]):
         token = hidden[:, t : t + 1].contiguous()
         normed = norm(token).detach()
-        assert router._native_decode_features(0, token, normed) is not None
+        features = router._native_decode_features(0, token, normed)
+        assert len(features) == 3  # the probe's dot product comes from the same native call
+        assert features[2] == pytest.approx(float(normed.reshape(-1) @ router.sensitivity_probes[0]), rel=1e-5, abs=1e-5)
         native = router._decode_score(0, token, normed)
         with monkeypatch.context() as patch:
             patch.setattr("tap_runtime.router.native_kernels", lambda: None)

@@ -418,6 +418,20 @@ std::vector<double> router_features(torch::Tensor hidden, torch::Tensor normed, 
   return {std::log(std::max(rms, 1e-12)), std::log(std::max(energy, 1e-20))};
 }
 
+// router_features plus the format-6 sensitivity signal, normed . probe (probe (in,) float32),
+// in the same call: decode then pays one native call per layer for all three per-layer signals.
+std::vector<double> router_features_with_probe(torch::Tensor hidden, torch::Tensor normed, torch::Tensor sketch, torch::Tensor probe) {
+  check_float_vector(probe, "probe");
+  TORCH_CHECK(probe.numel() == normed.numel(), "probe must have normed's size");
+  std::vector<double> features = router_features(hidden, normed, sketch);
+  const float* x = normed.data_ptr<float>();
+  const float* v = probe.data_ptr<float>();
+  float dot = 0.f;
+  for (int64_t i = 0, n = normed.numel(); i < n; ++i) dot += x[i] * v[i];
+  features.push_back(static_cast<double>(dot));
+  return features;
+}
+
 // x (..., n) float32 times the block-diagonal Hadamard matrix of `block` (a power of two that
 // divides n): a new tensor.
 torch::Tensor hadamard_blocks(torch::Tensor x, int64_t block) {
@@ -498,6 +512,7 @@ void register_ops(pybind11::module& m) {
   m.def("silu_mul_rows", &silu_mul_rows, py::arg("gate"), py::arg("up"), py::arg("rotation"), py::arg("float_output") = false,
         py::arg("gelu_tanh") = false);
   m.def("router_features", &router_features);
+  m.def("router_features_with_probe", &router_features_with_probe);
   m.def("decode_layer", &decode_layer);
   m.def("hadamard_blocks", &hadamard_blocks);
 }
