@@ -167,8 +167,15 @@ def _group_inputs(layer, group, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return seen[0]
 
 
-def fit_variant(variant, model, spec, tap, windows, batch_size, sink_weight, order, damping, cross_ridge):
-    """Every linear's planes (dequantized, rotated space) fitted as ``variant`` says."""
+def _gptq_planes(weight, specs, hessian, order, damping) -> list[torch.Tensor]:
+    return [dequantize_plane(p, torch.float32) for p in gptq_tiers(weight, specs, hessian, order, damping)]
+
+
+def fit_variant(variant, model, spec, tap, windows, batch_size, sink_weight, order, damping, cross_ridge, fit_planes=_gptq_planes):
+    """Every linear's planes (dequantized, rotated space) fitted as ``variant`` says.
+
+    ``fit_planes(W H, plane specs, rotated Hessian, order, damping)`` returns the dequantized
+    planes (the converter's GPTQ by default; bench_lut_grid.py passes another grid)."""
     layers = decoder_layers(model, spec)
     sites_by_layer: dict[int, list] = {}
     for site in iter_linear_sites(model, spec):
@@ -217,8 +224,7 @@ def fit_variant(variant, model, spec, tap, windows, batch_size, sink_weight, ord
                         weight = weight + correction
                     rotation = policy.input_rotation
                     rotated_hessian = rotate_second_moment(hessian, rotation)
-                    planes = gptq_tiers(rotate_weight(weight, rotation), policy.planes, rotated_hessian, order, damping)
-                    fitted[site.name] = [dequantize_plane(p, torch.float32) for p in planes]
+                    fitted[site.name] = fit_planes(rotate_weight(weight, rotation), policy.planes, rotated_hessian, order, damping)
                     if variant == "asymmetric-base":
                         float_weight = float_weights[site.name].float()
                         float_weight = float_weight if site.layout == "linear" else float_weight.t()
