@@ -12,6 +12,7 @@ from tap_runtime.rotation import ROTATIONS
 
 from .convert import SCALE_BITS_CHOICES, ConvertOptions, convert
 from .gptq import GPTQ_ORDERS
+from .levels import LEVEL_CHOICES
 from .push import push_to_hub
 from .writer import DEFAULT_MAX_SHARD_BYTES
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "input, which spreads outlier weights over their group; none: the weight itself (ablation)")
     parser.add_argument("--scale-bits", type=int, choices=list(SCALE_BITS_CHOICES), default=defaults.scale_bits,
                         help="group scales as 8-bit log codes (default) or float16, as format 2 stored them")
+    parser.add_argument("--base-levels", choices=list(LEVEL_CHOICES), default=defaults.base_levels,
+                        help="fitted (default): the asymmetric base plane's 16 codes stand for a table of non-uniform "
+                        "levels fitted to the model's rotated weights (format 7); even: codes 0..15 (format 6's planes)")
     parser.add_argument("--router-target", choices=list(ROUTER_TARGETS), default=defaults.router_target,
                         help="what the router learns to predict: kl_impact (default: the first-order change of the KL to "
                         "float32 when a layer runs on the base tier for a token, measured at the base-tier model, with a "
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         head_damping=args.head_damping,
         rotation=args.rotation,
         scale_bits=args.scale_bits,
+        base_levels=args.base_levels,
         base_model=args.base_model,
         batch_size=args.batch_size,
         max_shard_bytes=args.max_shard_bytes,

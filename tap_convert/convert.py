@@ -44,6 +44,7 @@ from tap_runtime.planes import dequantize_linear, dequantize_planes
 from tap_runtime.rotation import ROTATIONS, rotate_mean_square, rotate_second_moment, rotate_weight, rotation_block
 
 from .column_scales import choose_column_scales
+from .levels import LEVEL_CHOICES, fit_levels
 from .gptq import DAMPING, GPTQ_ORDERS, ROW_DAMPING, gptq_rows, gptq_tiers
 from .hub import render_model_card
 from .policy import allocate_min_tiers, average_bits, output_energy, relative_output_error
@@ -103,6 +104,9 @@ class ConvertOptions:
     # How group scales are stored: 8 (uint8 log codes under a per-plane reference, format 3) or
     # 16 (float16, as format 2 stored them; for ablations).
     scale_bits: int = 8
+    # The asymmetric base plane's code values: "fitted" (one table of 16 non-uniform levels per
+    # model, tap_convert.levels; format 7) or "even" (codes 0..15, as up to format 6).
+    base_levels: str = "fitted"
     base_model: str | None = None  # Hub id of the source, for the model card when converting a local copy
     batch_size: int = 4
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -137,6 +141,8 @@ class ConvertOptions:
             raise InvalidConfigError(f"--rotation {self.rotation!r} is unknown; expected one of {list(ROTATIONS)}.")
         if self.scale_bits not in SCALE_BITS_CHOICES:
             raise InvalidConfigError(f"--scale-bits {self.scale_bits!r} is unknown; expected one of {list(SCALE_BITS_CHOICES)}.")
+        if self.base_levels not in LEVEL_CHOICES:
+            raise InvalidConfigError(f"--base-levels {self.base_levels!r} is unknown; expected one of {list(LEVEL_CHOICES)}.")
         if self.router_target not in ROUTER_TARGETS:
             raise InvalidConfigError(f"--router-target {self.router_target!r} is unknown; expected one of {list(ROUTER_TARGETS)}.")
         if self.num_samples < 1 or self.router_samples < 1 or self.batch_size < 1:
@@ -162,11 +168,16 @@ def choose_group_size(in_features: int, preferred: int) -> int | None:
 
 
 def _plane_specs(
-    tiers: tuple[int, ...], group_size: int, base_symmetric: bool = False, scale_bits: int = 8
+    tiers: tuple[int, ...], group_size: int, base_symmetric: bool = False, scale_bits: int = 8,
+    base_levels: tuple[int, ...] | None = None,
 ) -> tuple[PlaneSpec, ...]:
-    # The base plane's scheme is chosen per layer; residuals are centred, hence symmetric.
+    # The base plane's scheme is chosen per layer; residuals are centred, hence symmetric and
+    # even (the level table is fitted to whole weights' groups, not to what a base plane leaves).
     return tuple(
-        PlaneSpec(bits=PLANE_BITS, group_size=group_size, symmetric=base_symmetric if i == 0 else True, scale_bits=scale_bits)
+        PlaneSpec(
+            bits=PLANE_BITS, group_size=group_size, symmetric=base_symmetric if i == 0 else True, scale_bits=scale_bits,
+            levels=base_levels if i == 0 and not base_symmetric else None,
+        )
         for i in range(len(tiers))
     )
 
@@ -240,6 +251,19 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     timings["pass1_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
+    rotations = {
+        site.name: rotation_block(site.in_features) if options.rotation == "hadamard" else 0 for site in quantized_sites
+    }
+    base_levels = None
+    if options.base_levels == "fitted" and quantized_sites:
+        base_levels = fit_levels(
+            ((rotate_weight(linear_weight(site), rotations[site.name]), group_sizes[site.name]) for site in quantized_sites),
+            len(quantized_sites), PLANE_BITS, seed=options.seed,
+        )
+        _log.info("base plane levels (eighths of a code step): %s", base_levels)
+    timings["levels_seconds"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
     planes = {}
     policies: dict[str, LinearPolicy] = {}
     for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
@@ -251,15 +275,16 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         else:
             second_moment = site_stats.hessian if full else site_stats.mean_square
         # Everything below sees the rotated linear: W H and the statistics of x H (the planes store W H).
-        rotation = rotation_block(site.in_features) if options.rotation == "hadamard" else 0
+        rotation = rotations[site.name]
         weight = rotate_weight(linear_weight(site), rotation)
         second_moment = rotate_second_moment(second_moment, rotation)
         mean_square = rotate_mean_square(site_stats.mean_square, rotation)
         energy = output_energy(weight, second_moment)
-        errors = scheme_errors(weight, group_sizes[site.name], second_moment, mean_square, energy)
+        errors = scheme_errors(weight, group_sizes[site.name], second_moment, mean_square, energy, base_levels)
         scheme, scheme_reason = choose_scheme(errors, options.scheme)
         specs = _plane_specs(
-            options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric", scale_bits=options.scale_bits
+            options.tiers, group_sizes[site.name], base_symmetric=scheme == "symmetric", scale_bits=options.scale_bits,
+            base_levels=base_levels,
         )
         if options.method == "gptq" and full:
             method = "gptq"

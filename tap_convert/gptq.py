@@ -45,12 +45,11 @@ def _group_parameters(
     """
     single = groups.dim() == 2
     groups3 = groups.unsqueeze(1) if single else groups
-    max_code = 2**spec.bits - 1
     best = None
     for ratio in clip_ratios(spec):
         scales, zeros = _candidate(groups3, ratio, spec, reference)
-        codes = torch.clamp(torch.round(groups3 / scales + zeros), 0, max_code)
-        err = (((codes - zeros) * scales - groups3) ** 2 * importance).sum(dim=-1, keepdim=True)
+        values = spec.dequantize_codes(spec.round_codes(groups3 / scales + zeros))
+        err = (((values - zeros) * scales - groups3) ** 2 * importance).sum(dim=-1, keepdim=True)
         if best is None:
             best = (err, scales, zeros)
         else:
@@ -180,7 +179,6 @@ def _gptq_pass(
     weight = weight[:, permutation].clone()
     original_columns = permutation.tolist()
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
-    max_code = 2**spec.bits - 1
     block = max(_BLOCK // group_size, 1) * group_size  # column order: blocks hold whole groups
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
@@ -196,9 +194,9 @@ def _gptq_pass(
                 )
                 scales[:, group], zeros[:, group] = s, z
             s, z = scales[:, group], zeros[:, group]
-            q = torch.clamp(torch.round(block_weight[:, i] / s + z), 0, max_code)
+            q = spec.round_codes(block_weight[:, i] / s + z)
             codes[:, column] = q.to(torch.uint8)
-            error = (block_weight[:, i] - (q - z) * s) / block_factor[i, i]
+            error = (block_weight[:, i] - (spec.dequantize_codes(q) - z) * s) / block_factor[i, i]
             block_weight[:, i:] -= error.unsqueeze(1) * block_factor[i, i:].unsqueeze(0)
             block_errors[:, i] = error
         weight[:, end:] -= block_errors @ factor[start:end, end:]
@@ -222,6 +220,10 @@ def _static_gptq_pass(
     codes_t = torch.empty(in_features, out_features)
     max_code = float(2**spec.bits - 1)
     dequantized = torch.empty(out_features)
+    if spec.levels is not None:
+        table = spec.code_values()
+        midpoints = (table[1:] + table[:-1]) / 2
+        target = torch.empty(out_features)
     for start in range(0, in_features, _BLOCK):
         end = min(start + _BLOCK, in_features)
         block = weight_t[start:end]  # a view: updated in place
@@ -230,8 +232,13 @@ def _static_gptq_pass(
         pivots = block_factor.diagonal().tolist()
         for i in range(end - start):
             column, s, z, q = block[i], column_scales[start + i], column_zeros[start + i], codes_t[start + i]
-            torch.div(column, s, out=q).add_(z).round_().clamp_(0.0, max_code)
-            torch.sub(q, z, out=dequantized).mul_(s)
+            if spec.levels is None:
+                torch.div(column, s, out=q).add_(z).round_().clamp_(0.0, max_code)
+                torch.sub(q, z, out=dequantized).mul_(s)
+            else:
+                code = torch.bucketize(torch.div(column, s, out=target).add_(z), midpoints)
+                q.copy_(code)
+                torch.sub(table[code], z, out=dequantized).mul_(s)
             error = torch.sub(column, dequantized, out=block_errors[i]).div_(pivots[i])
             if i + 1 < end - start:
                 block[i + 1 :].sub_(block_factor[i, i + 1 :].unsqueeze(1) * error.unsqueeze(0))
@@ -266,8 +273,8 @@ def descend_codes(weight, codes, scales, zeros, spec: PlaneSpec, hessian, sweeps
     row's output error (w - w_hat) H (w - w_hat)^T with every other code held, all rows at once.
 
     GPTQ decides each code once, against weights it has not compensated yet; a sweep revisits
-    every code with all the others known. A 1-D quadratic's best integer is the one nearest its
-    minimum, so no step can raise a row's error. Returns new uint8 codes (out, in).
+    every code with all the others known. A 1-D quadratic's best code is the one whose value is
+    nearest its minimum, so no step can raise a row's error. Returns new uint8 codes (out, in).
     """
     out_features, in_features = weight.shape
     group_size = spec.group_size
@@ -275,22 +282,21 @@ def descend_codes(weight, codes, scales, zeros, spec: PlaneSpec, hessian, sweeps
     zero = (torch.full_like(scales, spec.implied_zero) if spec.symmetric else zeros).to(torch.float32)
     zero = zero.repeat_interleave(group_size, dim=1)
     q = codes.to(torch.float32).clone()
-    error = weight - (q - zero) * scale
+    error = weight - (spec.dequantize_codes(q) - zero) * scale
     gradient = error @ hessian
     diagonal = torch.diag(hessian).clamp_min(1e-20)
-    max_code = 2**spec.bits - 1
     columns = (order if order is not None else torch.arange(in_features)).tolist()
     for _ in range(sweeps):
         moved = 0
         for i in columns:
             best_error = error[:, i] - gradient[:, i] / diagonal[i]
-            new = torch.clamp(torch.round((weight[:, i] - best_error) / scale[:, i] + zero[:, i]), 0, max_code)
-            step = new - q[:, i]
-            changed = step != 0
+            new = spec.round_codes((weight[:, i] - best_error) / scale[:, i] + zero[:, i])
+            changed = new != q[:, i]
             if not bool(changed.any()):
                 continue
             rows = changed.nonzero().squeeze(1)
-            delta = -step[rows] * scale[rows, i]
+            step = spec.dequantize_codes(new[rows]) - spec.dequantize_codes(q[rows, i])
+            delta = -step * scale[rows, i]
             error[rows, i] += delta
             gradient[rows] += delta.unsqueeze(1) * hessian[i].unsqueeze(0)
             q[rows, i] = new[rows]
@@ -335,7 +341,7 @@ def refit_group_parameters(
     new_scales, new_zeros = scales.clone(), zeros.clone()
     for first in range(0, out_features, _REFIT_ROWS):
         rows = slice(first, min(first + _REFIT_ROWS, out_features))
-        q = codes[rows].to(torch.float32)
+        q = spec.dequantize_codes(codes[rows])
         if spec.symmetric:
             q = q - mid
         count = q.shape[0]
@@ -387,7 +393,7 @@ def _solve_rows(normal: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
 def _row_output_error(weight, codes, scales, zeros, spec: PlaneSpec, hessian: torch.Tensor) -> torch.Tensor:
     """(out,) each row's (w - w_hat) H (w - w_hat)^T for the given group parameters."""
     out_features, in_features = weight.shape
-    q = codes.to(torch.float32).view(out_features, -1, spec.group_size)
+    q = spec.dequantize_codes(codes).view(out_features, -1, spec.group_size)
     zero = torch.full_like(scales, spec.implied_zero) if spec.symmetric else zeros
     error = weight - ((q - zero.unsqueeze(-1)) * scales.unsqueeze(-1)).view(out_features, in_features)
     return ((error @ hessian) * error).sum(1)

@@ -6,7 +6,7 @@ are left to ``scripts/bench_quality.py``, whose command the card gives.
 
 from __future__ import annotations
 
-from tap_runtime.format import RoutingTable
+from tap_runtime.format import LEVEL_STEPS_PER_CODE, RoutingTable
 
 __all__ = ["render_model_card", "write_measured_quality", "MEASURED_BEGIN", "MEASURED_END"]
 
@@ -68,6 +68,17 @@ def scale_storage(table: RoutingTable) -> str:
     return " and ".join(words[k] for k in sorted(kinds)) or "none"
 
 
+def code_levels(table: RoutingTable) -> str:
+    """What the planes' 16 codes stand for, in words (for inspect and the model card)."""
+    tables = {spec.levels for policy in table.linear.values() for spec in policy.planes if spec.levels is not None}
+    with_table = sum(1 for policy in table.linear.values() for spec in policy.planes if spec.levels is not None)
+    planes = sum(len(policy.planes) for policy in table.linear.values())
+    if not tables:
+        return "evenly spaced codes"
+    listed = "; ".join(" ".join(f"{v / LEVEL_STEPS_PER_CODE:g}" for v in levels) for levels in sorted(tables))
+    return f"a fitted table of 16 levels in {with_table} of {planes} planes ({listed} code steps), evenly spaced codes elsewhere"
+
+
 def kept_storage(table: RoutingTable) -> str:
     """How many unquantized tensors are stored at which precision, in words (inspect, model card)."""
     counts: dict[int, int] = {}
@@ -125,7 +136,7 @@ and a router that sends about {table.high_precision_share:.0%} of tokens per lay
 |---|---|
 {bits_rows}
 
-Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)}; group scales as {scale_storage(table)}; input rotation: {input_rotation(table)});
+Linear layers quantized: {len(table.linear)} ({', '.join(f'{n} by {m}' for m, n in _methods(table).items())}{_gptq_order(table)}; group scales as {scale_storage(table)}; codes: {code_levels(table)}; input rotation: {input_rotation(table)});
 promoted above the base tier for every token: {sum(1 for p in table.linear.values() if p.min_tier != table.tiers[0])};
 embeddings/heads at 8 bits: {len(table.embeddings)} ({sum(1 for e in table.embeddings.values() if e.column_scaled)} with per-column scales); tensors kept unquantized: {kept_storage(table)} (float16 only where exact).
 

@@ -15,7 +15,7 @@ from tap_runtime.checkpoint import read_checkpoint, verify_files
 from tap_runtime.errors import TapError
 from tap_runtime.format import RoutingTable
 
-from .hub import input_rotation, kept_storage, scale_storage
+from .hub import code_levels, input_rotation, kept_storage, scale_storage
 
 __all__ = ["inspect_checkpoint", "scheme_wins", "token_tier_shares", "plot_precision_map"]
 
@@ -66,7 +66,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
     lines += ["", "per-layer policy (relative output error per tier, from calibration):"]
     for name, policy in table.linear.items():
         errors = ", ".join(f"t{t} {float(e):.4f}" for t, e in policy.sensitivity.items())
-        planes = "/".join(f"{'s' if p.symmetric else 'a'}g{p.group_size}" for p in policy.planes)
+        planes = "/".join(f"{'s' if p.symmetric else 'a'}g{p.group_size}{'L' if p.levels else ''}" for p in policy.planes)
         planes += f" H{policy.input_rotation}" if policy.input_rotation else ""
         promoted = f"  min tier {policy.min_tier}" if policy.min_tier != table.tiers[0] else ""
         lines.append(f"  {name:48s} {policy.in_features:>5d}x{policy.out_features:<5d} {policy.method:4s} {planes:10s} {errors}{promoted}")
@@ -106,6 +106,7 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
         lines.append(f"  head rows' GPTQ damping: {calibration.extra['head_damping']}")
     lines.append(f"  input rotation ({calibration.extra.get('rotation', 'none')}): {input_rotation(table)}")
     lines.append(f"  group scales: {scale_storage(table)}")
+    lines.append(f"  codes: {code_levels(table)}")
     ok = all(status == "ok" for _, _, status in files)
     lines += ["", "all files verified" if ok else "SOME FILES FAILED VERIFICATION"]
     return "\n".join(lines), ok

@@ -32,8 +32,9 @@ def clip_ratios(spec: PlaneSpec) -> tuple[float, ...]:
 _MIN_SCALE = 1e-10
 
 
-def _codes_for(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, max_code: int) -> torch.Tensor:
-    return torch.clamp(torch.round(groups / scales + zeros), 0, max_code)
+def _codes_for(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: PlaneSpec) -> torch.Tensor:
+    """The nearest code of each weight (float32): to an integer, or to the plane's level table."""
+    return spec.round_codes(groups / scales + zeros)
 
 
 def _unclipped_scales(groups: torch.Tensor, spec: PlaneSpec) -> torch.Tensor:
@@ -110,14 +111,13 @@ def quantize_plane(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tens
         channel_weight = importance.to(torch.float32).clamp_min(0).reshape(1, num_groups, spec.group_size)
         # Keep every channel in play: a channel unseen in calibration may still see tokens later.
         channel_weight = channel_weight + channel_weight.mean() * 1e-3 + 1e-12
-    max_code = 2**spec.bits - 1
     reference = scale_reference_for(weight, spec)
     best_err = None
     best_scales = best_zeros = None
     for ratio in clip_ratios(spec):
         scales, zeros = _candidate(groups, ratio, spec, reference)
-        codes = _codes_for(groups, scales, zeros, max_code)
-        err = (((codes - zeros) * scales - groups) ** 2 * channel_weight).sum(dim=-1, keepdim=True)
+        codes = _codes_for(groups, scales, zeros, spec)
+        err = (((spec.dequantize_codes(codes) - zeros) * scales - groups) ** 2 * channel_weight).sum(dim=-1, keepdim=True)
         if best_err is None:
             best_err, best_scales, best_zeros = err, scales, zeros
         else:
@@ -125,7 +125,7 @@ def quantize_plane(weight: torch.Tensor, spec: PlaneSpec, importance: torch.Tens
             best_err = torch.where(better, err, best_err)
             best_scales = torch.where(better, scales, best_scales)
             best_zeros = torch.where(better, zeros, best_zeros)
-    codes = _codes_for(groups, best_scales, best_zeros, max_code).to(torch.uint8)
+    codes = _codes_for(groups, best_scales, best_zeros, spec).to(torch.uint8)
     return Plane(
         spec=spec,
         qweight=pack_int4(codes.reshape(out_features, in_features)),

@@ -43,15 +43,18 @@ def log_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def scheme_errors(
-    weight: torch.Tensor, group_size: int, second_moment: torch.Tensor, importance: torch.Tensor, energy: float | None = None
+    weight: torch.Tensor, group_size: int, second_moment: torch.Tensor, importance: torch.Tensor, energy: float | None = None,
+    levels: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     """Relative output error of a 4-bit base plane under each scheme (round to nearest);
-    ``energy``: the weight's tr(W H W^T) if already known."""
+    ``energy``: the weight's tr(W H W^T) if already known; ``levels``: the asymmetric plane's
+    level table (the symmetric one is always even, as the converter stores it)."""
     if energy is None:
         energy = output_energy(weight, second_moment)
     errors = {}
     for scheme in RUNNABLE_SCHEMES:
-        plane = quantize_plane(weight, PlaneSpec(4, group_size, scheme == "symmetric"), importance=importance)
+        symmetric = scheme == "symmetric"
+        plane = quantize_plane(weight, PlaneSpec(4, group_size, symmetric, levels=None if symmetric else levels), importance=importance)
         errors[scheme] = relative_output_error(weight, dequantize_plane(plane), second_moment, energy)
     errors["logarithmic"] = relative_output_error(weight, log_quantize(weight, group_size), second_moment, energy)
     return errors

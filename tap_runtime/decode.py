@@ -29,7 +29,8 @@ from .dense_mlp import dense_mlp_forward
 from .errors import InvalidConfigError
 from .kernels.cpu import aligned
 from .kernels.native import native_kernels
-from .kernels.vnni import ALL_WIDE, TiledPlane
+from .kernels.base import SplitPlane
+from .kernels.vnni import _EVEN, ALL_WIDE, TiledPlane
 from .kv_cache import KV_CACHE_KINDS, StaticKVCache, make_kv_cache
 from .prefill_attention import attend_prompt, is_plain_causal
 from .rotation import rotate_input
@@ -217,7 +218,9 @@ class _NativeBody:
                 return None  # torch's kernel, or planes left in the mapped file
             if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
                 return None
-            tensors = [t for plane in planes for t in (plane.weight, plane.scales, plane.zeros)]
+            tensors = [
+                t for plane in planes for t in (plane.weight, plane.scales, plane.zeros, plane.levels if plane.levels is not None else _EVEN)
+            ]
             meta = [n for plane in planes for n in (plane.group_size, plane.first_row, plane.out_features)]
             parts.append((tensors, meta, bias, tuple(modules), modules[0].policy.input_rotation))
         return cls(tuple(parts))
@@ -283,7 +286,7 @@ class DirectDecodeLayer:
         for group in (qkv, gate_up):
             if group is not None and len(group.prepared) != len(group.modules[0]._prepared):
                 return None  # some planes are not stacked (memory-efficient mode): the module path handles them
-        if not all(type(p) in (_PackedPlane, TiledPlane) for m in modules for p in m._prepared):
+        if not all(type(p) in (_PackedPlane, TiledPlane, SplitPlane) for m in modules for p in m._prepared):
             return None
         return cls([qkv] if qkv is not None else qkv_modules, singles[0], [gate_up] if gate_up is not None else gate_up_modules, singles[1])
 
@@ -305,9 +308,13 @@ class DirectDecodeLayer:
         """(1, in) float32 times one packed plane, straight into the kernel's op (TAP's VNNI
         kernel answers in float32, its activations at 15 or 8 bits per block as ``wide_above``
         says; torch's int4 op in bfloat16)."""
+        if type(plane) is SplitPlane:  # a level table on torch's kernel: the sum of its even parts
+            high, low = (DirectDecodeLayer.plane_product(flat, part, wide_above) for part in plane.parts)
+            return high.to(torch.float32) + low.to(torch.float32)
         if type(plane) is TiledPlane:
             return native_kernels().matmul_w4(
-                flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide_above, plane.first_row, plane.out_features
+                flat, plane.weight, plane.scales, plane.zeros, plane.group_size, wide_above, plane.first_row, plane.out_features,
+                plane.levels,
             )
         out = _INT4_MM(aligned(flat.to(torch.bfloat16)), plane.packed, plane.group_size, plane.scale_and_zero)
         return out[:, : plane.out_features] if out.shape[-1] != plane.out_features else out

@@ -44,6 +44,7 @@ __all__ = [
     "FULL_PRECISION_TIER",
     "TIER_CHOICES",
     "PLANE_BITS",
+    "LEVEL_STEPS_PER_CODE",
     "PLANE_FIELDS",
     "SCALE_CODE_STEPS_PER_OCTAVE",
     "EMBEDDING_FIELDS",
@@ -90,8 +91,11 @@ __all__ = [
 # 6: the router may read the ``sensitivity`` signal, one dot product of the layer's normed input
 # with a per-layer probe vector stored in the router file (sensitivity_probe_name); a version-5
 # runtime would meet a signal it cannot compute. Versions 1-5 still load.
-FORMAT_VERSION = 6
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
+# 7: a plane's 16 codes may stand for a table of non-uniform levels (PlaneSpec.levels, in eighths
+# of a code step) instead of 0..15; a version-6 runtime would read them as evenly spaced.
+# Versions 1-6 still load.
+FORMAT_VERSION = 7
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6, 7})
 QUANT_METHOD = "tap"
 
 CONFIG_FILE = "config.json"
@@ -117,13 +121,17 @@ BASE_TIER = 4
 FULL_PRECISION_TIER = 32
 TIER_CHOICES = ((4, 8), (4, 8, 16))
 PLANE_BITS = 4  # every plane, base or residual, is 4-bit; a tier adds planes
+# PlaneSpec.levels are integers in these steps per code step: eighths keep every fitted level
+# within 1/16 of a code step of where Lloyd's algorithm put it, and the largest (120) times an
+# 8-bit activation still fits the int16 pair sums of AVX2's maddubs (2 x 120 x 128 < 2^15).
+LEVEL_STEPS_PER_CODE = 8
 EMBEDDING_BITS = 8
 
 # Tensor fields of one plane. qweight: uint8 (out_features, in_features // 2), two 4-bit codes
 # per byte, low nibble first. scales: (out_features, in_features // group_size), uint8 log codes
 # under scale_reference, float32 (1,) (float16 scales and no reference up to format 2, see
 # PlaneSpec.scale_bits); zeros: the same shape, uint8 eighths (float16 in format 1, see
-# PlaneSpec.zero_bits); the plane dequantizes as (q - zero) * scale. Symmetric planes store no
+# PlaneSpec.zero_bits); the plane dequantizes as (q - zero) * scale (q: the code's value, PlaneSpec.levels). Symmetric planes store no
 # zeros: zero is 2**(bits-1) for every group (see PlaneSpec.fields).
 PLANE_FIELDS = ("qweight", "scales", "zeros", "scale_reference")
 # Tensor fields of an 8-bit embedding or output head. qweight: int8 (num_embeddings,
@@ -286,6 +294,23 @@ def _get(data: dict, key: str, kind: type | tuple[type, ...], path: str | Path, 
     return value
 
 
+def _plane_levels(data: dict, path: str | Path, where: str) -> tuple[int, ...] | None:
+    """A plane's level table from the routing table (absent or null: even codes, formats 1-6)."""
+    levels = data.get("levels")
+    if levels is None:
+        return None
+    top = 15 * LEVEL_STEPS_PER_CODE
+    if (
+        not isinstance(levels, list) or len(levels) != 16 or any(not isinstance(v, int) or isinstance(v, bool) for v in levels)
+        or any(b <= a for a, b in zip(levels, levels[1:])) or levels[0] < 0 or levels[-1] > top
+    ):
+        raise CorruptCheckpointError(
+            f"{path}: '{where}levels' is {levels!r}; expected 16 strictly increasing integers in [0, {top}] "
+            f"(eighths of a code step). The file is corrupt; convert the model again."
+        )
+    return tuple(levels)
+
+
 @dataclass(frozen=True)
 class PlaneSpec:
     """How one 4-bit plane is quantized: group-wise scales, with or without zero points.
@@ -301,6 +326,12 @@ class PlaneSpec:
     within 1.1% of the one asked for over a 250x range below the reference (groups needing less
     take the smallest code), and the codes are chosen before the weights are rounded, so the
     rounding compensates. Like K-quants' quantized block scales, this halves the bytes of scales.
+
+    ``levels`` (format 7): None for evenly spaced codes (code q stands for q), or 16 strictly
+    increasing integers in [0, 120] (code q stands for levels[q] / 8 code steps), so the plane
+    dequantizes as (levels[q] / 8 - zero) x scale. Rotated weights are bell-shaped within a
+    group, and a table fitted to them (as llama.cpp's IQ4_NL uses a fixed one) spends the 16
+    codes where the weights are; the kernels look the levels up with one byte shuffle.
     """
 
     bits: int
@@ -308,6 +339,38 @@ class PlaneSpec:
     symmetric: bool
     zero_bits: int = 8
     scale_bits: int = 8
+    levels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.levels is not None:
+            levels = tuple(self.levels)
+            top = (2**self.bits - 1) * LEVEL_STEPS_PER_CODE
+            if (
+                len(levels) != 2**self.bits or any(not isinstance(v, int) or isinstance(v, bool) for v in levels)
+                or any(b <= a for a, b in zip(levels, levels[1:])) or levels[0] < 0 or levels[-1] > top
+            ):
+                raise ValueError(f"levels must be {2**self.bits} strictly increasing integers in [0, {top}]; got {self.levels!r}")
+            object.__setattr__(self, "levels", levels)
+
+    def code_values(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """(2**bits,) the value each code stands for, in code steps: 0..15, or the level table."""
+        if self.levels is None:
+            return torch.arange(2**self.bits, dtype=dtype, device=device)
+        return torch.tensor(self.levels, dtype=torch.float32, device=device).div_(LEVEL_STEPS_PER_CODE).to(dtype)
+
+    def round_codes(self, values: torch.Tensor) -> torch.Tensor:
+        """Values in code steps (w / scale + zero) -> the nearest code, as float32 in [0, 15]."""
+        if self.levels is None:
+            return torch.clamp(torch.round(values), 0, 2**self.bits - 1)
+        table = self.code_values(device=values.device)
+        midpoints = (table[1:] + table[:-1]) / 2
+        return torch.bucketize(values.to(torch.float32).contiguous(), midpoints).to(torch.float32)
+
+    def dequantize_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (any integer or float dtype) -> the values they stand for, float32 code steps."""
+        if self.levels is None:
+            return codes.to(torch.float32)
+        return self.code_values(device=codes.device)[codes.to(torch.int64)]
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -416,6 +479,7 @@ class PlaneSpec:
             symmetric=_get(data, "symmetric", bool, path, where),
             zero_bits=zero_bits,
             scale_bits=scale_bits,
+            levels=_plane_levels(data, path, where),
         )
 
 
@@ -735,6 +799,11 @@ class RoutingTable:
         for section in ("linear", "embeddings", "kept"):
             for entry in data[section].values():
                 entry.pop("name")
+        # Even planes (levels None) write no key, as formats 1-6 did.
+        for entry in data["linear"].values():
+            for plane in entry["planes"]:
+                if plane.get("levels") is None:
+                    plane.pop("levels", None)
         return data
 
     def to_json(self) -> str:

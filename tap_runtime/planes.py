@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import LinearPolicy, PlaneSpec
-from .packing import unpack_int4
+from .format import LEVEL_STEPS_PER_CODE, LinearPolicy, PlaneSpec
+from .packing import pack_int4, unpack_int4
 from .rotation import rotate_weight
 
-__all__ = ["Plane", "RowQuantized", "dequantize_plane", "dequantize_planes", "dequantize_linear", "dequantize_rows"]
+__all__ = ["Plane", "RowQuantized", "split_levels", "dequantize_plane", "dequantize_planes", "dequantize_linear", "dequantize_rows"]
 
 
 @dataclass
@@ -81,9 +81,29 @@ class RowQuantized:
     column_scales: torch.Tensor | None = None
 
 
+def split_levels(plane: Plane) -> tuple[Plane, Plane]:
+    """A plane with a level table as two even planes whose sum is exactly it, for kernels that
+    multiply evenly spaced codes only (torch's int4 ops): with level L = 8 h + l (h <= 15, l <= 7),
+    (L / 8 - zero) x scale = (h - zero) x scale + (l - 0) x scale / 8. Twice the reads of the
+    plane, so the native kernels look the levels up instead."""
+    if plane.spec.levels is None:
+        raise ValueError("split_levels needs a plane with a level table (PlaneSpec.levels)")
+    table = torch.tensor(plane.spec.levels, dtype=torch.uint8, device=plane.qweight.device)
+    values = table[unpack_int4(plane.qweight).to(torch.int64)]
+    high_spec = PlaneSpec(plane.spec.bits, plane.spec.group_size, plane.spec.symmetric, plane.spec.zero_bits, plane.spec.scale_bits)
+    low_spec = PlaneSpec(plane.spec.bits, plane.spec.group_size, False, plane.spec.zero_bits, plane.spec.scale_bits)
+    high = Plane(high_spec, pack_int4(values // LEVEL_STEPS_PER_CODE), plane.scales, plane.zeros, plane.scale_reference)
+    low = Plane(
+        low_spec, pack_int4(values % LEVEL_STEPS_PER_CODE), (plane.scales.to(torch.float32) / LEVEL_STEPS_PER_CODE).to(plane.scales.dtype),
+        torch.zeros_like(plane.scales), None,
+    )
+    return high, low
+
+
 def dequantize_plane(plane: Plane, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Return (q - zero) * scale as a dense (out_features, in_features) tensor."""
-    codes = unpack_int4(plane.qweight).to(dtype)
+    """Return (q - zero) * scale as a dense (out_features, in_features) tensor (q: each code's
+    value, its level where the plane has a level table)."""
+    codes = plane.spec.dequantize_codes(unpack_int4(plane.qweight)).to(dtype)
     out_features, in_features = codes.shape
     groups = in_features // plane.spec.group_size
     # (out, groups, group_size) so each group meets its own scale and zero.

@@ -6,13 +6,23 @@ so checkpoints stay independent of the machine that runs them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from ..planes import Plane, RowQuantized
 
-__all__ = ["Kernel"]
+__all__ = ["Kernel", "SplitPlane"]
+
+
+@dataclass
+class SplitPlane:
+    """A plane with a level table, prepared by a kernel that multiplies even codes only: its two
+    even parts (tap_runtime.planes.split_levels), each in that kernel's own layout. The product
+    is the sum of the parts' products."""
+
+    parts: tuple[Any, Any]
 
 
 class Kernel(Protocol):

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..planes import Plane, RowQuantized
+from ..planes import Plane, RowQuantized, split_levels
 from ..packing import unpack_int4
+from .base import SplitPlane
 from .native import cpu_flags
 
 __all__ = [
@@ -174,7 +175,9 @@ class CpuPackedKernel:
         self.dense_dtype = dense_dtype
         self.refine_top = refine_top
 
-    def prepare_plane(self, plane: Plane) -> _PackedPlane:
+    def prepare_plane(self, plane: Plane) -> _PackedPlane | SplitPlane:
+        if plane.spec.levels is not None:  # torch's op multiplies even codes only
+            return SplitPlane(tuple(self.prepare_plane(part) for part in split_levels(plane)))
         codes = unpack_int4(plane.qweight).to(torch.int32)  # (out, in)
         out_features = codes.shape[0]
         pad = (-out_features) % INT4_ROW_MULTIPLE
@@ -190,8 +193,11 @@ class CpuPackedKernel:
         scale_and_zero = torch.stack((scales, offsets), dim=-1).transpose(0, 1).contiguous()
         return _PackedPlane(packed, scale_and_zero.to(torch.bfloat16), plane.spec.group_size, out_features)
 
-    def dequantize_plane(self, prepared: _PackedPlane) -> torch.Tensor:
+    def dequantize_plane(self, prepared: _PackedPlane | SplitPlane) -> torch.Tensor:
         """The plane as a ``dense_dtype`` (padded_out, in_features) matrix, from the packed layout."""
+        if type(prepared) is SplitPlane:
+            high, low = (self.dequantize_plane(part).to(torch.float32) for part in prepared.parts)
+            return high.add_(low).to(self.dense_dtype)
         in_features = prepared.packed.shape[1] * 2
         groups = in_features // prepared.group_size
         # float32 arithmetic: torch's elementwise bfloat16 ops on CPU are ~3x slower.
@@ -203,7 +209,12 @@ class CpuPackedKernel:
         shift = (scale_and_zero[..., 1] - 8 * scale_and_zero[..., 0]).t().unsqueeze(-1)
         return codes.mul_(scale).add_(shift).view(codes.shape[0], in_features).to(self.dense_dtype)
 
-    def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane) -> torch.Tensor:
+    def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane | SplitPlane) -> torch.Tensor:
+        if type(prepared) is SplitPlane:
+            # Summed in float32 and left there: rounding the sum to bfloat16 again would double
+            # the bfloat16 rounding of an even plane's product.
+            high, low = (self.matmul_plane(x, part) for part in prepared.parts)
+            return high.to(torch.float32) + low.to(torch.float32)
         if self.dense_min_tokens is not None and x.shape[0] >= self.dense_min_tokens:
             out = torch.mm(x.to(self.dense_dtype), self.dequantize_plane(prepared).t())
             if out.shape[-1] != prepared.out_features:
@@ -219,7 +230,16 @@ class CpuPackedKernel:
     def fuse_planes(self, parts: list[_PackedPlane]) -> tuple[_PackedPlane, list[_PackedPlane]] | None:
         """One plane for several that read the same input (q/k/v, gate/up), and each part again
         as a view into it, so fusing costs no memory. None when the parts cannot be stacked
-        (different group sizes, or padded rows between them)."""
+        (different group sizes, or padded rows between them). Planes split for a level table
+        fuse part by part."""
+        if all(type(p) is SplitPlane for p in parts):
+            fused = [self.fuse_planes([p.parts[i] for p in parts]) for i in range(2)]
+            if any(f is None for f in fused):
+                return None
+            (high, high_views), (low, low_views) = fused
+            return SplitPlane((high, low)), [SplitPlane(pair) for pair in zip(high_views, low_views)]
+        if any(type(p) is not _PackedPlane for p in parts):
+            return None
         if len({p.group_size for p in parts}) != 1 or len({p.packed.shape[1] for p in parts}) != 1:
             return None
         if any(p.packed.shape[0] != p.out_features for p in parts):

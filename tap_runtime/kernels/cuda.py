@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import unpack_int4
-from ..planes import Plane, RowQuantized, dequantize_plane
+from ..planes import Plane, RowQuantized, dequantize_plane, split_levels
+from .base import SplitPlane
 
 __all__ = ["CudaPackedKernel", "cuda_kernels_available", "inner_k_tiles"]
 
@@ -92,7 +93,9 @@ class CudaPackedKernel:
         except (RuntimeError, NotImplementedError):
             return False
 
-    def prepare_plane(self, plane: Plane) -> _PackedPlane:
+    def prepare_plane(self, plane: Plane) -> _PackedPlane | SplitPlane:
+        if plane.spec.levels is not None:  # tinygemm multiplies even codes only
+            return SplitPlane(tuple(self.prepare_plane(part) for part in split_levels(plane)))
         group_size = plane.spec.group_size
         if group_size not in _GROUP_SIZES:
             raise ValueError(f"CUDA int4 kernel needs group size in {_GROUP_SIZES}; got {group_size}")
@@ -120,7 +123,10 @@ class CudaPackedKernel:
             )
         return _PackedPlane(packed, scale_and_zero.to(device=self.device, dtype=torch.bfloat16), group_size, out_features, portable)
 
-    def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane) -> torch.Tensor:
+    def matmul_plane(self, x: torch.Tensor, prepared: _PackedPlane | SplitPlane) -> torch.Tensor:
+        if type(prepared) is SplitPlane:
+            high, low = (self.matmul_plane(x, part) for part in prepared.parts)
+            return high.to(torch.float32) + low.to(torch.float32)  # float32, as CpuPackedKernel's
         if prepared.portable is not None and x.shape[0] >= self.dense_min_tokens:
             return x.to(torch.bfloat16) @ dequantize_plane(prepared.portable, torch.bfloat16).t()
         out = torch.ops.aten._weight_int4pack_mm(

@@ -85,6 +85,8 @@ def gated_plane_add(flag: torch.Tensor, x: torch.Tensor, plane: Plane, out: torc
     """
     import triton
 
+    if plane.spec.levels is not None:
+        raise ValueError("gated_plane_add multiplies even codes only; this plane has a level table (PlaneSpec.levels)")
     out_features = plane.qweight.shape[0]
     in_features = plane.qweight.shape[1] * 2
     group_size = plane.spec.group_size

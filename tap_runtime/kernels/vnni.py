@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..packing import unpack_int4
 from ..pages import huge_page_copy, huge_page_empty, page_out
 from ..planes import Plane, RowQuantized
+from .base import SplitPlane
 from .cpu import CpuPackedKernel, _PackedPlane, _PackedRows
 from .native import native_kernels
 
@@ -50,6 +51,7 @@ CHUNK_BLOCKS = 16  # blocks per chunk of the plane layout (the C++ kernel's kChu
 _ROW_CHUNK = 32  # inputs per 32-byte chunk of an int8 row
 _DENSE_ROWS_CHUNK = 16384  # rows of the head unpacked at a time for many-token calls
 _PREPARE_ROWS_CHUNK = 4096  # rows of the head tiled at a time at load (a multiple of any tile)
+_EVEN = torch.empty(0, dtype=torch.uint8)  # the native ops' "no level table" in a list of planes' tables
 # From this many tokens in one call, planes are unpacked and multiplied densely (the default of
 # CpuVnniKernel's dense_min_tokens), per build: scripts/bench_kernels.py measured the crossover.
 # AVX2 (2 EPYC cores, float32 GEMM): summed over SmolLM2's, gemma's and Qwen2.5-1.5B's planes
@@ -183,6 +185,7 @@ class TiledPlane:
     group_size: int
     out_features: int
     first_row: int = 0
+    levels: torch.Tensor | None = None  # uint8 (16,): the plane's level table (PlaneSpec.levels); None: even codes
 
 
 @dataclass
@@ -274,22 +277,26 @@ class CpuVnniKernel(CpuPackedKernel):
             return super().prepare_plane(plane)
         codes = unpack_int4(plane.qweight)
         group_size = plane.spec.group_size
+        levels = plane.spec.levels
         return TiledPlane(
             huge_page_copy(tile_plane_codes(codes, self.tile)),
             tile_group_params(plane.scales, self.tile, group_size),
             tile_group_params(plane.zeros_or_implied(), self.tile, group_size),
             group_size,
             codes.shape[0],
+            levels=None if levels is None else torch.tensor(levels, dtype=torch.uint8),
         )
 
     def dequantize_plane(self, prepared, out: torch.Tensor | None = None) -> torch.Tensor:
         """The plane as a ``dense_dtype`` (out_features, in_features) matrix, written into ``out`` if given."""
-        if type(prepared) is _PackedPlane:
+        if type(prepared) is not TiledPlane:
             return super().dequantize_plane(prepared)
         shape = (prepared.out_features, prepared.weight.shape[1] * 2)
         if out is None:
             out = torch.empty(shape, dtype=self.dense_dtype)
-        return self.native.dequantize_w4(prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, prepared.first_row, out)
+        return self.native.dequantize_w4(
+            prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, prepared.first_row, out, prepared.levels
+        )
 
     def _scratch(self, shape: tuple[int, int]) -> torch.Tensor:
         """A reused ``dense_dtype`` buffer for many-token calls: a fresh matrix per call would be
@@ -315,8 +322,10 @@ class CpuVnniKernel(CpuPackedKernel):
         ):
             return None
         weight = self._scratch((first.out_features, first.weight.shape[1] * 2))
+        levels = [p.levels if p.levels is not None else _EVEN for p in planes] if any(p.levels is not None for p in planes) else []
         self.native.dequantize_w4_sum(
             [p.weight for p in planes], [p.scales for p in planes], [p.zeros for p in planes], first.group_size, first.first_row, weight,
+            levels,
         )
         return torch.mm(x.to(self.dense_dtype), weight.t())
 
@@ -328,10 +337,12 @@ class CpuVnniKernel(CpuPackedKernel):
         or 8-bit (the build's own: 16 rows per register on VNNI, 8 on AVX2)."""
         args = (x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
                 prepared.first_row, prepared.out_features)
-        return self.native.matmul_w4_lanes(*args, True) if wide else self.native.matmul_w4_many(*args)
+        if wide:
+            return self.native.matmul_w4_lanes(*args, True, prepared.levels)
+        return self.native.matmul_w4_many(*args, prepared.levels)
 
     def matmul_plane(self, x: torch.Tensor, prepared) -> torch.Tensor:
-        if type(prepared) is _PackedPlane:
+        if type(prepared) is not TiledPlane:
             return super().matmul_plane(x, prepared)
         if self.wide_lanes and self._many(x.shape[0]):
             return self._lanes(x, prepared, wide=True)
@@ -340,7 +351,7 @@ class CpuVnniKernel(CpuPackedKernel):
             return torch.mm(x.to(self.dense_dtype), weight.t())
         return self.native.matmul_w4(
             x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size, ALL_WIDE,
-            prepared.first_row, prepared.out_features,
+            prepared.first_row, prepared.out_features, prepared.levels,
         )
 
     def matmul_routed(self, x: torch.Tensor, prepared, call_tokens: int) -> torch.Tensor:
@@ -366,7 +377,7 @@ class CpuVnniKernel(CpuPackedKernel):
         ):
             return False
         rows_add(x, indices.contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
-                 prepared.first_row, prepared.out_features, out)
+                 prepared.first_row, prepared.out_features, out, prepared.levels)
         return True
 
     def matmul_base(self, x: torch.Tensor, prepared, alone: bool) -> torch.Tensor:
@@ -378,7 +389,7 @@ class CpuVnniKernel(CpuPackedKernel):
             if not many and alone and self.base_wide_above != ALL_WIDE:
                 return self.native.matmul_w4(
                     x.to(torch.float32).contiguous(), prepared.weight, prepared.scales, prepared.zeros, prepared.group_size,
-                    self.base_wide_above, prepared.first_row, prepared.out_features,
+                    self.base_wide_above, prepared.first_row, prepared.out_features, prepared.levels,
                 )
         return self.matmul_plane(x, prepared)
 
@@ -401,12 +412,14 @@ class CpuVnniKernel(CpuPackedKernel):
         self.lane_base = bits == 8 and self.has_lane_kernel
 
     def fuse_planes(self, parts: list):
-        if all(type(p) is _PackedPlane for p in parts):
+        if all(type(p) in (_PackedPlane, SplitPlane) for p in parts):
             return super().fuse_planes(parts)
         if not all(type(p) is TiledPlane for p in parts):
             return None
         if len({p.group_size for p in parts}) != 1 or len({p.weight.shape[1] for p in parts}) != 1:
             return None
+        if len({None if p.levels is None else tuple(p.levels.tolist()) for p in parts}) != 1:
+            return None  # one stacked plane has one level table
         if any(p.out_features % self.tile or p.first_row or p.weight.shape[0] != p.out_features for p in parts):
             return None  # padded rows between the parts, or parts that are views already
         # Each chunk of the stack is the parts' chunks one after the other (whole tiles each), so
@@ -418,10 +431,11 @@ class CpuVnniKernel(CpuPackedKernel):
         per_block = group_size // BLOCK
         scales = _stack_chunks([p.scales for p in parts], rows, blocks, per_block, 1).view(sum(rows), -1)
         zeros = _stack_chunks([p.zeros for p in parts], rows, blocks, per_block, 1).view(sum(rows), -1)
-        fused = TiledPlane(weight, scales, zeros, group_size, sum(p.out_features for p in parts))
+        levels = parts[0].levels
+        fused = TiledPlane(weight, scales, zeros, group_size, sum(p.out_features for p in parts), levels=levels)
         views, offset = [], 0
         for p in parts:
-            views.append(TiledPlane(weight, scales, zeros, group_size, p.out_features, offset))
+            views.append(TiledPlane(weight, scales, zeros, group_size, p.out_features, offset, levels))
             offset += p.out_features
         return fused, views
 

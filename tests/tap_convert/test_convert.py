@@ -218,6 +218,37 @@ def test_scale_storage_is_recorded_validated_and_read_back(converted_factory, ti
         ConvertOptions(scale_bits=4).validate()
 
 
+def test_fitted_levels_are_the_default_one_table_on_asymmetric_base_planes(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
+    """By default (format 7) every asymmetric base plane's codes stand for one level table fitted
+    to the model's weights; residual planes stay even. ``base_levels="even"`` writes format 6's
+    planes, and the reference and native kernels read both checkpoints alike."""
+    import tap_runtime
+
+    directory = converted_factory("llama", group_size=64)
+    table = RoutingTable.from_json(directory / ROUTING_FILE)
+    bases = [p.planes[0] for p in table.linear.values()]
+    tables = {spec.levels for spec in bases if not spec.symmetric}
+    assert len(tables) == 1 and None not in tables
+    assert all(spec.levels is None for spec in bases if spec.symmetric)
+    assert all(spec.levels is None for p in table.linear.values() for spec in p.planes[1:])
+    even = convert(
+        str(tiny_model_factory("llama")), tmp_path / "even",
+        ConvertOptions(calib=str(calibration_text_file), group_size=64, base_levels="even", **FAST_CONVERT),
+    )
+    assert all(spec.levels is None for p in even.linear.values() for spec in p.planes)
+    assert even.calibration.extra["timings"]["levels_seconds"] >= 0
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11, 3, 8]])
+    for path in (directory, tmp_path / "even"):
+        native, reference = tap_runtime.load(path), tap_runtime.load(path, kernel="reference")
+        for tap in (native, reference):
+            tap.set_routing("fixed", tier=4)
+        with torch.no_grad():
+            expected = reference(ids).logits
+            assert float((native(ids).logits - expected).norm() / expected.norm()) < 2e-2, path
+    with pytest.raises(InvalidConfigError, match=r"--base-levels 'nf4' is unknown; expected one of \['fitted', 'even'\]"):
+        ConvertOptions(base_levels="nf4").validate()
+
+
 def test_group_size_falls_back_to_a_divisor():
     assert choose_group_size(576, 128) == 64
     assert choose_group_size(640, 128) == 128
@@ -353,7 +384,7 @@ def test_the_default_kl_impact_target_stores_a_sensitivity_probe_the_runtime_rea
 
     directory = converted_factory("llama")
     table = RoutingTable.from_json(directory / ROUTING_FILE)
-    assert table.format_version == FORMAT_VERSION == 6
+    assert table.format_version == FORMAT_VERSION >= 6  # format 6 added the probe
     assert table.router.signals == ("hidden_norm", "position", "token_frequency", "error_estimate", "sensitivity")
     assert table.router.fit["target_name"] == "kl_impact" and "sensitivity_probe" in table.router.fit
     assert "sensitivity" in table.router.fit["single_signal_auc"]

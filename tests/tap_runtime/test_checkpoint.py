@@ -69,9 +69,9 @@ def test_truncated_shard(checkpoint_copy):
 def test_wrong_format_version(checkpoint_copy):
     config_path = checkpoint_copy / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"]["format_version"] = 7
+    config["quantization_config"]["format_version"] = 8
     config_path.write_text(json.dumps(config))
-    with pytest.raises(FormatVersionError, match=r"config.json: TAP format version 7 is not supported; expected one of \[1, 2, 3, 4, 5, 6\]"):
+    with pytest.raises(FormatVersionError, match=r"config.json: TAP format version 8 is not supported; expected one of \[1, 2, 3, 4, 5, 6, 7\]"):
         tap_runtime.load(checkpoint_copy)
 
 

@@ -9,6 +9,7 @@ import tap_runtime
 from tap_runtime.decode import FastDecoder, FusedProjection, fast_decode_unsupported
 from tap_runtime.errors import InvalidConfigError
 from tap_runtime.kernels.native import native_kernels
+from tap_runtime.kernels.base import SplitPlane
 from tap_runtime.kernels.vnni import TiledPlane
 
 from ..conftest import FAST_CONVERT, build_tiny_model, decisive_prompt
@@ -26,7 +27,10 @@ def _eager_tokens(tap, ids, new_tokens):
 
 
 def _plane_storage(plane) -> int:
-    """Where a packed plane's codes live, for either CPU kernel's layout."""
+    """Where a packed plane's codes live, for either CPU kernel's layout (a plane split for a
+    level table: where its first part's codes live)."""
+    if isinstance(plane, SplitPlane):
+        plane = plane.parts[0]
     codes = plane.weight if isinstance(plane, TiledPlane) else plane.packed
     return codes.untyped_storage().data_ptr()
 
@@ -67,7 +71,12 @@ def test_chunked_prefill_equals_one_pass(converted_factory, model_type):
         decoder.forward(ids[:, :5], 0)
         chunked = decoder.forward(ids[:, 5:], 5)
         with_eager = tap.model(ids, logits_to_keep=1).logits.reshape(-1)
-    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    # The cache and the one pass order attention's sums differently; downstream a last-bit
+    # difference can flip an activation code in the plane kernels (15- and 8-bit), which moves
+    # a few logits by up to ~1e-3 of the peak (as in test_prefill_attention._assert_logits_agree).
+    peak = float(whole.abs().max())
+    assert float((chunked - whole).abs().max()) <= 5e-3 * peak
+    assert float((chunked - whole).abs().mean()) <= 2e-4 * peak
     torch.testing.assert_close(whole, with_eager, rtol=1e-4, atol=1e-4)
 
 

@@ -32,12 +32,15 @@ GOLDEN_V2 = Path(__file__).parent / "golden" / "routing_table_v2.json"
 GOLDEN_V3 = Path(__file__).parent / "golden" / "routing_table_v3.json"
 GOLDEN_V4 = Path(__file__).parent / "golden" / "routing_table_v4.json"
 GOLDEN_V5 = Path(__file__).parent / "golden" / "routing_table_v5.json"
+GOLDEN_V6 = Path(__file__).parent / "golden" / "routing_table_v6.json"
+SAMPLE_LEVELS = (2, 12, 21, 29, 36, 43, 50, 57, 63, 70, 76, 83, 91, 98, 107, 118)
 
 
-def sample_table() -> RoutingTable:
-    base, residual = PlaneSpec(4, 64, False), PlaneSpec(4, 64, True)
+def sample_table(levels: tuple[int, ...] | None = SAMPLE_LEVELS, format_version: int = FORMAT_VERSION) -> RoutingTable:
+    """The golden table; formats 1-6 had no level tables (levels=None)."""
+    base, residual = PlaneSpec(4, 64, False, levels=levels), PlaneSpec(4, 64, True)
     return RoutingTable(
-        format_version=FORMAT_VERSION,
+        format_version=format_version,
         model_type="llama",
         architecture="LlamaForCausalLM",
         num_layers=1,
@@ -83,7 +86,7 @@ def test_version_1_tables_still_read():
     # Version 1 had no column scales and stored float16 zero points: its embeddings read back
     # with exponent 0 (none), its planes with 16-bit zeros.
     table = RoutingTable.from_json(GOLDEN_V1)
-    expected = sample_table()
+    expected = sample_table(levels=None)
     linear = {
         n: replace(p, input_rotation=0, planes=tuple(replace(spec, zero_bits=16, scale_bits=16) for spec in p.planes))
         for n, p in expected.linear.items()
@@ -94,7 +97,7 @@ def test_version_1_tables_still_read():
 
 def test_version_2_tables_still_read_with_float16_scales():
     table = RoutingTable.from_json(GOLDEN_V2)
-    expected = sample_table()
+    expected = sample_table(levels=None)
     linear = {
         n: replace(p, input_rotation=0, planes=tuple(replace(spec, scale_bits=16) for spec in p.planes))
         for n, p in expected.linear.items()
@@ -110,7 +113,7 @@ def _unrotated(table: RoutingTable) -> dict:
 def test_version_3_tables_still_read_with_stored_sketches():
     # Format 3 stored the error sketches as tensors: its router names no sketch sites.
     table = RoutingTable.from_json(GOLDEN_V3)
-    expected = sample_table()
+    expected = sample_table(levels=None)
     assert table == replace(
         expected, format_version=3, linear=_unrotated(expected), router=replace(expected.router, error_sketch_sites=())
     )
@@ -119,7 +122,7 @@ def test_version_3_tables_still_read_with_stored_sketches():
 def test_version_4_tables_still_read_unrotated():
     # Up to format 4 no linear rotated its input.
     table = RoutingTable.from_json(GOLDEN_V4)
-    expected = sample_table()
+    expected = sample_table(levels=None)
     assert table == replace(expected, format_version=4, linear=_unrotated(expected))
     assert all(p.input_rotation == 0 for p in table.linear.values())
 
@@ -127,7 +130,36 @@ def test_version_4_tables_still_read_unrotated():
 def test_version_5_tables_still_read():
     # Format 6 only added the sensitivity signal; a version-5 table is read as it was written.
     table = RoutingTable.from_json(GOLDEN_V5)
-    assert table == replace(sample_table(), format_version=5)
+    assert table == replace(sample_table(levels=None), format_version=5)
+
+
+def test_version_6_tables_still_read_with_even_codes():
+    # Format 7 only added level tables; a version-6 table's planes read back with none (even codes).
+    table = RoutingTable.from_json(GOLDEN_V6)
+    assert table == sample_table(levels=None, format_version=6)
+    assert all(spec.levels is None for p in table.linear.values() for spec in p.planes)
+
+
+def test_even_planes_write_no_levels_key():
+    data = json.loads(sample_table(levels=None).to_json())
+    assert all("levels" not in spec for p in data["linear"].values() for spec in p["planes"])
+    data = json.loads(sample_table().to_json())
+    assert [spec.get("levels") for spec in data["linear"]["model.layers.0.mlp.up_proj"]["planes"]] == [list(SAMPLE_LEVELS), None]
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [[1, 2, 3], list(range(0, 160, 10)), [0] * 16, list(range(16, 0, -1)), [float(v) for v in range(16)], "even", list(range(110, 126))],
+    ids=["too-few", "too-high", "not-increasing", "decreasing", "floats", "string", "past-120"],
+)
+def test_a_bad_level_table_is_named(tmp_path, levels):
+    data = json.loads(sample_table().to_json())
+    data["linear"]["model.layers.0.mlp.up_proj"]["planes"][0]["levels"] = levels
+    path = tmp_path / "tap_routing.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptCheckpointError, match=r"linear\.model\.layers\.0\.mlp\.up_proj\.planes\[0\]\.levels' is .*16 strictly increasing integers in \[0, 120\]") as caught:
+        RoutingTable.from_json(path)
+    assert str(path) in str(caught.value)
 
 
 def test_a_router_signal_the_runtime_cannot_compute_is_refused(tmp_path):
@@ -272,7 +304,7 @@ def test_wrong_format_version_names_file_and_supported_versions(tmp_path):
     data["format_version"] = 99
     path = tmp_path / "tap_routing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4, 5, 6\]"):
+    with pytest.raises(FormatVersionError, match=r"tap_routing.json: TAP format version 99 is not supported; expected one of \[1, 2, 3, 4, 5, 6, 7\]"):
         RoutingTable.from_json(path)
 
 

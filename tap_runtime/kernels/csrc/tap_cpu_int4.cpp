@@ -35,7 +35,7 @@
 #include <vector>
 #include <string>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define TAP_VNNI 1
 #endif
 // The plane and head products also build for AVX2 CPUs (AVX2 + FMA + F16C), with the VNNI dot
@@ -65,7 +65,20 @@ struct PlaneView {
   const uint8_t* weight;
   const at::Half* scales;
   const at::Half* zeros;
+  const uint8_t* levels;  // the plane's level table, or nullptr for even codes
 };
+
+// A plane's codes may stand for a table of 16 levels (PlaneSpec.levels, format 7) in eighths of
+// a code step: each kernel looks a register of codes up with one byte shuffle (vpshufb) and
+// multiplies the plane's scales by kLevelUnit. The levels reach 120, so on AVX2 a pair sum of
+// maddubs (2 x 120 x 128) still fits int16 but two such sums do not: with a table, every
+// maddubs result is widened (madd) before it is added (the Lut template arguments below).
+constexpr int kMaxLevel = 120;
+constexpr float kLevelUnit = 0.125f;
+inline float code_unit(const uint8_t* levels) { return levels ? kLevelUnit : 1.f; }
+inline __m256i level_register(const uint8_t* levels) {
+  return levels ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(levels))) : _mm256_setzero_si256();
+}
 
 bool compiled_with_vnni() {
 #if defined(TAP_VNNI)
@@ -277,6 +290,7 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, int16_t* codes, float
 // [0, 127]. VNNI: four (two) dpbusd. AVX2: maddubs multiplies unsigned by signed bytes and adds
 // pairs into int16 with saturation, which 4-bit codes cannot reach (|2 * 15 * 128| = 3,840, and
 // the sum of two such results 7,680); madd then adds pairs into int32, by 128 for the high bytes.
+template <bool Lut>
 inline __m256i dot_wide(__m256i w_low, __m256i w_high, __m256i h_low, __m256i h_high, __m256i l_low, __m256i l_high) {
 #if defined(TAP_VNNI)
   __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low);
@@ -285,16 +299,30 @@ inline __m256i dot_wide(__m256i w_low, __m256i w_high, __m256i h_low, __m256i h_
   dot = _mm256_dpbusd_epi32(dot, w_low, l_low);
   return _mm256_dpbusd_epi32(dot, w_high, l_high);
 #else
+  if constexpr (Lut) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i high = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w_low, h_low), ones),
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(w_high, h_high), ones));
+    const __m256i low = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w_low, l_low), ones),
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(w_high, l_high), ones));
+    return _mm256_add_epi32(_mm256_slli_epi32(high, 7), low);
+  }
   const __m256i high = _mm256_add_epi16(_mm256_maddubs_epi16(w_low, h_low), _mm256_maddubs_epi16(w_high, h_high));
   const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(w_low, l_low), _mm256_maddubs_epi16(w_high, l_high));
   return _mm256_add_epi32(_mm256_madd_epi16(high, _mm256_set1_epi16(128)), _mm256_madd_epi16(low, _mm256_set1_epi16(1)));
 #endif
 }
 
+template <bool Lut>
 inline __m256i dot_narrow(__m256i w_low, __m256i w_high, __m256i h_low, __m256i h_high) {
 #if defined(TAP_VNNI)
   return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w_low, h_low), w_high, h_high);
 #else
+  if constexpr (Lut) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w_low, h_low), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(w_high, h_high), ones));
+  }
   const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(w_low, h_low), _mm256_maddubs_epi16(w_high, h_high));
   return _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
 #endif
@@ -302,22 +330,24 @@ inline __m256i dot_narrow(__m256i w_low, __m256i w_high, __m256i h_low, __m256i 
 
 // Per-block multipliers (weight scale x activation scale) of one row's blocks in one chunk, and
 // those blocks' zero-point term. srow / zrow: the row's scales and zeros for this chunk (group j
-// of the chunk at index j); xs / xsum: the chunk's activation scales and sums.
+// of the chunk at index j); xs / xsum: the chunk's activation scales and sums; unit: what one
+// step of the codes' values is worth in code steps (kLevelUnit for a level table, else 1).
 inline float prepare_blocks(const at::Half* srow, const at::Half* zrow, int64_t count, int64_t blocks_per_group,
-                            const float* xs, const float* xsum, float* block_scale) {
+                            const float* xs, const float* xsum, float* block_scale, float unit) {
   if (blocks_per_group == 1) {
+    const __m256 units = _mm256_set1_ps(unit);
     __m256 total = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= count; j += 8) {
       const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + j)));
       const __m256 zero = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + j)));
-      _mm256_storeu_ps(block_scale + j, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + j)));
+      _mm256_storeu_ps(block_scale + j, _mm256_mul_ps(_mm256_mul_ps(scale, units), _mm256_loadu_ps(xs + j)));
       total = _mm256_fmadd_ps(_mm256_mul_ps(scale, zero), _mm256_loadu_ps(xsum + j), total);
     }
     float rest = horizontal_sum(total);
     for (; j < count; ++j) {
       const float scale = _cvtsh_ss(srow[j].x), zero = _cvtsh_ss(zrow[j].x);
-      block_scale[j] = scale * xs[j];
+      block_scale[j] = scale * unit * xs[j];
       rest += scale * zero * xsum[j];
     }
     return rest;
@@ -326,7 +356,7 @@ inline float prepare_blocks(const at::Half* srow, const at::Half* zrow, int64_t 
   for (int64_t j = 0; j < count; ++j) {
     const int64_t g = j / blocks_per_group;
     const float scale = _cvtsh_ss(srow[g].x), zero = _cvtsh_ss(zrow[g].x);
-    block_scale[j] = scale * xs[j];
+    block_scale[j] = scale * unit * xs[j];
     total += scale * zero * xsum[j];
   }
   return total;
@@ -345,9 +375,10 @@ inline int64_t chunk_params(int64_t padded_rows, int64_t blocks, int64_t blocks_
 // product; kMixed: per block, as wide[b] says.
 enum ActivationMode { kNarrow = 0, kWide = 1, kMixed = 2 };
 
-template <int R, int Mode>
+// Lut: the codes stand for the levels in `table` (level_register), looked up after the split.
+template <int R, int Mode, bool Lut>
 inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, const uint8_t* wide, const float* block_scale,
-                    int64_t blocks, int64_t scale_stride, float* acc_out) {
+                    int64_t blocks, int64_t scale_stride, float* acc_out, __m256i table) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -361,18 +392,20 @@ inline void tile_w4(const uint8_t* weight, const int8_t* xh, const int8_t* xl, c
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
-        const __m256i w_low = _mm256_and_si256(raw, low_mask);
-        const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
-        const __m256i dot = dot_wide(w_low, w_high, h_low, h_high, l_low, l_high);
+        __m256i w_low = _mm256_and_si256(raw, low_mask);
+        __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+        if constexpr (Lut) w_low = _mm256_shuffle_epi8(table, w_low), w_high = _mm256_shuffle_epi8(table, w_high);
+        const __m256i dot = dot_wide<Lut>(w_low, w_high, h_low, h_high, l_low, l_high);
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
       }
     } else {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + (b * R + r) * 32));
-        const __m256i w_low = _mm256_and_si256(raw, low_mask);
-        const __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
-        const __m256i dot = dot_narrow(w_low, w_high, h_low, h_high);
+        __m256i w_low = _mm256_and_si256(raw, low_mask);
+        __m256i w_high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+        if constexpr (Lut) w_low = _mm256_shuffle_epi8(table, w_low), w_high = _mm256_shuffle_epi8(table, w_high);
+        const __m256i dot = dot_narrow<Lut>(w_low, w_high, h_low, h_high);
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(block_scale + r * scale_stride + b), acc[r]);
       }
     }
@@ -391,10 +424,12 @@ inline const uint8_t* chunk_tile(const uint8_t* weight, int64_t padded_rows, int
 // Rows [row_begin, row_end) of a view starting at tile first_tile of the stored plane, for all M
 // tokens, a chunk of input blocks at a time (so the chunk's activations stay in L1 while the
 // weights stream past), accumulating into out.
-template <int Mode>
+template <int Mode, bool Lut>
 void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
              int64_t N, int64_t K, int64_t group_size, const int8_t* xh, const int8_t* xl, const uint8_t* wide, const float* xs,
-             const float* xsum, int64_t M, float* out, int64_t row_begin, int64_t row_end) {
+             const float* xsum, int64_t M, float* out, int64_t row_begin, int64_t row_end, const uint8_t* levels) {
+  const __m256i table = level_register(levels);
+  const float unit = code_unit(levels);
   const int64_t blocks = K / kBlock;
   const int64_t groups = K / group_size;
   const int64_t blocks_per_group = group_size / kBlock;
@@ -412,10 +447,10 @@ void rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, con
         {
           const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + n0 / R, r);
           offset[r] = prepare_blocks(scales + at, zeros + at, count, blocks_per_group, xs + m * blocks + b0,
-                                     xsum + m * blocks + b0, block_scale + r * kChunkBlocks);
+                                     xsum + m * blocks + b0, block_scale + r * kChunkBlocks, unit);
         }
-        tile_w4<R, Mode>(tile, xh + m * K + b0 * kBlock, Mode != kNarrow ? xl + m * K + b0 * kBlock : nullptr,
-                         wide + m * blocks + b0, block_scale, count, kChunkBlocks, dots);
+        tile_w4<R, Mode, Lut>(tile, xh + m * K + b0 * kBlock, Mode != kNarrow ? xl + m * K + b0 * kBlock : nullptr,
+                              wide + m * blocks + b0, block_scale, count, kChunkBlocks, dots, table);
         float* o = out + m * N + n0;
         for (int r = 0; r < rows; ++r) o[r] = (c == 0 ? 0.f : o[r]) + dots[r] - offset[r];
       }
@@ -530,7 +565,7 @@ template <typename Out>
 void dequantize_tiles_avx2(const PlaneView* planes, int plane_count, int64_t padded_rows, int64_t first_tile, int64_t N,
                            int64_t K, int64_t group_size, Out* out, int64_t tile_begin, int64_t tile_end) {
   const int64_t blocks = K / kBlock, blocks_per_group = group_size / kBlock;
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     for (int r = 0; r < kTileRows; ++r) {
       const int64_t n = t * kTileRows + r;
@@ -544,12 +579,16 @@ void dequantize_tiles_avx2(const PlaneView* planes, int plane_count, int64_t pad
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
         for (int p = 0; p < plane_count; ++p) {
           const float s = _cvtsh_ss(planes[p].scales[at].x);
-          const __m256 scale = _mm256_set1_ps(s), shift = _mm256_set1_ps(-s * _cvtsh_ss(planes[p].zeros[at].x));
+          const __m256 scale = _mm256_set1_ps(s * code_unit(planes[p].levels)), shift = _mm256_set1_ps(-s * _cvtsh_ss(planes[p].zeros[at].x));
+          const uint8_t* levels = planes[p].levels;
+          const __m128i table = levels ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels)) : _mm_setzero_si128();
           for (int i = 0; i < 4; ++i) {
             // byte t of the block: input t (low nibble), input t + 32 (high nibble)
-            const __m256i raw = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes[p].weight + offset + 8 * i)));
-            acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(raw, low_mask)), scale, shift));
-            acc[4 + i] = _mm256_add_ps(acc[4 + i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(raw, 4)), scale, shift));
+            const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes[p].weight + offset + 8 * i));
+            __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+            if (levels) lo = _mm_shuffle_epi8(table, lo), hi = _mm_shuffle_epi8(table, hi);
+            acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), scale, shift));
+            acc[4 + i] = _mm256_add_ps(acc[4 + i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), scale, shift));
           }
         }
         Out* dst = out + n * K + b * kBlock;
@@ -586,8 +625,8 @@ constexpr int kLanes8 = 8;
 
 // The 16 registers of rows [n0, n0 + 8) for block jb of a chunk: w[d] holds inputs 4d..4d+3
 // (low nibbles), w[8 + d] inputs 32+4d..32+4d+3 (high nibbles), one row per dword lane. Rows at
-// or past `rows` are zero.
-inline void unpack_lanes8(const uint8_t* chunk, int64_t tile_bytes, int64_t jb, int rows, __m256i* w) {
+// or past `rows` are zero. levels: the plane's level table (the codes looked up), or nullptr.
+inline void unpack_lanes8(const uint8_t* chunk, int64_t tile_bytes, int64_t jb, int rows, __m256i* w, const uint8_t* levels) {
   __m256i r[8];
   for (int i = 0; i < 8; ++i)
     r[i] = i < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + (i / kTileRows) * tile_bytes + (jb * kTileRows + i % kTileRows) * 32))
@@ -612,6 +651,10 @@ inline void unpack_lanes8(const uint8_t* chunk, int64_t tile_bytes, int64_t jb, 
     w[4 + d] = _mm256_and_si256(second, low_mask);
     w[12 + d] = _mm256_and_si256(_mm256_srli_epi16(second, 4), low_mask);
   }
+  if (levels) {
+    const __m256i table = level_register(levels);
+    for (int i = 0; i < 16; ++i) w[i] = _mm256_shuffle_epi8(table, w[i]);
+  }
 }
 
 // acc + maddubs(w, the 4 signed bytes at x broadcast), as one unit: written with intrinsics, GCC
@@ -626,11 +669,24 @@ inline __m256i maddubs_broadcast_add(__m256i acc, __m256i w, const int8_t* x) {
   return acc;
 }
 
+// The same for levels (int32 acc): each maddubs result widened by madd before it is added,
+// since two of them could exceed int16 (see kMaxLevel).
+inline __m256i maddubs_broadcast_add_wide(__m256i acc, __m256i w, const int8_t* x, __m256i ones) {
+  __m256i product;
+  asm("vpbroadcastd %[x], %[p]\n\t"
+      "vpmaddubsw %[p], %[w], %[p]\n\t"
+      "vpmaddwd %[ones], %[p], %[p]\n\t"
+      "vpaddd %[p], %[acc], %[acc]"
+      : [acc] "+x"(acc), [p] "=&x"(product)
+      : [w] "x"(w), [ones] "x"(ones), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+}
+
 // T tokens from m, one group of 8 rows: out[m + t, n0 .. n0 + rows). wbuf: the group's unpacked
 // registers, 16 per block; ws / wz: each block's scale and scale x zero, 8 lanes.
 // out_rows: token t's output row is out_rows[m + t] (nullptr: m + t); accumulate: added to what
 // the row holds (the routed residual products of a prefill, into the base product's rows).
-template <int T, bool Wide>
+template <int T, bool Wide, bool Lut>
 inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz, int64_t blocks, int64_t K, const int8_t* xh,
                           const int8_t* xl, const float* xs, const float* xsum, int64_t m, float* out, int64_t N, int64_t n0,
                           __m256i store_mask, bool full, const int64_t* out_rows, bool accumulate) {
@@ -647,13 +703,23 @@ inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz,
         const __m256i w = _mm256_load_si256(wbuf + b * 16 + half * 8 + d);
         const int64_t at = b * kBlock + half * 32 + 4 * d;
         for (int t = 0; t < T; ++t) {
-          high[t] = maddubs_broadcast_add(high[t], w, xh + (m + t) * K + at);
-          if constexpr (Wide) low[t] = maddubs_broadcast_add(low[t], w, xl + (m + t) * K + at);
+          if constexpr (Lut) {
+            high[t] = maddubs_broadcast_add_wide(high[t], w, xh + (m + t) * K + at, ones);
+            if constexpr (Wide) low[t] = maddubs_broadcast_add_wide(low[t], w, xl + (m + t) * K + at, ones);
+          } else {
+            high[t] = maddubs_broadcast_add(high[t], w, xh + (m + t) * K + at);
+            if constexpr (Wide) low[t] = maddubs_broadcast_add(low[t], w, xl + (m + t) * K + at);
+          }
         }
       }
       for (int t = 0; t < T; ++t) {
-        __m256i part = _mm256_madd_epi16(high[t], Wide ? _mm256_set1_epi16(128) : ones);
-        if constexpr (Wide) part = _mm256_add_epi32(part, _mm256_madd_epi16(low[t], ones));
+        __m256i part;
+        if constexpr (Lut) {  // already int32
+          part = Wide ? _mm256_add_epi32(_mm256_slli_epi32(high[t], 7), low[t]) : high[t];
+        } else {
+          part = _mm256_madd_epi16(high[t], Wide ? _mm256_set1_epi16(128) : ones);
+          if constexpr (Wide) part = _mm256_add_epi32(part, _mm256_madd_epi16(low[t], ones));
+        }
         dot[t] = half == 0 ? part : _mm256_add_epi32(dot[t], part);
       }
     }
@@ -673,16 +739,17 @@ inline void lanes8_tokens(const __m256i* wbuf, const float* ws, const float* wz,
 
 // The registers and block parameters of rows [n0, n0 + 8) (fewer at the end of the view) into
 // the caller's scratch: wbuf 16 registers per block, ws / wz 8 + 8 floats per block (zero past
-// the view's end). Returns how many rows the group has.
+// the view's end). Returns how many rows the group has. levels: the plane's level table or nullptr.
 inline int prepare_lane8_group(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales,
                                const at::Half* zeros, int64_t blocks_per_group, int64_t N, int64_t K, int64_t n0, __m256i* wbuf,
-                               float* ws, float* wz) {
+                               float* ws, float* wz, const uint8_t* levels) {
+  const float unit = code_unit(levels);
   const int64_t blocks = K / kBlock;
   const int rows = static_cast<int>(std::min<int64_t>(kLanes8, N - n0));
   for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
     const int64_t c = b0 / kChunkBlocks, count = std::min(kChunkBlocks, blocks - b0);
     const uint8_t* chunk = chunk_tile(weight, padded_rows, blocks, c, first_tile + n0 / kTileRows);
-    for (int64_t jb = 0; jb < count; ++jb) unpack_lanes8(chunk, 32 * kTileRows * count, jb, rows, wbuf + (b0 + jb) * 16);
+    for (int64_t jb = 0; jb < count; ++jb) unpack_lanes8(chunk, 32 * kTileRows * count, jb, rows, wbuf + (b0 + jb) * 16, levels);
     for (int i = 0; i < kLanes8; ++i) {
       for (int64_t j = 0; j < count; ++j) ws[(b0 + j) * kLanes8 + i] = wz[(b0 + j) * kLanes8 + i] = 0.f;
       if (i >= rows) continue;
@@ -691,7 +758,7 @@ inline int prepare_lane8_group(const uint8_t* weight, int64_t padded_rows, int64
       for (int64_t j = 0; j < count; ++j) {
         const int64_t g = at + j / blocks_per_group;
         const float s = _cvtsh_ss(scales[g].x);
-        ws[(b0 + j) * kLanes8 + i] = s;
+        ws[(b0 + j) * kLanes8 + i] = s * unit;
         wz[(b0 + j) * kLanes8 + i] = s * _cvtsh_ss(zeros[g].x);
       }
     }
@@ -705,19 +772,19 @@ inline __m256i rows_store_mask(int rows) {
 
 // Rows [n0, n0 + 8) (fewer at the end of the view) for all M tokens, into out (M, N). wbuf, ws
 // and wz are the caller's scratch for 16 registers and 8 + 8 floats per block.
-template <bool Wide>
+template <bool Wide, bool Lut>
 void lane8_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
                    int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const int8_t* xl, const float* xs,
                    const float* xsum, int64_t M, float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz,
-                   const int64_t* out_rows = nullptr, bool accumulate = false) {
+                   const int64_t* out_rows, bool accumulate, const uint8_t* levels) {
   const int64_t blocks = K / kBlock;
-  const int rows = prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0, wbuf, ws, wz);
+  const int rows = prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0, wbuf, ws, wz, levels);
   const __m256i store_mask = rows_store_mask(rows);
   const bool full = rows == kLanes8;
   constexpr int T = Wide ? 3 : 4;
   int64_t m = 0;
-  for (; m + T <= M; m += T) lanes8_tokens<T, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
-  for (; m < M; ++m) lanes8_tokens<1, Wide>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
+  for (; m + T <= M; m += T) lanes8_tokens<T, Wide, Lut>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
+  for (; m < M; ++m) lanes8_tokens<1, Wide, Lut>(wbuf, ws, wz, blocks, K, xh, xl, xs, xsum, m, out, N, n0, store_mask, full, out_rows, accumulate);
 }
 
 // Two maddubs products of one broadcast: a0 += maddubs(w0, x), a1 += maddubs(w1, x), the 4 signed
@@ -733,12 +800,26 @@ inline void maddubs_broadcast_add2(__m256i& a0, __m256i& a1, __m256i w0, __m256i
       : [w0] "x"(w0), [w1] "x"(w1), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
 }
 
+// The same for levels (int32 a0, a1): each maddubs result widened by madd before it is added.
+inline void maddubs_broadcast_add2_wide(__m256i& a0, __m256i& a1, __m256i w0, __m256i w1, const int8_t* x, __m256i ones) {
+  __m256i b, p, q;
+  asm("vpbroadcastd %[x], %[b]\n\t"
+      "vpmaddubsw %[b], %[w0], %[p]\n\t"
+      "vpmaddubsw %[b], %[w1], %[q]\n\t"
+      "vpmaddwd %[ones], %[p], %[p]\n\t"
+      "vpmaddwd %[ones], %[q], %[q]\n\t"
+      "vpaddd %[p], %[a0], %[a0]\n\t"
+      "vpaddd %[q], %[a1], %[a1]"
+      : [a0] "+x"(a0), [a1] "+x"(a1), [b] "=&x"(b), [p] "=&x"(p), [q] "=&x"(q)
+      : [w0] "x"(w0), [w1] "x"(w1), [ones] "x"(ones), [x] "m"(*reinterpret_cast<const int32_t*>(x)));
+}
+
 // The 8-bit lane product of two groups of 8 rows at once (rows [n0, n0 + 8) from wa, ws_a, wz_a,
 // always full, and [n0 + 8, n0 + 8 + rows_b) from wb, ws_b, wz_b), T tokens from m: each token's
 // broadcast activation bytes feed both groups' maddubs, so a block takes half the broadcasts of
 // two lanes8_tokens calls. Each lane's arithmetic is lanes8_tokens<T, false>'s, in its order, so
 // the sums are bitwise the same.
-template <int T>
+template <int T, bool Lut>
 inline void lanes16_tokens(const __m256i* wa, const __m256i* wb, const float* ws_a, const float* wz_a, const float* ws_b,
                            const float* wz_b, int64_t blocks, int64_t K, const int8_t* xh, const float* xs, const float* xsum, int64_t m,
                            float* out, int64_t N, int64_t n0, __m256i mask_b, bool full_b, const int64_t* out_rows, bool accumulate) {
@@ -755,10 +836,15 @@ inline void lanes16_tokens(const __m256i* wa, const __m256i* wb, const float* ws
         const __m256i w0 = _mm256_load_si256(wa + b * 16 + half * 8 + d);
         const __m256i w1 = _mm256_load_si256(wb + b * 16 + half * 8 + d);
         const int64_t at = b * kBlock + half * 32 + 4 * d;
-        for (int t = 0; t < T; ++t) maddubs_broadcast_add2(sums[2 * t], sums[2 * t + 1], w0, w1, xh + (m + t) * K + at);
+        for (int t = 0; t < T; ++t) {
+          if constexpr (Lut)
+            maddubs_broadcast_add2_wide(sums[2 * t], sums[2 * t + 1], w0, w1, xh + (m + t) * K + at, ones);
+          else
+            maddubs_broadcast_add2(sums[2 * t], sums[2 * t + 1], w0, w1, xh + (m + t) * K + at);
+        }
       }
       for (int t = 0; t < 2 * T; ++t) {
-        const __m256i part = _mm256_madd_epi16(sums[t], ones);
+        const __m256i part = Lut ? sums[t] : _mm256_madd_epi16(sums[t], ones);
         dot[t] = half == 0 ? part : _mm256_add_epi32(dot[t], part);
       }
     }
@@ -788,23 +874,26 @@ inline void lanes16_tokens(const __m256i* wa, const __m256i* wb, const float* ws
 // Rows [n0, n0 + 16) (n0 + 8 <= N; the second group may be short) for all M tokens, 8-bit
 // activations, through lanes16_tokens. wbuf: scratch for 2 x 16 registers per block; ws, wz: 2 x 8
 // floats per block each.
+template <bool Lut>
 void lane16_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const at::Half* scales, const at::Half* zeros,
                     int64_t blocks_per_group, int64_t N, int64_t K, const int8_t* xh, const float* xs, const float* xsum, int64_t M,
-                    float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz, const int64_t* out_rows, bool accumulate) {
+                    float* out, int64_t n0, __m256i* wbuf, float* ws, float* wz, const int64_t* out_rows, bool accumulate,
+                    const uint8_t* levels) {
   const int64_t blocks = K / kBlock;
   __m256i* wa = wbuf;
   __m256i* wb = wbuf + blocks * 16;
   float *ws_a = ws, *ws_b = ws + blocks * kLanes8, *wz_a = wz, *wz_b = wz + blocks * kLanes8;
-  prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0, wa, ws_a, wz_a);
-  const int rows_b = prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0 + kLanes8, wb, ws_b, wz_b);
+  prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0, wa, ws_a, wz_a, levels);
+  const int rows_b =
+      prepare_lane8_group(weight, padded_rows, first_tile, scales, zeros, blocks_per_group, N, K, n0 + kLanes8, wb, ws_b, wz_b, levels);
   const __m256i mask_b = rows_store_mask(rows_b);
   const bool full_b = rows_b == kLanes8;
   constexpr int T = 3;
   int64_t m = 0;
   for (; m + T <= M; m += T)
-    lanes16_tokens<T>(wa, wb, ws_a, wz_a, ws_b, wz_b, blocks, K, xh, xs, xsum, m, out, N, n0, mask_b, full_b, out_rows, accumulate);
+    lanes16_tokens<T, Lut>(wa, wb, ws_a, wz_a, ws_b, wz_b, blocks, K, xh, xs, xsum, m, out, N, n0, mask_b, full_b, out_rows, accumulate);
   for (; m < M; ++m)
-    lanes16_tokens<1>(wa, wb, ws_a, wz_a, ws_b, wz_b, blocks, K, xh, xs, xsum, m, out, N, n0, mask_b, full_b, out_rows, accumulate);
+    lanes16_tokens<1, Lut>(wa, wb, ws_a, wz_a, ws_b, wz_b, blocks, K, xh, xs, xsum, m, out, N, n0, mask_b, full_b, out_rows, accumulate);
 }
 
 // Whether 8-bit lane products take two groups of 8 rows at a time (lane16_rows_w4) or one
@@ -849,9 +938,13 @@ void dequantize_tiles(const PlaneView* planes, int plane_count, int64_t padded_r
           __m512 wl = _mm512_setzero_ps(), wh = _mm512_setzero_ps();
           for (int p = 0; p < plane_count; ++p) {
             const float s = _cvtsh_ss(planes[p].scales[at].x);
-            const __m512 scale = _mm512_set1_ps(s), shift = _mm512_set1_ps(-s * _cvtsh_ss(planes[p].zeros[at].x));
+            const __m512 scale = _mm512_set1_ps(s * code_unit(planes[p].levels)), shift = _mm512_set1_ps(-s * _cvtsh_ss(planes[p].zeros[at].x));
             const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[p].weight + offset + 16 * half));
-            const __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+            __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+            if (planes[p].levels) {
+              const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[p].levels));
+              lo = _mm_shuffle_epi8(table, lo), hi = _mm_shuffle_epi8(table, hi);
+            }
             // byte t of the block: input t (low nibble), input t + 32 (high nibble)
             wl = _mm512_add_ps(wl, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), scale, shift));
             wh = _mm512_add_ps(wh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), scale, shift));
@@ -923,8 +1016,9 @@ inline __m512i dot_broadcast(__m512i acc, __m512i w, const int8_t* x) {
 // Scale and scale x zero of rows [n0, n0 + 16) for every block, as block-major float rows of 16
 // lanes (lanes past N are zero), read once per row group. Within a chunk the group parameters of
 // consecutive rows are consecutive runs (see chunk_params), so this is a small transpose.
+// unit: code_unit of the plane (scales times kLevelUnit for a level table).
 void lane_params(const at::Half* scales, const at::Half* zeros, int64_t padded_rows, int64_t first_tile, int64_t blocks,
-                 int64_t blocks_per_group, int64_t n0, int64_t N, float* ws, float* wz) {
+                 int64_t blocks_per_group, int64_t n0, int64_t N, float* ws, float* wz, float unit) {
   const int rows = static_cast<int>(std::min<int64_t>(kLaneRows, N - n0));
   for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
     const int64_t c = b0 / kChunkBlocks, count = std::min(kChunkBlocks, blocks - b0);
@@ -937,7 +1031,7 @@ void lane_params(const at::Half* scales, const at::Half* zeros, int64_t padded_r
       const int64_t at = chunk_params(padded_rows, blocks, blocks_per_group, c, first_tile + n / kTileRows, static_cast<int>(n % kTileRows));
       for (int64_t j = 0, g = at, left = blocks_per_group; j < count; ++j) {
         const float s = _cvtsh_ss(scales[g].x);
-        ws[(b0 + j) * kLaneRows + i] = s;
+        ws[(b0 + j) * kLaneRows + i] = s * unit;
         wz[(b0 + j) * kLaneRows + i] = s * _cvtsh_ss(zeros[g].x);
         if (--left == 0) ++g, left = blocks_per_group;
       }
@@ -949,7 +1043,9 @@ void lane_params(const at::Half* scales, const at::Half* zeros, int64_t padded_r
 // out + m * out_stride (the caller points out at column n0 of an (M, N) product, or at a
 // (M, 16) scratch block).
 void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile, const float* ws, const float* wz, int64_t N,
-                  int64_t K, const int8_t* xq, const float* xs, const float* xsum, int64_t M, float* out, int64_t out_stride, int64_t n0) {
+                  int64_t K, const int8_t* xq, const float* xs, const float* xsum, int64_t M, float* out, int64_t out_stride, int64_t n0,
+                  const uint8_t* levels) {
+  const __m512i table = levels ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(levels))) : _mm512_setzero_si512();
   const int64_t blocks = K / kBlock;
   const int rows = static_cast<int>(std::min<int64_t>(kLaneRows, N - n0));
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1u);
@@ -979,6 +1075,8 @@ void lane_rows_w4(const uint8_t* weight, int64_t padded_rows, int64_t first_tile
         w[d] = _mm512_and_si512(packed[d], low_mask);
         w[d + 8] = _mm512_and_si512(_mm512_srli_epi16(packed[d], 4), low_mask);
       }
+      if (levels)
+        for (int q = 0; q < 16; ++q) w[q] = _mm512_shuffle_epi8(table, w[q]);
       const __m512 scale = _mm512_loadu_ps(ws + b * kLaneRows), shift = _mm512_loadu_ps(wz + b * kLaneRows);
       int64_t m = 0;
       for (; m + kTokenStep <= M; m += kTokenStep) {
@@ -1029,13 +1127,27 @@ void check_plane_product(const torch::Tensor& x, const torch::Tensor& weight, co
               "scales/zeros must hold every stored row's groups, in the chunked layout");
 }
 
+// A plane's level table from the optional `levels` argument: nullptr for None or an empty tensor
+// (even codes), else 16 uint8 levels in [0, kMaxLevel].
+const uint8_t* level_table(const c10::optional<torch::Tensor>& levels) {
+  if (!levels.has_value() || !levels->defined() || levels->numel() == 0) return nullptr;
+  TORCH_CHECK(levels->scalar_type() == torch::kUInt8 && levels->numel() == 16 && levels->is_contiguous() && levels->device().is_cpu(),
+              "levels must be 16 contiguous uint8 values on the CPU (PlaneSpec.levels), got ", levels->numel(), " of ", levels->scalar_type());
+  const uint8_t* table = levels->data_ptr<uint8_t>();
+  for (int i = 0; i < 16; ++i) TORCH_CHECK(table[i] <= kMaxLevel, "levels must lie in [0, ", kMaxLevel, "], got ", int(table[i]));
+  return table;
+}
+
 // x (M, K) times the rows [first_row, first_row + N) of a stored plane (a view into a stacked
 // q/k/v or gate/up plane, or the whole plane with first_row 0).
 // wide_above: activations per block of 64 at 15 bits where the block's peak exceeds this many
 // times its RMS, else at 8 bits (0: all 15-bit; infinity: all 8-bit).
+// levels: the plane's level table (PlaneSpec.levels as uint8), or None for even codes.
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
-                        int64_t group_size, double wide_above, int64_t first_row, int64_t N) {
+                        int64_t group_size, double wide_above, int64_t first_row, int64_t N,
+                        const c10::optional<torch::Tensor>& levels = c10::nullopt) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+  const uint8_t* table = level_table(levels);
   TORCH_CHECK(!std::isnan(wide_above) && wide_above >= 0, "wide_above must be >= 0 (0: every block 15-bit; inf: every block 8-bit)");
   const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
@@ -1054,12 +1166,19 @@ torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 16, [&](int64_t begin, int64_t end) {
     const int64_t row_begin = begin * kTileRows, row_end = std::min(end * kTileRows, N);
     const int64_t padded = weight.size(0), first_tile = first_row / kTileRows;
+    const int8_t* low = mode == kNarrow ? nullptr : xl.data();
+    const auto run = [&](auto mode_constant, auto lut_constant) {
+      rows_w4<decltype(mode_constant)::value, decltype(lut_constant)::value>(
+          w, padded, first_tile, s, z, N, K, group_size, xq.data(), low, wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end, table);
+    };
+    using Even = std::false_type;
+    using Lut = std::true_type;
     if (mode == kWide)
-      rows_w4<kWide>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), xl.data(), wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+      table ? run(std::integral_constant<int, kWide>(), Lut()) : run(std::integral_constant<int, kWide>(), Even());
     else if (mode == kNarrow)
-      rows_w4<kNarrow>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), nullptr, wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+      table ? run(std::integral_constant<int, kNarrow>(), Lut()) : run(std::integral_constant<int, kNarrow>(), Even());
     else
-      rows_w4<kMixed>(w, padded, first_tile, s, z, N, K, group_size, xq.data(), xl.data(), wide.data(), xs.data(), xsum.data(), M, o, row_begin, row_end);
+      table ? run(std::integral_constant<int, kMixed>(), Lut()) : run(std::integral_constant<int, kMixed>(), Even());
   });
 #endif
   return out;
@@ -1089,12 +1208,11 @@ void quantize_lane_activations(const torch::Tensor& x, bool wide, std::vector<in
   });
 }
 
-// The AVX2 lane kernel over every group of 8 rows of the view (see lane8_rows_w4).
-// With `rows` (int64 indices into x's rows) and `into` (x.size(0), N): only those tokens, each
-// product added to its own row of `into` (returned), with no gathered copy of x.
-torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
-                             int64_t group_size, int64_t first_row, int64_t N, bool wide, const torch::Tensor* rows = nullptr,
-                             torch::Tensor* into = nullptr) {
+// lanes8_product's work, Lut: the plane has a level table (levels).
+template <bool Lut>
+torch::Tensor lanes8_product_impl(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                                  const torch::Tensor& zeros, int64_t group_size, int64_t first_row, int64_t N, bool wide,
+                                  const uint8_t* levels, const torch::Tensor* rows, torch::Tensor* into) {
   const int64_t K = x.size(1), blocks = K / kBlock;
   const int64_t M = rows ? rows->numel() : x.size(0);
   const int64_t* out_rows = rows ? rows->data_ptr<int64_t>() : nullptr;
@@ -1116,11 +1234,11 @@ torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t g = 2 * pair;
         if (g + 1 < groups)
-          lane16_rows_w4(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xs.data(), xsum.data(), M, o, g * kLanes8,
-                         wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
+          lane16_rows_w4<Lut>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xs.data(), xsum.data(), M, o, g * kLanes8,
+                              wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr, levels);
         else
-          lane8_rows_w4<false>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M, o,
-                               g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
+          lane8_rows_w4<false, Lut>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M,
+                                    o, g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr, levels);
       }
     });
     return out;
@@ -1130,14 +1248,25 @@ torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight
     std::vector<float> ws(blocks * kLanes8), wz(blocks * kLanes8);
     for (int64_t g = begin; g < end; ++g) {
       if (wide)
-        lane8_rows_w4<true>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xl.data(), xs.data(), xsum.data(), M, o,
-                            g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
+        lane8_rows_w4<true, Lut>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), xl.data(), xs.data(), xsum.data(), M,
+                                 o, g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr, levels);
       else
-        lane8_rows_w4<false>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M, o,
-                             g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr);
+        lane8_rows_w4<false, Lut>(w, padded, first_tile, s, z, group_size / kBlock, N, K, xh.data(), nullptr, xs.data(), xsum.data(), M,
+                                  o, g * kLanes8, wbuf.data(), ws.data(), wz.data(), out_rows, into != nullptr, levels);
     }
   });
   return out;
+}
+
+// The AVX2 lane kernel over every group of 8 rows of the view (see lane8_rows_w4).
+// With `rows` (int64 indices into x's rows) and `into` (x.size(0), N): only those tokens, each
+// product added to its own row of `into` (returned), with no gathered copy of x.
+// levels: the plane's level table, or nullptr for even codes.
+torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
+                             int64_t group_size, int64_t first_row, int64_t N, bool wide, const uint8_t* levels,
+                             const torch::Tensor* rows = nullptr, torch::Tensor* into = nullptr) {
+  if (levels) return lanes8_product_impl<true>(x, weight, scales, zeros, group_size, first_row, N, wide, levels, rows, into);
+  return lanes8_product_impl<false>(x, weight, scales, zeros, group_size, first_row, N, wide, levels, rows, into);
 }
 #endif
 
@@ -1145,7 +1274,7 @@ torch::Tensor lanes8_product(const torch::Tensor& x, const torch::Tensor& weight
 // The VNNI lane kernel (16 rows per register, 8-bit activations) over every group of 16 rows of
 // the view (see lane_rows_w4); `rows` and `into` as for lanes8_product.
 torch::Tensor lanes16_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& zeros,
-                              int64_t group_size, int64_t first_row, int64_t N, const torch::Tensor* rows = nullptr,
+                              int64_t group_size, int64_t first_row, int64_t N, const uint8_t* levels, const torch::Tensor* rows = nullptr,
                               torch::Tensor* into = nullptr) {
   const int64_t K = x.size(1), blocks = K / kBlock;
   const int64_t M = rows ? rows->numel() : x.size(0);
@@ -1163,13 +1292,14 @@ torch::Tensor lanes16_product(const torch::Tensor& x, const torch::Tensor& weigh
     std::vector<float> ws(blocks * kLaneRows), wz(blocks * kLaneRows), sums(out_rows ? M * kLaneRows : 0);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * kLaneRows;
-      lane_params(s, z, padded, first_tile, blocks, group_size / kBlock, n0, N, ws.data(), wz.data());
+      lane_params(s, z, padded, first_tile, blocks, group_size / kBlock, n0, N, ws.data(), wz.data(), code_unit(levels));
       if (!out_rows) {
-        lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, o + n0, N, n0);
+        lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, o + n0, N, n0, levels);
         continue;
       }
       // Each token's sums start from zero and are added to its row once, as index_add_ would.
-      lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, sums.data(), kLaneRows, n0);
+      lane_rows_w4(w, padded, first_tile, ws.data(), wz.data(), N, K, xq.data(), xs.data(), xsum.data(), M, sums.data(), kLaneRows, n0,
+                   levels);
       const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(kLaneRows, N - n0)) - 1u);
       for (int64_t m = 0; m < M; ++m) {
         float* row = o + out_rows[m] * N + n0;
@@ -1186,10 +1316,11 @@ torch::Tensor lanes16_product(const torch::Tensor& x, const torch::Tensor& weigh
 // of 64 at 15 bits (wide: matmul_w4's default arithmetic, for a many-token call's base product)
 // or 8 bits.
 torch::Tensor matmul_w4_lanes(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
-                              int64_t first_row, int64_t N, bool wide) {
+                              int64_t first_row, int64_t N, bool wide, const c10::optional<torch::Tensor>& levels = c10::nullopt) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+  const uint8_t* table = level_table(levels);
 #if defined(TAP_PLANES)
-  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, wide);
+  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, wide, table);
 #else
   return torch::empty({x.size(0), N}, x.options());
 #endif
@@ -1202,8 +1333,10 @@ torch::Tensor matmul_w4_lanes(torch::Tensor x, torch::Tensor weight, torch::Tens
 // rows (index_select) and scattering the sums (index_add_) cost more than the product's epilogue.
 // rows: distinct int64 indices into x's rows; into: contiguous float32 (x.size(0), N).
 torch::Tensor matmul_w4_rows_add(torch::Tensor x, torch::Tensor rows, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros,
-                                 int64_t group_size, int64_t first_row, int64_t N, torch::Tensor into) {
+                                 int64_t group_size, int64_t first_row, int64_t N, torch::Tensor into,
+                                 const c10::optional<torch::Tensor>& levels = c10::nullopt) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+  const uint8_t* table = level_table(levels);
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kLong && rows.is_contiguous() && rows.device().is_cpu(),
               "rows must be a contiguous int64 CPU vector");
   TORCH_CHECK(into.dim() == 2 && into.scalar_type() == torch::kFloat32 && into.is_contiguous() && into.size(0) == x.size(0) && into.size(1) == N,
@@ -1212,9 +1345,9 @@ torch::Tensor matmul_w4_rows_add(torch::Tensor x, torch::Tensor rows, torch::Ten
   for (int64_t i = 0; i < rows.numel(); ++i)  // a loop, not aminmax: two torch ops cost more than the check
     TORCH_CHECK(listed[i] >= 0 && listed[i] < x.size(0), "rows must index x's ", x.size(0), " rows, got ", listed[i]);
 #if defined(TAP_VNNI)
-  lanes16_product(x, weight, scales, zeros, group_size, first_row, N, &rows, &into);
+  lanes16_product(x, weight, scales, zeros, group_size, first_row, N, table, &rows, &into);
 #else
-  lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false, &rows, &into);
+  lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false, table, &rows, &into);
 #endif
   return into;
 }
@@ -1224,12 +1357,13 @@ torch::Tensor matmul_w4_rows_add(torch::Tensor x, torch::Tensor rows, torch::Ten
 // (the routed tokens of a prefill): activations at 8 bits per block of 64, 16 rows per register
 // (see lane_rows_w4). Same arithmetic as matmul_w4 with every block 8-bit, summed in another order.
 torch::Tensor matmul_w4_many(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
-                             int64_t first_row, int64_t N) {
+                             int64_t first_row, int64_t N, const c10::optional<torch::Tensor>& levels = c10::nullopt) {
   check_plane_product(x, weight, scales, zeros, group_size, first_row, N);
+  const uint8_t* table = level_table(levels);
 #if defined(TAP_VNNI)
-  return lanes16_product(x, weight, scales, zeros, group_size, first_row, N);
+  return lanes16_product(x, weight, scales, zeros, group_size, first_row, N, table);
 #elif defined(TAP_PLANES)
-  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false);  // AVX2: 8 rows per register
+  return lanes8_product(x, weight, scales, zeros, group_size, first_row, N, false, table);  // AVX2: 8 rows per register
 #else
   return torch::empty({x.size(0), N}, x.options());
 #endif
@@ -1273,12 +1407,15 @@ torch::Tensor matmul_w8(torch::Tensor x, torch::Tensor weight, torch::Tensor row
 // written into `out` (reused by the caller between calls, so many-token calls do not page-fault a
 // fresh matrix each time). Summing the nested planes of one linear gives the weight a token of
 // a higher tier reads, so a many-token call multiplies each token once, by its own tier's weight.
+// levels: empty (every plane even) or one per plane, each the plane's level table or an empty
+// tensor (even codes).
 torch::Tensor dequantize_w4_sum(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, std::vector<torch::Tensor> zeros,
-                                int64_t group_size, int64_t first_row, torch::Tensor out) {
+                                int64_t group_size, int64_t first_row, torch::Tensor out, std::vector<torch::Tensor> levels = {}) {
   const int64_t N = out.size(0);
   TORCH_CHECK(!instruction_set().empty(), "tap_cpu_int4 was built for a CPU without AVX2 + FMA + F16C");
   TORCH_CHECK(!weights.empty() && weights.size() <= 4 && scales.size() == weights.size() && zeros.size() == weights.size(),
               "one to four planes, each with its scales and zeros");
+  TORCH_CHECK(levels.empty() || levels.size() == weights.size(), "levels: none, or one (possibly empty) tensor per plane");
   const torch::Tensor& weight = weights[0];
   const int64_t K = weight.size(1) * 2;
   TORCH_CHECK(K % kBlock == 0 && group_size % kBlock == 0 && K % group_size == 0, "K and group size must be multiples of 64");
@@ -1295,7 +1432,8 @@ torch::Tensor dequantize_w4_sum(std::vector<torch::Tensor> weights, std::vector<
                 kChunkBlocks * kBlock % group_size == 0,
                 "scales/zeros: contiguous float16, every stored row's groups in the chunked layout");
 #if defined(TAP_PLANES)
-    planes[p] = {weights[p].data_ptr<uint8_t>(), scales[p].data_ptr<at::Half>(), zeros[p].data_ptr<at::Half>()};
+    planes[p] = {weights[p].data_ptr<uint8_t>(), scales[p].data_ptr<at::Half>(), zeros[p].data_ptr<at::Half>(),
+                 levels.empty() ? nullptr : level_table(levels[p])};
 #endif
   }
 #if defined(TAP_PLANES)
@@ -1318,8 +1456,9 @@ torch::Tensor dequantize_w4_sum(std::vector<torch::Tensor> weights, std::vector<
 }
 
 torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, int64_t first_row,
-                            torch::Tensor out) {
-  return dequantize_w4_sum({weight}, {scales}, {zeros}, group_size, first_row, out);
+                            torch::Tensor out, const c10::optional<torch::Tensor>& levels = c10::nullopt) {
+  return dequantize_w4_sum({weight}, {scales}, {zeros}, group_size, first_row, out,
+                           levels.has_value() ? std::vector<torch::Tensor>{*levels} : std::vector<torch::Tensor>{});
 }
 
 }  // namespace
@@ -1327,8 +1466,8 @@ torch::Tensor dequantize_w4(torch::Tensor weight, torch::Tensor scales, torch::T
 namespace tap_kernels {
 // For tap_decode_ops.cpp's whole-layer decode step, which calls the plane product directly.
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
-                        double wide_above, int64_t first_row, int64_t N) {
-  return ::matmul_w4(x, weight, scales, zeros, group_size, wide_above, first_row, N);
+                        double wide_above, int64_t first_row, int64_t N, const c10::optional<torch::Tensor>& levels) {
+  return ::matmul_w4(x, weight, scales, zeros, group_size, wide_above, first_row, N, levels);
 }
 }  // namespace tap_kernels
 
@@ -1345,17 +1484,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_with_vnni", &compiled_with_vnni);
   m.def("instruction_set", &instruction_set);
   m.def("tile_rows", []() { return static_cast<int64_t>(kTileRows); });
-  m.def("matmul_w4", &matmul_w4);
-  m.def("matmul_w4_many", &matmul_w4_many);
-  m.def("matmul_w4_lanes", &matmul_w4_lanes);
+  // `levels` (last, optional everywhere): the plane's level table as 16 uint8 (PlaneSpec.levels), None for even codes.
+  m.def("matmul_w4", &matmul_w4, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("wide_above"), py::arg("first_row"), py::arg("N"), py::arg("levels") = py::none());
+  m.def("matmul_w4_many", &matmul_w4_many, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("first_row"), py::arg("N"), py::arg("levels") = py::none());
+  m.def("matmul_w4_lanes", &matmul_w4_lanes, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("group_size"), py::arg("first_row"), py::arg("N"), py::arg("wide"), py::arg("levels") = py::none());
 #if defined(TAP_PLANES)
-  m.def("matmul_w4_rows_add", &matmul_w4_rows_add);
+  m.def("matmul_w4_rows_add", &matmul_w4_rows_add, py::arg("x"), py::arg("rows"), py::arg("weight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("group_size"), py::arg("first_row"), py::arg("N"), py::arg("into"), py::arg("levels") = py::none());
 #endif
 #if !defined(TAP_VNNI) && defined(TAP_PLANES)
   m.def("set_lane_pairs", [](bool on) { g_lane_pairs = on; });
   m.def("lane_pairs", []() { return g_lane_pairs; });
 #endif
   m.def("matmul_w8", &matmul_w8);
-  m.def("dequantize_w4", &dequantize_w4);
-  m.def("dequantize_w4_sum", &dequantize_w4_sum);
+  m.def("dequantize_w4", &dequantize_w4, py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("first_row"), py::arg("out"), py::arg("levels") = py::none());
+  m.def("dequantize_w4_sum", &dequantize_w4_sum, py::arg("weights"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("first_row"), py::arg("out"), py::arg("levels") = std::vector<torch::Tensor>{});
 }

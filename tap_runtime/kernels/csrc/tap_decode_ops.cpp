@@ -24,7 +24,7 @@
 
 namespace tap_kernels {
 torch::Tensor matmul_w4(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
-                        double wide_above, int64_t first_row, int64_t N);  // tap_cpu_int4.cpp
+                        double wide_above, int64_t first_row, int64_t N, const c10::optional<torch::Tensor>& levels);  // tap_cpu_int4.cpp
 }
 
 namespace tap_decode {
@@ -452,18 +452,20 @@ namespace {
 // x (1, K) float32 through the first `used` planes of one projection, as the Python decode path
 // computes it: the base plane's product (its activations at `base_wide_above` when it is read
 // alone), plus each residual plane's product in float32, plus the bias. planes holds weight,
-// scales, zeros of every stored plane in turn; meta their group size, first row and rows.
+// scales, zeros and levels (the level table, or an empty tensor for even codes) of every stored
+// plane in turn; meta their group size, first row and rows.
 torch::Tensor project(const torch::Tensor& input, const std::vector<torch::Tensor>& planes, const std::vector<int64_t>& meta, int64_t used,
                       double base_wide_above, const c10::optional<torch::Tensor>& bias, int64_t rotation) {
   const torch::Tensor x = rotation ? hadamard_blocks(input, rotation) : input;
-  TORCH_CHECK(used >= 1 && static_cast<size_t>(3 * used) <= planes.size() && planes.size() == meta.size(),
-              "a projection needs weight, scales, zeros and group size, first row, rows for each of its ", used, " planes");
-  auto out = tap_kernels::matmul_w4(x, planes[0], planes[1], planes[2], meta[0], used > 1 ? 0.0 : base_wide_above, meta[1], meta[2]);
+  TORCH_CHECK(used >= 1 && static_cast<size_t>(4 * used) <= planes.size() && planes.size() % 4 == 0 && 3 * planes.size() == 4 * meta.size(),
+              "a projection needs weight, scales, zeros, levels and group size, first row, rows for each of its ", used, " planes");
+  auto out = tap_kernels::matmul_w4(x, planes[0], planes[1], planes[2], meta[0], used > 1 ? 0.0 : base_wide_above, meta[1], meta[2],
+                                    planes[3]);
   float* o = out.data_ptr<float>();
   const int64_t n = out.numel();
   for (int64_t p = 1; p < used; ++p) {
-    auto extra = tap_kernels::matmul_w4(x, planes[3 * p], planes[3 * p + 1], planes[3 * p + 2], meta[3 * p], 0.0, meta[3 * p + 1],
-                                        meta[3 * p + 2]);
+    auto extra = tap_kernels::matmul_w4(x, planes[4 * p], planes[4 * p + 1], planes[4 * p + 2], meta[3 * p], 0.0, meta[3 * p + 1],
+                                        meta[3 * p + 2], planes[4 * p + 3]);
     TORCH_CHECK(extra.numel() == n, "planes of one projection must have the same rows");
     const float* e = extra.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) o[i] += e[i];
