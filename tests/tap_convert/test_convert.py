@@ -286,10 +286,9 @@ def test_model_card_front_matter_and_figures(converted_factory):
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "  - tap\n" in card
     assert "base_model:" not in card  # converted from a local directory, not a Hub repo
     assert "| hidden_norm | " in card and "tier-8" in card
-    assert (
-        "by gptq; GPTQ in activation order; group scales as 8-bit log codes under a float32 reference per plane; "
-        "input rotation: 14 of 14 linears, Hadamard blocks of 64)" in card
-    )
+    assert "by gptq; GPTQ in activation order; group scales as 8-bit log codes under a float32 reference per plane; " in card
+    assert "; codes: a fitted table of 16 levels in 14 of 28 planes (" in card
+    assert "code steps), evenly spaced codes elsewhere; input rotation: 14 of 14 linears, Hadamard blocks of 64)" in card
     assert "tensors kept unquantized: 5 in float16 (float16 only where exact)." in card  # 2 x 2 layer norms + the final one
 
 
