@@ -401,6 +401,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "gptq_descent_sweeps": options.gptq_descent_sweeps if options.method == "gptq" else None,
             "head_damping": options.head_damping if head_moment is not None else None,
             "rotation": options.rotation,
+            "base_levels": options.base_levels,
             "target_bits": options.target_bits,
             "expected_avg_weight_bits": round(average_bits(policies, shares), 4),
             "promoted_linears": sorted(n for n, p in policies.items() if p.min_tier != options.tiers[0]),

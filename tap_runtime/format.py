@@ -294,18 +294,24 @@ def _get(data: dict, key: str, kind: type | tuple[type, ...], path: str | Path, 
     return value
 
 
+def _bad_levels(levels: Any, bits: int) -> bool:
+    """Whether ``levels`` is not a valid level table for ``bits``-bit codes (PlaneSpec.levels)."""
+    top = (2**bits - 1) * LEVEL_STEPS_PER_CODE
+    return (
+        not isinstance(levels, (list, tuple)) or len(levels) != 2**bits
+        or any(not isinstance(v, int) or isinstance(v, bool) for v in levels)
+        or any(b <= a for a, b in zip(levels, levels[1:])) or levels[0] < 0 or levels[-1] > top
+    )
+
+
 def _plane_levels(data: dict, path: str | Path, where: str) -> tuple[int, ...] | None:
     """A plane's level table from the routing table (absent or null: even codes, formats 1-6)."""
     levels = data.get("levels")
     if levels is None:
         return None
-    top = 15 * LEVEL_STEPS_PER_CODE
-    if (
-        not isinstance(levels, list) or len(levels) != 16 or any(not isinstance(v, int) or isinstance(v, bool) for v in levels)
-        or any(b <= a for a, b in zip(levels, levels[1:])) or levels[0] < 0 or levels[-1] > top
-    ):
+    if _bad_levels(levels, data.get("bits", PLANE_BITS)):
         raise CorruptCheckpointError(
-            f"{path}: '{where}levels' is {levels!r}; expected 16 strictly increasing integers in [0, {top}] "
+            f"{path}: '{where}levels' is {levels!r}; expected 16 strictly increasing integers in [0, {15 * LEVEL_STEPS_PER_CODE}] "
             f"(eighths of a code step). The file is corrupt; convert the model again."
         )
     return tuple(levels)
@@ -343,14 +349,10 @@ class PlaneSpec:
 
     def __post_init__(self) -> None:
         if self.levels is not None:
-            levels = tuple(self.levels)
-            top = (2**self.bits - 1) * LEVEL_STEPS_PER_CODE
-            if (
-                len(levels) != 2**self.bits or any(not isinstance(v, int) or isinstance(v, bool) for v in levels)
-                or any(b <= a for a, b in zip(levels, levels[1:])) or levels[0] < 0 or levels[-1] > top
-            ):
+            if _bad_levels(self.levels, self.bits):
+                top = (2**self.bits - 1) * LEVEL_STEPS_PER_CODE
                 raise ValueError(f"levels must be {2**self.bits} strictly increasing integers in [0, {top}]; got {self.levels!r}")
-            object.__setattr__(self, "levels", levels)
+            object.__setattr__(self, "levels", tuple(self.levels))
 
     def code_values(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         """(2**bits,) the value each code stands for, in code steps: 0..15, or the level table."""
