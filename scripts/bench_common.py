@@ -175,6 +175,20 @@ def environment() -> str:
     )
 
 
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return 1e3 * statistics.median(times)
+
+
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 

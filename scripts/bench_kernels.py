@@ -19,12 +19,10 @@ routed tokens): the lane kernel (8-bit activations, the default; 16 rows per reg
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from bench_common import environment
+from bench_common import environment, median_ms
 from tap_convert.quantize import quantize_rows, quantize_tiers
 from tap_runtime.format import PlaneSpec
 from tap_runtime.kernels import CpuPackedKernel, CpuVnniKernel, ReferenceKernel
@@ -39,16 +37,6 @@ SHAPES = {
     "qwen1.5b qkv": (2048, 1536),
 }
 HEADS = {"smollm2 head": (49152, 576), "gemma head": (262144, 640), "qwen1.5b head": (151936, 1536)}
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return 1e3 * statistics.median(times)
 
 
 def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -93,11 +81,11 @@ def _planes(args, torch_int4, reference, vnni, dense) -> None:
             x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1))
             expected = reference.matmul_plane(x, expected_weight)
             times = {
-                "torch": _median_ms(lambda: torch_int4.matmul_plane(x, packed), args.repeats),
-                "vnni": _median_ms(lambda: vnni.matmul_plane(x, tiled), args.repeats),
-                "dense": _median_ms(lambda: dense.matmul_plane(x, tiled), args.repeats),
-                "lanes": _median_ms(lambda: lanes.matmul_plane(x, tiled), args.repeats),
-                "fp32": _median_ms(lambda: x @ weight.t(), args.repeats),
+                "torch": median_ms(lambda: torch_int4.matmul_plane(x, packed), args.repeats),
+                "vnni": median_ms(lambda: vnni.matmul_plane(x, tiled), args.repeats),
+                "dense": median_ms(lambda: dense.matmul_plane(x, tiled), args.repeats),
+                "lanes": median_ms(lambda: lanes.matmul_plane(x, tiled), args.repeats),
+                "fp32": median_ms(lambda: x @ weight.t(), args.repeats),
             }
             bandwidth = (f"{plane_gb / times['torch'] * 1e3:10.1f} {plane_gb / times['vnni'] * 1e3:9.1f}" if tokens == 1 else f"{'':10s} {'':9s}")
             print(f"{label:17s} {tokens:6d} {times['torch']:10.3f} {times['vnni']:9.3f} {times['dense']:10.3f} {times['lanes']:8.3f} {times['fp32']:8.3f} "
@@ -113,8 +101,8 @@ def _heads(args, torch_int4, reference, vnni) -> None:
         packed, tiled = torch_int4.prepare_rows(rows), vnni.prepare_rows(rows)
         x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(3))
         expected = reference.matmul_rows(x, reference.prepare_rows(rows))
-        t_torch = _median_ms(lambda: torch_int4.matmul_rows(x, packed), max(3, args.repeats // 4))
-        t_vnni = _median_ms(lambda: vnni.matmul_rows(x, tiled), max(3, args.repeats // 4))
+        t_torch = median_ms(lambda: torch_int4.matmul_rows(x, packed), max(3, args.repeats // 4))
+        t_vnni = median_ms(lambda: vnni.matmul_rows(x, tiled), max(3, args.repeats // 4))
         gb = rows_count * in_features / 1e9
         print(f"{label:17s} {1:6d} {t_torch:10.3f} {t_vnni:9.3f} {t_torch / t_vnni:12.2f} {gb / t_torch * 1e3:10.1f} {gb / t_vnni * 1e3:9.1f} "
               f"{_error(torch_int4.matmul_rows(x, packed), expected):9.1e} {_error(vnni.matmul_rows(x, tiled), expected):9.1e}")
@@ -134,9 +122,9 @@ def _routed(args, reference, vnni) -> None:
             expected = reference.matmul_plane(x, expected_weight)
             call_tokens = max(rows, 512)  # the rows are a subset of a prefill
             times = {
-                "lanes": _median_ms(lambda: lanes.matmul_routed(x, tiled, call_tokens), args.repeats),
-                "unpack": _median_ms(lambda: unpack.matmul_routed(x, tiled, call_tokens), args.repeats),
-                "one": _median_ms(lambda: vnni.native.matmul_w4(x, tiled.weight, tiled.scales, tiled.zeros, 64, 0.0, 0, out_features),
+                "lanes": median_ms(lambda: lanes.matmul_routed(x, tiled, call_tokens), args.repeats),
+                "unpack": median_ms(lambda: unpack.matmul_routed(x, tiled, call_tokens), args.repeats),
+                "one": median_ms(lambda: vnni.native.matmul_w4(x, tiled.weight, tiled.scales, tiled.zeros, 64, 0.0, 0, out_features),
                                   max(3, args.repeats // 4)),
             }
             macs = rows * out_features * in_features / 1e9

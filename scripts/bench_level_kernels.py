@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from bench_common import environment
+from bench_common import environment, median_ms
 from tap_runtime.format import PlaneSpec
 from tap_runtime.kernels import CpuVnniKernel
 from tap_runtime.kernels.native import native_kernels, native_unavailable_reason
@@ -34,16 +33,6 @@ SHAPES = {
     "qwen1.5b down": (1536, 8960),
 }
 LEVELS = (2, 12, 21, 29, 36, 43, 50, 57, 63, 70, 76, 83, 91, 98, 107, 118)  # gemma-3's fitted table
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return 1e3 * statistics.median(times)
 
 
 def _plane(shape, levels) -> Plane:
@@ -92,8 +81,8 @@ def main() -> None:
         for path in even_paths:
             even_times, level_times = [], []
             for _ in range(3):  # alternate, so drift hits both
-                even_times.append(_median_ms(even_paths[path], args.repeats // 3 or 1))
-                level_times.append(_median_ms(level_paths[path], args.repeats // 3 or 1))
+                even_times.append(median_ms(even_paths[path], args.repeats // 3 or 1))
+                level_times.append(median_ms(level_paths[path], args.repeats // 3 or 1))
             even_ms, level_ms = statistics.median(even_times), statistics.median(level_times)
             print(f"{name:18s} {path:26s} {even_ms:9.3f} {level_ms:10.3f} {level_ms / even_ms:6.2f}")
 
