@@ -18,6 +18,7 @@ import statistics
 import torch
 
 from bench_common import environment, median_ms
+from bench_kernels import SHAPES as KERNEL_SHAPES
 from tap_runtime.format import PlaneSpec
 from tap_runtime.kernels import CpuVnniKernel
 from tap_runtime.kernels.native import native_kernels, native_unavailable_reason
@@ -25,13 +26,7 @@ from tap_runtime.kernels.vnni import ALL_WIDE
 from tap_runtime.packing import pack_int4
 from tap_runtime.planes import Plane
 
-SHAPES = {
-    "smollm2 gate+up": (3072, 576),
-    "smollm2 down": (576, 1536),
-    "gemma gate+up": (4096, 640),
-    "qwen1.5b gate+up": (17920, 1536),
-    "qwen1.5b down": (1536, 8960),
-}
+SHAPES = {name: shape for name, shape in KERNEL_SHAPES.items() if name != "qwen1.5b qkv"}  # the MLP shapes
 LEVELS = (2, 12, 21, 29, 36, 43, 50, 57, 63, 70, 76, 83, 91, 98, 107, 118)  # gemma-3's fitted table
 
 
