@@ -41,8 +41,11 @@ def heldout_text(name: str) -> str:
 
 
 def eval_windows(tokenizer, text: str, ctx: int, num_windows: int, bos_token_id: int | None) -> torch.Tensor:
-    """``num_windows`` non-overlapping windows of ``ctx`` tokens, evenly spread over the text."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    """``num_windows`` non-overlapping windows of ``ctx`` tokens, evenly spread over the text (read
+    as plain text: ``calibration.data.text_token_ids``)."""
+    from calibration.data import text_token_ids
+
+    ids = torch.tensor(text_token_ids(tokenizer, text), dtype=torch.long)
     body = ctx - 1 if bos_token_id is not None else ctx
     available = ids.numel() // body
     if available < num_windows:

@@ -396,6 +396,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "num_parameters": int(num_parameters),
             "fp16_bytes": int(num_parameters * 2),
             "bos_prepended": bos is not None,
+            "special_token_spellings": "text",  # calibration.data.text_token_ids
             "sink_weight": int(windows.shape[1]) if options.sink_weighting else None,
             "gptq_order": options.gptq_order if options.method == "gptq" else None,
             "gptq_damping": options.gptq_damping if options.method == "gptq" else None,

@@ -98,6 +98,8 @@ def inspect_checkpoint(directory: str | os.PathLike) -> tuple[str, bool]:
     lines.append(f"  {calibration.num_samples} windows x {calibration.seq_len} tokens (seed {calibration.seed}), "
                  f"{calibration.router_samples} router windows, {calibration.seconds:.0f} s")
     lines.append(f"  source model {calibration.extra.get('source_model')}")
+    if calibration.extra.get("special_token_spellings") == "text":
+        lines.append("  special tokens spelled in the text: read as text")
     if calibration.extra.get("gptq_order"):
         lines.append(f"  GPTQ column order: {calibration.extra['gptq_order']}")
     if calibration.extra.get("gptq_damping") is not None:

@@ -123,6 +123,23 @@ def test_tokenize_joins_documents(tiny_tokenizer_dir):
     assert ids.dtype == torch.long and ids.numel() > 100_000
 
 
+def test_special_token_spellings_are_read_as_text(tiny_tokenizer_dir):
+    """WikiText spells ``<unk>``; taken as the reserved id, it puts untrained logits into every
+    perplexity. The text is read as characters instead, in calibration and evaluation alike."""
+    from transformers import AutoTokenizer
+
+    from calibration.data import CalibrationText, text_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    spelled = "a cat </s> sat <s> here"
+    assert tokenizer.eos_token_id in tokenizer(spelled, add_special_tokens=False)["input_ids"]
+    ids = text_token_ids(tokenizer, spelled)
+    assert not set(ids) & set(tokenizer.all_special_ids)
+    assert tokenizer.decode(ids) == spelled
+    joined = tokenize_text(tokenizer, CalibrationText(documents=[spelled, spelled], dataset="test", source="test"))
+    assert not set(joined.tolist()) & set(tokenizer.all_special_ids)
+
+
 def test_wikitext_uses_the_hub_dataset_when_reachable(monkeypatch):
     import datasets
 
