@@ -61,8 +61,8 @@ def test_parser_defaults_are_the_documented_ones():
         build_parser().parse_args(["model", "--out", "o", "--rotation", "random"])
     assert args.scale_bits == 8
     assert build_parser().parse_args(["model", "--out", "o", "--scale-bits", "16"]).scale_bits == 16
-    assert args.base_levels == "even"
-    assert build_parser().parse_args(["model", "--out", "o", "--base-levels", "fitted"]).base_levels == "fitted"
+    assert args.base_levels == "fitted"
+    assert build_parser().parse_args(["model", "--out", "o", "--base-levels", "even"]).base_levels == "even"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["model", "--out", "o", "--tiers", "four"])
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -219,16 +220,13 @@ def test_scale_storage_is_recorded_validated_and_read_back(converted_factory, ti
 
 
 def test_fitted_levels_put_one_table_on_asymmetric_base_planes(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
-    """``base_levels="fitted"`` (format 7): every asymmetric base plane's codes stand for one level
-    table fitted to the model's weights; residual planes stay even. The default, ``"even"``,
+    """``base_levels="fitted"`` (format 7, the default): every asymmetric base plane's codes stand
+    for one level table fitted to the model's weights; residual planes stay even. ``"even"``
     writes format 6's planes, and the reference and native kernels read both checkpoints alike."""
     import tap_runtime
 
-    directory = tmp_path / "fitted"
-    table = convert(
-        str(tiny_model_factory("llama")), directory,
-        ConvertOptions(calib=str(calibration_text_file), group_size=64, base_levels="fitted", **FAST_CONVERT),
-    )
+    directory = converted_factory("llama", group_size=64)
+    table = RoutingTable.from_json(directory / ROUTING_FILE)
     assert table.calibration.extra["base_levels"] == "fitted"
     assert "; codes: a fitted table of 16 levels in 14 of 28 planes (" in (directory / "README.md").read_text()
     bases = [p.planes[0] for p in table.linear.values()]
@@ -236,12 +234,16 @@ def test_fitted_levels_put_one_table_on_asymmetric_base_planes(converted_factory
     assert len(tables) == 1 and None not in tables
     assert all(spec.levels is None for spec in bases if spec.symmetric)
     assert all(spec.levels is None for p in table.linear.values() for spec in p.planes[1:])
-    even = RoutingTable.from_json(converted_factory("llama", group_size=64) / ROUTING_FILE)
+    even_directory = tmp_path / "even"
+    even = convert(
+        str(tiny_model_factory("llama")), even_directory,
+        ConvertOptions(calib=str(calibration_text_file), group_size=64, base_levels="even", **FAST_CONVERT),
+    )
     assert even.calibration.extra["base_levels"] == "even"
     assert all(spec.levels is None for p in even.linear.values() for spec in p.planes)
     assert even.calibration.extra["timings"]["levels_seconds"] >= 0
     ids = torch.tensor([[1, 5, 9, 2, 7, 11, 3, 8]])
-    for path in (directory, converted_factory("llama", group_size=64)):
+    for path in (directory, even_directory):
         native, reference = tap_runtime.load(path), tap_runtime.load(path, kernel="reference")
         for tap in (native, reference):
             tap.set_routing("fixed", tier=4)
@@ -290,7 +292,8 @@ def test_model_card_front_matter_and_figures(converted_factory):
     assert "base_model:" not in card  # converted from a local directory, not a Hub repo
     assert "| hidden_norm | " in card and "tier-8" in card
     assert "by gptq; GPTQ in activation order; group scales as 8-bit log codes under a float32 reference per plane; " in card
-    assert "; codes: evenly spaced codes; input rotation: 14 of 14 linears, Hadamard blocks of 64)" in card
+    assert re.search(r"; codes: a fitted table of 16 levels in \d+ of 28 planes \([\d. ]+ code steps\), evenly spaced codes "
+                     r"elsewhere; input rotation: 14 of 14 linears, Hadamard blocks of 64\)", card)
     assert "tensors kept unquantized: 5 in float16 (float16 only where exact)." in card  # 2 x 2 layer norms + the final one
 
 
