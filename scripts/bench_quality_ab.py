@@ -6,7 +6,9 @@ bench_quality.py scores one checkpoint per run and recomputes the fp32 reference
 script computes the fp32 references once per text and scores every checkpoint in --taps on the
 same windows at the same rows: every token on the base tier, budget routing at --budget-bits,
 every token on the top tier. Printed per text: perplexity ratio and mean KL against fp32 for
-each checkpoint and row, and the KL ratio of each later checkpoint to the first.
+each checkpoint and row, and the KL ratio of each later checkpoint to the first. Each ratio's
+90% bootstrap interval over windows (how far another draw of text this size could move it) is
+printed as the rows are measured.
 
     python scripts/bench_quality_ab.py --model models/gemma3 --taps models/gemma3-tap-hr,models/gemma3-tap-cd --texts wikitext,c4 --budget-bits 4.6
 """
@@ -20,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
+from bench_common import environment, eval_windows, fp32_references, heldout_text, ratio_interval, set_threads, tap_quality
 
 
 def main() -> None:
@@ -53,14 +55,16 @@ def main() -> None:
     results = {}
     for text in args.texts.split(","):
         windows = eval_windows(tokenizer, heldout_text(text), args.ctx, args.windows, bos)
-        references, fp32_ppl = fp32_references(reference_model, windows)
+        references, fp32_ppl, fp32_nlls = fp32_references(reference_model, windows, per_window=True)
         for path, tap in zip(paths, taps):
             for label, route in rows:
                 route(tap)
                 with torch.inference_mode():
                     results[text, path, label] = row = tap_quality(tap, windows, references)
                 row["ppl_ratio"] = row["ppl"] / fp32_ppl
-                print(f"  {text} {path} {label}: {row['ppl_ratio']:.4f} / {row['kl']:.5f}", flush=True)
+                row["interval"] = ratio_interval(row["window_nlls"], fp32_nlls, windows.shape[1] - 1)
+                print(f"  {text} {path} {label}: {row['ppl_ratio']:.4f} (90% over windows {row['interval'][0]:.4f}-"
+                      f"{row['interval'][1]:.4f}) / {row['kl']:.5f}", flush=True)
         del references
     print(f"# bench_quality_ab: {args.model}; {args.windows} windows x {args.ctx} tokens of each held-out text")
     print(f"# {environment()}; {time.perf_counter() - started:.0f}s")

@@ -10,7 +10,9 @@ script prints, for the routing row asked:
 - for each later checkpoint against the first: the ratio of their perplexities with its
   bootstrap interval, how much of the log-perplexity difference the 10 / 100 tokens with the
   largest NLL change carry, and the ratio with those tokens left out;
-- the tokens behind the largest changes (window, position, token, both NLLs and the fp32 one).
+- the tokens behind the largest changes (window, position, token, both NLLs and the fp32 one);
+- with ``--special-spellings ids`` (how text was read before the thirty-sixth session), what the
+  targets that are reserved special ids (gemma's ``<unk>`` in WikiText) carry.
 
     python scripts/bench_token_loss.py --model models/gemma3 --taps models/gemma3-tap-kl-c4,models/gemma3-tap-lv-c4 --text wikitext
 """
@@ -25,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, heldout_text, set_threads
+from bench_common import environment, eval_windows, heldout_text, ratio_interval, set_threads
 
 
 def token_losses(model_call, windows: torch.Tensor, reference_log_probs=None):
@@ -45,14 +47,6 @@ def token_losses(model_call, windows: torch.Tensor, reference_log_probs=None):
     return nlls, kls, kept
 
 
-def bootstrap_interval(per_window_sums: torch.Tensor, per_window_counts: torch.Tensor, draws: int = 2000, seed: int = 0):
-    """90% interval of exp(sum / count) over windows resampled with replacement."""
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, per_window_sums.numel(), (draws, per_window_sums.numel()), generator=generator)
-    values = (per_window_sums[picks].sum(1) / per_window_counts[picks].sum(1)).exp()
-    return float(values.quantile(0.05)), float(values.quantile(0.95))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the fp32 source model directory")
@@ -63,6 +57,9 @@ def main() -> None:
     parser.add_argument("--row", default="budget", choices=("base", "budget", "top"))
     parser.add_argument("--budget-bits", type=float, default=4.6)
     parser.add_argument("--show", type=int, default=15, help="tokens listed per comparison")
+    parser.add_argument("--special-spellings", choices=("text", "ids"), default="text",
+                        help="text (what every benchmark reads since the thirty-sixth session) or ids: a special "
+                        "token's spelling in the text becomes its reserved id, as benchmarks read it before")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -73,12 +70,22 @@ def main() -> None:
     if len(bos_flags) != 1:
         raise SystemExit("the checkpoints disagree on whether windows start with BOS; they are not conversions of one setup")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, tokenizer.bos_token_id if bos_flags.pop() else None)
+    bos = tokenizer.bos_token_id if bos_flags.pop() else None
+    if args.special_spellings == "ids":
+        ids = torch.tensor(tokenizer(heldout_text(args.text), add_special_tokens=False)["input_ids"])
+        body = args.ctx - (bos is not None)
+        available = ids.numel() // body
+        picks = torch.linspace(0, available - 1, args.windows).round().long()
+        windows = ids[: available * body].view(available, body)[picks]
+        if bos is not None:
+            windows = torch.cat([torch.full((args.windows, 1), bos), windows], dim=1)
+    else:
+        windows = eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+    special = torch.isin(windows[:, 1:], torch.tensor(sorted(tokenizer.all_special_ids)))
     reference_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     fp_nll, _, reference_log_probs = token_losses(reference_model, windows)
     del reference_model
     fp_nll = torch.stack(fp_nll)
-    counts = torch.full((windows.shape[0],), float(fp_nll.shape[1]))
 
     nll_of, kl_of = {}, {}
     for path, tap in zip(paths, taps):
@@ -94,16 +101,18 @@ def main() -> None:
     print(f"# bench_token_loss: {args.model}; {args.windows} windows x {args.ctx} tokens of {args.text}; row {args.row}"
           + (f" at {args.budget_bits:g} bits" if args.row == "budget" else ""))
     print(f"# {environment()}; {time.perf_counter() - started:.0f}s")
-    print(f"fp32 perplexity {math.exp(fp_nll.mean()):.3f}")
+    print(f"fp32 perplexity {math.exp(fp_nll.mean()):.3f}; {int(special.sum())} of {special.numel()} targets are special ids, "
+          f"carrying {float(fp_nll[special].sum()):.0f} of {float(fp_nll.sum()):.0f} nats")
     for path in paths:
         delta = nll_of[path] - fp_nll
-        low, high = bootstrap_interval(delta.sum(1), counts)
-        print(f"{path}: ppl ratio {math.exp(delta.mean()):.4f} (90% bootstrap over windows {low:.4f}-{high:.4f}), "
+        low, high = ratio_interval(nll_of[path].sum(1).tolist(), fp_nll.sum(1).tolist(), fp_nll.shape[1])
+        without = f", {math.exp(delta[~special].mean()):.4f} without special-id targets" if special.any() else ""
+        print(f"{path}: ppl ratio {math.exp(delta.mean()):.4f} (90% bootstrap over windows {low:.4f}-{high:.4f}){without}, "
               f"mean KL {kl_of[path].mean():.5f}")
     first = paths[0]
     for path in paths[1:]:
         change = nll_of[path] - nll_of[first]
-        low, high = bootstrap_interval(change.sum(1), counts)
+        low, high = ratio_interval(nll_of[path].sum(1).tolist(), nll_of[first].sum(1).tolist(), fp_nll.shape[1])
         total = float(change.sum())
         order = change.flatten().abs().argsort(descending=True)
         print(f"\n{path} against {first}: ppl ratio {math.exp(change.mean()):.4f} (90% bootstrap {low:.4f}-{high:.4f}); "
@@ -112,6 +121,9 @@ def main() -> None:
             picked = change.flatten()[order[:top]]
             rest = (total - float(picked.sum())) / (change.numel() - top)
             print(f"  largest {top:4d} |changes|: sum {float(picked.sum()):+.1f} nats; ratio without them {math.exp(rest):.4f}")
+        if special.any():
+            kept = change[~special]
+            print(f"  special-id targets: {float(change[special].sum()):+.1f} nats; ratio without them {math.exp(kept.mean()):.4f}")
         per_window = change.sum(1)
         print("  per window summed change: " + " ".join(f"{v:+.1f}" for v in per_window.tolist()))
         print(f"  {'window':>6s} {'pos':>4s} {'token':24s} {'fp32 NLL':>8s} {first[-14:]:>14s} {path[-14:]:>14s}")
