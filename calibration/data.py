@@ -203,7 +203,7 @@ def text_token_ids(tokenizer, text: str) -> list[int]:
 
     By default a Hugging Face tokenizer turns such a spelling into the reserved id itself, which
     no model is trained to predict: gemma-3 gives its ``<unk>`` id 20-33 nats, and the 4.4% of
-    WikiText's tokens that spell it carried about a third of its log-perplexity, so quantization
+    WikiText's tokens that spell it carried a fifth of its log-perplexity, so quantization
     noise on logits that never matter moved perplexity ratios by points."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
