@@ -21,7 +21,7 @@ SAMPLES = json.loads((REPO / "calibration" / "data" / "samples.json").read_text(
 
 __all__ = [
     "REPO", "SHARED_DATA", "heldout_text", "eval_windows", "load_tap_and_windows", "environment", "set_threads",
-    "reference_logprobs", "window_quality", "prefill_ab_arguments", "window_stats", "fp32_references", "tap_quality",
+    "reference_logprobs", "window_quality", "prefill_ab_arguments", "plane_swap_setup", "window_stats", "fp32_references", "tap_quality",
 ]
 
 
@@ -69,6 +69,40 @@ def load_tap_and_windows(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     bos = tokenizer.bos_token_id if tap.table.calibration.extra.get("bos_prepended") else None
     return tap, tokenizer, eval_windows(tokenizer, heldout_text(args.text), args.ctx, args.windows, bos)
+
+
+def plane_swap_setup(args, kernel: str = "reference"):
+    """Every plane-swapping study's common start (bench_low_rank, bench_residual_bits,
+    bench_sequential_gptq): the two-tier checkpoint ``args.tap`` on ``kernel``, its float32 source
+    ``args.model``, ``args.samples`` fresh windows of the checkpoint's own calibration source
+    (``args.calib`` overrides it; seed ``args.seed``), the quantized linears by name and their sites
+    in the source model. The fresh windows keep the study off the converter's exact sample."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tap_runtime
+    from calibration.data import load_calibration_text, make_windows, tokenize_text
+    from tap_runtime.architectures import get_architecture
+    from tap_runtime.layers import TapLinear
+    from tap_runtime.modeling import iter_linear_sites
+
+    tap = tap_runtime.load(args.tap, kernel=kernel)
+    if len(tap.table.tiers) != 2:
+        raise SystemExit(f"{args.tap}: needs a two-tier checkpoint; tiers are {list(tap.table.tiers)}")
+    extra = tap.table.calibration.extra
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    bos = tokenizer.bos_token_id if extra.get("bos_prepended") else None
+    spec = get_architecture(model.config.get_text_config().model_type, source=f"{args.model}/config.json")
+    calib = args.calib or tap.table.calibration.dataset
+    windows = make_windows(tokenize_text(tokenizer, load_calibration_text(calib)), args.samples, 512, args.seed, bos)
+    modules = {name: m for name, m in tap.model.named_modules() if isinstance(m, TapLinear)}
+    sites = [s for s in iter_linear_sites(model, spec) if s.name in modules]
+    if len(sites) != len(modules):
+        raise SystemExit(f"{args.tap}: {len(modules)} quantized linears, {len(sites)} found in {args.model}")
+    return SimpleNamespace(tap=tap, extra=extra, model=model, tokenizer=tokenizer, bos=bos, spec=spec, calib=calib,
+                           windows=windows, modules=modules, sites=sites)
 
 
 def prefill_ab_arguments(description: str):

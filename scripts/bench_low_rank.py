@@ -23,14 +23,9 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tap_runtime
-from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
-from calibration.data import load_calibration_text, make_windows, tokenize_text
-from tap_runtime.architectures import get_architecture
-from tap_runtime.layers import TapLinear
-from tap_runtime.modeling import iter_linear_sites
+from bench_common import environment, eval_windows, fp32_references, heldout_text, plane_swap_setup, set_threads, tap_quality
 from tap_runtime.rotation import rotate_second_moment, rotate_weight
 
 
@@ -108,21 +103,9 @@ def main() -> None:
     started = time.perf_counter()
     ranks = [int(r) for r in args.ranks.split(",") if r]
 
-    tap = tap_runtime.load(args.tap, kernel="reference")
-    if len(tap.table.tiers) != 2:
-        raise SystemExit(f"{args.tap}: needs a two-tier checkpoint; tiers are {list(tap.table.tiers)}")
-    extra = tap.table.calibration.extra
-    calib = args.calib or tap.table.calibration.dataset
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    bos = tokenizer.bos_token_id if extra.get("bos_prepended") else None
-    spec = get_architecture(model.config.get_text_config().model_type, source=f"{args.model}/config.json")
-    windows = make_windows(tokenize_text(tokenizer, load_calibration_text(calib)), args.samples, 512, args.seed, bos)
-
-    modules = {name: m for name, m in tap.model.named_modules() if isinstance(m, TapLinear)}
-    sites = [s for s in iter_linear_sites(model, spec) if s.name in modules]
-    if len(sites) != len(modules):
-        raise SystemExit(f"{args.tap}: {len(modules)} quantized linears, {len(sites)} found in {args.model}")
+    setup = plane_swap_setup(args)
+    tap, calib, model, tokenizer, bos = setup.tap, setup.calib, setup.model, setup.tokenizer, setup.bos
+    windows, modules, sites = setup.windows, setup.modules, setup.sites
     moments = input_second_moments(model, sites, windows, args.batch_size)
 
     stored = {name: list(m._prepared) for name, m in modules.items()}

@@ -35,15 +35,10 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tap_runtime
-from bench_common import environment, eval_windows, fp32_references, heldout_text, set_threads, tap_quality
+from bench_common import environment, eval_windows, fp32_references, heldout_text, plane_swap_setup, set_threads, tap_quality
 from calibration.capture import base_model
-from calibration.data import load_calibration_text, make_windows, tokenize_text
 from tap_convert.gptq import gptq_plane, gptq_tiers
-from tap_runtime.architectures import get_architecture
-from tap_runtime.layers import TapLinear
 from tap_runtime.modeling import decoder_layers, iter_linear_sites
 from tap_runtime.planes import dequantize_plane
 from tap_runtime.rotation import rotate_second_moment, rotate_weight
@@ -277,22 +272,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
 
-    tap = tap_runtime.load(args.tap, kernel="reference")
-    if len(tap.table.tiers) != 2:
-        raise SystemExit(f"{args.tap}: needs a two-tier checkpoint; tiers are {list(tap.table.tiers)}")
-    extra = tap.table.calibration.extra
-    if extra.get("gptq_refit_rounds") or extra.get("gptq_descent_sweeps"):
-        raise SystemExit(f"{args.tap}: converted with refits or descent sweeps, which this script does not repeat")
-    calib = args.calib or tap.table.calibration.dataset
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    bos = tokenizer.bos_token_id if extra.get("bos_prepended") else None
-    spec = get_architecture(model.config.get_text_config().model_type, source=f"{args.model}/config.json")
     if args.samples % args.batch_size:
         raise SystemExit(f"--samples {args.samples} must be a multiple of --batch-size {args.batch_size}")
-    windows = make_windows(tokenize_text(tokenizer, load_calibration_text(calib)), args.samples, 512, args.seed, bos)
-
-    modules = {name: m for name, m in tap.model.named_modules() if isinstance(m, TapLinear)}
+    setup = plane_swap_setup(args)
+    tap, extra, calib, model, tokenizer, bos = setup.tap, setup.extra, setup.calib, setup.model, setup.tokenizer, setup.bos
+    spec, windows, modules = setup.spec, setup.windows, setup.modules
+    if extra.get("gptq_refit_rounds") or extra.get("gptq_descent_sweeps"):
+        raise SystemExit(f"{args.tap}: converted with refits or descent sweeps, which this script does not repeat")
     stored = {name: list(m._prepared) for name, m in modules.items()}
     planes: dict[str, dict[str, list[torch.Tensor]]] = {"stored": stored}
     seconds: dict[str, float] = {}
@@ -310,7 +296,7 @@ def main() -> None:
     print(f"# bench_sequential_gptq: {args.tap} vs {args.model}; {args.samples} windows of {calib} (seed {args.seed}); "
           f"asymmetric ridge {args.cross_ridge}; "
           f"held-out {args.text}, {args.windows} windows x 512")
-    print(f"# fit seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print("# fit seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"# {environment()}")
     print(f"{'text':9s} {'planes':12s} {'routing':12s} {'avg bits':>8s} {'share>base':>10s} {'ppl ratio':>9s} {'mean KL':>9s}")
     base_tier, top_tier = tap.table.tiers

@@ -17,7 +17,6 @@ Three measurements, none of which read evaluation text:
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 from pathlib import Path
