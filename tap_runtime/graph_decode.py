@@ -36,7 +36,8 @@ from .kernels.gated import gated_kernel_available, gated_plane_add
 from .kernels.route import route_kernel_available, route_token
 from .layers import TapLinear
 from .rotation import rotate_input
-from .router import BUDGET_STEP, TokenRouter
+from .budget import BUDGET_WINDOW, min_scores
+from .router import TokenRouter
 
 __all__ = [
     "GRAPH_ROUTING_MODES",
@@ -164,9 +165,21 @@ class DeviceRouter:
         self.fixed_tier = torch.tensor(router.fixed_tier_index, dtype=torch.int64, device=device)
         rows = router._budget_rows if self.mode == "budget" else router._threshold_rows
         self.thresholds = torch.tensor(rows, dtype=f64, device=device).reshape(router.num_layers, num_tiers - 1)
-        self.shares = torch.tensor(router.random_shares, dtype=f64, device=device)
-        spreads = router._budget_spread if self.mode == "budget" else [1.0] * router.num_layers
-        self.steps = [BUDGET_STEP * s for s in spreads]  # the host router's Python-float step
+        if self.mode == "budget":
+            # The host router's BudgetWindow as a ring on the device: ``slot`` is the step's
+            # write, ``filled`` how many decode scores it holds; empty slots hold +inf, so they
+            # sort last. budget.window_quantile's arithmetic, with the count as a tensor.
+            shares = router.random_shares
+            self.window = torch.full((router.num_layers, BUDGET_WINDOW), math.inf, dtype=f64, device=device)
+            self.slot = torch.zeros((), dtype=torch.int64, device=device)
+            self.filled = torch.zeros((), dtype=torch.int64, device=device)
+            self.keep = torch.tensor([1.0 - s for s in shares], dtype=f64, device=device)
+            self.min_filled = torch.tensor([min_scores(s) for s in shares], dtype=torch.int64, device=device)
+            self.fixed_share = torch.tensor([s <= 0.0 or s >= 1.0 for s in shares], device=device)
+            self.fixed_threshold = torch.tensor([math.inf if s <= 0.0 else -math.inf for s in shares], dtype=f64, device=device)
+            self.quantile_low = torch.zeros(len(shares), dtype=torch.int64, device=device)
+            self.quantile_high = torch.zeros(len(shares), dtype=torch.int64, device=device)
+            self.quantile_fraction = torch.zeros(len(shares), dtype=f64, device=device)
         self.slopes = dict(router._slopes)
         self.offsets = list(router._offsets)
         self.sketches = None
@@ -193,7 +206,7 @@ class DeviceRouter:
             [
                 [self.slopes.get("hidden_norm", [0.0] * self.num_layers)[layer],
                  self.slopes.get("error_estimate", [0.0] * self.num_layers)[layer],
-                 self.offsets[layer], self.steps[layer], 1.0 / math.sqrt(self.hidden_size)]
+                 self.offsets[layer], 1.0 / math.sqrt(self.hidden_size)]
                 for layer in range(self.num_layers)
             ],
             dtype=f64,
@@ -216,9 +229,11 @@ class DeviceRouter:
         if self.fused:
             route_token(
                 hidden, normed, self.padded_sketches[layer] if self.sketches is not None else None, self.static_score,
-                self.params[layer], self.thresholds[layer], self.shares, self.counts[layer], self.flag_buffer[layer],
-                self.scores[layer], "hidden_norm" in self.slopes, self.mode == "budget",
+                self.params[layer], self.thresholds[layer], self.counts[layer], self.flag_buffer[layer],
+                self.scores[layer], "hidden_norm" in self.slopes,
             )
+            if self.mode == "budget":
+                self._take_score(layer, self.scores[layer])
             flags = list(self.flag_buffer[layer])
             return flags if as_int else [flag.to(torch.bool) for flag in flags]
         tier = self.tier_index(layer, hidden, normed)
@@ -227,22 +242,52 @@ class DeviceRouter:
 
     # ----- host <-> device state, once per sequence ---------------------------------------------
     def load_state(self) -> None:
-        """Take the host router's current thresholds (budget: where prefill left them)."""
+        """Take the host router's current thresholds (budget: and the windows prefill left)."""
         rows = self.router._budget_rows if self.mode == "budget" else self.router._threshold_rows
         self.thresholds.copy_(torch.tensor(rows, dtype=torch.float64).reshape(self.thresholds.shape))
+        if self.mode == "budget":
+            windows = self.router._budget_windows
+            filled = len(windows[0].recent)
+            padded = [list(w.recent) + [math.inf] * (BUDGET_WINDOW - filled) for w in windows]  # oldest first
+            self.window.copy_(torch.tensor(padded, dtype=torch.float64))
+            self.filled.fill_(filled)
+            self.slot.fill_((filled - 1) % BUDGET_WINDOW)  # the next step writes after the newest
         self.counts.zero_()
 
     def store_state(self) -> None:
-        """Hand the thresholds and counts back, so the host router reads as if it had decoded."""
+        """Hand the windows and counts back, so the host router reads as if it had decoded."""
         if self.mode == "budget":
-            self.router._budget_rows = [list(row) for row in self.thresholds.cpu().tolist()]
+            filled = int(self.filled)
+            oldest = (int(self.slot) + 1) % BUDGET_WINDOW
+            recent = torch.roll(self.window, -oldest, dims=1)[:, BUDGET_WINDOW - filled:].cpu().tolist()
+            for window, scores in zip(self.router._budget_windows, recent):
+                window.replace(scores)
         self.router._counts += self.counts.cpu()
         self.counts.zero_()
+
+    def _take_score(self, layer: int, score: torch.Tensor) -> None:
+        """BudgetWindow.add on the device: the score replaces the oldest, the thresholds follow."""
+        self.window[layer].index_copy_(0, self.slot.reshape(1), score.reshape(1).to(torch.float64))
+        ordered = torch.sort(self.window[layer]).values
+        low = ordered.index_select(0, self.quantile_low)
+        high = ordered.index_select(0, self.quantile_high)
+        quantile = torch.where(self.fixed_share, self.fixed_threshold, low + self.quantile_fraction * (high - low))
+        ready = self.filled >= self.min_filled
+        self.thresholds[layer].copy_(torch.where(ready, quantile, self.thresholds[layer]))
 
     # ----- per step -------------------------------------------------------------------------------
     def begin_step(self, token: torch.Tensor, position: torch.Tensor) -> None:
         """The layer-independent part of the score (TokenRouter._static_score_of, on the device)."""
         spec, norm, weights = self.router.spec, self.router.spec.normalisation, self.router._weights
+        if self.mode == "budget":
+            # Every layer's score of this step goes to the same slot; the quantile's position
+            # depends only on how many scores the windows hold, so it is found once per step.
+            self.slot.add_(1).remainder_(BUDGET_WINDOW)
+            self.filled.add_(1).clamp_(max=BUDGET_WINDOW)
+            rank = self.keep * (self.filled - 1).to(torch.float64)
+            self.quantile_low.copy_(torch.floor(rank).to(torch.int64))
+            self.quantile_high.copy_(torch.minimum(self.quantile_low + 1, self.filled - 1))
+            self.quantile_fraction.copy_(rank - self.quantile_low.to(torch.float64))
         score = self._static.fill_(float(spec.bias))
         if "position" in weights:
             stats = norm["position"]
@@ -277,9 +322,7 @@ class DeviceRouter:
             passed = score >= self.thresholds[layer]
             tier = passed.sum()
             if self.mode == "budget":
-                routed = (tier > self.levels - 1).to(torch.float64)
-                # Stationary when the routed fraction equals the share (TokenRouter.route_layer).
-                self.thresholds[layer] += self.steps[layer] * (routed - self.shares)
+                self._take_score(layer, score)
         self.counts[layer].index_add_(0, tier.reshape(1), self._one)
         return tier
 
@@ -304,7 +347,10 @@ class DecodeStep:
 
     def state(self) -> list[torch.Tensor]:
         """Every buffer a step changes besides the cache (whose unread slots do not matter)."""
-        return [self.token, self.position, self.picked, self.router.thresholds, self.router.counts]
+        router = self.router
+        budget = [router.window, router.slot, router.filled, router.quantile_low, router.quantile_high,
+                  router.quantile_fraction] if router.mode == "budget" else []
+        return [self.token, self.position, self.picked, router.thresholds, router.counts, *budget]
 
     def _visible(self, window: int | None) -> torch.Tensor:
         """(1, 1, 1, max_length): the keys the step's query sees (causal, within the window)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .budget import BudgetWindow
 from .errors import InvalidConfigError
 from .format import RouterSpec
 from .kernels.native import native_kernels
@@ -35,9 +36,6 @@ ROUTING_MODES = ("learned", "fixed", "random", "topk", "budget")
 # checkpoint costs on any text what it was converted to cost. With fixed thresholds ("learned")
 # the share drifts with the text (13-51% for a fitted 10%, README), and the cost with it.
 DEFAULT_ROUTING = "budget"
-# Budget mode: how far a threshold moves per decode token, in units of the layer's calibration
-# score spread (10th to 90th percentile); a long-run share above target raises the threshold.
-BUDGET_STEP = 0.05
 # From this many tokens in one pass, budget mode routes exactly the top share of the pass.
 BUDGET_EXACT_MIN_TOKENS = 16
 ALL_TOKENS = "all"  # marker: every token of the batch runs this plane, no gather needed
@@ -132,8 +130,7 @@ class TokenRouter:
         ]
         self._threshold_rows = [[float(t) for t in row] for row in self.thresholds]
         self.mode = "learned"
-        self._budget_rows: list[list[float]] = []
-        self._budget_spread: list[float] = []
+        self._budget_windows: list[BudgetWindow] = []
         self.fixed_tier_index = 0
         self.topk_score = "learned"
         self.topk_sign = 1.0
@@ -169,9 +166,9 @@ class TokenRouter:
         share; it needs many tokens per pass, so it is for prefill, not decode.
         ``budget``: the learned score, with thresholds that keep each layer's share at the
         fitted shares (or ``shares``) on any text: a pass of many tokens (prefill) routes
-        exactly its top share and leaves the threshold there; each decode token then nudges the
-        threshold up when routed and down when not, so the long-run share meets the target even
-        when the text differs from the calibration text.
+        exactly its top share; a decode token is routed when its score reaches the top share of
+        the layer's last BUDGET_WINDOW scores (tap_runtime.budget), so the share holds even when
+        the text differs from the calibration text.
         """
         if mode not in ROUTING_MODES:
             raise InvalidConfigError(f"routing mode {mode!r} is unknown; expected one of {list(ROUTING_MODES)}.")
@@ -194,17 +191,18 @@ class TokenRouter:
                 self.random_shares = tuple(float(s) for s in shares)
             self._generator = torch.Generator().manual_seed(seed)
         self.topk_score, self.topk_sign = score, float(sign)
-        if mode == "budget":
-            self._budget_rows = [list(row) for row in self._threshold_rows]
-            self._budget_spread = self._score_spreads()
         self.mode = mode
+        if mode == "budget":
+            self._budget_windows = self._fresh_budget_windows()
 
-    def _score_spreads(self) -> list[float]:
-        """Per layer, the 10th-90th percentile spread of calibration scores (1.0 if unrecorded)."""
-        rows = self.spec.score_percentiles
-        if not rows:
-            return [1.0] * self.num_layers
-        return [max(float(row[90]) - float(row[10]), 1e-3) for row in rows]
+    def _fresh_budget_windows(self) -> list[BudgetWindow]:
+        """Per layer: the fitted thresholds and no decode scores yet."""
+        return [BudgetWindow(self._threshold_rows[layer], self.random_shares) for layer in range(self.num_layers)]
+
+    @property
+    def _budget_rows(self) -> list[list[float]]:
+        """Budget mode's current thresholds, one row per layer (the windows' own lists)."""
+        return [window.thresholds for window in self._budget_windows]
 
     def set_thresholds(self, thresholds: tuple[tuple[float, ...], ...]) -> None:
         """Replace the per-layer thresholds (one row per layer, one value per tier above the base)."""
@@ -216,10 +214,10 @@ class TokenRouter:
         self.begin_sequence()
 
     def begin_sequence(self) -> None:
-        """A new sequence starts from the fitted thresholds: budget mode's running thresholds
-        (moved by the last sequence's decode tokens) go back, so equal prompts route equally."""
+        """A new sequence starts from the fitted thresholds with no decode scores: budget mode's
+        windows (filled by the last sequence) go back, so equal prompts route equally."""
         if self.mode == "budget":
-            self._budget_rows = [list(row) for row in self._threshold_rows]
+            self._budget_windows = self._fresh_budget_windows()
 
     def reset_counts(self) -> None:
         self._counts.zero_()
@@ -292,13 +290,12 @@ class TokenRouter:
         if self.mode in ("learned", "budget") and num_tokens == 1:
             # Decode: one token, one score, plain Python from here on.
             score = self._decode_score(layer_index, hidden_states, normed)
-            rows = self._threshold_rows if self.mode == "learned" else self._budget_rows
-            tier_index = sum(score >= t for t in rows[layer_index])
-            if self.mode == "budget":
-                step = BUDGET_STEP * self._budget_spread[layer_index]
-                for k, share in enumerate(self.random_shares):
-                    # Stationary when the routed fraction equals the share.
-                    rows[layer_index][k] += step * ((1.0 if tier_index > k else 0.0) - share)
+            if self.mode == "learned":
+                tier_index = sum(score >= t for t in self._threshold_rows[layer_index])
+            else:
+                window = self._budget_windows[layer_index]
+                tier_index = sum(score >= t for t in window.thresholds)
+                window.add(score)
             self._pending[layer_index][tier_index] += 1
             self._has_pending = True
             routing.plane_indices = [ALL_TOKENS if tier_index >= level else None for level in range(1, len(self.tiers))]
@@ -313,16 +310,24 @@ class TokenRouter:
                 tier_index += (draws < share).to(torch.int64)
         elif self.mode == "budget":
             score = self._layer_score(layer_index, hidden_states, num_tokens, normed)
+            window = self._budget_windows[layer_index]
+            rows = list(window.thresholds)
             if num_tokens >= BUDGET_EXACT_MIN_TOKENS:
                 ordered = torch.sort(score, descending=True).values
                 for k, share in enumerate(self.random_shares):
                     cut = int(round(share * num_tokens))
                     # Threshold halfway between the last routed and the first kept score.
                     if 0 < cut < num_tokens:
-                        self._budget_rows[layer_index][k] = float((ordered[cut - 1] + ordered[cut]) / 2)
+                        rows[k] = float((ordered[cut - 1] + ordered[cut]) / 2)
                     elif cut == 0:
-                        self._budget_rows[layer_index][k] = float(ordered[0]) + 1e-6
-            tier_index = (score.unsqueeze(-1) >= torch.tensor(self._budget_rows[layer_index])).sum(dim=-1)
+                        rows[k] = math.inf
+                    else:
+                        rows[k] = -math.inf
+                window.set_cut(rows)
+            tier_index = (score.unsqueeze(-1) >= torch.tensor(rows, dtype=score.dtype)).sum(dim=-1)
+            if num_tokens < BUDGET_EXACT_MIN_TOKENS:
+                for value in score.reshape(-1).tolist():  # a few tokens at once: decode of a batch
+                    window.add(value)
         elif self.mode == "topk":
             score = self._topk_score(layer_index, hidden_states, num_tokens, normed)
             tier_index = torch.zeros(num_tokens, dtype=torch.int64)

@@ -46,7 +46,9 @@ def test_device_step_decodes_and_routes_as_the_lean_loop(converted_factory, mode
     assert torch.equal(got_counts, counts)
     if routing[0] == "budget":
         assert counts[:, 1:].sum() > 0  # some tokens were routed up, so the branch was taken
-        torch.testing.assert_close(torch.tensor(got_rows), torch.tensor(rows), rtol=0, atol=1e-12)
+        # Budget thresholds are quantiles of recent scores, which the host (native float32
+        # features) and the device (float64 tensor ops) compute to about 1e-5.
+        torch.testing.assert_close(torch.tensor(got_rows), torch.tensor(rows), rtol=1e-4, atol=1e-6)
 
 
 def test_device_router_matches_the_host_score(converted_factory):
@@ -166,4 +168,4 @@ def test_device_step_decodes_a_layer_error_router_as_the_lean_loop(converted_fac
     got_tokens, got_counts, got_rows = _graph(tap, ids, new_tokens)
     assert got_tokens == tokens and torch.equal(got_counts, counts)
     assert counts[:, 1:].sum() > 0
-    torch.testing.assert_close(torch.tensor(got_rows), torch.tensor(rows), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(got_rows), torch.tensor(rows), rtol=1e-4, atol=1e-6)  # quantiles of scores

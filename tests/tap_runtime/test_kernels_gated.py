@@ -97,7 +97,7 @@ def test_graph_step_with_the_gated_kernel_decodes_as_the_lean_loop(cpu_interpret
     assert got_tokens == tokens
     assert torch.equal(got_counts, counts) and counts[:, 1:].sum() > 0
     if routing[0] == "budget":
-        torch.testing.assert_close(got_rows, rows, rtol=0, atol=1e-9)
+        torch.testing.assert_close(got_rows, rows, rtol=1e-4, atol=1e-6)  # quantiles of scores: see test_graph_decode
 
 
 def test_gated_step_needs_the_portable_planes(cpu_interpreter, converted_factory):

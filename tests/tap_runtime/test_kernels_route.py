@@ -50,7 +50,7 @@ def test_fused_decision_matches_the_tensor_ops(converted_factory, device, mode):
             got = fused.flags(layer, hidden, normed, as_int=True)
             routed += int(want[0])
             assert [int(f) for f in got] == [int(f) for f in want], (trial, layer)
-    torch.testing.assert_close(fused.thresholds, plain.thresholds, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fused.thresholds, plain.thresholds, rtol=1e-5, atol=1e-7)  # budget: quantiles of the scores
     assert torch.equal(fused.counts, plain.counts)
     assert 0 < routed < 24 * tap.router.num_layers  # both outcomes were exercised
 

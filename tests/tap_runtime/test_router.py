@@ -190,6 +190,48 @@ def test_budget_mode_holds_the_share_when_the_text_shifts():
     assert budget_share == pytest.approx(0.1, abs=0.03)
 
 
+def test_budget_mode_holds_the_share_over_a_short_generation_that_scores_lower_than_its_prompt():
+    """A model's own generation scores lower than the prompt it read (Qwen2.5-1.5B: 2.4% routed
+    over 128 tokens under the old fixed-step controller). The window of decode scores holds the
+    share from its tenth score on."""
+    router = _router(num_layers=1)
+    router.set_mode("budget", shares=(0.1,))
+    router.route_layer(0, _hidden(tokens=32, seed=3) * 4.0)  # prefill: exactly its top 10%
+    assert router.counts[0, 1].item() == round(0.1 * 32)
+    router.reset_counts()
+    generated = _hidden(tokens=128, seed=9) * 0.25  # log-rms down by log 16 against the prompt
+    routed = []
+    for t in range(128):
+        router.route_layer(0, generated[:, t : t + 1])
+        routed.append(router.layers[0].indices_for_plane(1) is ALL_TOKENS)
+    assert sum(routed[:10]) == 0  # the prompt's cut until the window holds 1 / share scores
+    assert sum(routed[10:]) / 118 == pytest.approx(0.1, abs=0.04)
+
+
+def test_budget_window_matches_numpy_quantile_and_its_limits():
+    from collections import deque
+
+    import numpy as np
+
+    from tap_runtime.budget import BUDGET_WINDOW, BudgetWindow, min_scores, window_quantile
+
+    scores = torch.randn(250, generator=torch.Generator().manual_seed(4)).tolist()
+    window = BudgetWindow((0.5, 0.7), (0.1, 0.025))
+    for score in scores:
+        window.add(score)
+    last = scores[-BUDGET_WINDOW:]
+    assert list(window.recent) == last and window.ordered == sorted(last)
+    assert window.thresholds == pytest.approx([np.quantile(last, 0.9), np.quantile(last, 0.975)], abs=1e-12)
+    assert window_quantile([1.0, 2.0], 0.0) == float("inf") and window_quantile([1.0, 2.0], 1.0) == float("-inf")
+    assert (min_scores(0.1), min_scores(0.025), min_scores(0.004)) == (10, 40, BUDGET_WINDOW)
+    fresh = BudgetWindow((0.5, 0.7), (0.1, 0.025))
+    for score in scores[:39]:
+        fresh.add(score)
+    assert fresh.thresholds[1] == 0.7  # 39 scores cannot rank a 2.5% share yet
+    fresh.replace(deque(scores[:150]))
+    assert fresh.thresholds == pytest.approx([np.quantile(scores[50:150], 0.9), np.quantile(scores[50:150], 0.975)])
+
+
 def test_modes_without_shares_use_the_fitted_shares_not_the_last_ones():
     router = _router(num_layers=1)
     router.set_mode("random", shares=(0.7,))
