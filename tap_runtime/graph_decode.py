@@ -36,7 +36,7 @@ from .kernels.gated import gated_kernel_available, gated_plane_add
 from .kernels.route import route_kernel_available, route_token
 from .layers import TapLinear
 from .rotation import rotate_input
-from .budget import BUDGET_WINDOW, min_scores
+from .budget import BUDGET_HORIZON, BUDGET_WINDOW, min_scores
 from .router import TokenRouter
 
 __all__ = [
@@ -168,18 +168,16 @@ class DeviceRouter:
         if self.mode == "budget":
             # The host router's BudgetWindow as a ring on the device: ``slot`` is the step's
             # write, ``filled`` how many decode scores it holds; empty slots hold +inf, so they
-            # sort last. budget.window_quantile's arithmetic, with the count as a tensor.
+            # sort last. budget.effective_share and window_quantile's arithmetic, as tensors.
             shares = router.random_shares
             self.window = torch.full((router.num_layers, BUDGET_WINDOW), math.inf, dtype=f64, device=device)
             self.slot = torch.zeros((), dtype=torch.int64, device=device)
             self.filled = torch.zeros((), dtype=torch.int64, device=device)
-            self.keep = torch.tensor([1.0 - s for s in shares], dtype=f64, device=device)
+            self.decoded = torch.zeros((), dtype=f64, device=device)
+            self.routed = torch.zeros(router.num_layers, len(shares), dtype=f64, device=device)
+            self.shares = torch.tensor(shares, dtype=f64, device=device)
             self.min_filled = torch.tensor([min_scores(s) for s in shares], dtype=torch.int64, device=device)
             self.fixed_share = torch.tensor([s <= 0.0 or s >= 1.0 for s in shares], device=device)
-            self.fixed_threshold = torch.tensor([math.inf if s <= 0.0 else -math.inf for s in shares], dtype=f64, device=device)
-            self.quantile_low = torch.zeros(len(shares), dtype=torch.int64, device=device)
-            self.quantile_high = torch.zeros(len(shares), dtype=torch.int64, device=device)
-            self.quantile_fraction = torch.zeros(len(shares), dtype=f64, device=device)
         self.slopes = dict(router._slopes)
         self.offsets = list(router._offsets)
         self.sketches = None
@@ -233,7 +231,7 @@ class DeviceRouter:
                 self.scores[layer], "hidden_norm" in self.slopes,
             )
             if self.mode == "budget":
-                self._take_score(layer, self.scores[layer])
+                self._take_score(layer, self.scores[layer], self.flag_buffer[layer])
             flags = list(self.flag_buffer[layer])
             return flags if as_int else [flag.to(torch.bool) for flag in flags]
         tier = self.tier_index(layer, hidden, normed)
@@ -251,6 +249,8 @@ class DeviceRouter:
             padded = [list(w.recent) + [math.inf] * (BUDGET_WINDOW - filled) for w in windows]  # oldest first
             self.window.copy_(torch.tensor(padded, dtype=torch.float64))
             self.filled.fill_(filled)
+            self.decoded.fill_(windows[0].decoded)
+            self.routed.copy_(torch.tensor([w.routed for w in windows], dtype=torch.float64))
             self.slot.fill_((filled - 1) % BUDGET_WINDOW)  # the next step writes after the newest
         self.counts.zero_()
 
@@ -260,34 +260,39 @@ class DeviceRouter:
             filled = int(self.filled)
             oldest = (int(self.slot) + 1) % BUDGET_WINDOW
             recent = torch.roll(self.window, -oldest, dims=1)[:, BUDGET_WINDOW - filled:].cpu().tolist()
-            for window, scores in zip(self.router._budget_windows, recent):
-                window.replace(scores)
+            decoded, routed = int(self.decoded), self.routed.cpu().tolist()
+            for window, scores, layer_routed in zip(self.router._budget_windows, recent, routed):
+                window.replace(scores, decoded, layer_routed)
         self.router._counts += self.counts.cpu()
         self.counts.zero_()
 
-    def _take_score(self, layer: int, score: torch.Tensor) -> None:
-        """BudgetWindow.add on the device: the score replaces the oldest, the thresholds follow."""
+    def _take_score(self, layer: int, score: torch.Tensor, routed: torch.Tensor) -> None:
+        """BudgetWindow.add on the device: the score replaces the oldest, the token's routed
+        flags (one per tier above the base) count, the thresholds follow."""
+        self.routed[layer] += routed.to(torch.float64)
         self.window[layer].index_copy_(0, self.slot.reshape(1), score.reshape(1).to(torch.float64))
         ordered = torch.sort(self.window[layer]).values
-        low = ordered.index_select(0, self.quantile_low)
-        high = ordered.index_select(0, self.quantile_high)
-        quantile = torch.where(self.fixed_share, self.fixed_threshold, low + self.quantile_fraction * (high - low))
+        asked = torch.clamp(self.shares + (self.shares * self.decoded - self.routed[layer]) / BUDGET_HORIZON, 0.0, 1.0)
+        asked = torch.where(self.fixed_share, self.shares, asked)
+        rank = (1.0 - asked) * (self.filled - 1).to(torch.float64)
+        low = torch.floor(rank).to(torch.int64)
+        high = torch.minimum(low + 1, self.filled - 1)
+        low_score, high_score = ordered.index_select(0, low), ordered.index_select(0, high)
+        quantile = low_score + (rank - low.to(torch.float64)) * (high_score - low_score)
+        quantile = torch.where(asked <= 0.0, math.inf, torch.where(asked >= 1.0, -math.inf, quantile))
         ready = self.filled >= self.min_filled
-        self.thresholds[layer].copy_(torch.where(ready, quantile, self.thresholds[layer]))
+        # Nested as BudgetWindow keeps them: a higher tier never asks less.
+        self.thresholds[layer].copy_(torch.cummax(torch.where(ready, quantile, self.thresholds[layer]), dim=0).values)
 
     # ----- per step -------------------------------------------------------------------------------
     def begin_step(self, token: torch.Tensor, position: torch.Tensor) -> None:
         """The layer-independent part of the score (TokenRouter._static_score_of, on the device)."""
         spec, norm, weights = self.router.spec, self.router.spec.normalisation, self.router._weights
         if self.mode == "budget":
-            # Every layer's score of this step goes to the same slot; the quantile's position
-            # depends only on how many scores the windows hold, so it is found once per step.
+            # Every layer's score of this step goes to the same slot.
             self.slot.add_(1).remainder_(BUDGET_WINDOW)
             self.filled.add_(1).clamp_(max=BUDGET_WINDOW)
-            rank = self.keep * (self.filled - 1).to(torch.float64)
-            self.quantile_low.copy_(torch.floor(rank).to(torch.int64))
-            self.quantile_high.copy_(torch.minimum(self.quantile_low + 1, self.filled - 1))
-            self.quantile_fraction.copy_(rank - self.quantile_low.to(torch.float64))
+            self.decoded.add_(1.0)
         score = self._static.fill_(float(spec.bias))
         if "position" in weights:
             stats = norm["position"]
@@ -322,7 +327,7 @@ class DeviceRouter:
             passed = score >= self.thresholds[layer]
             tier = passed.sum()
             if self.mode == "budget":
-                self._take_score(layer, score)
+                self._take_score(layer, score, tier > self.levels - 1)
         self.counts[layer].index_add_(0, tier.reshape(1), self._one)
         return tier
 
@@ -348,8 +353,7 @@ class DecodeStep:
     def state(self) -> list[torch.Tensor]:
         """Every buffer a step changes besides the cache (whose unread slots do not matter)."""
         router = self.router
-        budget = [router.window, router.slot, router.filled, router.quantile_low, router.quantile_high,
-                  router.quantile_fraction] if router.mode == "budget" else []
+        budget = [router.window, router.slot, router.filled, router.decoded, router.routed] if router.mode == "budget" else []
         return [self.token, self.position, self.picked, router.thresholds, router.counts, *budget]
 
     def _visible(self, window: int | None) -> torch.Tensor:

@@ -295,7 +295,7 @@ class TokenRouter:
             else:
                 window = self._budget_windows[layer_index]
                 tier_index = sum(score >= t for t in window.thresholds)
-                window.add(score)
+                window.add(score, tier_index)
             self._pending[layer_index][tier_index] += 1
             self._has_pending = True
             routing.plane_indices = [ALL_TOKENS if tier_index >= level else None for level in range(1, len(self.tiers))]
@@ -326,8 +326,9 @@ class TokenRouter:
                 window.set_cut(rows)
             tier_index = (score.unsqueeze(-1) >= torch.tensor(rows, dtype=score.dtype)).sum(dim=-1)
             if num_tokens < BUDGET_EXACT_MIN_TOKENS:
-                for value in score.reshape(-1).tolist():  # a few tokens at once: decode of a batch
-                    window.add(value)
+                # A few tokens at once: decode of a batch.
+                for value, tier in zip(score.reshape(-1).tolist(), tier_index.reshape(-1).tolist()):
+                    window.add(value, tier)
         elif self.mode == "topk":
             score = self._topk_score(layer_index, hidden_states, num_tokens, normed)
             tier_index = torch.zeros(num_tokens, dtype=torch.int64)

@@ -192,8 +192,8 @@ def test_budget_mode_holds_the_share_when_the_text_shifts():
 
 def test_budget_mode_holds_the_share_over_a_short_generation_that_scores_lower_than_its_prompt():
     """A model's own generation scores lower than the prompt it read (Qwen2.5-1.5B: 2.4% routed
-    over 128 tokens under the old fixed-step controller). The window of decode scores holds the
-    share from its tenth score on."""
+    over 128 tokens under the old fixed-step controller). The window of decode scores, with the
+    running deficit, holds the share from its tenth score on."""
     router = _router(num_layers=1)
     router.set_mode("budget", shares=(0.1,))
     router.route_layer(0, _hidden(tokens=32, seed=3) * 4.0)  # prefill: exactly its top 10%
@@ -208,28 +208,46 @@ def test_budget_mode_holds_the_share_over_a_short_generation_that_scores_lower_t
     assert sum(routed[10:]) / 118 == pytest.approx(0.1, abs=0.04)
 
 
-def test_budget_window_matches_numpy_quantile_and_its_limits():
-    from collections import deque
+def test_budget_mode_holds_the_share_while_decode_scores_keep_falling():
+    """A greedy repetition loop: each repeat scores a little lower than the last, so the newest
+    score sits below the window's quantile. The running deficit keeps the share."""
+    router = _router(num_layers=1)
+    router.set_mode("budget", shares=(0.1,))
+    router.route_layer(0, _hidden(tokens=32, seed=3))
+    router.reset_counts()
+    loop = _hidden(tokens=16, seed=5)
+    for t in range(256):  # the same 16 tokens again and again, each pass 3% smaller
+        router.route_layer(0, loop[:, t % 16 : t % 16 + 1] * 0.97 ** (t // 16))
+    assert router.counts[0, 1].item() / 256 == pytest.approx(0.1, abs=0.03)
 
+
+def test_budget_window_quantile_deficit_and_limits():
     import numpy as np
 
-    from tap_runtime.budget import BUDGET_WINDOW, BudgetWindow, min_scores, window_quantile
+    from tap_runtime.budget import BUDGET_HORIZON, BUDGET_WINDOW, BudgetWindow, effective_share, min_scores, window_quantile
 
-    scores = torch.randn(250, generator=torch.Generator().manual_seed(4)).tolist()
-    window = BudgetWindow((0.5, 0.7), (0.1, 0.025))
-    for score in scores:
-        window.add(score)
-    last = scores[-BUDGET_WINDOW:]
-    assert list(window.recent) == last and window.ordered == sorted(last)
-    assert window.thresholds == pytest.approx([np.quantile(last, 0.9), np.quantile(last, 0.975)], abs=1e-12)
+    scores = torch.randn(400, generator=torch.Generator().manual_seed(4)).tolist()
+    assert window_quantile(sorted(scores[:100]), 0.1) == pytest.approx(np.quantile(scores[:100], 0.9), abs=1e-12)
     assert window_quantile([1.0, 2.0], 0.0) == float("inf") and window_quantile([1.0, 2.0], 1.0) == float("-inf")
     assert (min_scores(0.1), min_scores(0.025), min_scores(0.004)) == (10, 40, BUDGET_WINDOW)
+    assert effective_share(0.1, 50, 2.0) == pytest.approx(0.1 + 3.0 / BUDGET_HORIZON)  # 3 tokens behind
+    assert effective_share(0.1, 10, 9.0) == 0.0 and effective_share(0.1, 400, 0.0) == 1.0  # within [0, 1]
+    window = BudgetWindow((0.5, 0.7), (0.1, 0.025))
+    for score in scores:  # decided as the router does: on the thresholds before the score
+        window.add(score, sum(score >= t for t in window.thresholds))
+    last = scores[-BUDGET_WINDOW:]
+    assert list(window.recent) == last and window.ordered == sorted(last) and window.decoded == 400
+    asked = [window_quantile(window.ordered, effective_share(s, window.decoded, window.routed[k])) for k, s in enumerate(window.shares)]
+    assert window.thresholds == [asked[0], max(asked)]  # nested: the top tier never asks less
+    assert window.routed[0] / 400 == pytest.approx(0.1, abs=0.02)
+    assert window.routed[1] / 400 == pytest.approx(0.025, abs=0.01)
     fresh = BudgetWindow((0.5, 0.7), (0.1, 0.025))
     for score in scores[:39]:
-        fresh.add(score)
+        fresh.add(score, 0)
     assert fresh.thresholds[1] == 0.7  # 39 scores cannot rank a 2.5% share yet
-    fresh.replace(deque(scores[:150]))
-    assert fresh.thresholds == pytest.approx([np.quantile(scores[50:150], 0.9), np.quantile(scores[50:150], 0.975)])
+    fresh.replace(scores[:150], 150, [15.0, 3.75])  # on budget: the window's plain quantiles
+    kept = scores[150 - BUDGET_WINDOW : 150]
+    assert fresh.thresholds == pytest.approx([np.quantile(kept, 0.9), np.quantile(kept, 0.975)])
 
 
 def test_modes_without_shares_use_the_fitted_shares_not_the_last_ones():
