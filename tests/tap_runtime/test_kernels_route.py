@@ -29,7 +29,8 @@ def device() -> torch.device:
 @pytest.mark.parametrize("mode", ["learned", "budget"])
 def test_fused_decision_matches_the_tensor_ops(converted_factory, device, mode):
     """Same score (to float32 rounding of the norms), tier, flags, budget thresholds and counts."""
-    tap = tap_runtime.load(converted_factory("llama"), device=device)
+    # The kernel reads the norm and the error sketch; a probe router keeps tensor ops (use_fused_kernel).
+    tap = tap_runtime.load(converted_factory("llama", router_target="layer_error"), device=device)
     tap.set_routing(mode)
     hidden_size = tap.model.config.hidden_size
     plain = DeviceRouter(tap.router, hidden_size, device)
@@ -56,7 +57,8 @@ def test_fused_decision_matches_the_tensor_ops(converted_factory, device, mode):
 
 
 def test_fused_scores_agree_with_the_host_router(converted_factory, device):
-    tap = tap_runtime.load(converted_factory("llama"), device=device)
+    # The kernel reads the norm and the error sketch; a probe router keeps tensor ops (use_fused_kernel).
+    tap = tap_runtime.load(converted_factory("llama", router_target="layer_error"), device=device)
     tap.set_routing("learned")
     router = DeviceRouter(tap.router, tap.model.config.hidden_size, device)
     router.use_fused_kernel()
