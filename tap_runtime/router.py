@@ -167,8 +167,9 @@ class TokenRouter:
         ``budget``: the learned score, with thresholds that keep each layer's share at the
         fitted shares (or ``shares``) on any text: a pass of many tokens (prefill) routes
         exactly its top share; a decode token is routed when its score reaches the top share of
-        the layer's last BUDGET_WINDOW scores (tap_runtime.budget), so the share holds even when
-        the text differs from the calibration text.
+        the layer's last BUDGET_WINDOW decode scores, a share that also makes up the sequence's
+        running deficit (tap_runtime.budget), so the share holds even when the text differs
+        from the calibration text.
         """
         if mode not in ROUTING_MODES:
             raise InvalidConfigError(f"routing mode {mode!r} is unknown; expected one of {list(ROUTING_MODES)}.")
