@@ -1,7 +1,8 @@
 """Hooks that run calibration windows through a model and record what TAP needs.
 
 Pass 1 (:func:`collect_input_stats`) records each linear layer's input second moment, batch by
-batch. Pass 2 (:func:`collect_token_signals`) records, per token and decoder layer, the
+batch; :func:`collect_layer_moments` gathers those of layers too wide to hold all at once, a
+decoder layer at a time. Pass 2 (:func:`collect_token_signals`) records, per token and decoder layer, the
 importance signals, the loss gradient, and the error the layer makes when its linears run on the
 base tier alone: right after each layer runs in full precision, a hook runs it again on the same
 inputs with base-tier weights and compares.
@@ -26,12 +27,14 @@ from .stats import ChannelMeanSquare, InputSecondMoment
 __all__ = [
     "TokenSignals",
     "collect_input_stats",
+    "collect_layer_moments",
     "collect_token_signals",
     "base_model",
     "MAX_HESSIAN_FEATURES",
 ]
 
-# Above this width a full (in, in) Hessian costs too much memory; such layers keep the diagonal.
+# Above this width pass 1 keeps only the diagonal: a full (in, in) Hessian for every such layer
+# at once costs too much memory; collect_layer_moments gathers them one layer at a time.
 MAX_HESSIAN_FEATURES = 4096
 
 
@@ -49,6 +52,39 @@ def _hooks(handles: list) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def _accumulate_inputs(
+    sites: list[LinearSite], stats: dict[str, ChannelMeanSquare], make: Callable[[LinearSite], ChannelMeanSquare]
+) -> Iterator[None]:
+    """Feed each site's inputs into ``stats[site.name]`` (made by ``make``) while the block runs.
+
+    Sites called one after another with the very same tensor object (q/k/v, gate/up) share one
+    accumulator, which is fed once per call of the group.
+    """
+    # The previous call's input is held, so an identity match cannot be a reused address.
+    previous: dict[str, object] = {"input": None, "accumulator": None, "site": None}
+
+    def record(site: LinearSite) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs = args[0]
+            shared = inputs is previous["input"] and previous["site"].layer_index == site.layer_index
+            if site.name not in stats:
+                stats[site.name] = previous["accumulator"] if shared else make(site)
+            accumulator = stats[site.name]
+            if not (shared and accumulator is previous["accumulator"]):
+                accumulator.add_batch(inputs)
+            previous.update(input=inputs, accumulator=accumulator, site=site)
+
+        return hook
+
+    handles = [site.module.register_forward_pre_hook(record(site)) for site in sites]
+    try:
+        with _hooks(handles):
+            yield
+    finally:
+        previous.clear()
+
+
 @torch.inference_mode()
 def collect_input_stats(
     model: nn.Module,
@@ -58,44 +94,113 @@ def collect_input_stats(
     progress: bool = True,
     hessians: bool = True,
     output_moment: InputSecondMoment | None = None,
+    max_hessian_features: int = MAX_HESSIAN_FEATURES,
 ) -> dict[str, ChannelMeanSquare]:
     """Input statistics of every site over all ``windows`` (num, seq_len).
 
-    With ``hessians``, sites up to MAX_HESSIAN_FEATURES wide get an :class:`InputSecondMoment`.
-    Sites called one after another with the very same tensor object (q/k/v, gate/up) share one
-    accumulator, which is fed once per call of the group. ``output_moment``, when given, is fed
-    the decoder's final hidden states: the output head's input, for its error compensation.
+    With ``hessians``, sites up to ``max_hessian_features`` wide get an :class:`InputSecondMoment`,
+    wider ones the diagonal only (:func:`collect_layer_moments` gathers theirs a layer at a time).
+    Sites fed the same tensor share one accumulator. ``output_moment``, when given, is fed the
+    decoder's final hidden states: the output head's input, for its error compensation.
     """
     stats: dict[str, ChannelMeanSquare] = {}
-    # The previous call's input is held, so an identity match cannot be a reused address.
-    previous: dict[str, object] = {"input": None, "accumulator": None, "site": None}
 
-    def record(site: LinearSite) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            inputs = args[0]
-            shared = inputs is previous["input"] and previous["site"].layer_index == site.layer_index
-            if site.name not in stats:
-                if shared:
-                    stats[site.name] = previous["accumulator"]
-                else:
-                    full = hessians and site.in_features <= MAX_HESSIAN_FEATURES
-                    stats[site.name] = (InputSecondMoment if full else ChannelMeanSquare)(site.in_features)
-            accumulator = stats[site.name]
-            if not (shared and accumulator is previous["accumulator"]):
-                accumulator.add_batch(inputs)
-            previous.update(input=inputs, accumulator=accumulator, site=site)
+    def make(site: LinearSite) -> ChannelMeanSquare:
+        full = hessians and site.in_features <= max_hessian_features
+        return (InputSecondMoment if full else ChannelMeanSquare)(site.in_features)
 
-        return hook
-
-    handles = [site.module.register_forward_pre_hook(record(site)) for site in sites]
     decoder = base_model(model)
-    with _hooks(handles):
+    with _accumulate_inputs(sites, stats, make):
         for batch in tqdm(windows.split(batch_size), desc="calibration pass 1/2: activation statistics", disable=not progress):
             outputs = decoder(input_ids=batch, use_cache=False)
             if output_moment is not None:
                 output_moment.add_batch(outputs.last_hidden_state)
-    previous.clear()
     return stats
+
+
+def _record_layer_calls(
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """Per batch, the first decoder layer's hidden-state input; per layer and batch, the other
+    arguments the model calls that layer with (masks, rotary tables: shared objects, kept by reference).
+
+    Every layer is replaced by the identity meanwhile, so the recording pass costs only the
+    embedding lookup and whatever the model computes once before its layers.
+    """
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def recorder(index: int) -> Callable:
+        def forward(*args, **kwargs):
+            if args:
+                states, rest = args[0], args[1:]
+            else:
+                states, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                hidden.append(states)
+            calls[index].append((rest, kwargs))
+            return states
+
+        return forward
+
+    try:
+        for index, layer in enumerate(layers):
+            layer.forward = recorder(index)  # an instance attribute shadows the class's forward
+        decoder = base_model(model)
+        for batch in windows.split(batch_size):
+            decoder(input_ids=batch, use_cache=False)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    return hidden, calls
+
+
+@torch.inference_mode()
+def collect_layer_moments(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    sites: list[LinearSite],
+    windows: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+    first_position: Callable[[LinearSite], bool] = lambda site: True,
+) -> Iterator[tuple[LinearSite, InputSecondMoment]]:
+    """The full input second moment of each of ``sites``, one decoder layer at a time, in model order.
+
+    For linears too wide for every layer's (in, in) moment to be held at once: Qwen2.5-1.5B's
+    down projections read 8,960 features, 642 MB each in float64, 18 GB for its 28 layers. The
+    first layer's inputs and every layer's call arguments are recorded once; then the layers run
+    in turn on the cached hidden states (full precision, as pass 1 sees them), as GPTQ's
+    reference code runs them, and a layer's moments are handed out before the next layer runs,
+    so a consumer that drops them holds one layer's at a time. Sites fed the same tensor share
+    one moment. ``first_position(site)``: whether the site's moment keeps the window starts apart
+    (:meth:`InputSecondMoment.hessian_with_first_weighted`).
+    """
+    by_layer: dict[int, list[LinearSite]] = {}
+    for site in sites:
+        by_layer.setdefault(site.layer_index, []).append(site)
+    if not by_layer:
+        return
+    layers = decoder_layers(model, spec)
+    last = max(by_layer)
+    hidden, calls = _record_layer_calls(model, layers, windows, batch_size)
+    bar = tqdm(
+        total=(last + 1) * len(hidden), desc="calibration: wide layers' Hessians, layer by layer", disable=not progress
+    )
+    try:
+        for index in range(last + 1):
+            stats: dict[str, ChannelMeanSquare] = {}
+            make = lambda site: InputSecondMoment(site.in_features, first_position=first_position(site))  # noqa: E731
+            with _accumulate_inputs(by_layer.get(index, []), stats, make):
+                for batch, (args, kwargs) in enumerate(calls[index]):
+                    output = layers[index](hidden[batch], *args, **kwargs)
+                    hidden[batch] = output[0] if isinstance(output, tuple) else output
+                    bar.update(1)
+            for site in by_layer.get(index, []):
+                yield site, stats[site.name]
+            del stats
+    finally:
+        bar.close()
 
 
 def _swap_weights(sites: list[LinearSite], data: dict[str, torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:

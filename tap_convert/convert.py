@@ -5,6 +5,7 @@ Each step lives in its own module; this one only sequences them and records prov
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, collect_token_signals
+from calibration.capture import MAX_HESSIAN_FEATURES, collect_input_stats, collect_layer_moments, collect_token_signals
 from calibration.data import load_calibration_text, make_windows, tokenize_text
 from calibration.probe import add_sensitivity, fit_sensitivity_probes
 from calibration.stats import InputSecondMoment, token_log_frequency
@@ -249,7 +250,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         head_moment = InputSecondMoment(head[1].weight.shape[1])  # the head's input: final hidden states
     stats = collect_input_stats(
         model, quantized_sites, windows, options.batch_size, progress=options.progress, hessians=options.method == "gptq",
-        output_moment=head_moment,
+        output_moment=head_moment, max_hessian_features=MAX_HESSIAN_FEATURES,
     )
     timings["pass1_seconds"] = time.perf_counter() - tick
 
@@ -269,8 +270,22 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
     tick = time.perf_counter()
     planes = {}
     policies: dict[str, LinearPolicy] = {}
-    for site in tqdm(quantized_sites, desc="quantizing planes", disable=not options.progress):
-        site_stats = stats[site.name]
+    # Sites pass 1 kept only the diagonal of (too wide for every layer's Hessian at once) get
+    # theirs gathered and used one decoder layer at a time, after the others.
+    wide_sites = [
+        site for site in quantized_sites if options.method == "gptq" and not isinstance(stats[site.name], InputSecondMoment)
+    ]
+    wide_names = {site.name for site in wide_sites}
+    site_moments = itertools.chain(
+        ((site, stats[site.name]) for site in quantized_sites if site.name not in wide_names),
+        collect_layer_moments(
+            model, spec, wide_sites, windows, options.batch_size, progress=options.progress,
+            first_position=lambda site: options.sink_weighting and is_key_value_projection(site, spec),
+        ),
+    )
+    for site, site_stats in tqdm(
+        site_moments, total=len(quantized_sites), desc="quantizing planes", disable=not options.progress
+    ):
         full = isinstance(site_stats, InputSecondMoment)
         sink_weight = windows.shape[1] if full and options.sink_weighting and is_key_value_projection(site, spec) else None
         if sink_weight:
@@ -314,11 +329,17 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             method=method,
             sensitivity=sensitivity,
             reason=f"base plane {scheme}: {scheme_reason}"
-            + (f"; first token weighted x{sink_weight} in the Hessian (attention sink)" if sink_weight else ""),
+            + (f"; first token weighted x{sink_weight} in the Hessian (attention sink)" if sink_weight else "")
+            + (f"; Hessian gathered layer by layer ({site.in_features} > {MAX_HESSIAN_FEATURES} inputs)" if site.name in wide_names else ""),
             scheme=scheme,
             scheme_errors={k: round(v, 8) for k, v in errors.items()},
             input_rotation=rotation,
         )
+    site_stats = second_moment = None  # the last site's Hessian is not held into pass 2
+    policies = {site.name: policies[site.name] for site in quantized_sites}  # model order, wide sites included
+    for site_stats in stats.values():
+        if isinstance(site_stats, InputSecondMoment):
+            site_stats.release()  # pass 2 needs only their diagonals (Qwen2.5-1.5B: 3.2 GB freed)
     shares = tier_shares(tuple(options.tiers), options.high_precision_share)
     if options.target_bits is not None:
         policies = allocate_min_tiers(policies, shares, options.target_bits)

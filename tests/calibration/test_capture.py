@@ -1,12 +1,14 @@
-"""The router-signal pass on tiny real models: every signal against a direct computation, the
-gradients' shapes and finiteness, and weights and settings left untouched."""
+"""The calibration passes on tiny real models: every router signal against a direct computation,
+the gradients' shapes and finiteness, weights and settings left untouched, and the layer-by-layer
+Hessians against the whole-model pass."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calibration.capture import collect_token_signals
+from calibration.capture import collect_input_stats, collect_layer_moments, collect_token_signals
 from tap_runtime.architectures import get_architecture
-from tap_runtime.modeling import iter_linear_sites, linear_weight
+from tap_runtime.modeling import decoder_layers, iter_linear_sites, linear_weight
 
 
 def _coarse(site):
@@ -131,3 +133,60 @@ def test_the_base_tier_pass_takes_the_kl_gradient_at_the_base_model(tiny_model_f
         handle.remove()
     error = (full["h"] - captured["h"].detach())[0]
     torch.testing.assert_close(result.base_error[0, 1], error.norm(dim=-1), rtol=1e-3, atol=1e-4)
+
+
+def _mixed_gemma3() -> torch.nn.Module:
+    """A gemma-3 whose two layers differ in mask and rotary table (sliding, then full attention)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma3_text", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_layer_by_layer_moments_equal_the_whole_model_pass(model_type, tiny_model_factory):
+    """Replaying recorded layer calls on cached hidden states gives pass 1's very Hessians, with
+    the same sharing (q/k/v one moment), for every layer kind: gemma's sliding and full layers
+    take different masks and rotary tables, and windows longer than its window of 8 tell them apart."""
+    if model_type == "gemma3_text":
+        model = _mixed_gemma3()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(model_type)), dtype=torch.float32).eval()
+    spec = get_architecture(model_type)
+    sites = list(iter_linear_sites(model, spec))
+    windows = torch.randint(3, 320, (5, 24), generator=torch.Generator().manual_seed(3))
+    whole = collect_input_stats(model, sites, windows, batch_size=2, progress=False)
+    replayed = {site.name: moment for site, moment in collect_layer_moments(model, spec, sites, windows, 2, progress=False)}
+    assert list(replayed) == [site.name for site in sites]
+    for site in sites:
+        assert replayed[site.name].num_tokens == 5 * 24
+        torch.testing.assert_close(replayed[site.name].hessian, whole[site.name].hessian, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(replayed[site.name].hessian_with_first_weighted(24), whole[site.name].hessian_with_first_weighted(24))
+        shares = [other.name for other in sites if whole[other.name] is whole[site.name]]
+        assert [other.name for other in sites if replayed[other.name] is replayed[site.name]] == shares
+    # The layers' own forward is back: the model gives what it gave before.
+    assert not any("forward" in vars(layer) for layer in decoder_layers(model, spec))
+    again = collect_input_stats(model, sites, windows, batch_size=2, progress=False)
+    torch.testing.assert_close(again[sites[-1].name].hessian, whole[sites[-1].name].hessian)
+
+
+def test_layer_moments_are_handed_out_before_the_next_layer_runs(tiny_model_factory):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("qwen2")), dtype=torch.float32).eval()
+    spec = get_architecture("qwen2")
+    down = [site for site in iter_linear_sites(model, spec) if site.name.endswith("down_proj")]
+    runs = [0, 0]
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        layer.register_forward_hook(lambda module, args, output, index=index: runs.__setitem__(index, runs[index] + 1))
+    windows = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(4))
+    seen = []
+    for site, moment in collect_layer_moments(model, spec, down, windows, 2, progress=False, first_position=lambda s: False):
+        seen.append((site.layer_index, list(runs)))
+        assert moment.sum_outer_first is None and moment.hessian.shape == (128, 128)
+    # The recording pass calls every layer once per batch (as the identity): two calls each.
+    # Layer 0's moment arrives after its two batches ran and before layer 1 ran for real.
+    assert seen == [(0, [4, 2]), (1, [4, 4])]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from calibration.stats import ChannelMeanSquare, InputSecondMoment, symmetric_gram, token_log_frequency
@@ -62,3 +63,21 @@ def test_second_moment_hessian_is_the_mean_outer_product():
         moment.add_batch(batch)
     flat = torch.cat([b.reshape(-1, 300) for b in batches]).double()
     torch.testing.assert_close(moment.hessian.double(), flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_moment_without_first_positions_or_released_says_so():
+    inputs = torch.randn(2, 6, 4)
+    lean, full = InputSecondMoment(4, first_position=False), InputSecondMoment(4)
+    lean.add_batch(inputs)
+    full.add_batch(inputs)
+    assert lean.sum_outer_first is None
+    assert torch.equal(lean.hessian, full.hessian)
+    with pytest.raises(RuntimeError, match="without first_position"):
+        lean.hessian_with_first_weighted(6)
+    full.release()
+    assert full.sum_outer is None and full.sum_outer_first is None
+    assert torch.allclose(full.mean_square, inputs.reshape(-1, 4).pow(2).mean(dim=0))  # the diagonal stays
+    with pytest.raises(RuntimeError, match="released"):
+        full.hessian
+    with pytest.raises(RuntimeError, match="released"):
+        full.add_batch(inputs)

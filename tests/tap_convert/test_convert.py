@@ -1,3 +1,4 @@
+import importlib
 import json
 import re
 
@@ -77,6 +78,32 @@ def test_key_and_value_projections_weight_the_first_token(converted_factory, tin
     off = convert(str(tiny_model_factory("llama")), tmp_path / "off", options)
     assert off.calibration.extra["sink_weight"] is None
     assert not any("first token" in p.reason for p in off.linear.values())
+
+
+def test_layers_too_wide_for_pass_one_get_gptq_from_layer_by_layer_hessians(
+    converted_factory, tiny_model_factory, calibration_text_file, tmp_path, monkeypatch
+):
+    """With the width limit at 64, the down projections (128 inputs) have only a diagonal after
+    pass 1; their Hessians, gathered a layer at a time, give the very planes of the default run."""
+    convert_module = importlib.import_module("tap_convert.convert")  # the package exports a function of that name
+
+    default_dir = converted_factory("llama")
+    default = RoutingTable.from_json(default_dir / ROUTING_FILE)
+    monkeypatch.setattr(convert_module, "MAX_HESSIAN_FEATURES", 64)
+    options = ConvertOptions(calib=str(calibration_text_file), tiers=(4, 8), group_size=32, **FAST_CONVERT)
+    wide = convert(str(tiny_model_factory("llama")), tmp_path / "wide", options)
+    assert list(wide.linear) == list(default.linear)
+    assert all(policy.method == "gptq" for policy in wide.linear.values())
+    for name, policy in wide.linear.items():
+        assert ("Hessian gathered layer by layer (128 > 64 inputs)" in policy.reason) == name.endswith("down_proj"), name
+    assert [shard.file_name for shard in wide.shards] == [shard.file_name for shard in default.shards]
+    for shard in default.shards:
+        with safe_open(str(default_dir / shard.file_name), "pt") as before, safe_open(
+            str(tmp_path / "wide" / shard.file_name), "pt"
+        ) as after:
+            assert sorted(after.keys()) == sorted(before.keys())
+            for name in before.keys():
+                assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
 
 
 def test_gptq_order_is_recorded_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
