@@ -1,6 +1,7 @@
 import importlib
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -84,14 +85,21 @@ def test_layers_too_wide_for_pass_one_get_gptq_from_layer_by_layer_hessians(
     converted_factory, tiny_model_factory, calibration_text_file, tmp_path, monkeypatch
 ):
     """With the width limit at 64, the down projections (128 inputs) have only a diagonal after
-    pass 1; their Hessians, gathered a layer at a time, give the very planes of the default run."""
+    pass 1; with --gptq-wide-layers their Hessians, gathered a layer at a time, give the very
+    planes of a run whose pass 1 held them all."""
     convert_module = importlib.import_module("tap_convert.convert")  # the package exports a function of that name
 
     default_dir = converted_factory("llama")
     default = RoutingTable.from_json(default_dir / ROUTING_FILE)
     monkeypatch.setattr(convert_module, "MAX_HESSIAN_FEATURES", 64)
     options = ConvertOptions(calib=str(calibration_text_file), tiers=(4, 8), group_size=32, **FAST_CONVERT)
+    # Off by default: the wide layers are rounded to nearest.
+    plain = convert(str(tiny_model_factory("llama")), tmp_path / "plain", options)
+    assert plain.calibration.extra["gptq_wide_layers"] is False
+    assert {n: p.method for n, p in plain.linear.items()} == {n: "rtn" if n.endswith("down_proj") else "gptq" for n in plain.linear}
+    options = replace(options, gptq_wide_layers=True)
     wide = convert(str(tiny_model_factory("llama")), tmp_path / "wide", options)
+    assert wide.calibration.extra["gptq_wide_layers"] is True
     assert list(wide.linear) == list(default.linear)
     assert all(policy.method == "gptq" for policy in wide.linear.values())
     for name, policy in wide.linear.items():
