@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPTQ also for linears wider than 4,096 inputs, their Hessians gathered one decoder layer "
                         "at a time (default: round to nearest for those; on Qwen2.5-1.5B with 32 calibration windows "
                         "GPTQ there raised the base tier's KL 5.6%%, README)")
+    parser.add_argument("--gptq-wide-damping", type=float, default=defaults.gptq_wide_damping,
+                        help="GPTQ's damping for those wide linears (default: --gptq-damping)")
     parser.add_argument("--rotation", choices=list(ROTATIONS), default=defaults.rotation,
                         help="hadamard (default): quantize each linear's weight times a block Hadamard rotation of its "
                         "input, which spreads outlier weights over their group; none: the weight itself (ablation)")
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         gptq_refit_rounds=args.gptq_refit_rounds,
         gptq_descent_sweeps=args.gptq_descent_sweeps,
         gptq_wide_layers=args.gptq_wide_layers,
+        gptq_wide_damping=args.gptq_wide_damping,
         head_damping=args.head_damping,
         rotation=args.rotation,
         scale_bits=args.scale_bits,

@@ -103,6 +103,10 @@ class ConvertOptions:
     # projections (8,960 inputs, 16k calibration tokens) it cut their calibration output error to
     # 0.31x, yet raised the base tier's held-out KL 5.6% and tier 8's 23% (README, Qwen section).
     gptq_wide_layers: bool = False
+    # GPTQ's damping for those wide linears (None: gptq_damping). On 16k calibration tokens for
+    # 8,960 inputs, 0.01 fits the calibration text; 1.0 gave the lowest held-out and other-domain
+    # output error of 0.01 / 0.1 / 1 on two of Qwen's down projections (scripts/bench_wide_gptq.py).
+    gptq_wide_damping: float | None = None
     # The same for the output head's 8-bit rows (a tied embedding stores those rows too).
     head_damping: float = ROW_DAMPING
     # "hadamard": quantize W H, each linear's weight times a block Hadamard rotation of its input
@@ -141,7 +145,10 @@ class ConvertOptions:
             raise InvalidConfigError(f"--scheme {self.scheme!r} is unknown; expected one of {list(SCHEME_CHOICES)}.")
         if self.gptq_order not in GPTQ_ORDERS:
             raise InvalidConfigError(f"--gptq-order {self.gptq_order!r} is unknown; expected one of {list(GPTQ_ORDERS)}.")
-        for flag, damping in (("--gptq-damping", self.gptq_damping), ("--head-damping", self.head_damping)):
+        dampings = (("--gptq-damping", self.gptq_damping), ("--head-damping", self.head_damping))
+        if self.gptq_wide_damping is not None:
+            dampings += (("--gptq-wide-damping", self.gptq_wide_damping),)
+        for flag, damping in dampings:
             if not 0.0 < damping <= 100.0:
                 raise InvalidConfigError(f"{flag} must be in (0, 100]; got {damping}.")
         for flag, count in (("--gptq-refit-rounds", self.gptq_refit_rounds), ("--gptq-descent-sweeps", self.gptq_descent_sweeps)):
@@ -313,8 +320,9 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
         )
         if options.method == "gptq" and full:
             method = "gptq"
+            wide_damping = options.gptq_wide_damping if site.name in wide_names else None
             planes[site.name] = gptq_tiers(
-                weight, specs, second_moment, options.gptq_order, options.gptq_damping,
+                weight, specs, second_moment, options.gptq_order, options.gptq_damping if wide_damping is None else wide_damping,
                 options.gptq_refit_rounds, options.gptq_descent_sweeps,
             )
         else:
@@ -432,6 +440,7 @@ def convert(model_name_or_path: str, out_dir: str | Path, options: ConvertOption
             "gptq_refit_rounds": options.gptq_refit_rounds if options.method == "gptq" else None,
             "gptq_descent_sweeps": options.gptq_descent_sweeps if options.method == "gptq" else None,
             "gptq_wide_layers": options.gptq_wide_layers if options.method == "gptq" else None,
+            "gptq_wide_damping": options.gptq_wide_damping if options.method == "gptq" and options.gptq_wide_layers else None,
             "head_damping": options.head_damping if head_moment is not None else None,
             "rotation": options.rotation,
             "base_levels": options.base_levels,

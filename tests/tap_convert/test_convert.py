@@ -112,6 +112,17 @@ def test_layers_too_wide_for_pass_one_get_gptq_from_layer_by_layer_hessians(
             assert sorted(after.keys()) == sorted(before.keys())
             for name in before.keys():
                 assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
+    # Their own damping changes their planes, and only theirs.
+    damped = convert(str(tiny_model_factory("llama")), tmp_path / "damped", replace(options, gptq_wide_damping=1.0))
+    assert damped.calibration.extra["gptq_wide_damping"] == 1.0 and wide.calibration.extra["gptq_wide_damping"] is None
+    with safe_open(str(tmp_path / "wide" / wide.shards[0].file_name), "pt") as light, safe_open(
+        str(tmp_path / "damped" / damped.shards[0].file_name), "pt"
+    ) as heavy:
+        for name in wide.linear:
+            codes = plane_tensor_name(name, 0, "qweight")
+            assert torch.equal(light.get_tensor(codes), heavy.get_tensor(codes)) != name.endswith("down_proj"), name
+    with pytest.raises(InvalidConfigError, match=r"--gptq-wide-damping must be in \(0, 100\]"):
+        ConvertOptions(gptq_wide_damping=0.0).validate()
 
 
 def test_gptq_order_is_recorded_and_validated(converted_factory, tiny_model_factory, calibration_text_file, tmp_path):
