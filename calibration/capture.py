@@ -118,7 +118,7 @@ def collect_input_stats(
     return stats
 
 
-def _record_layer_calls(
+def record_layer_calls(
     model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """Per batch, the first decoder layer's hidden-state input; per layer and batch, the other
@@ -183,7 +183,7 @@ def collect_layer_moments(
         return
     layers = decoder_layers(model, spec)
     last = max(by_layer)
-    hidden, calls = _record_layer_calls(model, layers, windows, batch_size)
+    hidden, calls = record_layer_calls(model, layers, windows, batch_size)
     bar = tqdm(
         total=(last + 1) * len(hidden), desc="calibration: wide layers' Hessians, layer by layer", disable=not progress
     )

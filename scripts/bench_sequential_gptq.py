@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench_common import environment, eval_windows, fp32_references, heldout_text, plane_swap_setup, set_threads, tap_quality
-from calibration.capture import base_model
+from calibration.capture import record_layer_calls
 from tap_convert.gptq import gptq_plane, gptq_tiers
 from tap_runtime.modeling import decoder_layers, iter_linear_sites
 from tap_runtime.planes import dequantize_plane
@@ -72,42 +72,17 @@ class _Moments:
 
 
 def _layer_inputs(model, layers, windows: torch.Tensor, batch_size: int):
-    """The first decoder layer's input for every window, and each layer's call kwargs (one batch's:
-    every batch has the same shape, so position embeddings and masks are the same)."""
-    kwargs_of: dict[int, dict] = {}
-    inputs: list[torch.Tensor] = []
-
-    def keep_kwargs(index):
-        def hook(module, args, kwargs):
-            if len(args) > 1:
-                raise SystemExit(f"decoder layer {index} takes {len(args)} positional arguments; this script passes one")
-            kwargs_of.setdefault(index, dict(kwargs))
-
-        return hook
-
-    def keep_input(module, args, kwargs):
-        inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-        raise _Stop
-
+    """The first decoder layer's input for every window, and each layer's call kwargs (the first
+    batch's: every batch has the same shape, so position embeddings and masks are the same)."""
     with torch.inference_mode():
-        handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        try:
-            base_model(model)(input_ids=windows[:batch_size], use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        handle = layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
-        try:
-            for batch in windows.split(batch_size):
-                try:
-                    base_model(model)(input_ids=batch, use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-    for kwargs in kwargs_of.values():
-        kwargs.pop("hidden_states", None)
-    return torch.cat(inputs), kwargs_of
+        hidden, calls = record_layer_calls(model, layers, windows, batch_size)
+    kwargs_of: dict[int, dict] = {}
+    for index, layer_calls in enumerate(calls):
+        args, kwargs = layer_calls[0]
+        if args:
+            raise SystemExit(f"decoder layer {index} takes {len(args) + 1} positional arguments; this script passes one")
+        kwargs_of[index] = kwargs
+    return torch.cat(hidden), kwargs_of
 
 
 def _run_layer(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
