@@ -67,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-damping", type=float, default=defaults.head_damping,
                         help="the same for the output head's 8-bit rows, which a tied embedding shares "
                         f"(default {defaults.head_damping})")
-    parser.add_argument("--gptq-wide-layers", action="store_true", default=defaults.gptq_wide_layers,
+    parser.add_argument("--gptq-wide-layers", action=argparse.BooleanOptionalAction, default=defaults.gptq_wide_layers,
                         help="GPTQ also for linears wider than 4,096 inputs, their Hessians gathered one decoder layer "
-                        "at a time (default: round to nearest for those; on Qwen2.5-1.5B with 32 calibration windows "
-                        "GPTQ there raised the base tier's KL 5.6%%, README)")
+                        "at a time (default; --no-gptq-wide-layers: round to nearest there, which is faster: Qwen2.5-1.5B "
+                        "converted in 48 min instead of 61 here, README)")
     parser.add_argument("--gptq-wide-damping", type=float, default=defaults.gptq_wide_damping,
-                        help="GPTQ's damping for those wide linears (default: --gptq-damping)")
+                        help=f"GPTQ's damping for those wide linears (default {defaults.gptq_wide_damping}: with few "
+                        "calibration tokens per input, a light damping fits the calibration text, README)")
     parser.add_argument("--rotation", choices=list(ROTATIONS), default=defaults.rotation,
                         help="hadamard (default): quantize each linear's weight times a block Hadamard rotation of its "
                         "input, which spreads outlier weights over their group; none: the weight itself (ablation)")

@@ -53,10 +53,10 @@ def test_parser_defaults_are_the_documented_ones():
     assert build_parser().parse_args(["model", "--out", "o", "--gptq-refit-rounds", "2"]).gptq_refit_rounds == 2
     assert args.gptq_descent_sweeps == ConvertOptions().gptq_descent_sweeps
     assert build_parser().parse_args(["model", "--out", "o", "--gptq-descent-sweeps", "3"]).gptq_descent_sweeps == 3
-    assert args.gptq_wide_layers is ConvertOptions().gptq_wide_layers is False
-    assert build_parser().parse_args(["model", "--out", "o", "--gptq-wide-layers"]).gptq_wide_layers is True
-    assert args.gptq_wide_damping is ConvertOptions().gptq_wide_damping is None
-    assert build_parser().parse_args(["model", "--out", "o", "--gptq-wide-damping", "1"]).gptq_wide_damping == 1.0
+    assert args.gptq_wide_layers is ConvertOptions().gptq_wide_layers is True
+    assert build_parser().parse_args(["model", "--out", "o", "--no-gptq-wide-layers"]).gptq_wide_layers is False
+    assert args.gptq_wide_damping == ConvertOptions().gptq_wide_damping == 1.0
+    assert build_parser().parse_args(["model", "--out", "o", "--gptq-wide-damping", "0.1"]).gptq_wide_damping == 0.1
     assert args.head_damping == ConvertOptions().head_damping
     assert build_parser().parse_args(["model", "--out", "o", "--head-damping", "0.3"]).head_damping == 0.3
     assert args.rotation == "hadamard"

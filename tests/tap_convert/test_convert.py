@@ -85,20 +85,22 @@ def test_layers_too_wide_for_pass_one_get_gptq_from_layer_by_layer_hessians(
     converted_factory, tiny_model_factory, calibration_text_file, tmp_path, monkeypatch
 ):
     """With the width limit at 64, the down projections (128 inputs) have only a diagonal after
-    pass 1; with --gptq-wide-layers their Hessians, gathered a layer at a time, give the very
-    planes of a run whose pass 1 held them all."""
+    pass 1; with --gptq-wide-layers (the default) their Hessians, gathered a layer at a time, give
+    the very planes of a run whose pass 1 held them all, at the same damping."""
     convert_module = importlib.import_module("tap_convert.convert")  # the package exports a function of that name
 
     default_dir = converted_factory("llama")
     default = RoutingTable.from_json(default_dir / ROUTING_FILE)
     monkeypatch.setattr(convert_module, "MAX_HESSIAN_FEATURES", 64)
     options = ConvertOptions(calib=str(calibration_text_file), tiers=(4, 8), group_size=32, **FAST_CONVERT)
-    # Off by default: the wide layers are rounded to nearest.
-    plain = convert(str(tiny_model_factory("llama")), tmp_path / "plain", options)
+    assert options.gptq_wide_layers is True and options.gptq_wide_damping == 1.0
+    # Off: the wide layers are rounded to nearest.
+    plain = convert(str(tiny_model_factory("llama")), tmp_path / "plain", replace(options, gptq_wide_layers=False))
     assert plain.calibration.extra["gptq_wide_layers"] is False
+    assert plain.calibration.extra["gptq_wide_damping"] is None
     assert {n: p.method for n, p in plain.linear.items()} == {n: "rtn" if n.endswith("down_proj") else "gptq" for n in plain.linear}
-    options = replace(options, gptq_wide_layers=True)
-    wide = convert(str(tiny_model_factory("llama")), tmp_path / "wide", options)
+    # On, at the other layers' damping: the planes of the run that held every Hessian in pass 1.
+    wide = convert(str(tiny_model_factory("llama")), tmp_path / "wide", replace(options, gptq_wide_damping=None))
     assert wide.calibration.extra["gptq_wide_layers"] is True
     assert list(wide.linear) == list(default.linear)
     assert all(policy.method == "gptq" for policy in wide.linear.values())
@@ -112,8 +114,8 @@ def test_layers_too_wide_for_pass_one_get_gptq_from_layer_by_layer_hessians(
             assert sorted(after.keys()) == sorted(before.keys())
             for name in before.keys():
                 assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
-    # Their own damping changes their planes, and only theirs.
-    damped = convert(str(tiny_model_factory("llama")), tmp_path / "damped", replace(options, gptq_wide_damping=1.0))
+    # The default wide damping (1.0) changes their planes, and only theirs.
+    damped = convert(str(tiny_model_factory("llama")), tmp_path / "damped", options)
     assert damped.calibration.extra["gptq_wide_damping"] == 1.0 and wide.calibration.extra["gptq_wide_damping"] is None
     with safe_open(str(tmp_path / "wide" / wide.shards[0].file_name), "pt") as light, safe_open(
         str(tmp_path / "damped" / damped.shards[0].file_name), "pt"
